@@ -1,0 +1,142 @@
+"""Prompt files for batch rendering: .txt, .jsonl or .csv.
+
+- .txt: one prompt per line; blank lines and lines starting with "#" are skipped.
+- .jsonl: one JSON object per line (blank lines skipped) with "prompt" and optionally
+  "negative_prompt", "seed", "height", "width", "frames", "steps".
+- .csv: a header row naming the same fields ("prompt" required); empty cells mean "not set".
+
+Any problem raises `PromptFileError` naming the file (and the line, where there is one).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INT_FIELDS = ("seed", "height", "width", "frames", "steps")
+FIELDS = ("prompt", "negative_prompt", *INT_FIELDS)
+
+
+class PromptFileError(ValueError):
+    """A prompt file that is missing, empty or malformed."""
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One item of a batch; None fields fall back to the command line / recipe defaults."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    line: int = 0  # 1-based line in the source file (for messages)
+
+
+def _spec(fields: dict[str, Any], where: str, line: int) -> PromptSpec:
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise PromptFileError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}")
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptFileError(f"{where}: 'prompt' must be a non-empty string")
+    negative = fields.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise PromptFileError(f"{where}: 'negative_prompt' must be a string")
+    ints: dict[str, int | None] = {}
+    for name in INT_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise PromptFileError(f"{where}: {name!r} must be an integer, got {value!r}") from None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise PromptFileError(f"{where}: {name!r} must be an integer, got {value!r}")
+        if value is not None and (value < 0 if name == "seed" else value < 1):
+            raise PromptFileError(f"{where}: {name!r} must be {'>= 0' if name == 'seed' else '>= 1'}, got {value}")
+        ints[name] = value
+    return PromptSpec(prompt=prompt.strip(), negative_prompt=negative, line=line, **ints)
+
+
+def _read_txt(path: Path, text: str) -> list[PromptSpec]:
+    specs = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            specs.append(PromptSpec(prompt=line, line=number))
+    return specs
+
+
+def _read_jsonl(path: Path, text: str) -> list[PromptSpec]:
+    specs = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        specs.append(_spec(obj, where, number))
+    return specs
+
+
+def _read_csv(path: Path, text: str) -> list[PromptSpec]:
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    if reader.fieldnames is None:
+        return []
+    header = [name.strip() for name in reader.fieldnames]
+    if "prompt" not in header:
+        raise PromptFileError(f"{path}:1: the header has no 'prompt' column (got {', '.join(header)})")
+    specs = []
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise PromptFileError(f"{where}: more cells than header columns")
+            if any(v is None for v in row.values()):
+                raise PromptFileError(f"{where}: fewer cells than header columns")
+            cells = {k.strip(): v for k, v in row.items() if v.strip() != ""}
+            if not cells:
+                continue
+            specs.append(_spec(cells, where, reader.line_num))
+    except csv.Error as e:
+        raise PromptFileError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+    return specs
+
+
+READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
+
+
+def load_prompts(path: str | Path) -> list[PromptSpec]:
+    """Read a prompt file; raise `PromptFileError` if it is missing, empty or malformed."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}; use one of {', '.join(READERS)}")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text ({e})") from None
+    specs = reader(path, text)
+    if not specs:
+        raise PromptFileError(f"{path}: no prompts in the file")
+    return specs
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """A short filesystem-safe ASCII slug of `text` ("A red ball!" -> "a-red-ball")."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "prompt"

@@ -1,0 +1,600 @@
+"""`sparsediff render`: batch-render a prompt file with a recipe, sparse or dense, resumably.
+
+For each prompt: one output (H.264 MP4 for video models, PNG for FLUX) named
+`<index>-<prompt slug>-s<seed>.<ext>` and a JSON sidecar beside it (`.json`) with the prompt,
+settings, profile (path + sha256), wall time, sparsity reached, peak GPU memory, versions and,
+with --compare-dense, the dense render (`<name>.dense.<ext>`) with PSNR/SSIM against it.
+With --random-weights a hub recipe's full-size pipeline is built from its published configs with
+random weights instead of downloaded (`pipelines/random_weights.py`: for time and memory only, the
+outputs are noise); its sidecars record `"random_weights": true` under "model" and "settings".
+`summary.csv` lists the batch. Every file is written atomically; an item whose sidecar is
+complete (and whose settings match) is skipped, so an interrupted run resumes where it stopped.
+A failing prompt is logged with its traceback to `render-errors.log` and the batch goes on;
+the exit code is 1 if any prompt failed.
+
+Several processes (one device each) split the prompts by index striding:
+`accelerate launch -m sparsediff render ...`, `torchrun --nproc_per_node N -m sparsediff render ...`
+or `--num-processes N` (relaunches itself through torch.distributed.run; gloo on CPU). Seeds are
+drawn from CPU generators, so a prompt renders the same whichever process renders it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sparsediff.pipelines.prompts import PromptFileError, PromptSpec, load_prompts, slugify
+from sparsediff.pipelines.random_weights import RANDOM_WEIGHT_RECIPES, check_random_weights
+from sparsediff.pipelines.recipes import PROFILE_FAMILY, Recipe, default_recipe_name, get_recipe
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+SUMMARY = "summary.csv"
+ERROR_LOG = "render-errors.log"
+SIDECAR_VERSION = 1
+SUMMARY_FIELDS = (
+    "index", "status", "prompt", "seed", "height", "width", "frames", "steps", "mode", "output",
+    "wall_time_s", "sparsity", "psnr_db", "ssim", "peak_gpu_memory_bytes", "error",
+)
+# Keys a sidecar must hold for its item to count as done.
+SIDECAR_KEYS = frozenset({
+    "sidecar_version", "status", "index", "prompt", "negative_prompt", "seed", "settings", "model", "profile",
+    "output", "dense_output", "wall_time_s", "sparsity", "peak_gpu_memory_bytes", "compare_dense", "versions",
+})
+
+
+class RenderError(ValueError):
+    """Bad input to `render`, found before any model is loaded."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt of the batch with every setting resolved."""
+
+    index: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    height: int
+    width: int
+    frames: int
+    steps: int
+    stem: str
+    source_line: int
+
+    def settings(self, plan: Plan) -> dict[str, Any]:
+        """What decides the output: a sidecar with other settings is stale."""
+        return {
+            "model": plan.recipe.name, "mode": plan.mode, "profile_sha256": plan.profile_sha256,
+            "cdf_threshold": plan.cdf_threshold, "sim_threshold": plan.sim_threshold,
+            "dense_steps": plan.dense_steps, "height": self.height, "width": self.width, "frames": self.frames,
+            "steps": self.steps, "guidance_scale": plan.guidance_scale, "compare_dense": plan.compare_dense,
+            "dtype": plan.recipe.dtype, "fps": plan.recipe.fps,
+            # Only when set, so sidecars written before the flag existed still match.
+            **({"random_weights": True} if plan.random_weights else {}),
+        }
+
+
+@dataclass
+class Plan:
+    """Everything `render` will do, validated before loading a model."""
+
+    recipe: Recipe
+    out_dir: Path
+    items: list[Item]
+    mode: str  # "sparse" | "dense"
+    profile_path: Path | None
+    profile_source: str | None  # "argument" | "shipped" | None (apply() defaults, or dense)
+    profile_sha256: str | None
+    cdf_threshold: float | None
+    sim_threshold: float | None
+    dense_steps: int | None
+    guidance_scale: float
+    compare_dense: bool
+    profile: Any = field(default=None, repr=False)  # SparsityProfile
+    random_weights: bool = False  # build the pipeline from configs with random weights (Recipe.load)
+
+    @property
+    def ext(self) -> str:
+        return ".mp4" if self.recipe.is_video else ".png"
+
+    def output(self, item: Item) -> Path:
+        return self.out_dir / f"{item.stem}{self.ext}"
+
+    def dense_output(self, item: Item) -> Path:
+        return self.out_dir / f"{item.stem}.dense{self.ext}"
+
+    def sidecar(self, item: Item) -> Path:
+        return self.out_dir / f"{item.stem}.json"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="recipe name (see `sparsediff models`) or a local diffusers pipeline folder "
+                             "(default: toy-shapes where installed, else tiny-wan)")
+    parser.add_argument("--prompts", required=True, type=Path,
+                        help="prompt file: .txt (one per line, # comments), .jsonl or .csv with fields prompt, "
+                             "negative_prompt, seed, height, width, frames, steps")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; reruns resume in it)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--profile", type=Path, default=None,
+                      help="sparsity profile JSON (default: the one shipped for the recipe, else apply() defaults)")
+    mode.add_argument("--dense", action="store_true", help="render with the stock dense attention")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="also render dense with the same seed; record PSNR/SSIM in the sidecar")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts that set none (default 0)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the recipe's)")
+    parser.add_argument("--height", type=int, default=None, help="height in pixels (default: the recipe's)")
+    parser.add_argument("--width", type=int, default=None, help="width in pixels (default: the recipe's)")
+    parser.add_argument("--frames", type=int, default=None, help="frames of video models (default: the recipe's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: the recipe's)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="negative prompt of prompts that set none (default: the recipe's, if any)")
+    parser.add_argument("--cdf-threshold", type=float, default=None, help="override every head's cdf threshold")
+    parser.add_argument("--sim-threshold", type=float, default=None, help="override every head's sim threshold")
+    parser.add_argument("--dense-steps", type=int, default=None, help="override the leading dense steps")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the recipe's full-size pipeline from its published configs with random "
+                             "weights on the device instead of downloading it (time/memory runs; outputs are "
+                             "noise; prompts are byte-tokenized). Supported: "
+                             + ", ".join(RANDOM_WEIGHT_RECIPES))
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="split the prompts over N processes (one GPU each; gloo on CPU) by relaunching "
+                             "through torch.distributed.run")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        plan = make_plan(args)
+    except (RenderError, PromptFileError) as e:
+        print(f"sparsediff render: error: {e}", file=sys.stderr)
+        return 2
+    if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch(args)
+    try:
+        return render_plan(plan)
+    except KeyboardInterrupt:
+        print("\nsparsediff render: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- planning (no model loaded)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RenderError(f"--out: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise RenderError(f"--out: cannot write to {out} ({e.strerror or e})") from None
+
+
+def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
+    """Read a profile and refuse it when it names another family or model (full check after load)."""
+    from sparsediff.profile import SparsityProfile
+
+    if not path.is_file():
+        raise RenderError(f"--profile: {path} not found")
+    try:
+        profile = SparsityProfile.load(path)
+    except (ValueError, OSError) as e:
+        raise RenderError(f"{origin}: {path} is not a valid sparsity profile ({e})") from None
+    if profile.family != PROFILE_FAMILY[recipe.family]:
+        raise RenderError(f"{origin}: {path} is a profile for the {profile.family} family, "
+                          f"but {recipe.name} is {recipe.family}")
+    # A local folder may hold any checkpoint of its family: only the layer check after loading applies.
+    local = recipe.source == "hub" and recipe.hub_id and Path(recipe.hub_id).is_dir()
+    if profile.model_id and not local and profile.model_id not in recipe.model_ids:
+        raise RenderError(f"{origin}: {path} is a profile for {profile.model_id!r}, not for {recipe.name}")
+    return profile
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Validate every input and resolve every setting; raise RenderError/PromptFileError on bad input."""
+    if args.num_processes < 1:
+        raise RenderError(f"--num-processes: must be >= 1, got {args.num_processes}")
+    if args.dense and args.profile is not None:
+        raise RenderError("--profile and --dense exclude each other")
+    if args.dense and any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps)):
+        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps have no effect with --dense")
+    for name in ("steps", "height", "width", "frames"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise RenderError(f"--{name}: must be >= 1, got {value}")
+    if args.seed < 0:
+        raise RenderError(f"--seed: must be >= 0, got {args.seed}")
+    try:
+        recipe = get_recipe(args.model or default_recipe_name())
+    except ValueError as e:
+        raise RenderError(str(e).replace("model:", "--model:", 1)) from None
+    if args.random_weights:
+        try:
+            check_random_weights(recipe)
+        except ValueError as e:
+            raise RenderError(str(e).replace("random_weights:", "--random-weights:", 1)) from None
+    try:  # the command line's sizes first, so their errors name the flag
+        recipe.check_size(args.height or recipe.height, args.width or recipe.width, args.frames or recipe.frames)
+    except ValueError as e:
+        raise RenderError(f"--{e}") from None
+    specs = load_prompts(args.prompts)
+    items = [_item(i, spec, args, recipe) for i, spec in enumerate(specs)]
+    _check_out_dir(args.out)
+
+    mode = "dense" if args.dense else "sparse"
+    profile_path, profile_source, profile = None, None, None
+    if args.profile is not None:
+        profile_path, profile_source = args.profile, "argument"
+        profile = _load_profile(args.profile, recipe, "--profile")
+    elif mode == "sparse" and recipe.shipped_profile() is not None:
+        profile_path, profile_source = recipe.shipped_profile(), "shipped"
+        profile = _load_profile(profile_path, recipe, "shipped profile")
+    return Plan(
+        recipe=recipe, out_dir=args.out, items=items, mode=mode, profile_path=profile_path,
+        profile_source=profile_source, profile_sha256=_file_sha256(profile_path) if profile_path else None,
+        cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold, dense_steps=args.dense_steps,
+        guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        compare_dense=args.compare_dense, profile=profile, random_weights=args.random_weights,
+    )
+
+
+def _item(index: int, spec: PromptSpec, args: argparse.Namespace, recipe: Recipe) -> Item:
+    """Per-prompt values win over the command line, which wins over the recipe."""
+    def pick(own: int | None, flag: int | None, default: int) -> int:
+        return own if own is not None else flag if flag is not None else default
+
+    seed = pick(spec.seed, args.seed, 0)
+    height, width = pick(spec.height, args.height, recipe.height), pick(spec.width, args.width, recipe.width)
+    frames = pick(spec.frames, args.frames, recipe.frames)
+    try:
+        recipe.check_size(height, width, frames)
+    except ValueError as e:
+        raise RenderError(f"{args.prompts}:{spec.line}: {e}") from None
+    negative = spec.negative_prompt if spec.negative_prompt is not None else (
+        args.negative_prompt if args.negative_prompt is not None else recipe.negative_prompt)
+    return Item(
+        index=index, prompt=spec.prompt, negative_prompt=negative, seed=seed, height=height, width=width,
+        frames=frames, steps=pick(spec.steps, args.steps, recipe.steps),
+        stem=f"{index:04d}-{slugify(spec.prompt)}-s{seed}", source_line=spec.line,
+    )
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def _forward_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of `args` without --num-processes (for the relaunched workers)."""
+    argv = ["render", "--prompts", str(args.prompts), "--out", str(args.out), "--seed", str(args.seed)]
+    if args.model is not None:
+        argv += ["--model", args.model]
+    for flag, value in (("--profile", args.profile), ("--steps", args.steps), ("--height", args.height),
+                        ("--width", args.width), ("--frames", args.frames),
+                        ("--guidance-scale", args.guidance_scale), ("--negative-prompt", args.negative_prompt),
+                        ("--cdf-threshold", args.cdf_threshold), ("--sim-threshold", args.sim_threshold),
+                        ("--dense-steps", args.dense_steps)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--dense"] * args.dense + ["--compare-dense"] * args.compare_dense
+    argv += ["--random-weights"] * args.random_weights
+    return argv
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Run this render in `args.num_processes` processes through torch.distributed.run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
+           "-m", "sparsediff", *_forward_argv(args)]
+    code = subprocess.run(cmd, check=False).returncode
+    return 0 if code == 0 else 1
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _versions(device: torch.device) -> dict[str, str | None]:
+    import importlib.metadata
+
+    import torch
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("sparsediff", "torch", "triton", "diffusers", "transformers", "accelerate"):
+        out[dist] = version(dist)
+    out["cuda"] = torch.version.cuda
+    out["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return out
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _sidecar_done(plan: Plan, item: Item) -> dict[str, Any] | None:
+    """The sidecar of `item` if it is complete and matches the current settings, else None."""
+    path = plan.sidecar(item)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not SIDECAR_KEYS <= data.keys() or data["status"] != "ok":
+        return None
+    if data["settings"] != item.settings(plan) or data["prompt"] != item.prompt or data["seed"] != item.seed \
+            or data["negative_prompt"] != item.negative_prompt:
+        return None
+    if not plan.output(item).is_file() or (plan.compare_dense and not plan.dense_output(item).is_file()):
+        return None
+    return data
+
+
+class Renderer:
+    """Holds the loaded pipeline of one process and renders items with it."""
+
+    def __init__(self, plan: Plan, device: torch.device) -> None:
+        self.plan = plan
+        self.device = device
+        self.pipe: DiffusionPipeline = plan.recipe.load(device, random_weights=plan.random_weights)
+        self.handle = None
+        self.versions = _versions(device)
+
+    def _sparse(self, on: bool) -> None:
+        """Switch the pipeline's attention to sparse (apply) or stock (remove)."""
+        import sparsediff
+
+        if on and self.handle is None:
+            self.handle = sparsediff.apply(
+                self.pipe, self.plan.profile, cdf_threshold=self.plan.cdf_threshold,
+                sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps)
+        elif not on and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _generate(self, item: Item) -> tuple[np.ndarray, float, int | None]:
+        """(frames (F, H, W, 3) float in [0, 1], wall seconds, peak GPU bytes or None)."""
+        import torch
+
+        recipe = self.plan.recipe
+        kwargs: dict[str, Any] = dict(
+            prompt=item.prompt, height=item.height, width=item.width, num_inference_steps=item.steps,
+            guidance_scale=self.plan.guidance_scale, output_type="np",
+            # CPU generator: the same noise on every device and in every process.
+            generator=torch.Generator(device="cpu").manual_seed(item.seed),
+            **dict(recipe.call_kwargs),
+        )
+        if item.negative_prompt is not None:
+            kwargs["negative_prompt"] = item.negative_prompt
+        if recipe.is_video:
+            kwargs["num_frames"] = item.frames
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        result = self.pipe(**kwargs)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - start
+        frames = result.frames[0] if recipe.is_video else result.images[0][None]
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        return frames, wall, peak
+
+    def _write(self, path: Path, frames: np.ndarray) -> None:
+        from sparsediff.io import write_png, write_video_mp4
+
+        if self.plan.recipe.is_video:
+            write_video_mp4(path, frames, fps=self.plan.recipe.fps)
+        else:
+            write_png(path, frames[0])
+
+    def render(self, item: Item, rank: int, world: int) -> dict[str, Any]:
+        """Render `item`, write its output(s) and then its sidecar; return the sidecar."""
+        import torch
+
+        from sparsediff.io import atomic_write_json, remove_stale_temps
+        from sparsediff.metrics import relative_l1, video_psnr, video_ssim
+
+        plan = self.plan
+        for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)):
+            remove_stale_temps(path)  # left by a killed earlier run; this process owns the item now
+        self._sparse(plan.mode == "sparse")
+        if self.handle is not None:
+            self.handle.reset()
+        frames, wall, peak = self._generate(item)
+        # Read the stats now: --compare-dense removes the handle below.
+        sparsity = _finite(self.handle.stats.mean_sparsity(after_dense_steps=True)) if self.handle else None
+        per_step = [_finite(x) for x in self.handle.stats.per_step().tolist()] if self.handle else None
+        dense_steps = self.handle.profile.dense_steps if self.handle else None
+        self._write(plan.output(item), frames)
+
+        comparison, dense_wall = None, None
+        if plan.compare_dense:
+            self._sparse(False)
+            dense_frames, dense_wall, dense_peak = self._generate(item)
+            self._write(plan.dense_output(item), dense_frames)
+            psnr = video_psnr(frames, dense_frames)
+            comparison = {
+                "psnr_db": _finite(psnr),
+                "frames_identical": math.isinf(psnr),
+                "ssim": video_ssim(frames, dense_frames),
+                "relative_l1": float(relative_l1(torch.from_numpy(frames), torch.from_numpy(dense_frames))),
+                "dense_wall_time_s": dense_wall,
+                "dense_peak_gpu_memory_bytes": dense_peak,
+                "speedup": dense_wall / wall if wall > 0 else None,
+            }
+
+        sidecar = {
+            "sidecar_version": SIDECAR_VERSION,
+            "status": "ok",
+            "index": item.index,
+            "prompt": item.prompt,
+            "negative_prompt": item.negative_prompt,
+            "seed": item.seed,
+            "source_line": item.source_line,
+            "settings": item.settings(plan),
+            "model": {"name": plan.recipe.name, "family": plan.recipe.family, "hub_id": plan.recipe.hub_id,
+                      "pipeline_class": plan.recipe.pipeline_class, "random_weights": plan.random_weights},
+            "profile": {"path": str(plan.profile_path) if plan.profile_path else None,
+                        "sha256": plan.profile_sha256, "source": plan.profile_source,
+                        "effective_dense_steps": dense_steps},
+            "output": plan.output(item).name,
+            "dense_output": plan.dense_output(item).name if plan.compare_dense else None,
+            "frames": int(frames.shape[0]),
+            "fps": plan.recipe.fps,
+            "wall_time_s": wall,
+            "sparsity": sparsity,
+            "sparsity_per_step": per_step,
+            "peak_gpu_memory_bytes": peak,
+            "compare_dense": comparison,
+            "device": str(self.device),
+            "process": {"rank": rank, "world_size": world},
+            "versions": self.versions,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(plan.sidecar(item), sidecar)
+        return sidecar
+
+
+def _row(item: Item, plan: Plan, status: str, sidecar: dict[str, Any] | None, error: str = "") -> dict[str, Any]:
+    row = {"index": item.index, "status": status, "prompt": item.prompt, "seed": item.seed,
+           "height": item.height, "width": item.width, "frames": item.frames, "steps": item.steps,
+           "mode": plan.mode, "output": plan.output(item).name if sidecar else "", "error": error}
+    if sidecar:
+        comparison = sidecar.get("compare_dense") or {}
+        row.update(wall_time_s=sidecar["wall_time_s"], sparsity=sidecar["sparsity"],
+                   psnr_db=comparison.get("psnr_db"), ssim=comparison.get("ssim"),
+                   peak_gpu_memory_bytes=sidecar["peak_gpu_memory_bytes"])
+    return row
+
+
+def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    from sparsediff.io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: int(r["index"])):
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in SUMMARY_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _log_failure(plan: Plan, item: Item, rank: int) -> str:
+    """Append the current exception's traceback to the error log; return its one-line summary."""
+    exc_type, exc, _ = sys.exc_info()
+    summary = f"{exc_type.__name__}: {exc}"
+    with open(plan.out_dir / ERROR_LOG, "a", encoding="utf-8") as f:
+        f.write(f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} rank {rank} item {item.index} "
+                f"({item.stem}; line {item.source_line}) ===\n{traceback.format_exc()}\n")
+    return summary
+
+
+def render_plan(plan: Plan) -> int:
+    """Render this process's share of `plan`; 0 when every item succeeded, else 1."""
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from sparsediff.io import remove_stale_temps
+
+    # The only collective is the final barrier, reached by ranks whose shares may finish hours
+    # apart: the process group's default timeout (minutes) would abort the merge.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
+    rank, world = state.process_index, state.num_processes
+    mine = plan.items[rank::world]  # index striding: deterministic and balanced
+    part = plan.out_dir / (SUMMARY if world == 1 else f"summary.rank{rank}-of-{world}.csv")
+    remove_stale_temps(part)
+
+    rows: list[dict[str, Any]] = []
+    todo = []
+    for item in mine:
+        done = _sidecar_done(plan, item)
+        if done is not None:
+            rows.append(_row(item, plan, "skipped", done))
+        else:
+            todo.append(item)
+    if rows:
+        _write_summary(part, rows)
+        tqdm.write(f"[rank {rank}] {len(rows)} of {len(mine)} item(s) already done, skipped")
+
+    failed = 0
+    renderer: Renderer | None = None
+    if todo:
+        try:
+            renderer = Renderer(plan, state.device)
+            renderer.pipe.set_progress_bar_config(desc="denoise", leave=False, position=world + rank)
+        except Exception:  # a model that does not load fails every item of this process, once
+            summary = _log_failure(plan, todo[0], rank)
+            tqdm.write(f"[rank {rank}] loading {plan.recipe.name} failed: {summary} "
+                       f"(traceback in {plan.out_dir / ERROR_LOG})")
+            rows.extend(_row(item, plan, "failed", None, f"model load: {summary}") for item in todo)
+            failed, todo = len(todo), []
+            _write_summary(part, rows)
+    bar = tqdm(todo, desc=f"render[{rank}/{world}]" if world > 1 else "render", unit="item", position=rank)
+    for item in bar:
+        bar.set_postfix_str(item.stem[:40])
+        try:
+            rows.append(_row(item, plan, "ok", renderer.render(item, rank, world)))
+        except Exception:  # one failing prompt must not stop the batch
+            summary = _log_failure(plan, item, rank)
+            failed += 1
+            tqdm.write(f"[rank {rank}] item {item.index} ({item.stem}) failed: {summary} "
+                       f"(traceback in {plan.out_dir / ERROR_LOG})")
+            rows.append(_row(item, plan, "failed", None, summary))
+        _write_summary(part, rows)
+    bar.close()
+
+    if world > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            failed_anywhere = _merge_summaries(plan.out_dir, world)
+            return 1 if failed_anywhere else 0
+    return 1 if failed else 0
+
+
+def _merge_summaries(out_dir: Path, world: int) -> bool:
+    """Merge the per-process summaries into summary.csv (then delete them); True if any item failed."""
+    from sparsediff.io import remove_stale_temps
+
+    remove_stale_temps(out_dir / SUMMARY)
+    rows: list[dict[str, Any]] = []
+    parts = [out_dir / f"summary.rank{r}-of-{world}.csv" for r in range(world)]
+    for part in parts:
+        if part.is_file():
+            with open(part, newline="", encoding="utf-8") as f:
+                rows.extend(csv.DictReader(f))
+    _write_summary(out_dir / SUMMARY, rows)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return any(row["status"] == "failed" for row in rows)

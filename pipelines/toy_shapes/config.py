@@ -1,0 +1,108 @@
+"""Defaults of the shipped toy shapes model and the training configuration (a JSON-able dataclass)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+DEFAULT_HEIGHT = 48
+DEFAULT_WIDTH = 48
+DEFAULT_FRAMES = 17
+DEFAULT_STEPS = 16
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_FPS = 8
+FLOW_SHIFT = 3.0  # timestep shift of training's t distribution and of the sampling schedule
+
+
+@dataclass
+class TrainConfig:
+    # run
+    seed: int = 0
+    minutes: float = 7.0  # wall-clock budget; the step count is fixed from early throughput
+    steps: int | None = None  # fixes the step count instead (reproducible runs)
+    max_minutes: float | None = None  # with `steps`: stop (and save) early at this wall-clock time
+    init_from: str | None = None  # a weights folder (save_folder layout) to fine-tune instead of a fresh init
+    bf16: bool = True  # bf16 autocast (also on CPUs with avx512_bf16 / AMX, where it is ~1.6-2x faster)
+    batch_size: int = 32
+    log_every: int = 50
+    # optimisation
+    lr: float = 4e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # rectified flow: t = shift(sigmoid(N(mean, std)))
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    flow_shift: float = FLOW_SHIFT
+    # data
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+    num_frames: int = DEFAULT_FRAMES
+    max_objects: int = 3
+    # curriculum for slow hardware: the first `window_fraction` of the steps train on random
+    # `window_frames`-frame windows of the clips (same motion per frame, far fewer tokens)
+    window_frames: int | None = None
+    window_fraction: float = 0.0
+    # transformer (WanTransformer3DModel)
+    num_layers: int = 6
+    num_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 1024
+    # text encoder
+    text_dim: int = 256
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ffn_dim: int = 512
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "num_layers", "num_heads", "ffn_dim", "text_dim",
+                     "text_layers", "text_heads", "text_ffn_dim", "max_length", "num_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128 (the sparse kernel's head dims), got {self.head_dim}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps is None and self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.window_frames is not None and not 2 <= self.window_frames <= self.num_frames:
+            raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
+        if not 0.0 <= self.window_fraction <= 1.0:
+            raise ValueError(f"window_fraction must be in [0, 1], got {self.window_fraction}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def transformer_config(self) -> dict:
+        return dict(
+            patch_size=(1, 1, 1), num_attention_heads=self.num_heads, attention_head_dim=self.head_dim,
+            in_channels=48, out_channels=48, text_dim=self.text_dim, freq_dim=256, ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+        )
+
+    def text_encoder_config(self, vocab_size: int) -> dict:
+        return dict(vocab_size=vocab_size, dim=self.text_dim, num_layers=self.text_layers,
+                    num_heads=self.text_heads, ffn_dim=self.text_ffn_dim, max_length=self.max_length)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        with open(path) as f:
+            data = json.load(f)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"path: unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,193 @@
+"""ToyShapesPipeline: caption -> pixel-space video with a stock WanTransformer3DModel.
+
+Patch transform (fixed, no VAE): RGB frames in [0, 1] are mapped to [-1, 1] and each frame is
+pixel-unshuffled by ``PATCH`` = 4, giving ``3 * 16 = 48`` channels on an (H/4, W/4) grid; the
+transformer sees (B, 48, F, H/4, W/4) with patch_size (1, 1, 1), so a 17-frame 48x48 clip is
+17 * 12 * 12 = 2448 video tokens. Sampling is rectified flow with diffusers'
+FlowMatchEulerDiscreteScheduler; the transformer predicts the velocity ``noise - x0``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
+from .text_encoder import ToyTextEncoder
+from .tokenizer import ToyTokenizer
+
+PATCH = 4
+CHANNELS = 3 * PATCH * PATCH
+
+
+def frames_to_latents(frames: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) in [0, 1] -> (B, 48, F, H/4, W/4) in [-1, 1]: the model's input space."""
+    if frames.ndim != 5 or frames.shape[2] != 3:
+        raise ValueError(f"frames must be (B, F, 3, H, W), got {tuple(frames.shape)}")
+    B, Fr, C, H, W = frames.shape
+    if H % PATCH or W % PATCH:
+        raise ValueError(f"frames: height and width must be multiples of {PATCH}, got {H}x{W}")
+    x = F.pixel_unshuffle(frames.reshape(B * Fr, C, H, W) * 2.0 - 1.0, PATCH)
+    return x.reshape(B, Fr, CHANNELS, H // PATCH, W // PATCH).transpose(1, 2).contiguous()
+
+
+def latents_to_frames(latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``frames_to_latents``, clamped to [0, 1]: (B, 48, F, h, w) -> (B, F, 3, 4h, 4w)."""
+    if latents.ndim != 5 or latents.shape[1] != CHANNELS:
+        raise ValueError(f"latents must be (B, {CHANNELS}, F, h, w), got {tuple(latents.shape)}")
+    B, _, Fr, h, w = latents.shape
+    x = latents.transpose(1, 2).reshape(B * Fr, CHANNELS, h, w)
+    x = F.pixel_shuffle(x, PATCH).reshape(B, Fr, 3, h * PATCH, w * PATCH)
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
+
+
+@dataclass
+class ToyShapesPipelineOutput(BaseOutput):
+    """``frames``: np.ndarray (B, F, H, W, 3) in [0, 1] for "np", torch (B, F, 3, H, W) for "pt",
+    the raw (B, 48, F, H/4, W/4) sample for "latent"."""
+
+    frames: np.ndarray | torch.Tensor
+
+
+class ToyShapesPipeline(DiffusionPipeline):
+    """Text-to-video for the toy shapes model; called like WanPipeline."""
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, transformer: WanTransformer3DModel, text_encoder: ToyTextEncoder,
+                 tokenizer: ToyTokenizer, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                    torch_dtype: torch.dtype = torch.float32) -> "ToyShapesPipeline":
+        """Load a folder written by ``save_folder`` (transformer/, text_encoder/, tokenizer/, scheduler/)."""
+        root = Path(path)
+        if not (root / "transformer" / "config.json").is_file():
+            raise FileNotFoundError(f"no toy shapes weights in {root} (expected transformer/config.json)")
+        transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype)
+        text_encoder = ToyTextEncoder.from_pretrained(root / "text_encoder", torch_dtype=torch_dtype)
+        tokenizer = ToyTokenizer.load(root / "tokenizer" / "vocab.json")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        return cls(transformer.eval(), text_encoder.eval(), tokenizer, scheduler).to(device)
+
+    def save_folder(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
+        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors."""
+        root = Path(path)
+        for name in ("transformer", "text_encoder"):
+            module = getattr(self, name)
+            module.save_config(root / name)
+            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+            save_file(state, root / name / SAFETENSORS_WEIGHTS_NAME)
+        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(root / "tokenizer" / "vocab.json")
+        self.scheduler.save_pretrained(root / "scheduler")
+
+    def encode_prompt(self, prompt: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Captions -> (B, L, text_dim) embeddings, zero past each caption's end."""
+        ids, mask = self.tokenizer(prompt)
+        return self.text_encoder(ids.to(device), mask.to(device)).to(dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = DEFAULT_HEIGHT,
+        width: int = DEFAULT_WIDTH,
+        num_frames: int = DEFAULT_FRAMES,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ToyShapesPipelineOutput | tuple:
+        """Render one clip per caption. ``negative_prompt=None`` guides against the empty caption.
+
+        ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict whose
+        "latents" replaces the current sample.
+        """
+        if prompt is None or (not isinstance(prompt, str) and len(prompt) == 0):
+            raise ValueError("prompt must be a caption or a non-empty list of captions")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt: {len(negatives)} captions for {len(prompts)} prompts")
+        if height <= 0 or height % PATCH:
+            raise ValueError(f"height must be a positive multiple of {PATCH}, got {height}")
+        if width <= 0 or width % PATCH:
+            raise ValueError(f"width must be a positive multiple of {PATCH}, got {width}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if any(k not in self._callback_tensor_inputs for k in tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be within {self._callback_tensor_inputs}")
+
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        B = len(prompts)
+        do_cfg = guidance_scale > 1.0
+        # One forward per step: the conditional and unconditional halves ride in one batch.
+        embeds = self.encode_prompt(prompts + negatives if do_cfg else prompts, device, dtype)
+
+        shape = (B, CHANNELS, num_frames, height // PATCH, width // PATCH)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_in = torch.cat([latents, latents]) if do_cfg else latents
+                velocity = self.transformer(
+                    hidden_states=model_in.to(dtype),
+                    timestep=t.expand(model_in.shape[0]),
+                    encoder_hidden_states=embeds,
+                    return_dict=False,
+                )[0].float()
+                if do_cfg:
+                    cond, uncond = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    state = {"latents": latents}
+                    out = callback_on_step_end(self, i, t, {k: state[k] for k in tensor_inputs})
+                    latents = out.pop("latents", latents)
+                progress_bar.update()
+
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            frames = latents
+        else:
+            frames = latents_to_frames(latents)
+            if output_type == "np":
+                frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+        if not return_dict:
+            return (frames,)
+        return ToyShapesPipelineOutput(frames=frames)

@@ -1,0 +1,74 @@
+"""Word-level tokenizer whose vocabulary (a JSON list) ships with the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
+_WORD = re.compile(r"[a-z]+|,")
+
+
+class ToyTokenizer:
+    """Lower-cases, splits into words and commas, maps unknown words to ``<unk>``, ends with ``<eos>``.
+
+    Ids: ``<pad>`` = 0, ``<unk>`` = 1, ``<eos>`` = 2, then the words. An empty caption encodes
+    to ``[<eos>]``; that is the unconditional caption classifier-free guidance uses.
+    """
+
+    def __init__(self, words: list[str], max_length: int = 32) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        specials = [PAD, UNK, EOS]
+        if len(set(words)) != len(words) or any(w in specials for w in words):
+            raise ValueError("words must be unique and must not contain the special tokens")
+        self.tokens = specials + list(words)
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, truncated so that ``<eos>`` always fits in ``max_length``."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        ids = [self.ids.get(w, self.ids[UNK]) for w in _WORD.findall(text.lower())]
+        return ids[: self.max_length - 1] + [self.ids[EOS]]
+
+    def decode(self, ids: list[int]) -> str:
+        """Words of ``ids`` up to ``<eos>``, pads dropped; commas attach to the word before."""
+        words = []
+        for i in ids:
+            tok = self.tokens[int(i)]
+            if tok == EOS:
+                break
+            if tok != PAD:
+                words.append(tok)
+        return " ".join(words).replace(" ,", ",")
+
+    def __call__(self, texts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch encode, right-padded to the longest: (input_ids long (B, L), attention_mask bool (B, L))."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("texts must not be empty")
+        enc = [self.encode(t) for t in texts]
+        length = max(len(e) for e in enc)
+        ids = torch.zeros(len(enc), length, dtype=torch.long)
+        for b, e in enumerate(enc):
+            ids[b, : len(e)] = torch.tensor(e)
+        return ids, ids != self.ids[PAD]
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump({"words": self.tokens[3:], "max_length": self.max_length}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ToyTokenizer":
+        with open(path) as f:
+            data = json.load(f)
+        return cls(data["words"], data["max_length"])

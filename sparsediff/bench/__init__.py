@@ -1,0 +1,1 @@
+"""Benchmarks: `sparsediff bench kernel|predict|e2e`."""

@@ -1,0 +1,276 @@
+"""`sparsediff bench e2e`: one transformer forward, dense vs sparse, at the real published configs.
+
+Each family's transformer is built straight on the GPU in bf16 with random weights from its
+published config (`sparsediff.pipelines.configs`, checked against the hub config.json files and
+diffusers 0.42.1 defaults), fed random inputs at the real resolution and frame count, and timed for
+one forward:
+
+- dense: the stock processors, SDPA with cuDNN first in priority (then Flash, efficient, math);
+- sparse: `sparsediff.apply(transformer, cdf_threshold=CDF, sim_threshold=SIM, dense_steps=0)`
+  under the same SDPA priority (Wan's cross-attention and HunyuanVideo's token refiner stay stock).
+
+Reference setting (fixed so runs compare): cdf_threshold 0.9, sim_threshold 0.0, every head of
+every layer, the predictor's default method ("qpool"), token order "tiles", no dense steps, no pv
+threshold. Random weights make the
+attention maps unlike a trained model's: read the sparsity reached with the time, not as the
+sparsity a calibrated profile would reach.
+
+Reported per family: median forward time of each (CUDA events, after warm-up), speedup
+dense/sparse, the block sparsity reached, and the relative L1 error of the output against dense.
+A table on stdout and a JSON file under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from sparsediff.pipelines import configs
+
+REFERENCE_CDF = 0.9
+REFERENCE_SIM = 0.0
+
+
+@dataclass(frozen=True)
+class E2ECase:
+    """One family at its published config and real generation size."""
+
+    family: str
+    model_id: str
+    transformer_class: str
+    config: dict[str, Any]
+    height: int
+    width: int
+    frames: int  # pixel frames; 1 for images
+    make_inputs: Callable[["E2ECase", int, Any], dict[str, Any]]  # (case, frames, device) -> kwargs
+
+
+def _video_latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1  # all four video VAEs compress time 4x, keeping the first frame
+
+
+def _wan_inputs(case: E2ECase, frames: int, device) -> dict[str, Any]:
+    import torch
+
+    f, h, w = _video_latent_frames(frames), case.height // 8, case.width // 8
+    return {
+        "hidden_states": torch.randn(1, 16, f, h, w, device=device),
+        "timestep": torch.tensor([500.0], device=device),
+        "encoder_hidden_states": torch.randn(1, 512, 4096, device=device),
+        "return_dict": False,
+    }
+
+
+def _hunyuan_inputs(case: E2ECase, frames: int, device) -> dict[str, Any]:
+    import torch
+
+    f, h, w = _video_latent_frames(frames), case.height // 8, case.width // 8
+    text_mask = torch.zeros(1, 256, dtype=torch.long, device=device)
+    text_mask[:, :100] = 1  # a 100-token prompt, right-padded to the pipeline's 256
+    return {
+        "hidden_states": torch.randn(1, 16, f, h, w, device=device),
+        "timestep": torch.tensor([500.0], device=device),
+        "encoder_hidden_states": torch.randn(1, 256, 4096, device=device),
+        "encoder_attention_mask": text_mask,
+        "pooled_projections": torch.randn(1, 768, device=device),
+        "guidance": torch.tensor([6000.0], device=device),  # guidance 6.0 x 1000, as the pipeline passes it
+        "return_dict": False,
+    }
+
+
+def _cogvideox_inputs(case: E2ECase, frames: int, device) -> dict[str, Any]:
+    import torch
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    f, h, w = _video_latent_frames(frames), case.height // 8, case.width // 8
+    p = case.config["patch_size"]
+    grid_h, grid_w = h // p, w // p
+    # As CogVideoXPipeline._prepare_rotary_positional_embeddings (CogVideoX 1.0).
+    crops = get_resize_crop_region_for_grid((grid_h, grid_w), case.config["sample_width"] // p,
+                                            case.config["sample_height"] // p)
+    rope = get_3d_rotary_pos_embed(embed_dim=case.config["attention_head_dim"], crops_coords=crops,
+                                   grid_size=(grid_h, grid_w), temporal_size=f, device=device)
+    return {
+        "hidden_states": torch.randn(1, f, 16, h, w, device=device),
+        "encoder_hidden_states": torch.randn(1, 226, 4096, device=device),
+        "timestep": torch.tensor([500], device=device),
+        "image_rotary_emb": rope,
+        "return_dict": False,
+    }
+
+
+def _flux_inputs(case: E2ECase, frames: int, device) -> dict[str, Any]:
+    import torch
+
+    h, w = case.height // 16, case.width // 16  # 8x VAE, then 2x2 packing
+    img_ids = torch.zeros(h, w, 3, device=device)
+    img_ids[..., 1] = torch.arange(h, device=device)[:, None]
+    img_ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return {
+        "hidden_states": torch.randn(1, h * w, 64, device=device),
+        "encoder_hidden_states": torch.randn(1, 512, 4096, device=device),
+        "pooled_projections": torch.randn(1, 768, device=device),
+        "timestep": torch.tensor([0.5], device=device),
+        "img_ids": img_ids.reshape(h * w, 3),
+        "txt_ids": torch.zeros(512, 3, device=device),
+        "guidance": torch.tensor([3.5], device=device),
+        "return_dict": False,
+    }
+
+
+# transformer/config.json of each hub model: sparsediff.pipelines.configs.
+CASES: dict[str, E2ECase] = {c.family: c for c in (
+    E2ECase("wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanTransformer3DModel", configs.WAN21_T2V_1_3B_TRANSFORMER,
+            480, 832, 81, _wan_inputs),
+    E2ECase("hunyuan_video", "hunyuanvideo-community/HunyuanVideo", "HunyuanVideoTransformer3DModel",
+            configs.HUNYUANVIDEO_TRANSFORMER, 720, 1280, 129, _hunyuan_inputs),
+    E2ECase("cogvideox", "THUDM/CogVideoX-5b", "CogVideoXTransformer3DModel", configs.COGVIDEOX_5B_TRANSFORMER,
+            480, 720, 49, _cogvideox_inputs),
+    E2ECase("flux", "black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel", configs.FLUX1_DEV_TRANSFORMER,
+            1024, 1024, 1, _flux_inputs),
+)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--families", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--frames", action="append", default=[], metavar="FAMILY=N",
+                        help="pixel frames for a video family, e.g. hunyuan_video=33 (4k+1; default: the real count)")
+    parser.add_argument("--cdf", type=float, default=REFERENCE_CDF, help="cdf_threshold on every head")
+    parser.add_argument("--sim", type=float, default=REFERENCE_SIM, help="sim_threshold on every head")
+    parser.add_argument("--token-order", choices=("tiles", "raster"), default="tiles")
+    parser.add_argument("--reps", type=int, default=3, help="timed forwards of each kind (median reported)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON")
+
+
+def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in CASES]
+    if not families or unknown:
+        raise ValueError(f"--families must be a comma list of {', '.join(CASES)}, got {args.families!r}")
+    frames = {}
+    for item in args.frames:
+        family, _, n = item.partition("=")
+        if family not in CASES or CASES[family].frames == 1 or not n.isdigit() or int(n) < 1 or (int(n) - 1) % 4:
+            raise ValueError(f"--frames must be VIDEO_FAMILY=N with N = 4k+1, got {item!r}")
+        frames[family] = int(n)
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    return families, frames
+
+
+def _time_forward(model, inputs: dict[str, Any], reps: int) -> tuple[float, Any]:
+    """Median seconds of `reps` forwards after one warm-up, and the last output."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**inputs)[0]  # warm-up: Triton compilation, cuDNN plans, allocator
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = model(**inputs)[0]
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times), out
+
+
+def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import sparsediff
+
+    device = torch.device("cuda")
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = getattr(diffusers, case.transformer_class)(**case.config).eval()
+            inputs = case.make_inputs(case, frames, device)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    priority = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
+    with sdpa_kernel(priority, set_priority=True):
+        dense_s, dense_out = _time_forward(model, inputs, args.reps)
+        handle = sparsediff.apply(model, cdf_threshold=args.cdf, sim_threshold=args.sim, dense_steps=0,
+                                  token_order=args.token_order)
+        sparse_s, sparse_out = _time_forward(model, inputs, args.reps)
+    sparsediff.remove(model)
+    dense_f, sparse_f = dense_out.float(), sparse_out.float()
+    result = {
+        "family": case.family,
+        "model_id": case.model_id,
+        "height": case.height,
+        "width": case.width,
+        "frames": frames,
+        "attention": _attention_summary(handle),
+        "dense_s": dense_s,
+        "sparse_s": sparse_s,
+        "speedup": dense_s / sparse_s,
+        "sparsity": handle.stats.mean_sparsity(after_dense_steps=False),
+        "rel_l1": ((sparse_f - dense_f).abs().sum() / dense_f.abs().sum().clamp_min(1e-30)).item(),
+        "finite": bool(torch.isfinite(sparse_f).all()),
+        "config": case.config,
+    }
+    del model, inputs, dense_out, sparse_out, dense_f, sparse_f, handle
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def _attention_summary(handle) -> dict[str, Any]:
+    profile = handle.profile
+    return {"layers": len(profile.layers), "heads": next(iter(profile.layers.values())).heads,
+            "token_order": profile.token_order}
+
+
+def run(args: argparse.Namespace) -> int:
+    import diffusers
+    import torch
+    import triton
+
+    from sparsediff.attention import DEFAULT_METHOD
+    from sparsediff.io import atomic_write_json
+
+    families, frames = _parse(args)
+    if not torch.cuda.is_available():
+        raise SystemExit("sparsediff bench e2e needs a CUDA GPU (real-size models in bf16)")
+    results = []
+    header = f"{'family':<14} {'size':>16} {'dense s':>8} {'sparse s':>9} {'speedup':>8} {'sparsity':>9} {'rel L1':>8}"
+    print(f"reference setting: cdf {args.cdf}, sim {args.sim}, order {args.token_order}, dense_steps 0")
+    print(header)
+    for family in families:
+        case = CASES[family]
+        n_frames = frames.get(family, case.frames)
+        r = bench_case(case, n_frames, args)
+        results.append(r)
+        size = f"{case.height}x{case.width}" + (f"x{n_frames}f" if case.frames > 1 else "")
+        print(f"{family:<14} {size:>16} {r['dense_s']:>8.3f} {r['sparse_s']:>9.3f} {r['speedup']:>7.2f}x "
+              f"{r['sparsity']:>9.3f} {r['rel_l1']:>8.4f}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
+    report = {
+        "bench": "e2e",
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+        "setting": {"cdf_threshold": args.cdf, "sim_threshold": args.sim, "token_order": args.token_order,
+                    "method": DEFAULT_METHOD,
+                    "dense_steps": 0, "reps": args.reps, "dtype": "bfloat16",
+                    "dense_sdpa_priority": ["cudnn", "flash", "efficient", "math"]},
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"e2e-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(path, report)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,476 @@
+"""`sparsediff bench kernel`: block_sparse_attention against cuDNN SDPA, FA2 SDPA and FlexAttention.
+
+For each shape and keep fraction, two masks: `random` (the same number of kept key blocks in every
+query-block row) and `local` (per query block, the key blocks nearest on the model's latent grid in
+space-time, plus the text tail kept densely). Throughput is dense-equivalent:
+4*B*H*N^2*D*keep / time, keep being the mask's kept fraction. Timings are medians of
+triton.testing.do_bench on CUDA; on CPU (interpreter or reference) medians of a few wall-clock runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    name: str
+    batch: int
+    heads: int
+    tokens: int
+    head_dim: int
+    grid: tuple[int, int, int]  # latent (frames, height, width) of the video/image tokens, first
+    text_tokens: int  # tokens after the grid (processors place text last), attended densely
+
+
+# Latent grids: Wan 81f 480x832 -> 21x30x52; CogVideoX 49f 480x720 -> 13x30x45 + 226 text;
+# HunyuanVideo 129f 720x1280 -> 33x45x80 + 256 text; FLUX 1024px -> 64x64 + 512 text.
+SHAPES: dict[str, BenchShape] = {
+    s.name: s
+    for s in (
+        BenchShape("flux", 1, 24, 4608, 128, (1, 64, 64), 512),
+        BenchShape("cogvideox", 1, 48, 17776, 64, (13, 30, 45), 226),
+        BenchShape("wan", 1, 12, 32760, 128, (21, 30, 52), 0),
+        BenchShape("hunyuan", 1, 24, 119056, 128, (33, 45, 80), 256),
+        BenchShape("small", 1, 2, 512, 64, (2, 16, 16), 0),
+    )
+}
+GPU_SHAPES = ("flux", "cogvideox", "wan", "hunyuan")
+MASK_KINDS = ("random", "local")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when available, else cpu (interpreter if TRITON_INTERPRET=1, else reference)")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma list of {', '.join(SHAPES)} (default: the four models on cuda, small on cpu)")
+    parser.add_argument("--keeps", default="1,0.5,0.25,0.1", help="comma list of kept fractions in (0, 1]")
+    parser.add_argument("--masks", default=",".join(MASK_KINDS), help="comma list of random, local")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--tune", action="store_true",
+                        help="cuda: time candidate tile configs per head dim first, and bench with the fastest")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
+
+
+def _parse_list(text: str, name: str, convert, allowed=None) -> list:
+    try:
+        values = [convert(x) for x in text.split(",") if x.strip()]
+    except ValueError as error:
+        raise ValueError(f"--{name}: {error}") from None
+    if not values or (allowed is not None and any(v not in allowed for v in values)):
+        raise ValueError(f"--{name} must be a comma list of {allowed or 'values'}, got {text!r}")
+    return values
+
+
+def random_mask(shape: BenchShape, keep: float, device):
+    """Bool block mask with round(keep * KB) (at least 1) kept key blocks in every query-block row."""
+    import torch
+
+    from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N
+
+    qb, kb = math.ceil(shape.tokens / BLOCK_M), math.ceil(shape.tokens / BLOCK_N)
+    n_keep = max(1, round(keep * kb))
+    order = torch.rand(shape.batch, shape.heads, qb, kb, device=device).argsort(dim=-1)
+    return order < n_keep
+
+
+def _block_centres(shape: BenchShape, block: int, device):
+    """(n_blocks, 3) mean latent (t, y, x) of each block's grid tokens, and whether a block holds text."""
+    import torch
+
+    t, h, w = shape.grid
+    n_grid = t * h * w
+    idx = torch.arange(shape.tokens, device=device)
+    coords = torch.stack((idx // (h * w), idx // w % h, idx % w), dim=1).float()
+    n_blocks = math.ceil(shape.tokens / block)
+    pad = n_blocks * block - shape.tokens
+    is_grid = torch.nn.functional.pad(idx < n_grid, (0, pad)).view(n_blocks, block)
+    coords = torch.nn.functional.pad(coords, (0, 0, 0, pad)).view(n_blocks, block, 3)
+    weight = is_grid.float().unsqueeze(-1)
+    centres = (coords * weight).sum(1) / weight.sum(1).clamp_min(1)
+    return centres, ~is_grid.all(dim=1)
+
+
+def local_mask(shape: BenchShape, keep: float, device):
+    """Per query block the round(keep * KB) key blocks nearest in latent space-time; text kept densely."""
+    import torch
+
+    from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N
+
+    q_centres, q_text = _block_centres(shape, BLOCK_M, device)
+    k_centres, k_text = _block_centres(shape, BLOCK_N, device)
+    n_keep = max(1, round(keep * k_centres.shape[0]))
+    dist = torch.cdist(q_centres, k_centres)
+    nearest = dist.argsort(dim=1)[:, :n_keep]
+    mask = torch.zeros(dist.shape, dtype=torch.bool, device=device)
+    mask.scatter_(1, nearest, True)
+    mask |= q_text[:, None] | k_text[None, :]
+    return mask.expand(shape.batch, shape.heads, *mask.shape)
+
+
+def _finite(x: float) -> float | str:
+    """JSON keeps only finite floats: a NaN or inf error is recorded as text."""
+    return x if math.isfinite(x) else str(x)
+
+
+class _Timer:
+    """Median time in ms: triton.testing.do_bench on CUDA, wall clock on CPU."""
+
+    def __init__(self, device: str, warmup_ms: float, rep_ms: float):
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+
+    def __call__(self, fn) -> float:
+        if self.device == "cuda":
+            import triton
+
+            return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+        fn()
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(samples)
+
+
+def _tflops(shape: BenchShape, keep: float, ms: float) -> float:
+    return 4 * shape.batch * shape.heads * shape.tokens**2 * shape.head_dim * keep / (ms * 1e-3) / 1e12
+
+
+def _make_qkv(shape: BenchShape, dtype, device):
+    import torch
+
+    # Laid out as diffusers hands them, (B, N, H, D), viewed as (B, H, N, D).
+    return [
+        torch.randn(shape.batch, shape.tokens, shape.heads, shape.head_dim, dtype=dtype, device=device).transpose(1, 2)
+        for _ in range(3)
+    ]
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}
+
+
+def _dense(q, k, v, backend):
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+# ((B, H, Nq, Nk, D), dtype, options) checked on the device against the torch reference: ragged
+# lengths, padded head dim, cross lengths, kv_lens, the P·V-skip variant with a tiny threshold.
+CHECK_CASES = (
+    ((2, 3, 1000, 1000, 128), "bf16", {}),
+    ((2, 3, 1000, 1000, 128), "fp16", {"kv_lens": True}),
+    ((1, 4, 777, 777, 64), "bf16", {"kv_lens": True}),
+    ((1, 4, 777, 777, 64), "fp16", {"pv_threshold": 1e-30}),
+    ((1, 2, 300, 517, 96), "bf16", {}),
+    ((1, 2, 4608, 4608, 128), "bf16", {"pv_threshold": 1e-30}),
+)
+CHECK_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3}
+
+
+def check_kernel(device: str, log) -> bool:
+    """Kernel vs the fp32 torch reference on random masks with an empty query block."""
+    import torch
+
+    from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention
+    from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+
+    ok = True
+    for (B, H, n_q, n_k, D), name, options in CHECK_CASES:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        q = torch.randn(B, H, n_q, D, device=device, dtype=dtype)
+        k, v = (torch.randn(B, H, n_k, D, device=device, dtype=dtype) for _ in range(2))
+        mask = torch.rand(B, H, math.ceil(n_q / BLOCK_M), math.ceil(n_k / BLOCK_N), device=device) < 0.5
+        mask[0, 0, 0] = False
+        kv_lens = torch.randint(1, n_k + 1, (B,), device=device) if options.get("kv_lens") else None
+        ref = block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens)
+        out = block_sparse_attention(q, k, v, mask, kv_lens=kv_lens, pv_threshold=options.get("pv_threshold"))
+        err = (out - ref).abs().max().item()
+        good = err <= CHECK_TOLERANCE[name]
+        ok &= good
+        log(f"check {(B, H, n_q, n_k, D)} {name} {options}: max abs err {err:.2e} {'ok' if good else 'FAIL'}")
+    return ok
+
+
+# (step_blocks, num_warps, num_stages, warp_specialize). On the H100 at D=128, (2, 8, 4) and
+# (4, 8, 2) ran out of shared memory and warp_specialize changed nothing (2026-11-23).
+TUNE_CANDIDATES = (
+    (1, 4, 3, False), (1, 8, 2, False), (1, 8, 3, False), (1, 8, 4, False),
+    (2, 4, 3, False), (2, 4, 4, False), (2, 8, 3, False), (2, 8, 3, True),
+)
+
+
+def _tune(shape: BenchShape, dtype, timer: _Timer, log) -> tuple[object, list[dict]]:
+    """Time the candidate tile configs at keep 1 and 0.25 (random masks); return the fastest."""
+    import torch
+
+    from sparsediff.kernels.block_sparse_attn import TileConfig, attention_from_lut, build_block_lut
+
+    q, k, v = _make_qkv(shape, dtype, "cuda")
+    scale = shape.head_dim**-0.5
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    luts = {keep: build_block_lut(random_mask(shape, keep, "cuda"), shape.tokens) for keep in (1.0, 0.25)}
+    rows, best = [], None
+    for step_blocks, warps, stages, ws in TUNE_CANDIDATES:
+        config = TileConfig(step_blocks, warps, stages, ws)
+        row = {"shape": shape.name, "config": asdict(config)}
+        try:
+            err = (attention_from_lut(q, k, v, *luts[1.0], scale, config=config) - dense).abs().max().item()
+            row["max_abs_err"] = _finite(err)
+            if not err <= 2e-2:
+                raise RuntimeError(f"wrong result, max abs err {err}")
+            for keep, lut in luts.items():
+                ms = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config))
+                row[f"tflops_keep{keep}"] = _tflops(shape, keep, ms)
+            row["score"] = math.sqrt(row["tflops_keep1.0"] * row["tflops_keep0.25"])
+            if best is None or row["score"] > best[1]:
+                best = (config, row["score"])
+        except Exception as error:  # a candidate that fails to compile or run is reported, not fatal
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        log(f"tune {shape.name} {config}: " + ", ".join(
+            f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+            for key, val in row.items() if key not in ("shape", "config")))
+        rows.append(row)
+    del q, k, v, dense
+    torch.cuda.empty_cache()
+    if best is None:
+        raise RuntimeError(f"no tile config ran correctly on {shape.name}")
+    return best[0], rows
+
+
+def _flex_runner():
+    """FlexAttention, compiled once: (BlockMask from a bool block mask, call on q, k, v, BlockMask)."""
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def block_mask_of(mask, n_tokens: int):
+        # Every kept block is a full block: no mask_mod is evaluated, as in our kernel.
+        counts = mask.sum(dim=-1, dtype=torch.int32)
+        indices = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return BlockMask.from_kv_blocks(
+            torch.zeros_like(counts), torch.zeros_like(indices), counts, indices,
+            BLOCK_SIZE=(BLOCK_M, BLOCK_N), seq_lengths=(n_tokens, n_tokens),
+        )
+
+    def run(q, k, v, block_mask):
+        return compiled(q, k, v, block_mask=block_mask, kernel_options={"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N})
+
+    return block_mask_of, run
+
+
+def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, log) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from sparsediff._runtime import kernels_available
+    from sparsediff.kernels.block_sparse_attn import (
+        BLOCK_M,
+        BLOCK_N,
+        attention_from_lut,
+        block_sparse_attention,
+        build_block_lut,
+    )
+
+    q, k, v = _make_qkv(shape, dtype, device)
+    scale = shape.head_dim**-0.5
+    with_kernels = kernels_available(torch.device(device))
+    rows: list[dict] = []
+    base = {"shape": shape.name, "B": shape.batch, "H": shape.heads, "N": shape.tokens, "D": shape.head_dim}
+    if device == "cuda":
+        dense_ms = {}
+        for name, backend in _sdpa_backends().items():
+            try:
+                dense_ms[name] = timer(lambda b=backend: _dense(q, k, v, b))
+            except RuntimeError as error:  # a backend that does not take this shape is reported
+                log(f"{shape.name} {name} dense: unavailable ({str(error)[:200]})")
+        try:
+            reference = _dense(q, k, v, _sdpa_backends()["cudnn"])
+        except RuntimeError:
+            reference = F.scaled_dot_product_attention(q, k, v)
+    else:
+        dense_ms = {"sdpa": timer(lambda: F.scaled_dot_product_attention(q, k, v))}
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
+    for name, ms in dense_ms.items():
+        rows.append({**base, "impl": name, "mask": "dense", "keep": 1.0, "ms": ms, "tflops": _tflops(shape, 1.0, ms)})
+        log(f"{shape.name} {name} dense: {ms:.3f} ms, {rows[-1]['tflops']:.3g} TFLOP/s")
+    all_kept = torch.ones(shape.batch, shape.heads, math.ceil(shape.tokens / BLOCK_M), math.ceil(shape.tokens / BLOCK_N),
+                          dtype=torch.bool, device=device)
+    dense_err = (block_sparse_attention(q, k, v, all_kept) - reference).abs().max().item()
+    log(f"{shape.name} all kept vs {'cuDNN' if device == 'cuda' else 'fp32'} SDPA: max abs err {dense_err:.2e}")
+    baseline = dense_ms.get("cudnn", next(iter(dense_ms.values())))
+    for kind in mask_kinds:
+        for keep in keeps:
+            mask = (random_mask if kind == "random" else local_mask)(shape, keep, device)
+            kept = mask.float().mean().item()
+            ours_ms = timer(lambda: block_sparse_attention(q, k, v, mask))
+            row = {**base, "impl": "ours", "mask": kind, "keep_target": keep, "keep": kept, "ms": ours_ms,
+                   "tflops": _tflops(shape, kept, ours_ms), "vs_dense_baseline": baseline * kept / ours_ms}
+            if with_kernels:  # else block_sparse_attention ran the torch reference: no LUT, no kernel
+                lut = build_block_lut(mask, shape.tokens)
+                row["lut_ms"] = timer(lambda: build_block_lut(mask, shape.tokens))
+                row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config))
+            if keep == 1.0:
+                row["max_abs_err_vs_dense"] = _finite(dense_err)
+            if flex is not None:
+                try:
+                    block_mask = flex[0](mask, shape.tokens)
+                    ours_out = block_sparse_attention(q, k, v, mask)
+                    row["max_abs_err_vs_flex"] = _finite((flex[1](q, k, v, block_mask) - ours_out).abs().max().item())
+                    flex_ms = timer(lambda: flex[1](q, k, v, block_mask))
+                    row.update(flex_ms=flex_ms, flex_tflops=_tflops(shape, kept, flex_ms), vs_flex=flex_ms / ours_ms)
+                except Exception as error:  # FlexAttention failing is a finding, not the end of the run
+                    row["flex_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                    log(f"{shape.name} flex failed: {row['flex_error']}")
+            rows.append(row)
+            log(f"{shape.name} {kind} keep {kept:.3f}: ours {ours_ms:.3f} ms (kernel {row.get('kernel_ms', 0):.3f}, "
+                f"lut {row.get('lut_ms', 0):.3f}) {row['tflops']:.3g} TFLOP/s, x{row['vs_dense_baseline']:.2f} dense"
+                + (f", x{row['vs_flex']:.2f} flex (err {row['max_abs_err_vs_flex']})" if "vs_flex" in row else ""))
+            del mask
+    del q, k, v, reference
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'shape':<10} {'mask':<7} {'keep':>5} {'ms':>9} {'lut ms':>7} {'TFLOP/s':>8} {'xdense':>7} {'xflex':>6} {'flexTF':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["impl"] != "ours":
+            lines.append(f"{r['shape']:<10} {r['impl']:<7} {1.0:>5.2f} {r['ms']:>9.3f} {'':>7} {r['tflops']:>8.3g}")
+            continue
+        flex = f"{r['vs_flex']:>6.2f} {r['flex_tflops']:>7.0f}" if "vs_flex" in r else ""
+        lut = f"{r['lut_ms']:>7.3f}" if "lut_ms" in r else f"{'-':>7}"
+        lines.append(f"{r['shape']:<10} {r['mask']:<7} {r['keep']:>5.2f} {r['ms']:>9.3f} {lut} "
+                     f"{r['tflops']:>8.3g} {r['vs_dense_baseline']:>7.2f} {flex}")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparsediff.io import atomic_output
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, name in zip(axes[0], shapes):
+        mine = [r for r in rows if r["shape"] == name]
+        for r in mine:
+            if r["impl"] != "ours":
+                ax.axhline(r["tflops"], linestyle="--", color="gray" if r["impl"] != "cudnn" else "black",
+                           label=f"{r['impl']} dense")
+        for kind in MASK_KINDS:
+            ours = sorted((r for r in mine if r["impl"] == "ours" and r["mask"] == kind), key=lambda r: r["keep"])
+            if ours:
+                ax.plot([r["keep"] for r in ours], [r["tflops"] for r in ours], "o-", label=f"ours {kind}")
+                if "flex_tflops" in ours[0]:
+                    ax.plot([r["keep"] for r in ours], [r["flex_tflops"] for r in ours], "x:", label=f"flex {kind}")
+        ax.set_title(f"{name} {mine[0]['B']}x{mine[0]['H']}x{mine[0]['N']}x{mine[0]['D']}")
+        ax.set_xlabel("kept fraction")
+        ax.set_ylabel("dense-equivalent TFLOP/s")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import triton
+
+    from sparsediff._runtime import triton_interpreting
+    from sparsediff.io import atomic_write_json
+    from sparsediff.kernels import block_sparse_attn
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    names = _parse_list(args.shapes or (",".join(GPU_SHAPES) if device == "cuda" else "small"), "shapes", str, SHAPES)
+    keeps = _parse_list(args.keeps, "keeps", float)
+    if any(not 0.0 < keep <= 1.0 for keep in keeps):
+        raise ValueError(f"--keeps must lie in (0, 1], got {args.keeps!r}")
+    mask_kinds = _parse_list(args.masks, "masks", str, MASK_KINDS)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    flex = _flex_runner() if device == "cuda" and not args.no_flex else None
+    timer = _Timer(device, args.warmup_ms, args.rep_ms)
+
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", flush=True)
+
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else
+        ("cpu, Triton interpreter" if triton_interpreting() else "cpu, torch reference"),
+        "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype,
+        "block": [block_sparse_attn.BLOCK_M, block_sparse_attn.BLOCK_N],
+    }
+    log(json.dumps(env))
+    if device == "cuda" and not check_kernel(device, log):
+        log("kernel check failed: not benchmarking")
+        return 1
+    tuning: list[dict] = []
+    chosen: dict[int, object] = {}
+    if args.tune and device == "cuda":
+        for head_dim in dict.fromkeys(SHAPES[n].head_dim for n in names):
+            # The longest shape that still tunes quickly: long sequences are where the time goes.
+            tune_shape = max((SHAPES[n] for n in names if SHAPES[n].head_dim == head_dim),
+                             key=lambda s: (s.tokens <= 40_000, s.tokens))
+            chosen[head_dim], tune_rows = _tune(tune_shape, dtype, timer, log)
+            tuning += tune_rows
+            log(f"best tile config at D={head_dim}: {chosen[head_dim]}")
+    rows: list[dict] = []
+    for name in names:
+        shape = SHAPES[name]
+        config = chosen.get(shape.head_dim) or block_sparse_attn.tile_config(shape.head_dim, dtype, torch.device(device))
+        if device == "cuda" and chosen:
+            # block_sparse_attention reads the declared table: declare the tuned config for this run.
+            block_sparse_attn.TILE_CONFIGS[(block_sparse_attn.gpu_arch(torch.device("cuda")),
+                                            block_sparse_attn.padded_head_dim(shape.head_dim), dtype)] = config
+        log(f"{name}: tile config {config}")
+        rows += _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, log)
+    table = _table(rows)
+    print(table)
+    result = {"env": env, "tile_configs": {str(d): asdict(c) for d, c in chosen.items()}, "tuning": tuning, "rows": rows}
+    stem = f"kernel-{device}-{args.dtype}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / f"{stem}.json", result, indent=1)
+    _plot(rows, args.out / f"{stem}.png", f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date']}")
+    log(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsediff.bench.kernel", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""`sparsediff bench predict`: how good and how cheap the block-mask predictors are.
+
+Accuracy: on video-like workloads (sparsediff.workloads) in raster and 3D-tile token order, each
+predictor's cdf_threshold is swept and every mask's sparsity is set against the attention error it
+causes (relative L1 of the output vs the all-blocks output of the same kernel, so only skipping
+counts). The oracle is top-CDF on the TRUE mean-over-queries block mass, computed blockwise
+(chunks of query blocks, never N x N). Reported: sparsity reached at the error budget (5%) and
+that as a fraction of the oracle's. Then the P·V skip (stage 2) on the default predictor's mask:
+kept blocks it skips and the error it adds. On CUDA also: prediction time vs cuDNN SDPA dense at
+the four model shapes, and sparse_attention (prediction included) at ~80% sparsity vs cuDNN
+dense at the Wan and Hunyuan shapes. Writes predict-<device>.json and .png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BUDGET = 0.05
+CDF_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
+PV_SWEEP = (1e-4, 1e-3, 1e-2, 1e-1)
+TILE = (2, 8, 8)
+# Sizes of the accuracy workload: the Wan latent grid on CUDA, a reduced one on CPU.
+ACCURACY = {"cuda": dict(grid=(21, 30, 52), heads=12, head_dim=128), "cpu": dict(grid=(8, 16, 16), heads=6, head_dim=64)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    parser.add_argument("--grid", default=None, help="accuracy workload grid TxHxW (default: 21x30x52 cuda, 8x16x16 cpu)")
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=BUDGET, help="error budget (relative L1) for the summary")
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
+
+
+def relative_l1(o: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((o.float() - ref.float()).abs().sum() / ref.float().abs().sum())
+
+
+def true_block_mass(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, budget_bytes: float = 2**30) -> torch.Tensor:
+    """Exact mean-over-queries attention mass (B, H, nq, nk) per block pair, chunked over query
+    blocks so no more than ~budget_bytes of scores exist at once."""
+    b, h, n, d = q.shape
+    nq, nk = -(-n // block_m), -(-n // block_n)
+    mass = torch.empty(b, h, nq, nk, device=q.device)
+    step = max(1, int(budget_bytes // (b * h * block_m * n * 4)))
+    kt = k.float().transpose(-1, -2)
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        p = torch.softmax(q[:, :, i0 * block_m : i1 * block_m].float() @ kt * d**-0.5, dim=-1)
+        p = torch.nn.functional.pad(p, (0, nk * block_n - n, 0, (i1 - i0) * block_m - p.shape[2]))
+        rows = (n - torch.arange(i0, i1, device=q.device) * block_m).clamp(max=block_m)
+        mass[:, :, i0:i1] = p.view(b, h, i1 - i0, block_m, nk, block_n).sum((3, 5)) / rows[:, None]
+    return mass
+
+
+def sparsity_at_budget(points: list[tuple[float, float]], budget: float) -> float:
+    """Highest sparsity with error <= budget along the (sparsity, error) curve, interpolating
+    linearly between the two sweep points that bracket the budget."""
+    pts = sorted(points)
+    best = max([s for s, e in pts if e <= budget], default=0.0)
+    for (s0, e0), (s1, e1) in zip(pts, pts[1:]):
+        if e0 <= budget < e1:
+            best = max(best, s0 + (s1 - s0) * (budget - e0) / (e1 - e0))
+    return best
+
+
+def _timeit(fn, device: torch.device, reps: int = 5) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
+    from sparsediff.attention import BLOCK_M, BLOCK_N, DEFAULT_METHOD, METHODS, block_sparse_attention, predict_block_mask
+    from sparsediff.kernels.block_select_reference import top_cdf
+    from sparsediff.workloads import to_tile_order
+
+    q, k, v = w.q, w.k, w.v
+    if order == "tiles":
+        q, k, v = (to_tile_order(x, w.grid, TILE) for x in (q, k, v))
+    b, h, n, _ = q.shape
+    full = torch.ones(b, h, -(-n // BLOCK_M), -(-n // BLOCK_N), dtype=torch.bool, device=device)
+    ref = block_sparse_attention(q, k, v, full)
+
+    def point(mask: torch.Tensor) -> tuple[float, float]:
+        return 1.0 - float(mask.float().mean()), relative_l1(block_sparse_attention(q, k, v, mask), ref)
+
+    mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
+    series = {"oracle": [point(top_cdf(mass, torch.full((h,), t, device=device))) for t in CDF_SWEEP]}
+    # Predictors judged on their estimates alone (sim 0 trusts every block); then the default
+    # predictor with its default similarity threshold, as users get it.
+    for method in METHODS:
+        series[method] = [point(predict_block_mask(q, k, t, 0.0, method=method)) for t in CDF_SWEEP]
+    series[f"{DEFAULT_METHOD} (default sim)"] = [point(predict_block_mask(q, k, t, method=DEFAULT_METHOD)) for t in CDF_SWEEP]
+    series["pooled (sim 0.6)"] = [point(predict_block_mask(q, k, t, 0.6, method="pooled")) for t in CDF_SWEEP]
+    at = {name: sparsity_at_budget(pts, budget) for name, pts in series.items()}
+    frac = {name: (s / at["oracle"] if at["oracle"] > 0 else float("nan")) for name, s in at.items()}
+
+    # Stage 2 on the default predictor's mask at the cdf whose error is closest below the budget.
+    ok = [(t, s, e) for t, (s, e) in zip(CDF_SWEEP, series[DEFAULT_METHOD]) if e <= budget]
+    cdf = max(ok)[0] if ok else CDF_SWEEP[0]
+    mask = predict_block_mask(q, k, cdf, 0.0)
+    base_err = relative_l1(block_sparse_attention(q, k, v, mask), ref)
+    kept = int(mask.sum())
+    pv = []
+    for thr in PV_SWEEP:
+        o, skips = block_sparse_attention(q, k, v, mask, pv_threshold=thr, return_pv_skips=True)
+        pv.append({"pv_threshold": thr, "skipped_of_kept": int(skips.sum()) / max(kept, 1),
+                   "error": relative_l1(o, ref), "added_error": relative_l1(o, ref) - base_err})
+    return {"order": order, "tokens": n, "sparsity_at_budget": at, "fraction_of_oracle": frac,
+            "curves": {name: [{"cdf": t, "sparsity": s, "error": e} for t, (s, e) in zip(CDF_SWEEP, pts)]
+                       for name, pts in series.items()},
+            "pv_skip": {"method": DEFAULT_METHOD, "cdf_threshold": cdf, "stage1_error": base_err, "sweep": pv}}
+
+
+def _cudnn_dense(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _overhead(device: torch.device) -> list[dict]:
+    from sparsediff.attention import METHODS, predict_block_mask
+    from sparsediff.bench.kernel import GPU_SHAPES, SHAPES
+
+    rows = []
+    for name in GPU_SHAPES:
+        s = SHAPES[name]
+        q, k, v = (torch.randn(s.batch, s.heads, s.tokens, s.head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+        dense = _timeit(lambda: _cudnn_dense(q, k, v), device)
+        row = {"shape": name, "cudnn_dense_ms": dense * 1e3}
+        for method in METHODS:
+            t = _timeit(lambda: predict_block_mask(q, k, dense_tail_tokens=s.text_tokens, method=method), device)
+            row[f"{method}_ms"] = t * 1e3
+            row[f"{method}_fraction_of_dense"] = t / dense
+        rows.append(row)
+        del q, k, v
+    return rows
+
+
+def _speed(device: torch.device, seed: int) -> list[dict]:
+    from sparsediff.attention import predict_block_mask, sparse_attention
+    from sparsediff.bench.kernel import SHAPES
+    from sparsediff.workloads import to_tile_order, video_workload
+
+    rows = []
+    for name in ("wan", "hunyuan"):
+        s = SHAPES[name]
+        w = video_workload(s.grid, heads=s.heads, head_dim=s.head_dim, text_tokens=s.text_tokens, seed=seed,
+                           dtype=torch.bfloat16, device=device)
+        q, k, v = (to_tile_order(x, s.grid, TILE) for x in (w.q, w.k, w.v))
+        del w
+        kw = dict(dense_tail_tokens=s.text_tokens)
+        # Bisect the cdf threshold to a predicted sparsity of ~0.8 on this workload.
+        lo, hi = 0.0, 1.0
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            sp = 1.0 - float(predict_block_mask(q, k, mid, 0.0, **kw).float().mean())
+            lo, hi = (mid, hi) if sp > 0.8 else (lo, mid)
+        cdf = lo
+        _, sparsity = sparse_attention(q, k, v, cdf, 0.0, return_sparsity=True, **kw)
+        dense = _timeit(lambda: _cudnn_dense(q, k, v), device)
+        sparse = _timeit(lambda: sparse_attention(q, k, v, cdf, 0.0, **kw), device)
+        predict = _timeit(lambda: predict_block_mask(q, k, cdf, 0.0, **kw), device)
+        rows.append({"shape": name, "cdf_threshold": cdf, "sparsity": sparsity, "cudnn_dense_ms": dense * 1e3,
+                     "sparse_attention_ms": sparse * 1e3, "prediction_ms": predict * 1e3, "speedup": dense / sparse})
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accs = results["accuracy"]
+    fig, axes = plt.subplots(1, len(accs), figsize=(6.5 * len(accs), 4.8), squeeze=False)
+    for ax, acc in zip(axes[0], accs):
+        for name, pts in acc["curves"].items():
+            style = "k-" if name == "oracle" else "-"
+            ax.plot([p["error"] for p in pts], [p["sparsity"] for p in pts], style, marker=".",
+                    label=f"{name} ({acc['fraction_of_oracle'][name]:.2f} of oracle)")
+        ax.axvline(results["budget"], color="grey", ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("attention error (relative L1 vs dense)")
+        ax.set_ylabel("block sparsity")
+        ax.set_title(f"{acc['order']} order, grid {'x'.join(map(str, results['workload']['grid']))}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsediff.attention import METHODS
+    from sparsediff.io import atomic_write_json
+    from sparsediff.workloads import video_workload
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    if not 0 < args.budget < 1:
+        raise ValueError(f"--budget must lie in (0, 1), got {args.budget}")
+    size = dict(ACCURACY[device.type])
+    if args.grid:
+        try:
+            size["grid"] = tuple(int(x) for x in args.grid.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--grid must look like 8x16x16, got {args.grid!r}") from None
+    size["heads"] = args.heads or size["heads"]
+    size["head_dim"] = args.head_dim or size["head_dim"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    w = video_workload(size["grid"], size["heads"], size["head_dim"], seed=args.seed, dtype=dtype, device=device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "budget": args.budget, "workload": {**size, "seed": args.seed, "dtype": str(dtype)},
+               "accuracy": []}
+    for order in ("raster", "tiles"):
+        acc = _accuracy(w, order, device, args.budget)
+        results["accuracy"].append(acc)
+        print(f"[{order}] sparsity at {args.budget:.0%} error (fraction of oracle): "
+              + ", ".join(f"{k} {v:.3f} ({acc['fraction_of_oracle'][k]:.2f})" for k, v in acc["sparsity_at_budget"].items()),
+              flush=True)
+        for p in acc["pv_skip"]["sweep"]:
+            print(f"[{order}] P·V skip {p['pv_threshold']:g}: skips {p['skipped_of_kept']:.3f} of kept blocks, "
+                  f"error {acc['pv_skip']['stage1_error']:.4f} -> {p['error']:.4f}", flush=True)
+    del w
+    if device.type == "cuda":
+        results["overhead"] = _overhead(device)
+        for row in results["overhead"]:
+            print(f"[overhead] {row['shape']}: cuDNN dense {row['cudnn_dense_ms']:.2f} ms; "
+                  + ", ".join(f"{m} {row[f'{m}_fraction_of_dense']:.1%}" for m in METHODS),
+                  flush=True)
+        results["speed"] = _speed(device, args.seed)
+        for row in results["speed"]:
+            print(f"[speed] {row['shape']}: sparsity {row['sparsity']:.3f}, sparse_attention {row['sparse_attention_ms']:.2f} ms "
+                  f"(prediction {row['prediction_ms']:.2f}) vs cuDNN dense {row['cudnn_dense_ms']:.2f} ms: {row['speedup']:.2f}x",
+                  flush=True)
+    else:
+        results["overhead"] = results["speed"] = "skipped: timings need CUDA"
+    results["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"predict-{device.type}.json", results)
+    _plot(results, out / f"predict-{device.type}.png")
+    print(f"wrote {out / f'predict-{device.type}.json'} and .png ({results['seconds']:.0f} s)")
+    return 0

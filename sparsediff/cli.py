@@ -1,0 +1,44 @@
+"""The `sparsediff` command. Each subcommand lives in its own module, imported only when used."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (words, module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("bench", "kernel"), "sparsediff.bench.kernel", "time block_sparse_attention against cuDNN SDPA, FA2 SDPA and FlexAttention"),
+    (("render",), "sparsediff.pipelines.render", "batch-render a prompt file with a model recipe, sparse or dense; resumable, multi-GPU"),
+    (("models",), "sparsediff.pipelines.recipes", "list the model recipes usable with --model"),
+    (("calibrate",), "sparsediff.calibration.cli", "find per-layer/per-head sparsity thresholds within an error budget; writes a profile"),
+    (("bench", "predict"), "sparsediff.bench.predict", "block-mask predictors vs the oracle: sparsity at an error budget, P·V skip, overhead and speed vs cuDNN"),
+    (("bench", "e2e"), "sparsediff.bench.e2e", "one transformer forward at real configs: dense (cuDNN SDPA) vs sparse; time, sparsity, error"),
+    (("demo",), "sparsediff.apps.demo", "Gradio page: one prompt rendered dense and sparse side by side, with times, sparsity, PSNR/SSIM"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsediff", description=__doc__)
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module, help_text in COMMANDS:
+        subparsers = top
+        for i, word in enumerate(words[:-1]):
+            key = " ".join(words[: i + 1])
+            if key not in groups:
+                group = subparsers.add_parser(word, help=f"{word} subcommands")
+                groups[key] = group.add_subparsers(dest=f"{word}_command", required=True, metavar="SUBCOMMAND")
+            subparsers = groups[key]
+        sub = subparsers.add_parser(words[-1], help=help_text, description=help_text)
+        sub.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Block-sparse flash-attention forward in Triton, with its on-device mask-to-LUT builder.
+
+A bool block mask (B, H, ceil(Nq/BLOCK_M), ceil(Nk/BLOCK_N)) is turned by one Triton kernel into a
+lookup table: per (b, h, query block) the number of kept key blocks and their indices in ascending
+order. The attention kernel runs one program per (query block, b*h) and walks only the kept key
+blocks of its row: online softmax in fp32 with exp2 (log2(e)*scale folded into one FMA on the
+scores), Q held in registers, `STEP_BLOCKS` kept key blocks gathered into one key tile per step.
+
+`pv_threshold` (SpargeAttn's second stage): a step whose score row maxima are all negligible
+against the running row maxima, i.e. exp(m_step[r] - m_running[r]) < pv_threshold for every query
+row r of the block (scores already scaled), is dropped from the softmax: its exponentials, its V
+loads and its P·V product are skipped. Each dropped block holds at most BLOCK_N * pv_threshold of
+the row's softmax mass relative to the running maximum's term, so the relative error stays below
+(number of dropped blocks) * BLOCK_N * pv_threshold. The first step of a row is never dropped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsediff._runtime import triton_interpreting
+from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+
+BLOCK_M = 128  # query rows per mask block (and per program)
+BLOCK_N = 64  # key rows per mask block
+
+MAX_HEAD_DIM = 128
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch choices of the attention kernel.
+
+    step_blocks: kept key blocks (BLOCK_N keys each, not necessarily adjacent) gathered into one
+    key tile per inner-loop step, so the tensor cores see BLOCK_N * step_blocks keys at a time.
+    """
+
+    step_blocks: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool = False
+
+
+# Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`
+# (bench-results/kernel-cuda-bf16-h100-run1.*: H100 80GB HBM3, torch 2.11, Triton 3.6, 2026-11-23).
+# At D=128 one 64-key block per step with 8 warps beat two blocks per step (511 vs 450 TFLOP/s on
+# the Wan shape, all kept); at D=64 two blocks per step with 4 warps won (445 vs 417-447).
+# fp16 uses the same tiles and MMA rate as bf16 on Hopper; its entries repeat the bf16 measurement.
+TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
+    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
+    ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
+    ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
+    ("sm90", 64, torch.float16): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
+}
+# Unmeasured GPUs, other head dims, and the CPU interpreter: small enough for any GPU's shared memory.
+DEFAULT_TILE_CONFIG = TileConfig(step_blocks=1, num_warps=4, num_stages=2)
+
+_FLOAT_DTYPES_CUDA = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES_CPU = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dim rounded up to the power of two (>= 16) the kernel's tiles use."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def gpu_arch(device: torch.device) -> str:
+    """'sm90'-style tag of a CUDA device, 'cpu' otherwise."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """The declared tile configuration for this head dim, dtype and device."""
+    return TILE_CONFIGS.get((gpu_arch(device), padded_head_dim(head_dim), dtype), DEFAULT_TILE_CONFIG)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask -> LUT
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _build_lut_kernel(
+    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    kv_lens_ptr, counts_ptr, indices_ptr,
+    n_rows, H, QB, KB, n_keys,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KB_P2: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    qb = rows % QB
+    bh = rows // QB
+    h = bh % H
+    b = bh // H
+    cols = tl.arange(0, KB_P2)
+    row_off = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + qb.to(tl.int64) * stride_mq
+    ptrs = mask_ptr + row_off[:, None] + cols[None, :].to(tl.int64) * stride_mk
+    keep = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < KB), other=0) != 0
+    if HAS_KV_LENS:
+        n_valid = tl.minimum(tl.load(kv_lens_ptr + b, mask=row_ok, other=0), n_keys)
+        keep = keep & (cols[None, :] * BLOCK_N < n_valid[:, None])
+    else:
+        keep = keep & (cols[None, :] * BLOCK_N < n_keys)
+    keep_i = keep.to(tl.int32)
+    # Position of each kept block among the kept blocks of its row: an inclusive prefix sum.
+    slot = tl.cumsum(keep_i, axis=1) - 1
+    out_ptrs = indices_ptr + rows.to(tl.int64)[:, None] * KB + slot
+    tl.store(out_ptrs, cols[None, :].to(indices_ptr.dtype.element_ty), mask=keep)
+    tl.store(counts_ptr + rows, tl.sum(keep_i, axis=1), mask=row_ok)
+
+
+def _lut_index_dtype(n_key_blocks: int) -> torch.dtype:
+    # int16 halves the LUT's footprint (hunyuan-720p: 83 MB instead of 166 MB at keep 1).
+    return torch.int16 if n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def build_block_lut(
+    block_mask: torch.Tensor, n_keys: int, kv_lens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact per-row list of kept key blocks, built on the mask's device by one Triton kernel.
+
+    block_mask: bool (B, H, QB, KB), any strides. Key blocks starting at or past `n_keys` (or
+    kv_lens[b]) are dropped. Returns (counts int32 (B, H, QB), indices (B, H, QB, KB) int16 or
+    int32): the first counts[b, h, q] entries of indices[b, h, q] are the kept key-block indices in
+    ascending order; the entries after them are unspecified.
+    """
+    if block_mask.ndim != 4 or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be a 4-D bool tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
+    if n_keys < 1:
+        raise ValueError(f"n_keys must be >= 1, got {n_keys}")
+    B, H, QB, KB = block_mask.shape
+    device = block_mask.device
+    counts = torch.empty((B, H, QB), dtype=torch.int32, device=device)
+    indices = torch.empty((B, H, QB, KB), dtype=_lut_index_dtype(KB), device=device)
+    n_rows = B * H * QB
+    kb_p2 = triton.next_power_of_2(KB)
+    rows = max(1, min(64, 4096 // kb_p2))
+    mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
+    _build_lut_kernel[(triton.cdiv(n_rows, rows),)](
+        mask_bytes, *mask_bytes.stride(),
+        kv_lens if kv_lens is not None else counts, counts, indices,
+        n_rows, H, QB, KB, n_keys,
+        BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=kv_lens is not None,
+        num_warps=4,
+    )
+    return counts, indices
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_pv(
+    acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
+    MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    m_new = tl.maximum(m_i, m_step)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASK_KEYS:
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None]
+    if DOT_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_step(
+    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, step, n_valid,
+    offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+    BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK_KEYS: tl.constexpr,
+    PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One step over STEP_BLOCKS kept key blocks; MASK_KEYS for the row's last step only."""
+    offs_n = tl.arange(0, BLOCK_N * STEP_BLOCKS)
+    if STEP_BLOCKS == 1:
+        keys = tl.load(lut_row + step).to(tl.int32) * BLOCK_N + offs_n
+        key_ok = keys < n_valid
+        step_blocks = 1
+    else:
+        entry = step * STEP_BLOCKS + offs_n // BLOCK_N
+        if MASK_KEYS:
+            entry_ok = entry < count
+            block = tl.load(lut_row + entry, mask=entry_ok, other=0).to(tl.int32)
+            key_ok = entry_ok & (block * BLOCK_N + offs_n % BLOCK_N < n_valid)
+            step_blocks = tl.minimum(count - step * STEP_BLOCKS, STEP_BLOCKS)
+        else:
+            block = tl.load(lut_row + entry).to(tl.int32)
+            key_ok = entry >= 0
+            step_blocks = STEP_BLOCKS
+        keys = block * BLOCK_N + offs_n % BLOCK_N
+    k_ptrs = K_bh + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    if MASK_KEYS:
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k))
+    if MASK_KEYS:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_step = tl.max(s, 1) * qk_scale
+    if PV_SKIP:
+        if tl.max(m_step - m_i, 0) < log2_pv_threshold:
+            n_skipped += step_blocks
+        else:
+            acc, l_i, m_i = _softmax_pv(
+                acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
+                qk_scale, MASK_KEYS, PAD_D, DOT_FP32,
+            )
+    else:
+        acc, l_i, m_i = _softmax_pv(
+            acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
+            qk_scale, MASK_KEYS, PAD_D, DOT_FP32,
+        )
+    return acc, l_i, m_i, n_skipped
+
+
+@triton.jit
+def _block_sparse_attn_kernel(
+    Q, K, V, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, n_q, n_k, QB, KB, qk_scale, log2_pv_threshold,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
+    COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row = bh * QB + qb
+    count = tl.load(counts_ptr + row)
+    lut_row = lut_ptr + row.to(tl.int64) * KB
+    if HAS_KV_LENS:
+        n_valid = tl.minimum(tl.load(kv_lens_ptr + b), n_k)
+    else:
+        n_valid = n_k
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_D
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    row_ok = offs_m < n_q
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+        + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    K_bh = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V_bh = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_skipped = 0
+    n_steps = tl.cdiv(count, STEP_BLOCKS)
+    # Only the row's last step can hold a partial key block (ragged Nk or kv_lens: the LUT drops
+    # blocks past the valid keys and lists the rest in ascending order) or a partial step, so every
+    # other step runs without masks.
+    for step in tl.range(0, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
+        acc, l_i, m_i, n_skipped = _attn_step(
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, step, n_valid,
+            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32,
+        )
+    if n_steps > 0:
+        acc, l_i, m_i, n_skipped = _attn_step(
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, n_steps - 1, n_valid,
+            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32,
+        )
+    # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
+        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if COUNT_SKIPS:
+        tl.store(skips_ptr + row, n_skipped)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """Largest element offset within one (b, h) slice: the kernel does that arithmetic in int32."""
+    return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+
+
+def attention_from_lut(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    counts: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    pv_threshold: float | None = None,
+    return_pv_skips: bool = False,
+    config: TileConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Launch the attention kernel on a LUT from `build_block_lut` (arguments already validated).
+
+    For callers that reuse one LUT, and for tuning (`config` overrides the declared tile config).
+    With return_pv_skips, also returns int32 (B, H, QB): kept key blocks whose P·V was skipped.
+    """
+    B, H, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    QB, KB = counts.shape[2], indices.shape[3]
+    if max(_max_offset(t) for t in (q, k, v)) > _INT32_MAX:
+        raise ValueError("q: a (b, h) slice spans more than 2**31 elements; not supported")
+    if config is None:
+        config = tile_config(head_dim, q.dtype, q.device)
+    out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
+    skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
+    interpreting = q.device.type == "cpu"
+    _block_sparse_attn_kernel[(QB, B * H)](
+        q, k, v, out, counts, indices, kv_lens if kv_lens is not None else counts, skips,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, n_q, n_k, QB, KB, scale * math.log2(math.e),
+        math.log2(pv_threshold) if pv_threshold is not None else 0.0,
+        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
+        PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
+        # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there.
+        DOT_FP32=interpreting and q.dtype != torch.float16,
+        WARP_SPECIALIZE=config.warp_specialize,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return (out, skips) if return_pv_skips else out
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    scale: float | None,
+    kv_lens: torch.Tensor | None,
+    pv_threshold: float | None,
+) -> float:
+    """Raise ValueError naming the first bad argument; return the softmax scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D), got {getattr(t, 'shape', type(t))}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+    B, H, n_q, head_dim = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != head_dim:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in B, H or D")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    n_k = k.shape[2]
+    if min(B, H, n_q, n_k) < 1:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q must be on a cuda or cpu device, got {q.device}")
+    allowed = _FLOAT_DTYPES_CUDA if q.device.type == "cuda" else _FLOAT_DTYPES_CPU
+    if q.dtype not in allowed:
+        raise ValueError(f"q dtype {q.dtype} is not supported on {q.device.type}; use one of {allowed}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q head dim {head_dim} is not supported (1..{MAX_HEAD_DIM})")
+    expected = (B, H, triton.cdiv(n_q, BLOCK_M), triton.cdiv(n_k, BLOCK_N))
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be a bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}")
+    if tuple(block_mask.shape) != expected:
+        raise ValueError(f"block_mask shape {tuple(block_mask.shape)} must be {expected} (B, H, ceil(Nq/{BLOCK_M}), ceil(Nk/{BLOCK_N}))")
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
+    if kv_lens is not None:
+        if not isinstance(kv_lens, torch.Tensor) or kv_lens.dtype.is_floating_point or kv_lens.dtype.is_complex \
+                or kv_lens.dtype == torch.bool:
+            raise ValueError(f"kv_lens must be an integer tensor, got {getattr(kv_lens, 'dtype', type(kv_lens))}")
+        if tuple(kv_lens.shape) != (B,):
+            raise ValueError(f"kv_lens shape {tuple(kv_lens.shape)} must be ({B},)")
+        if kv_lens.device != q.device:
+            raise ValueError(f"kv_lens is on {kv_lens.device} but q is on {q.device}")
+    if pv_threshold is not None and not (isinstance(pv_threshold, (int, float)) and 0.0 < pv_threshold <= 1.0):
+        raise ValueError(f"pv_threshold must be a float in (0, 1] or None, got {pv_threshold!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    return float(scale)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    scale: float | None = None,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    pv_threshold: float | None = None,
+    return_pv_skips: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the kept (BLOCK_M x BLOCK_N) blocks of `block_mask` only.
+
+    q (B, H, Nq, D), k and v (B, H, Nk, D), any strides, D <= 128; fp16/bf16 (fp32 on CPU).
+    block_mask: bool (B, H, ceil(Nq/BLOCK_M), ceil(Nk/BLOCK_N)), True = compute. Query rows that
+    keep no valid key return zeros. scale defaults to 1/sqrt(D). kv_lens: int (B,), keys at index
+    >= kv_lens[b] are excluded. pv_threshold: see the module docstring; None computes exactly.
+    return_pv_skips: also return int32 (B, H, ceil(Nq/BLOCK_M)) counts of kept key blocks whose
+    P·V was skipped. The result has q's memory layout.
+
+    CUDA runs the compiled Triton kernels, CPU runs them under TRITON_INTERPRET=1 and otherwise
+    the plain-torch reference (which never skips P·V: its skip counts are zero).
+    """
+    scale = _validate(q, k, v, block_mask, scale, kv_lens, pv_threshold)
+    if kv_lens is not None:
+        kv_lens = kv_lens.to(torch.int32)
+    if q.device.type == "cpu" and not triton_interpreting():
+        out = block_sparse_attention_reference(
+            q, k, v, block_mask, scale, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens
+        )
+        if return_pv_skips:
+            return out, torch.zeros(block_mask.shape[:3], dtype=torch.int32)
+        return out
+    counts, indices = build_block_lut(block_mask, k.shape[2], kv_lens)
+    return attention_from_lut(
+        q, k, v, counts, indices, scale,
+        kv_lens=kv_lens, pv_threshold=pv_threshold, return_pv_skips=return_pv_skips,
+    )

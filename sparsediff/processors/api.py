@@ -1,0 +1,193 @@
+"""`apply()` / `remove()`: swap a pipeline's attention processors for sparse ones and back."""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from sparsediff.processors.base import FamilySpec
+from sparsediff.processors.controller import AttentionController, SparsityStats
+from sparsediff.processors.families import family_of, transformers_of
+from sparsediff.profile import (
+    DEFAULT_CDF_THRESHOLD,
+    DEFAULT_DENSE_STEPS,
+    DEFAULT_SIM_THRESHOLD,
+    DEFAULT_TOKEN_ORDER,
+    SparsityProfile,
+)
+
+HOOK_NAME = "sparsediff"
+
+
+class _StepHook(ModelHook):
+    """Transformer-level hook: hands each forward's timestep and latent grid to the controller.
+
+    It also keeps the transformer's stock processors so that `remove()` can restore them.
+    `controller` None makes it inert.
+    """
+
+    def __init__(self, family: FamilySpec, controller: AttentionController, stock_processors: dict[str, Any]) -> None:
+        super().__init__()
+        self.family = family
+        self.controller: AttentionController | None = controller
+        self.stock_processors = stock_processors
+        self._signature: inspect.Signature | None = None
+
+    @torch.compiler.disable  # reads the timestep as a Python float: keep it out of compiled graphs
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        if self.controller is not None:
+            if self._signature is None:
+                self._signature = inspect.signature(type(module).forward)
+            bound = self._signature.bind_partial(module, *args, **kwargs).arguments
+            self.controller.begin_forward(self.family.read_forward(module, bound))
+        return args, kwargs
+
+    @torch.compiler.disable
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.controller is not None:
+            self.controller.end_forward()
+        return output
+
+
+class SparseHandle:
+    """What `apply()` returns: the controller, its stats, and the means to reset or undo."""
+
+    def __init__(self, controller: AttentionController, transformers: dict[str, torch.nn.Module]) -> None:
+        self.controller = controller
+        self.transformers = transformers
+
+    @property
+    def profile(self) -> SparsityProfile:
+        return self.controller.profile
+
+    @property
+    def stats(self) -> SparsityStats:
+        return self.controller.stats
+
+    @property
+    def step(self) -> int:
+        """The current denoising step (0-based) as the controller counts it."""
+        return self.controller.step
+
+    def reset(self) -> None:
+        """Start over: the next transformer call is step 0 of a new generation; stats are cleared."""
+        self.controller.reset()
+
+    def remove(self) -> None:
+        """Restore the stock processors and remove the hooks (same as `sparsediff.remove`)."""
+        for transformer in self.transformers.values():
+            _remove_one(transformer)
+
+
+def apply(
+    pipe_or_transformer: Any,
+    profile: SparsityProfile | None = None,
+    *,
+    cdf_threshold: float | None = None,
+    sim_threshold: float | None = None,
+    dense_steps: int | None = None,
+    pv_threshold: float | None = None,
+    token_order: str | None = None,
+    tile: tuple[int, int, int] | None = None,
+    method: str | None = None,
+    controller_cls: type[AttentionController] = AttentionController,
+) -> SparseHandle:
+    """Make the attention of every supported transformer in a pipeline (or of one transformer) sparse.
+
+    profile: per-layer/per-head thresholds (refused with ValueError if it does not fit the model);
+    None: the same thresholds everywhere (the predictor's defaults cdf 0.95, sim 0.2; 2 dense steps;
+    "tiles" order; method "qpool"; see sparsediff.profile and sparsediff.attention). Explicit keyword values override the profile's, on every head:
+    cdf_threshold / sim_threshold / pv_threshold, dense_steps (leading denoising steps run dense),
+    token_order ("tiles" | "raster"), tile ((t, h, w) tile shape; None: chosen from the latent grid),
+    method (predictor method of predict_block_mask).
+    controller_cls: an AttentionController subclass (calibration).
+    Returns a SparseHandle (stats, reset(), remove()).
+    """
+    transformers = transformers_of(pipe_or_transformer)
+    for name, transformer in transformers.items():
+        hook = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK_NAME)
+        if hook is not None and hook.controller is not None:
+            raise ValueError(f"pipe_or_transformer: sparsediff is already applied to {name}; call remove() first")
+    if profile is None:
+        profile = SparsityProfile.uniform(
+            pipe_or_transformer,
+            cdf_threshold=DEFAULT_CDF_THRESHOLD, sim_threshold=DEFAULT_SIM_THRESHOLD,
+            dense_steps=DEFAULT_DENSE_STEPS, token_order=DEFAULT_TOKEN_ORDER,
+        )
+    elif not isinstance(profile, SparsityProfile):
+        raise ValueError(f"profile must be a SparsityProfile or None, got {type(profile).__name__}")
+    else:
+        profile.check_fits(pipe_or_transformer)
+    profile = profile.with_overrides(
+        cdf_threshold=cdf_threshold, sim_threshold=sim_threshold, pv_threshold=pv_threshold,
+        dense_steps=dense_steps, token_order=token_order, tile=tile, method=method,
+    )
+    if not (isinstance(controller_cls, type) and issubclass(controller_cls, AttentionController)):
+        raise ValueError(f"controller_cls must be an AttentionController subclass, got {controller_cls!r}")
+    controller = controller_cls(profile)
+
+    for component, transformer in transformers.items():
+        family = family_of(transformer)
+        stock = dict(transformer.attn_processors)
+        processors = {
+            key: family.processor_cls(f"{component}.{key}", controller) if family.is_sparse_layer(key) else proc
+            for key, proc in stock.items()
+        }
+        transformer.set_attn_processor(processors)
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        inert = registry.get_hook(HOOK_NAME)
+        if inert is not None:  # left in a foreign forward chain by an earlier remove(): revive it
+            inert.controller, inert.stock_processors = controller, stock
+        else:
+            with _beneath_accelerate(transformer):
+                registry.register_hook(_StepHook(family, controller, stock), HOOK_NAME)
+    return SparseHandle(controller, transformers)
+
+
+def remove(pipe_or_transformer: Any) -> None:
+    """Restore the exact stock processor objects and remove sparsediff's hook (no-op where not applied)."""
+    for transformer in transformers_of(pipe_or_transformer).values():
+        _remove_one(transformer)
+
+
+def _remove_one(transformer: torch.nn.Module) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    hook = registry.get_hook(HOOK_NAME)
+    if hook is None or hook.controller is None:
+        return
+    transformer.set_attn_processor(hook.stock_processors)
+    hook.controller = None
+    with _beneath_accelerate(transformer):
+        # HookRegistry.remove_hook re-sets `forward` to what it was when we registered. If something
+        # other than diffusers hooks wrapped it since, that would drop their wrapper: leave our hook,
+        # now inert, in the chain then (apply() revives it).
+        if _is_registry_forward(transformer.forward):
+            registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+@contextmanager
+def _beneath_accelerate(module: torch.nn.Module) -> Iterator[None]:
+    """Operate on the forward that accelerate's hook (enable_model_cpu_offload) wraps, if any.
+
+    accelerate restores `module.forward = module._old_forward` whenever it removes its hook (at the
+    end of every offloaded pipeline call) and re-wraps it: our hook must live inside `_old_forward`,
+    whichever of the two was installed first, to survive that.
+    """
+    if not (hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")):
+        yield
+        return
+    outer = module.forward
+    module.forward = module._old_forward
+    try:
+        yield
+    finally:
+        module._old_forward = module.forward
+        module.forward = outer
+
+
+def _is_registry_forward(forward: Any) -> bool:
+    """Whether `forward` is the wrapper a diffusers HookRegistry installed."""
+    return getattr(getattr(forward, "func", None), "__qualname__", "").startswith("HookRegistry.register_hook")

@@ -1,0 +1,408 @@
+"""The attention controller: one per `apply()`, shared by every processor of the pipeline.
+
+Processors compute q, k, v as the stock ones do and hand them to `AttentionController.attend`,
+which decides dense or sparse for this call, reorders the tokens (layout.py), runs
+`run_sparse` (the one method calibration overrides), records the sparsity reached and returns
+the output in the caller's token order and tensor layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from sparsediff._runtime import kernels_available, warn_once
+from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, MAX_HEAD_DIM
+from sparsediff.layout import inverse_permutation, token_permutation
+from sparsediff.processors.base import ForwardInfo
+from sparsediff.profile import SparsityProfile
+
+
+@dataclass
+class AttentionCall:
+    """Everything `run_sparse` needs besides q, k, v (which arrive already in the attention order).
+
+    text_tokens: the text segment, LAST in the attention order; pass as `dense_tail_tokens`.
+    kv_lens: int (B,) valid keys per batch element (HunyuanVideo's padded text), or None.
+    grid / token_order / tile: the video layout actually used (grid None: raster, shape unknown).
+    cdf_threshold, sim_threshold: fp32 (H,) tensors on q's device. pv_threshold: one float for the
+    call (the kernel's granularity: the smallest of the profile's per-head values) or None.
+    """
+
+    layer_name: str
+    layer_index: int
+    step: int
+    heads: int
+    text_tokens: int
+    kv_lens: torch.Tensor | None
+    grid: tuple[int, int, int] | None
+    token_order: str
+    tile: tuple[int, int, int] | None
+    cdf_threshold: torch.Tensor
+    sim_threshold: torch.Tensor
+    pv_threshold: float | None
+    method: str | None
+
+
+class SparsityStats:
+    """Blocks skipped per layer, step and head, accumulated over calls (and over generations until reset).
+
+    Sparsity = skipped / total (b, h, query block, key block) pairs. Dense calls of a sparse-capable
+    layer (dense steps, profile-dense layers, fallbacks) count as computing every pair.
+    """
+
+    def __init__(self, layer_names: list[str], heads: list[int], dense_steps: int) -> None:
+        self.layer_names = list(layer_names)
+        self.heads = list(heads)
+        self.dense_steps = dense_steps
+        self._index = {name: i for i, name in enumerate(self.layer_names)}
+        self._kept: dict[tuple[int, int], torch.Tensor] = {}  # (layer, step) -> kept pairs per head
+        self._total: dict[tuple[int, int], int] = {}  # (layer, step) -> pairs per head
+
+    def record(self, layer_name: str, step: int, kept_per_head: torch.Tensor, pairs_per_head: int) -> None:
+        """Add one call: `kept_per_head` (H,) computed pairs (stays on its device, no sync)."""
+        key = (self._index[layer_name], step)
+        kept = kept_per_head.detach().to(torch.float64)
+        if key in self._kept:
+            self._kept[key] = self._kept[key] + kept.to(self._kept[key].device)
+            self._total[key] += pairs_per_head
+        else:
+            self._kept[key], self._total[key] = kept, pairs_per_head
+
+    def reset(self) -> None:
+        self._kept.clear()
+        self._total.clear()
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps with at least one recorded call, ascending."""
+        return sorted({s for _, s in self._kept})
+
+    def _sums(self, after_dense_steps: bool) -> dict[tuple[int, int], tuple[torch.Tensor, int]]:
+        first = self.dense_steps if after_dense_steps else 0
+        return {k: (self._kept[k].cpu(), self._total[k]) for k in self._kept if k[1] >= first}
+
+    def per_layer_step(self) -> torch.Tensor:
+        """(layers, len(steps)) float64 sparsity of each layer at each step; NaN where not called."""
+        steps = self.steps
+        col = {s: j for j, s in enumerate(steps)}
+        out = torch.full((len(self.layer_names), len(steps)), math.nan, dtype=torch.float64)
+        for (i, s), (kept, total) in self._sums(False).items():
+            out[i, col[s]] = 1.0 - kept.sum().item() / (total * kept.numel())
+        return out
+
+    def per_layer_head(self, after_dense_steps: bool = True) -> torch.Tensor:
+        """(layers, max heads) float64 sparsity per head over all recorded steps (after the dense
+        steps by default); NaN where a layer was not called or has fewer heads."""
+        kept_sum = torch.zeros(len(self.layer_names), max(self.heads), dtype=torch.float64)
+        totals = torch.zeros(len(self.layer_names), dtype=torch.float64)
+        for (i, _), (kept, total) in self._sums(after_dense_steps).items():
+            kept_sum[i, : kept.numel()] += kept
+            totals[i] += total
+        out = 1.0 - kept_sum / totals[:, None]
+        for i, h in enumerate(self.heads):
+            out[i, h:] = math.nan
+        return out
+
+    def per_step(self) -> torch.Tensor:
+        """(len(steps),) float64 sparsity of each step over all layers and heads."""
+        steps = self.steps
+        kept = torch.zeros(len(steps), dtype=torch.float64)
+        total = torch.zeros(len(steps), dtype=torch.float64)
+        col = {s: j for j, s in enumerate(steps)}
+        for (_, s), (k, t) in self._sums(False).items():
+            kept[col[s]] += k.sum()
+            total[col[s]] += t * k.numel()
+        return 1.0 - kept / total
+
+    def mean_sparsity(self, after_dense_steps: bool = True) -> float:
+        """Fraction of all block pairs skipped (after the dense steps by default); NaN if nothing recorded."""
+        sums = self._sums(after_dense_steps)
+        total = sum(t * k.numel() for k, t in sums.values())
+        if total == 0:
+            return math.nan
+        return 1.0 - sum(k.sum().item() for k, _ in sums.values()) / total
+
+    def as_dict(self) -> dict:
+        """JSON-ready summary: layer names, steps, per-layer-step and per-layer-head tables (None for NaN)."""
+        def rows(t: torch.Tensor) -> list[list[float | None]]:
+            return [[None if math.isnan(x) else x for x in row] for row in t.tolist()]
+
+        return {
+            "layers": self.layer_names,
+            "steps": self.steps,
+            "dense_steps": self.dense_steps,
+            "mean_sparsity": self.mean_sparsity(),
+            "per_layer_step": rows(self.per_layer_step()),
+            "per_layer_head": rows(self.per_layer_head()),
+        }
+
+
+class AttentionController:
+    """Decides, per attention call, dense or sparse; owns the step count, layout and stats.
+
+    Step: the transformer-level hook calls `begin_forward` with each forward's timestep; a smaller
+    timestep than the last one starts the next step, an equal one is the same step (classifier-free
+    guidance as a second call), a larger one starts a new generation (step 0). `reset()` forgets
+    the step state and the stats.
+
+    Override `run_sparse` to change what a sparse call computes (calibration does).
+    """
+
+    def __init__(self, profile: SparsityProfile, *, min_query_blocks: int = 4) -> None:
+        if not isinstance(profile, SparsityProfile):
+            raise ValueError(f"profile must be a SparsityProfile, got {type(profile).__name__}")
+        if not isinstance(min_query_blocks, int) or min_query_blocks < 1:
+            raise ValueError(f"min_query_blocks must be a positive int, got {min_query_blocks!r}")
+        self.profile = profile
+        self.min_query_blocks = min_query_blocks
+        self.layer_names = list(profile.layers)
+        self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self.stats = SparsityStats(self.layer_names, [profile.layers[n].heads for n in self.layer_names],
+                                   profile.dense_steps)
+        self.step = 0
+        self.generation = 0
+        self.forward_info: ForwardInfo | None = None
+        self._last_timestep: float | None = None
+        self._thresholds: dict[tuple[str, torch.device], tuple] = {}
+        self._perms: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._padding: _KeyPadding | None = None  # the last attention mask seen and what it means
+
+    # ------------------------------------------------------------------ step schedule
+
+    def begin_forward(self, info: ForwardInfo) -> None:
+        """Called by the hook before each transformer forward: advances the step, stores the grid."""
+        t = info.timestep
+        if self._last_timestep is not None:
+            if t < self._last_timestep:
+                self.step += 1
+            elif t > self._last_timestep:
+                self.step = 0
+                self.generation += 1
+        self._last_timestep = t
+        self.forward_info = info
+
+    def end_forward(self) -> None:
+        """Called by the hook after each transformer forward: the grid is only valid inside it."""
+        self.forward_info = None
+        self._padding = None
+
+    def reset(self) -> None:
+        """Forget the step state (the next forward is step 0 of a new run) and the stats."""
+        self.step = 0
+        self.generation = 0
+        self._last_timestep = None
+        self.forward_info = None
+        self._padding = None
+        self.stats.reset()
+
+    def is_dense_step(self) -> bool:
+        return self.step < self.profile.dense_steps
+
+    # ------------------------------------------------------------------ the attention call
+
+    @torch.compiler.disable  # Python-side decisions read the step: keep them out of compiled graphs
+    def attend(
+        self,
+        layer_name: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        dense: Callable[[], torch.Tensor],
+        layout: str = "BNHD",
+        text_tokens: int | None = 0,
+        text_first: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        parallel: bool = False,
+    ) -> torch.Tensor:
+        """Attention of one layer call; returns what `dense()` (the stock computation) would return.
+
+        query/key/value: (B, N, H, D) for layout "BNHD" (dispatch_attention_fn's layout) or
+        (B, H, N, D) for "BHND" (SDPA's); the output has the same layout.
+        text_tokens: length of the text segment inside the sequence, first (`text_first`) or last;
+        None means "the length the hook learned" (FLUX single-stream blocks).
+        attention_mask: the stock call's mask; only a bool key-padding mask that pads on the right
+        can run sparse (as kv_lens); anything else runs dense.
+        parallel: the processor runs under context parallelism (a shard of the sequence): dense.
+        """
+        layer = self.profile.layers.get(layer_name)
+        if layer is None:  # a layer we do not sparsify (e.g. a cross-attention the processor was set on)
+            return dense()
+        if layout not in ("BNHD", "BHND"):
+            raise ValueError(f"layout must be 'BNHD' or 'BHND', got {layout!r}")
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value)) if layout == "BNHD" else (query, key, value)
+        batch, heads, n_tokens, head_dim = q.shape
+        cause = self._fallback_cause(q, k, layer.heads, parallel)
+        padding = None
+        if cause is None and attention_mask is not None:
+            padding = self._key_padding(attention_mask, batch, n_tokens)
+            cause = padding.cause
+        if cause is not None:
+            warn_once(f"dense:{cause}", f"sparsediff: {_CAUSES[cause]}; attention runs dense (stock SDPA)")
+        if cause is not None or layer.dense or self.is_dense_step():
+            self._record(layer_name, None, batch, heads, n_tokens, padding)
+            return dense()
+        kv_lens = None if padding is None else padding.kv_lens
+
+        n_text = self._text_tokens(text_tokens)
+        grid, order = self._video_layout(n_tokens - n_text)
+        perms = self._permutation(grid if grid is not None else n_tokens - n_text, order, n_text, text_first, q.device)
+        if perms is not None:
+            # Gather in (B, N, H, D) so each token moves as one contiguous row of H*D values.
+            q, k, v = (x.transpose(1, 2).index_select(1, perms[0]).transpose(1, 2) for x in (q, k, v))
+        cdf, sim, pv = self._layer_thresholds(layer_name, q.device)
+        call = AttentionCall(
+            layer_name=layer_name, layer_index=self._layer_index[layer_name], step=self.step, heads=heads,
+            text_tokens=n_text, kv_lens=kv_lens, grid=grid, token_order=order, tile=self.profile.tile,
+            cdf_threshold=cdf, sim_threshold=sim, pv_threshold=pv, method=self.profile.method,
+        )
+        out, block_mask = self.run_sparse(call, q, k, v)
+        self._record(layer_name, block_mask, batch, heads, n_tokens, padding)
+        out = out.transpose(1, 2)  # (B, N, H, D)
+        if perms is not None:
+            out = out.index_select(1, perms[1])
+        return out if layout == "BNHD" else out.transpose(1, 2)
+
+    def run_sparse(
+        self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse attention of one call. q, k, v: (B, H, N, D) in the attention order (video tiles or
+        raster, then the text segment). Returns (output (B, H, N, D) in the same order, the bool block
+        mask used (B, H, ceil(N/BLOCK_M), ceil(N/BLOCK_N)), for the stats).
+
+        The one method to override: calibration evaluates candidate thresholds here and may return
+        any output (e.g. dense) with the mask it wants counted.
+        """
+        from sparsediff.attention import block_sparse_attention, predict_block_mask
+
+        extra = {} if call.method is None else {"method": call.method}
+        mask = predict_block_mask(q, k, cdf_threshold=call.cdf_threshold, sim_threshold=call.sim_threshold,
+                                  kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens, **extra)
+        out = block_sparse_attention(q, k, v, mask, kv_lens=call.kv_lens, pv_threshold=call.pv_threshold)
+        return out, mask
+
+    # ------------------------------------------------------------------ helpers
+
+    def can_run_sparse(self, device: torch.device) -> bool:
+        """Whether `run_sparse` can run on `device` (the Triton kernels). Calibration overrides it: it
+        computes through the public functions, whose torch references also serve a CPU."""
+        return kernels_available(device)
+
+    def _fallback_cause(self, q: torch.Tensor, k: torch.Tensor, profile_heads: int, parallel: bool) -> str | None:
+        if parallel:
+            return "parallel"
+        if not self.can_run_sparse(q.device):
+            return "device"
+        allowed = (torch.float16, torch.bfloat16) + ((torch.float32,) if q.device.type == "cpu" else ())
+        if q.dtype not in allowed:
+            return "dtype"
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return "head_dim"
+        if k.shape[2] != q.shape[2]:
+            return "cross"
+        if q.shape[1] != profile_heads:
+            return "heads"
+        if math.ceil(q.shape[2] / BLOCK_M) < self.min_query_blocks:
+            return "short"
+        return None
+
+    def _key_padding(self, mask: torch.Tensor, batch: int, n_tokens: int) -> _KeyPadding:
+        """kv_lens for a bool key-padding mask that pads on the right; else the fallback cause "mask".
+
+        The stock transformer passes one mask object to every block of a forward: check it once
+        (the check syncs with the device).
+        """
+        if self._padding is not None and self._padding.mask is mask:
+            return self._padding
+        padding = _KeyPadding(mask, None, 0, "mask")
+        if mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1 \
+                and mask.shape[3] == n_tokens and mask.shape[0] in (1, batch):
+            valid = mask.reshape(mask.shape[0], n_tokens)
+            lens = valid.sum(-1)
+            right = torch.arange(n_tokens, device=mask.device)[None, :] < lens[:, None]
+            if bool((right == valid).all()) and bool((lens > 0).all()):
+                kv_lens = lens.to(torch.int32).expand(batch).contiguous()
+                padding = _KeyPadding(mask, kv_lens, int((kv_lens + BLOCK_N - 1).div(BLOCK_N, rounding_mode="floor").sum()), None)
+        self._padding = padding
+        return padding
+
+    def _text_tokens(self, text_tokens: int | None) -> int:
+        if text_tokens is not None:
+            return text_tokens
+        info = self.forward_info
+        if info is None or info.text_tokens is None:
+            warn_once("text-unknown", "sparsediff: text length unknown outside a hooked forward; "
+                                      "text tokens are not kept dense")
+            return 0
+        return info.text_tokens
+
+    def _video_layout(self, n_video: int) -> tuple[tuple[int, int, int] | None, str]:
+        """(grid, order) for `n_video` video tokens: tiles need the hook's grid to match them."""
+        order = self.profile.token_order
+        info = self.forward_info
+        grid = info.grid if info is not None and info.grid is not None and math.prod(info.grid) == n_video else None
+        if grid is None and order == "tiles":
+            warn_once("grid-unknown", "sparsediff: latent grid unknown or not matching the sequence; "
+                                      "video tokens stay in raster order")
+            order = "raster"
+        return grid, order
+
+    def _permutation(self, video: tuple[int, int, int] | int, order: str, n_text: int, text_first: bool,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(permutation, inverse) into the attention order, or None for the identity; cached."""
+        key = (video, order, self.profile.tile, n_text, text_first, device)
+        if key not in self._perms:
+            perm = token_permutation(video, order=order, text_tokens=n_text, text_first=text_first,
+                                     block_tokens=BLOCK_M, tile=self.profile.tile, device=device)
+            self._perms[key] = None if perm is None else (perm, inverse_permutation(perm))
+        return self._perms[key]
+
+    def _layer_thresholds(self, layer_name: str, device: torch.device
+                          ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        key = (layer_name, device)
+        if key not in self._thresholds:
+            layer = self.profile.layers[layer_name]
+
+            # The kernel takes one pv threshold per call: the strictest (smallest) of the heads'.
+            pv = None if layer.pv_threshold is None else min(layer.pv_threshold)
+            self._thresholds[key] = (torch.tensor(layer.cdf_threshold, dtype=torch.float32, device=device),
+                                     torch.tensor(layer.sim_threshold, dtype=torch.float32, device=device),
+                                     pv or None)  # 0 means "never skip": the kernel's None
+        return self._thresholds[key]
+
+    def _record(self, layer_name: str, block_mask: torch.Tensor | None, batch: int, heads: int,
+                n_tokens: int, padding: _KeyPadding | None) -> None:
+        n_q, n_k = math.ceil(n_tokens / BLOCK_M), math.ceil(n_tokens / BLOCK_N)
+        padded = padding is not None and padding.kv_lens is not None
+        pairs = n_q * (padding.valid_key_blocks if padded else batch * n_k)
+        if block_mask is None:
+            kept = torch.full((heads,), float(pairs), dtype=torch.float64)
+        else:
+            if padded:  # blocks wholly in the padding are never computed: do not count them
+                valid_k = torch.arange(n_k, device=block_mask.device)[None, :] * BLOCK_N < padding.kv_lens[:, None]
+                block_mask = block_mask & valid_k[:, None, None, :]
+            kept = block_mask.sum(dim=(0, 2, 3))
+        self.stats.record(layer_name, self.step, kept, pairs)
+
+
+@dataclass
+class _KeyPadding:
+    mask: torch.Tensor
+    kv_lens: torch.Tensor | None  # int32 (B,)
+    valid_key_blocks: int  # key blocks holding a valid key, summed over the batch
+    cause: str | None  # fallback cause when the mask cannot run sparse
+
+
+_CAUSES = {
+    "parallel": "context parallelism shards the sequence inside the processor",
+    "device": "Triton kernels unavailable on this device (CPU needs TRITON_INTERPRET=1)",
+    "dtype": "unsupported dtype (fp16/bf16; fp32 only on the CPU interpreter)",
+    "head_dim": f"head dim above {MAX_HEAD_DIM} is not supported by the kernel",
+    "cross": "query and key lengths differ (cross-attention)",
+    "heads": "head count differs from the profile's (tensor parallelism?)",
+    "short": "sequence of only a few query blocks",
+    "mask": "attention mask is not a right-padding bool key mask",
+}

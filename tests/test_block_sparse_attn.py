@@ -1,0 +1,213 @@
+"""Block-sparse attention kernel and LUT builder (Triton interpreter) against plain torch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsediff.kernels.block_sparse_attn import (
+    BLOCK_M,
+    BLOCK_N,
+    TileConfig,
+    attention_from_lut,
+    block_sparse_attention,
+    build_block_lut,
+)
+from sparsediff.kernels.block_sparse_attn_reference import (
+    block_lut_reference,
+    block_sparse_attention_reference,
+)
+
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+# (B, H, Nq, Nk, D, dtype): ragged lengths, padded head dim (96, 48), cross lengths.
+CASES = [
+    (1, 2, 256, 256, 64, torch.float16),
+    (2, 1, 200, 200, 128, torch.bfloat16),
+    (1, 1, 321, 321, 96, torch.float32),
+    (1, 3, 130, 130, 64, torch.bfloat16),
+    (2, 2, 129, 300, 48, torch.float16),
+]
+
+
+def _qkv(B, H, n_q, n_k, D, dtype):
+    q = torch.randn(B, H, n_q, D, dtype=dtype)
+    k = torch.randn(B, H, n_k, D, dtype=dtype)
+    v = torch.randn(B, H, n_k, D, dtype=dtype)
+    return q, k, v
+
+
+def _mask_shape(B, H, n_q, n_k):
+    return (B, H, math.ceil(n_q / BLOCK_M), math.ceil(n_k / BLOCK_N))
+
+
+def _reference(q, k, v, mask, **kw):
+    return block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK_M, block_n=BLOCK_N, **kw)
+
+
+def _assert_close(out, ref, dtype):
+    assert out.dtype == ref.dtype
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[dtype], err
+
+
+def test_block_sizes():
+    assert (BLOCK_M, BLOCK_N) == (128, 64)
+
+
+@pytest.mark.parametrize("B,H,n_q,n_k,D,dtype", CASES)
+def test_all_kept_equals_sdpa(B, H, n_q, n_k, D, dtype):
+    q, k, v = _qkv(B, H, n_q, n_k, D, dtype)
+    mask = torch.ones(_mask_shape(B, H, n_q, n_k), dtype=torch.bool)
+    out = block_sparse_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
+    _assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("B,H,n_q,n_k,D,dtype", CASES)
+def test_random_mask_equals_reference_with_empty_rows(B, H, n_q, n_k, D, dtype):
+    q, k, v = _qkv(B, H, n_q, n_k, D, dtype)
+    mask = torch.rand(_mask_shape(B, H, n_q, n_k)) < 0.4
+    mask[0, 0, 0] = False  # an empty query block
+    mask[-1, -1, -1, -1] = True  # the ragged last key block
+    out = block_sparse_attention(q, k, v, mask, scale=0.3)
+    _assert_close(out, _reference(q, k, v, mask, scale=0.3), dtype)
+    assert torch.count_nonzero(out[0, 0, :BLOCK_M]) == 0
+
+
+@pytest.mark.parametrize("config", [TileConfig(1, 4, 2), TileConfig(2, 4, 2), TileConfig(4, 4, 2)])
+def test_step_blocks_configs(config):
+    q, k, v = _qkv(1, 2, 256, 600, 64, torch.float16)
+    mask = torch.rand(_mask_shape(1, 2, 256, 600)) < 0.6
+    kv_lens = torch.tensor([550])
+    counts, indices = build_block_lut(mask, 600, kv_lens.int())
+    out = attention_from_lut(q, k, v, counts, indices, 0.125, kv_lens=kv_lens.int(), config=config)
+    _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
+
+
+def test_kv_lens():
+    B, H, N, D = 4, 2, 200, 64
+    q, k, v = _qkv(B, H, N, N, D, torch.float16)
+    mask = torch.rand(_mask_shape(B, H, N, N)) < 0.7
+    kv_lens = torch.tensor([0, 70, 128, 500], dtype=torch.int64)  # none, partial block, exact, past N
+    out = block_sparse_attention(q, k, v, mask, kv_lens=kv_lens)
+    _assert_close(out, _reference(q, k, v, mask, kv_lens=kv_lens), torch.float16)
+    assert torch.count_nonzero(out[0]) == 0
+
+
+def test_non_contiguous_inputs_keep_layout():
+    B, N, H, D = 1, 200, 3, 64
+    # diffusers hands (B, N, H, D); we take (B, H, N, D) views without copies.
+    q, k, v = (torch.randn(B, N, H, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    mask = (torch.rand(B, 1, 2, 4) < 0.6).expand(B, H, 2, 4)  # stride-0 head dim
+    out = block_sparse_attention(q, k, v, mask)
+    assert out.stride() == q.stride()
+    _assert_close(out, _reference(q, k, v, mask), torch.bfloat16)
+
+
+def _dominant_first_block(n=256, D=64, dtype=torch.float16):
+    """Every query attends almost only to key block 0: later blocks' maxima are ~e^-20 below."""
+    q = torch.randn(1, 1, n, D).abs().to(dtype)
+    k = torch.randn(1, 1, n, D) * 0.05
+    k[:, :, :BLOCK_N] = q.float().mean(dim=2, keepdim=True) * 2.0
+    v = torch.randn(1, 1, n, D, dtype=dtype)
+    return q, k.to(dtype), v
+
+
+def test_pv_threshold_tiny_equals_exact():
+    q, k, v = _qkv(1, 2, 256, 256, 64, torch.float16)
+    mask = torch.rand(_mask_shape(1, 2, 256, 256)) < 0.8
+    exact = block_sparse_attention(q, k, v, mask)
+    out, skips = block_sparse_attention(q, k, v, mask, pv_threshold=1e-30, return_pv_skips=True)
+    assert skips.shape == (1, 2, 2) and skips.dtype == torch.int32
+    assert int(skips.sum()) == 0
+    torch.testing.assert_close(out, exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("step_blocks", [1, 2])
+def test_pv_threshold_large_skips(step_blocks):
+    q, k, v = _dominant_first_block()
+    n_blocks = 256 // BLOCK_N
+    mask = torch.ones(_mask_shape(1, 1, 256, 256), dtype=torch.bool)
+    counts, indices = build_block_lut(mask, 256)
+    out, skips = attention_from_lut(
+        q, k, v, counts, indices, 1 / 8, pv_threshold=1e-3, return_pv_skips=True,
+        config=TileConfig(step_blocks, 4, 2),
+    )
+    # The first step computes; every later one is negligible and skipped.
+    assert skips.tolist() == [[[n_blocks - step_blocks] * 2]]
+    _assert_close(out, _reference(q, k, v, mask), torch.float16)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv(1, 2, 200, 200, 32, torch.float32)
+    mask = torch.rand(_mask_shape(1, 2, 200, 200)) < 0.5
+    out, skips = block_sparse_attention(q, k, v, mask, return_pv_skips=True)
+    torch.testing.assert_close(out, _reference(q, k, v, mask))
+    assert int(skips.sum()) == 0
+
+
+@pytest.mark.parametrize("KB,n_keys", [(5, 300), (72, 4608), (300, 19150)])
+def test_lut_builder_matches_reference(KB, n_keys):
+    B, H, QB = 2, 3, 4
+    mask = torch.rand(B, H, QB, KB) < 0.3
+    mask[0, 0, 0] = False
+    mask[1, 2, 3] = True
+    kv_lens = torch.tensor([n_keys - 70, n_keys // 2], dtype=torch.int32)
+    for lens in (None, kv_lens):
+        counts, indices = build_block_lut(mask, n_keys, lens)
+        ref_counts, ref_indices = block_lut_reference(mask, n_keys, BLOCK_N, lens)
+        assert torch.equal(counts, ref_counts)
+        kept = ref_indices >= 0
+        assert torch.equal(indices.long()[kept], ref_indices[kept])
+
+
+def test_lut_builder_strided_mask():
+    # stride-0 batch and head dims, stride-2 key-block dim
+    mask = (torch.rand(1, 1, 3, 18) < 0.5).expand(2, 4, 3, 18)[..., ::2]
+    counts, indices = build_block_lut(mask, 9 * BLOCK_N)
+    ref_counts, ref_indices = block_lut_reference(mask, 9 * BLOCK_N, BLOCK_N)
+    assert torch.equal(counts, ref_counts)
+    kept = ref_indices >= 0
+    assert torch.equal(indices.long()[kept], ref_indices[kept])
+
+
+def _good():
+    q, k, v = _qkv(1, 2, 200, 200, 64, torch.float16)
+    mask = torch.ones(_mask_shape(1, 2, 200, 200), dtype=torch.bool)
+    return dict(q=q, k=k, v=v, block_mask=mask)
+
+
+def _all(fn):
+    return lambda a: {n: fn(a[n]) for n in ("q", "k", "v")}
+
+
+@pytest.mark.parametrize(
+    "name,change",
+    [
+        ("q", lambda a: {"q": a["q"][0]}),
+        ("q", lambda a: {"q": a["q"].numpy()}),
+        ("q", _all(lambda t: t.to(torch.int32))),
+        ("q", _all(lambda t: torch.zeros(1, 2, 200, 160, dtype=torch.float16))),
+        ("q", _all(lambda t: t[:, :, :0])),
+        ("k", lambda a: {"k": a["k"][:, :1]}),
+        ("k", lambda a: {"k": a["k"][..., :32]}),
+        ("k", lambda a: {"k": a["k"].float()}),
+        ("v", lambda a: {"v": a["v"][:, :, :100]}),
+        ("v", lambda a: {"v": a["v"].to(torch.bfloat16)}),
+        ("block_mask", lambda a: {"block_mask": a["block_mask"].int()}),
+        ("block_mask", lambda a: {"block_mask": a["block_mask"][:, :, :1]}),
+        ("kv_lens", lambda a: {"kv_lens": torch.tensor([1.5])}),
+        ("kv_lens", lambda a: {"kv_lens": torch.tensor([3, 4])}),
+        ("scale", lambda a: {"scale": 0.0}),
+        ("scale", lambda a: {"scale": float("nan")}),
+        ("pv_threshold", lambda a: {"pv_threshold": 0.0}),
+        ("pv_threshold", lambda a: {"pv_threshold": 2.0}),
+    ],
+)
+def test_bad_arguments_raise(name, change):
+    args = _good()
+    args.update(change(args))
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        block_sparse_attention(**args)

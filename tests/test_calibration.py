@@ -1,0 +1,292 @@
+"""`sparsediff calibrate`: argument checks, the selection rule, the per-call measurement, and an end-to-end
+run on the tiny-wan recipe (resume, re-selection without the model, a loadable profile whose per-head
+errors hold when the same inputs are re-run sparse through the production path).
+
+End-to-end runs use the torch reference path (TRITON_INTERPRET unset: the interpreter would take minutes);
+the measurement is also checked once against the Triton kernels under the interpreter.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import sparsediff
+from sparsediff.calibration import measure
+from sparsediff.calibration.driver import bundled_prompts, sidecar_paths
+from sparsediff.calibration.measure import CalibrationController, Candidate, dense_attention
+from sparsediff.calibration.select import CalibrationStats, select
+from sparsediff.cli import main
+from sparsediff.metrics import relative_l1
+from sparsediff.pipelines.recipes import Recipe, get_recipe
+from sparsediff.processors.controller import AttentionCall, AttentionController
+from sparsediff.profile import LayerProfile, SparsityProfile
+
+BUDGET = 0.3  # tiny random weights attend almost uniformly: 5% would leave every head dense
+# Small grid and two steps keep a tiny-wan generation at a few seconds on the reference path.
+E2E_ARGS = ["--model", "tiny-wan", "--frames", "5", "--steps", "2", "--step-stride", "1", "--lead-steps", "1",
+            "--cdf-grid", "0.5,0.8,0.95", "--sim-grid", "0", "--budget", str(BUDGET)]
+
+
+def _no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(Recipe, "load", refuse)
+
+
+# --------------------------------------------------------------------------- bad input, before any model
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no-such-model"], "unknown recipe 'no-such-model'"),
+    (["--budget", "0"], "--budget"),
+    (["--budget", "1.5"], "--budget"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--dense-steps", "4", "--steps", "4"], "--dense-steps"),
+    (["--cdf-grid", "0.5,1.5"], "cdf grid"),
+    (["--sim-grid", "x"], "--sim-grid"),
+    (["--height", "250"], "height"),
+])
+def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, capsys, extra, message):
+    _no_model_load(monkeypatch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog\n")
+    code = main(["calibrate", "--model", "tiny-wan", "--out", str(tmp_path / "p.json"), "--prompts", str(prompts), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_files_fail_before_loading(tmp_path, monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    good = tmp_path / "p.txt"
+    good.write_text("a dog\n")
+    sized = tmp_path / "sized.jsonl"
+    sized.write_text('{"prompt": "a dog", "height": 128}\n')
+    cases = [
+        (["--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "p.json")], "prompt file not found"),
+        (["--prompts", str(empty), "--out", str(tmp_path / "p.json")], "no prompts in the file"),
+        (["--prompts", str(sized), "--out", str(tmp_path / "p.json")], "sets height"),
+        (["--prompts", str(good), "--out", str(blocker / "p.json")], "--out: cannot write"),
+        (["--prompts", str(good), "--out", str(tmp_path)], "is a directory"),
+        (["--prompts", str(good), "--out", str(tmp_path / "p.txt")], "must end in .json"),
+    ]
+    for args, message in cases:
+        assert main(["calibrate", "--model", "tiny-wan", *args]) == 2
+        assert message in capsys.readouterr().err, args
+
+
+def test_bundled_prompt_sets():
+    from sparsediff.pipelines.prompts import load_prompts
+    from sparsediff.pipelines.toy_shapes.data import BACKGROUNDS, caption_for
+
+    for name in ("tiny-wan", "tiny-flux"):
+        recipe = get_recipe(name)
+        calib, held = load_prompts(bundled_prompts(recipe)), load_prompts(bundled_prompts(recipe, held_out=True))
+        assert len(calib) >= 8 and len(held) >= 2
+        assert not {p.prompt for p in calib} & {p.prompt for p in held}
+    # toy-shapes captions must be exactly its caption grammar (else its tokenizer sees <unk>).
+    toy = bundled_prompts(Recipe("toy-shapes", "wan", "", "toy-shapes", None, "", "float32", "video",
+                                 48, 48, 17, 16, 4.0, 8))
+    phrase = re.compile(r"a (\w+) (\w+) (moves \w+|\w+)")
+    for path in (toy, toy.with_name("toy-shapes.holdout.txt")):
+        for spec in load_prompts(path):
+            objects, background = spec.prompt.rsplit(" on a ", 1)
+            background = background.removesuffix(" background")
+            parsed = [phrase.fullmatch(p).groups() for p in objects.split(", ")]
+            assert background in BACKGROUNDS
+            assert caption_for(parsed, background) == spec.prompt
+
+
+# --------------------------------------------------------------------------- selection rule
+
+
+def test_select_rule_on_known_statistics():
+    cands = [Candidate(0.5, 0.0), Candidate(0.9, 0.0)]
+    stats = CalibrationStats(["a", "b"], [2, 2], cands, steps=[0, 1, 2, 3])
+    err = torch.empty(2, 4, 2, 2)
+    spars = torch.empty(2, 4, 2, 2)
+    # layer a: head 0 fits the budget at cdf 0.5 except at step 0; head 1 only at cdf 0.9.
+    err[0, :, 0, 0], spars[0, :, 0, 0] = torch.tensor([0.5, 0.02, 0.02, 0.02]), 0.7
+    err[0, :, 1, 0], spars[0, :, 1, 0] = 0.01, 0.4
+    err[0, :, 0, 1], spars[0, :, 0, 1] = 0.08, 0.7
+    err[0, :, 1, 1], spars[0, :, 1, 1] = 0.03, 0.4
+    # layer b: head 0 never fits; head 1 fits at cdf 0.9 but the layer mean is under the floor.
+    err[1, :, :, 0], spars[1, :, :, 0] = 0.2, 0.6
+    err[1, :, 0, 1], spars[1, :, 0, 1] = 0.2, 0.6
+    err[1, :, 1, 1], spars[1, :, 1, 1] = 0.03, 0.4
+    stats.err_max, stats.err_sum = err.double(), err.double()
+    stats.sparsity_sum = spars.double()
+    stats.calls[:] = 1
+
+    sel = select(stats, 0.05, total_steps=4, lead_steps=2)
+    # One dense step frees head a.0 to cdf 0.5: cost 1 + 3 * (1 - 0.55) / 0.7 beats 4 * 0.6 / 0.7.
+    assert sel.dense_steps == 1 and sel.dense_steps_source == "measured"
+    assert [c.cdf for c in sel.choice[0]] == [0.5, 0.9]
+    assert sel.dense_layers == [False, True]
+    assert [c.cdf for c in sel.choice[1]] == [1.0, 0.9]  # no feasible candidate: keep every block
+    assert sel.head_error[0] == pytest.approx([0.02, 0.03]) and sel.head_sparsity[0] == pytest.approx([0.7, 0.4])
+    assert sel.step_error[0] == pytest.approx(0.5) and sel.step_error[1] == pytest.approx(0.03)
+    assert set(sel.cost_by_dense_steps) == {0, 1, 2}
+
+    forced = select(stats, 0.05, total_steps=4, lead_steps=2, dense_steps=0)
+    assert forced.dense_steps == 0 and forced.dense_steps_source == "argument"
+    assert [c.cdf for c in forced.choice[0]] == [0.9, 0.9]
+    assert CalibrationStats.from_dict(json.loads(json.dumps(stats.to_dict()))).to_dict() == stats.to_dict()
+
+
+# --------------------------------------------------------------------------- one measured call
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["reference", "triton-interpreter"])
+def test_measurement_matches_sparse_attention(monkeypatch, interpret):
+    """Per-head error and sparsity of each candidate equal what sparse_attention gives on the sampled rows."""
+    if not interpret:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(measure, "MIN_ROW_BLOCKS", 1)
+    heads, n, d, text = 2, 640, 32, 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, d) * s for s in (2.0, 2.0, 1.0))
+    layer = LayerProfile(heads=heads, cdf_threshold=[0.9] * heads, sim_threshold=[0.0] * heads)
+    controller = CalibrationController(SparsityProfile(model_id="t", family="wan", layers={"l": layer}))
+    cands = [Candidate(0.6, 0.0), Candidate(0.9, 0.3), Candidate(0.9, 0.0, pv=0.05)]
+    controller.configure(cands, steps_to_measure=[0], row_fraction=0.5)
+    call = AttentionCall(layer_name="l", layer_index=0, step=0, heads=heads, text_tokens=text, kv_lens=None,
+                         grid=None, token_order="raster", tile=None, cdf_threshold=torch.full((heads,), 0.9),
+                         sim_threshold=torch.zeros(heads), pv_threshold=None, method=None)
+    out, mask = controller.run_sparse(call, q, k, v)
+    torch.testing.assert_close(out, dense_attention(q, k, v, None))  # the run stays dense
+    assert bool(mask.all())
+    (e_max, _, s_sum, pv_sum), calls = controller.drain()[(0, 0)]
+    assert calls == 1
+    blocks = controller._sample_blocks(n, text)  # (640 - 64) // 128 = 4 video blocks, half sampled
+    assert len(blocks) == 2
+    rows = torch.cat([torch.arange(b * 128, (b + 1) * 128) for b in blocks])
+    for c, cand in enumerate(cands):
+        sparse, sparsity = sparsediff.sparse_attention(q, k, v, cand.cdf, cand.sim, cand.pv, return_sparsity=True,
+                                                       dense_tail_tokens=text)
+        ref = dense_attention(q, k, v, None)
+        for h in range(heads):
+            expect = relative_l1(sparse[:, h, rows], ref[:, h, rows])
+            assert e_max[c, h].item() == pytest.approx(expect.item(), rel=1e-4, abs=1e-6)
+        assert s_sum[c].mean().item() == pytest.approx(sparsity, abs=1e-6)
+    assert e_max[0].min() > 0  # cdf 0.6 really drops mass
+    assert bool((pv_sum[:2] == 0).all()) and bool(((pv_sum[2] >= 0) & (pv_sum[2] <= 1)).all())
+    if not interpret:
+        assert bool((pv_sum == 0).all())  # the reference never skips P·V
+
+
+# --------------------------------------------------------------------------- end to end on tiny-wan
+
+
+class _Remeasure(AttentionController):
+    """Runs each call through the production run_sparse with the profile's per-head thresholds, records
+    per-head errors against dense, and returns dense so that the trajectory matches calibration's."""
+
+    errors: dict[tuple[str, int], torch.Tensor]
+
+    def can_run_sparse(self, device):
+        return True  # the public functions run their torch references on this CPU
+
+    def run_sparse(self, call, q, k, v):
+        sparse, mask = super().run_sparse(call, q, k, v)
+        ref = dense_attention(q, k, v, call.kv_lens)
+        err = torch.stack([relative_l1(sparse[:, h], ref[:, h]) for h in range(q.shape[1])])
+        key = (call.layer_name, call.step)
+        self.errors[key] = torch.maximum(self.errors[key], err) if key in self.errors else err
+        return ref, mask
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRITON_INTERPRET", raising=False)
+    root = tmp_path_factory.mktemp("calibrate")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red ball bounces on a wooden floor\na drone flies over a snowy forest\n")
+    held = root / "held.txt"
+    held.write_text("a cat sleeps on a sofa\n")
+    common = [*E2E_ARGS, "--prompts", str(prompts)]
+    runs = {}
+    try:
+        # Interrupted after one prompt (fewer prompts), then continued, with validation.
+        runs["first"] = main(["calibrate", *common, "--out", str(root / "resumed.json"), "--max-prompts", "1"])
+        runs["first_state"] = json.loads(sidecar_paths(root / "resumed.json")[1].read_text())
+        runs["resumed"] = main(["calibrate", *common, "--out", str(root / "resumed.json"), "--validate",
+                                "--validate-prompts", str(held)])
+        runs["fresh"] = main(["calibrate", *common, "--out", str(root / "fresh.json")])
+        runs["profiles"] = [(root / f"{name}.json").read_text() for name in ("resumed", "fresh")]
+        yield root, common, runs
+    finally:
+        mp.undo()
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(e2e):
+    root, _, runs = e2e
+    assert runs["first"] == runs["resumed"] == runs["fresh"] == 0
+    assert len(runs["first_state"]["prompts"]) == 1
+    report = json.loads(sidecar_paths(root / "resumed.json")[0].read_text())
+    assert [p["resumed"] for p in report["prompts"]] == [True, False]
+    fresh_state = json.loads(sidecar_paths(root / "fresh.json")[1].read_text())
+    resumed_state = json.loads(sidecar_paths(root / "resumed.json")[1].read_text())
+    assert resumed_state["stats"] == fresh_state["stats"]
+    resumed, fresh = runs["profiles"]
+    assert resumed == fresh.replace("fresh.report", "resumed.report")
+
+
+def test_validation_says_when_it_means_nothing(e2e):
+    root, _, _ = e2e
+    validation = json.loads(sidecar_paths(root / "resumed.json")[0].read_text())["validation"]
+    assert len(validation["videos"]) == 1 and validation["videos"][0]["identical"]
+    assert not validation["meaningful"] and "TRITON_INTERPRET" in validation["note"]
+
+
+def test_rerun_with_other_settings(e2e, monkeypatch, capsys):
+    root, common, _ = e2e
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_model_load(monkeypatch)
+    out = str(root / "fresh.json")
+    changed = [a if a != "0.5,0.8,0.95" else "0.5,0.9" for a in common]
+    assert main(["calibrate", *changed, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--fresh" in err
+    # Selection-only options re-select from the saved statistics without loading the model.
+    assert main(["calibrate", *common, "--out", out, "--budget", "0.01", "--dense-steps", "1"]) == 0
+    profile = SparsityProfile.load(out)
+    assert profile.dense_steps == 1 and profile.calibration.budget == 0.01
+    assert all(layer.dense for layer in profile.layers.values())  # nothing fits 1% on random weights
+
+
+def test_profile_applies_and_errors_hold_when_rerun_sparse(e2e, monkeypatch):
+    root, _, _ = e2e
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    profile = SparsityProfile.load(root / "resumed.json")
+    report = json.loads(sidecar_paths(root / "resumed.json")[0].read_text())
+    sparse_heads = [(name, h) for name, layer in profile.layers.items() if not layer.dense
+                    for h in range(layer.heads) if layer.cdf_threshold[h] < 1.0]
+    assert sparse_heads, "calibration chose no sparse head: the check below would be vacuous"
+    recipe = get_recipe("tiny-wan")
+    pipe = recipe.load("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    handle = sparsediff.apply(pipe, profile, controller_cls=_Remeasure)
+    handle.controller.errors = {}
+    for p in report["prompts"]:
+        handle.reset()
+        pipe(prompt=p["prompt"], negative_prompt=p["negative_prompt"], height=recipe.height, width=recipe.width,
+             num_frames=5, num_inference_steps=2, guidance_scale=recipe.guidance_scale, output_type="latent",
+             generator=torch.Generator().manual_seed(p["seed"]), **dict(recipe.call_kwargs))
+    handle.remove()
+    measured = handle.controller.errors
+    assert {name for name, _ in measured} == {name for name, _ in sparse_heads}
+    assert all(step >= profile.dense_steps for _, step in measured)
+    for (name, _), err in measured.items():
+        reported = profile.calibration.errors[name]
+        for h in range(len(reported)):
+            assert err[h].item() <= reported[h] * (1 + 1e-4) + 1e-6 <= BUDGET * (1 + 1e-4) + 1e-6
+    assert not any(math.isnan(x) for errs in profile.calibration.errors.values() for x in errs)

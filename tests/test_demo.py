@@ -1,0 +1,185 @@
+"""`sparsediff demo` for real: the server in a subprocess (tiny-wan, Triton interpreter), driven in
+headless Chromium with Playwright (leaves a screenshot in artifacts/demo.png); and the request checks
+of `DemoSession`, in-process."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SERVE_TIMEOUT_S = 180  # imports and building tiny-wan, on 2 shared cores
+RENDER_TIMEOUT_MS = 150_000  # dense + sparse render under the Triton interpreter
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo's URL while `python -m sparsediff demo --model tiny-wan` serves it; killed afterwards."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: no browser to drive the page")
+    tmp = tmp_path_factory.mktemp("demo")
+    port = _free_port()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp / "gradio-cache")}
+    log_path = tmp / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sparsediff", "demo", "--model", "tiny-wan",
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        deadline = time.monotonic() + SERVE_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the demo exited with code {proc.returncode}:\n{_log(log_path)}")
+            try:
+                with opener.open(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the demo did not serve {url} within {SERVE_TIMEOUT_S} s:\n{_log(log_path)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    print(f"server log:\n{_log(log_path)}")
+
+
+def _wrong_family_profile(path: Path) -> Path:
+    """A valid profile, but for a FLUX model: the tiny-wan demo must refuse it."""
+    from sparsediff.profile import LayerProfile, SparsityProfile
+
+    layer = LayerProfile(heads=2, cdf_threshold=[0.9, 0.9], sim_threshold=[0.0, 0.0])
+    SparsityProfile(model_id="tiny-flux", family="flux",
+                    layers={"transformer.transformer_blocks.0.attn.processor": layer}).save(path)
+    return path
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not found in the stats:\n{text}"
+    return float(match.group(1))
+
+
+def test_demo_page(server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1100})
+            page.goto(server)
+            generate = page.locator("#generate")
+            expect(generate).to_be_visible(timeout=30_000)
+
+            # Bad input: a message in the page, and the app goes on serving.
+            generate.click()
+            expect(page.get_by_text("enter a prompt", exact=False)).to_be_visible(timeout=30_000)
+
+            page.locator("#prompt textarea").fill("a red circle moving to the right")
+            page.locator("#source").get_by_text("profile", exact=True).click()
+            page.locator("#profile-upload input[type=file]").set_input_files(
+                str(_wrong_family_profile(tmp_path / "flux-profile.json")))
+            expect(page.locator("#profile-upload")).to_contain_text("flux-profile.json", timeout=30_000)
+            generate.click()
+            expect(page.get_by_text("is a profile for the flux family", exact=False)).to_be_visible(timeout=30_000)
+
+            # A real render, kept small for the Triton interpreter: 5 frames of 256x256 are 512 video tokens
+            # (4 query blocks, the fewest that run sparse), one dense and one sparse step, thresholds that
+            # certainly skip blocks of this random model (sim 0 trusts every pooled block).
+            page.locator("#source").get_by_text("thresholds", exact=True).click()
+            for slider, value in (("#frames", "5"), ("#steps", "2"), ("#dense-steps", "1"),
+                                  ("#cdf-threshold", "0.6"), ("#sim-threshold", "0")):
+                box = page.locator(f"{slider} input[type=number]")
+                box.fill(value)
+                box.press("Enter")
+                expect(box).to_have_value(value)
+            generate.click()
+            # Progress comes from the pipeline's step callback.
+            expect(page.get_by_text(re.compile(r"(dense|sparse): step \d+/\d+")).first).to_be_visible(
+                timeout=RENDER_TIMEOUT_MS)
+            for output in ("#dense-output", "#sparse-output", "#difference-output"):
+                expect(page.locator(f"{output} video")).to_be_attached(timeout=RENDER_TIMEOUT_MS)
+            stats = page.locator("#stats")
+            expect(stats).to_contain_text("speed-up", timeout=30_000)
+            for plot in ("#heads-plot", "#steps-plot"):
+                expect(page.locator(f"{plot} img")).to_be_attached(timeout=30_000)
+            text = stats.inner_text()
+            dense_s = _number(r"wall time, dense\s+([\d.]+) s", text)
+            sparse_s = _number(r"wall time, sparse\s+([\d.]+) s", text)
+            speedup = _number(r"speed-up \(dense / sparse\)\s+([\d.]+)×", text)
+            sparsity = _number(r"blocks skipped\)\s+([\d.]+) %", text)
+            assert dense_s > 0 and sparse_s > 0
+            assert speedup == pytest.approx(dense_s / sparse_s, rel=0.05, abs=0.01)
+            assert 0 < sparsity < 100, "cdf 0.6 with sim 0 must skip some blocks (and not all)"
+            assert re.search(r"PSNR, sparse vs dense\s+([\d.]+ dB|∞)", text), text
+            assert "cdf 0.6, sim 0, 1 dense step" in text, "the sparse settings shown must be the ones asked for"
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def session():
+    """A DemoSession on tiny-wan without a default profile (no browser, no render)."""
+    import torch
+
+    from sparsediff.apps.demo import DemoSession
+    from sparsediff.pipelines.recipes import get_recipe
+
+    recipe = get_recipe("tiny-wan")
+    return DemoSession(recipe, recipe.load("cpu"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"prompt": "   "}, "Prompt: enter a prompt"),
+    ({"seed": -1}, "Seed: must be between 0 and"),
+    ({"seed": 1.5}, "Seed: expected a whole number"),
+    ({"steps": 9}, "Steps: must be between 1 and 8"),
+    ({"height": 250}, "Height: tiny-wan needs a positive multiple of 16"),
+    ({"frames": 4}, "Frames: tiny-wan needs k*4+1 frames"),
+    ({"frames": 13}, "Frames: must be between 1 and 9"),
+    ({"dense_steps": 4}, "the first 4 step(s) dense"),
+    ({"cdf_threshold": 1.5}, "Thresholds: "),
+    ({"source": "profile"}, "no profile is known for tiny-wan"),
+])
+def test_bad_requests_are_refused_before_rendering(session, change: dict, message: str) -> None:
+    from sparsediff.apps.demo import THRESHOLDS, InputError, Request
+
+    fields = dict(prompt="a red circle", negative_prompt=None, seed=0, steps=4, height=256, width=256, frames=9,
+                  source=THRESHOLDS, cdf_threshold=0.9, sim_threshold=0.0, dense_steps=2)
+    rendered = []
+    with pytest.raises(InputError, match=re.escape(message)):
+        session.compare(Request(**{**fields, **change}), on_step=lambda *a: rendered.append(a))
+    assert not rendered, "a refused request must not start a render"

@@ -1,0 +1,217 @@
+"""Block-mask prediction: Triton kernels vs references, stage-1 rules, thresholds, arguments."""
+import pytest
+import torch
+
+from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, QUERY_SAMPLES, predict_block_mask, sample_rows
+from sparsediff.kernels.block_select import block_select
+from sparsediff.kernels.block_select_reference import block_mass_reference, block_select_reference, top_cdf
+from sparsediff.kernels.block_stats import block_stats
+from sparsediff.kernels.block_stats_reference import block_stats_reference
+from sparsediff.workloads import video_workload
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a (B, N, H, D) tensor viewed as (B, H, N, D), like diffusers passes."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,block,sub,lens",
+    [((1, 2, 300, 16), 128, 128, None), ((2, 1, 200, 64), 64, 16, [200, 70]), ((1, 1, 64, 40), 128, 32, None)],
+)
+def test_block_stats_matches_reference(dtype, shape, block, sub, lens):
+    x = _strided(torch.randn(*shape).to(dtype))
+    lens = torch.tensor(lens) if lens is not None else None
+    pooled, sim = block_stats(x, block, sub, lens)
+    ref_pooled, ref_sim = block_stats_reference(x, block, sub, lens)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sim, ref_sim, atol=1e-5, rtol=1e-5)
+
+
+def test_self_similarity_definition():
+    x = torch.randn(1, 1, 3, 8)
+    x[0, 0, 1] = 2 * x[0, 0, 0]  # a copy (cosine 1) of token 0
+    cos = torch.nn.functional.cosine_similarity
+    pairs = [cos(x[0, 0, i], x[0, 0, j], dim=0) for i, j in ((0, 1), (0, 2), (1, 2))]
+    sim = block_stats_reference(x, 4, 4)[1]
+    torch.testing.assert_close(sim, torch.stack(pairs).mean().view(1, 1, 1))
+    assert block_stats_reference(x[..., :1, :], 4, 4)[1].item() == 1.0  # one token: trusted
+
+
+def _features(method, q, k, lens):
+    if method == "sampled":
+        return q[:, :, sample_rows(q.shape[2])], k, dict(stride=1, q_tokens=128 // QUERY_SAMPLES, k_tokens=1)
+    if method == "qpool":
+        return block_stats_reference(q, 128, 128)[0], k, dict(stride=1, q_tokens=128, k_tokens=1)
+    if method == "pooled":
+        qf, kf = block_stats_reference(q, 128, 128)[0], block_stats_reference(k, 64, 64, lens)[0]
+        return qf, kf, dict(stride=1, q_tokens=128, k_tokens=64)
+    return q, k, dict(stride=8, q_tokens=8, k_tokens=8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "shape,dtype,lens,trust",
+    [((1, 2, 300, 32), torch.float32, None, False), ((2, 2, 520, 64), torch.bfloat16, [520, 300], True),
+     ((1, 1, 130, 16), torch.float16, None, True)],
+)
+def test_block_select_matches_reference(method, shape, dtype, lens, trust):
+    b, h, n, d = shape
+    q, k = _strided(torch.randn(*shape).to(dtype) * 2), torch.randn(*shape).to(dtype) * 2
+    lens = torch.tensor(lens) if lens is not None else None
+    k_trusted = torch.rand(b, h, -(-n // 64)) > 0.3 if trust else None
+    qf, kf, geometry = _features(method, q, k, lens)
+    kw = dict(n_tokens=n, block_m=128, block_n=64, scale=d**-0.5, kv_lens=lens, k_trusted=k_trusted, **geometry)
+    thr = torch.tensor([0.9, 0.6])[:h]
+    mask, mass = block_select(qf, kf, thr, **kw)
+    ref_mask, ref_mass = block_select_reference(qf, kf, thr, **kw)
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
+    # Float sums in another order may move a cutoff that sits exactly on a tie: allow 1%.
+    assert (mask != ref_mask).float().mean() <= 0.01
+    rows = mass.sum(-1)
+    assert torch.allclose(rows[rows > 0], torch.ones_like(rows[rows > 0]), atol=1e-4)
+
+
+def test_top_cdf_keeps_fewest_blocks_reaching_threshold():
+    mass = torch.tensor([0.05, 0.5, 0.15, 0.3]).view(1, 1, 1, 4)
+    keep = lambda t: top_cdf(mass, torch.tensor([t]))[0, 0, 0].tolist()  # noqa: E731
+    assert keep(0.8) == [False, True, False, True]
+    assert keep(0.81) == [False, True, True, True]
+    assert keep(0.0) == [False, True, False, False]
+    assert keep(1.0) == [True] * 4
+
+
+def test_ragged_key_block_counts_by_its_valid_keys():
+    # Two key blocks with identical pooled keys; the second holds 1 valid key of 64 (kv_lens),
+    # so it must get 1/65 of the pooled mass, not half.
+    q = torch.zeros(1, 1, 128, 16)
+    k = torch.ones(1, 1, 128, 16)
+    mass = block_mass_reference(
+        block_stats_reference(q, 128, 128)[0], block_stats_reference(k, 64, 64)[0], stride=1, q_tokens=128,
+        k_tokens=64, n_tokens=128, block_m=128, block_n=64, scale=0.25, kv_lens=torch.tensor([65]),
+    )
+    torch.testing.assert_close(mass[0, 0, 0], torch.tensor([64 / 65, 1 / 65]))
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return video_workload((4, 8, 16), heads=2, head_dim=32, text_tokens=40, seed=3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_extreme_thresholds(workload, method):
+    q, k = workload.q, workload.k
+    full = torch.ones(1, 2, -(-q.shape[2] // BLOCK_M), -(-q.shape[2] // BLOCK_N), dtype=torch.bool)
+    assert torch.equal(predict_block_mask(q, k, 1.0, 0.0, method=method), full)
+    assert torch.equal(predict_block_mask(q, k, 0.5, 1.0, method=method), full)
+    trusted = predict_block_mask(q, k, 0.5, 0.0, method=method)
+    assert trusted.float().mean() < 0.6  # trusting every block lets the CDF cut most of them
+
+
+def test_per_head_thresholds(workload):
+    q, k = workload.q, workload.k
+    mixed = predict_block_mask(q, k, torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.0]))
+    half = predict_block_mask(q, k, 0.5, 0.0)
+    assert mixed[:, 0].all()
+    assert torch.equal(mixed[:, 1], half[:, 1])
+    distrust = predict_block_mask(q, k, 0.5, torch.tensor([1.0, 0.0]))
+    assert distrust[:, 0].all() and torch.equal(distrust[:, 1], half[:, 1])
+
+
+def test_pooled_stage1_key_similarity_rule():
+    # Coherent keys everywhere except key block 2 (random directions): with sim 0.5 it is not
+    # trusted, so it is kept for every query block even though its pooled score is tiny.
+    torch.manual_seed(1)
+    d, n = 32, 256
+    base = torch.randn(d)
+    k = base + 0.1 * torch.randn(1, 1, n, d)
+    k[..., 128:192, :] = torch.randn(64, d)
+    q = -base + 0.1 * torch.randn(1, 1, n, d)
+    mask = predict_block_mask(q, k, 0.5, 0.5, method="pooled")
+    assert mask[..., 2].all()
+    assert not mask[..., [0, 1, 3]].all()
+    # sampled and qpool do not pool keys, so the key rule does not apply to them.
+    assert predict_block_mask(q, k, 0.5, 0.5, method="qpool").float().mean() < 1.0
+    assert predict_block_mask(q, k, 0.5, 0.5).float().mean() < 1.0
+
+
+def test_query_similarity_rule():
+    d, n = 32, 256
+    q = torch.randn(1, 1, n, d)
+    q[..., :128, :] = torch.randn(d) + 0.05 * torch.randn(128, d)  # block 0 coherent, block 1 not
+    k = torch.randn(1, 1, n, d)
+    mask = predict_block_mask(q, k, 0.3, 0.5)
+    assert mask[..., 1, :].all() and not mask[..., 0, :].all()
+
+
+def test_dense_tail_and_kv_lens(workload):
+    q, k = workload.q.expand(2, -1, -1, -1), workload.k.expand(2, -1, -1, -1)
+    n = q.shape[2]
+    lens = torch.tensor([n, n - 100])
+    mask = predict_block_mask(q, k, 0.3, 0.0, kv_lens=lens, dense_tail_tokens=40)
+    first_tail_q, first_tail_k = (n - 40) // BLOCK_M, (n - 40) // BLOCK_N
+    assert mask[0, :, first_tail_q:].all() and mask[0, :, :, first_tail_k:].all()
+    dead = torch.arange(mask.shape[-1]) * BLOCK_N >= n - 100
+    assert not mask[1][..., dead].any()
+    assert mask[1, :, first_tail_q:][..., ~dead].all()
+    assert torch.equal(mask[0], predict_block_mask(q[:1], k[:1], 0.3, 0.0, dense_tail_tokens=40)[0])
+
+
+def test_key_resolved_estimates_beat_pooled(workload):
+    # Against the true mean-over-queries block mass, the estimates that score every key (sampled,
+    # qpool) are closer (total variation) than SpargeAttn's pooled one: key outliers such as
+    # attention sinks keep their full logit.
+    q, k = workload.q, workload.k
+    n, d = q.shape[2], q.shape[3]
+    p = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1)
+    nq, nk = -(-n // 128), -(-n // 64)
+    p = torch.nn.functional.pad(p, (0, nk * 64 - n, 0, nq * 128 - n))
+    true = p.view(1, 2, nq, 128, nk, 64).sum(-1).sum(3) / torch.tensor(
+        [128] * (nq - 1) + [n - 128 * (nq - 1)]).view(1, 1, nq, 1)
+    common = dict(n_tokens=n, block_m=128, block_n=64, scale=d**-0.5)
+    tv = {}
+    for method in ("sampled", "qpool", "pooled"):
+        qf, kf, geometry = _features(method, q, k, None)
+        tv[method] = (block_mass_reference(qf, kf, **geometry, **common) - true).abs().sum(-1).mean() / 2
+    assert tv["sampled"] < 0.7 * tv["pooled"] and tv["qpool"] < 0.7 * tv["pooled"]
+
+
+def test_sample_rows_cover_each_block_segment():
+    rows = sample_rows(300).view(-1, QUERY_SAMPLES)  # 3 blocks, the last one ragged
+    seg = BLOCK_M // QUERY_SAMPLES
+    assert rows.shape[0] == 3 and int(rows.max()) == 299
+    for i, block in enumerate(rows[:2]):
+        assert ((block - i * BLOCK_M) // seg).tolist() == list(range(QUERY_SAMPLES))
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(cdf_threshold=1.5), "cdf_threshold"),
+        (dict(cdf_threshold=-0.1), "cdf_threshold"),
+        (dict(sim_threshold=torch.tensor([0.5, 0.5, 0.5])), "sim_threshold"),
+        (dict(cdf_threshold=torch.tensor([0.5, 2.0])), "cdf_threshold"),
+        (dict(cdf_threshold="high"), "cdf_threshold"),
+        (dict(method="topk"), "method"),
+        (dict(dense_tail_tokens=-1), "dense_tail_tokens"),
+        (dict(kv_lens=torch.tensor([1.0])), "kv_lens"),
+        (dict(kv_lens=torch.tensor([10, 10])), "kv_lens"),
+        (dict(kv_lens=torch.tensor([0])), "kv_lens"),
+        (dict(scale=0.0), "scale"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, name):
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match=name):
+        predict_block_mask(q, k, **kwargs)
+
+
+@pytest.mark.parametrize("q,k,name", [
+    (torch.randn(2, 64, 16), torch.randn(2, 64, 16), "q"),
+    (torch.randn(1, 2, 64, 16), torch.randn(1, 2, 32, 16), "k"),
+    (torch.randn(1, 2, 64, 16).int(), torch.randn(1, 2, 64, 16), "q"),
+])
+def test_bad_tensors_name_themselves(q, k, name):
+    with pytest.raises(ValueError, match=name):
+        predict_block_mask(q, k)

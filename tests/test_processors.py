@@ -1,0 +1,326 @@
+"""Processors, apply()/remove(), the controller's step schedule and fallbacks, on tiny random models.
+
+Sparse calls run the real Triton kernels under the interpreter (a few seconds each): tests keep
+to one forward per claim, with one attention layer per block type.
+"""
+import json
+import logging
+
+import pytest
+import torch
+
+from sparsediff import _runtime
+from sparsediff.processors import (
+    AttentionController,
+    CogVideoXSparseAttnProcessor,
+    FluxSparseAttnProcessor,
+    HunyuanVideoSparseAttnProcessor,
+    WanSparseAttnProcessor,
+    apply,
+    remove,
+)
+from sparsediff.processors.flux import image_grid_from_ids
+from sparsediff.profile import SparsityProfile
+from tiny_models import GRID, TEXT_TOKENS, TINY, build_wan, build_wan_pipeline, wan_inputs
+
+PROCESSOR = {
+    "wan": WanSparseAttnProcessor,
+    "hunyuan_video": HunyuanVideoSparseAttnProcessor,
+    "cogvideox": CogVideoXSparseAttnProcessor,
+    "flux": FluxSparseAttnProcessor,
+}
+BATCH = {"hunyuan_video": 2}  # two different text lengths (kv_lens) in one batch
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_every_block_kept_equals_stock(family):
+    build, make_inputs = TINY[family]
+    model = build()
+    inputs = make_inputs(model, batch=BATCH.get(family, 1))
+    ref = _run(model, inputs)
+    handle = apply(model, cdf_threshold=1.0, sim_threshold=0.0, dense_steps=0)
+    out = _run(model, inputs)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert handle.stats.mean_sparsity() == 0.0  # it did run sparse (stats are recorded) and kept all
+    assert len(handle.stats.steps) == 1
+    remove(model)
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_sparse_setting_changes_output_and_stays_finite(family):
+    build, make_inputs = TINY[family]
+    model = build()
+    inputs = make_inputs(model)
+    ref = _run(model, inputs)
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=0)
+    out = _run(model, inputs)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, ref, atol=1e-4)
+    per_head = handle.stats.per_layer_head()
+    assert per_head.shape == (len(handle.stats.layer_names), 2)
+    assert (per_head > 0).all() and (per_head < 1).all()
+    remove(model)
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_apply_sets_our_processors_only_where_sparse_and_remove_restores_stock(family):
+    build, make_inputs = TINY[family]
+    model = build()
+    inputs = make_inputs(model)
+    stock = dict(model.attn_processors)
+    ref = _run(model, inputs)
+    handle = apply(model, dense_steps=100)  # dense throughout: no kernel needed here
+    swapped = model.attn_processors
+    ours = {k for k, p in swapped.items() if isinstance(p, PROCESSOR[family])}
+    assert ours == {n.removeprefix("transformer.") for n in handle.controller.layer_names}
+    assert all(swapped[k] is stock[k] for k in stock if k not in ours)
+    if family == "wan":
+        assert ours == {"blocks.0.attn1.processor"}
+    if family == "hunyuan_video":
+        assert not any(k.startswith("context_embedder") for k in ours)
+    assert torch.equal(_run(model, inputs), ref)  # dense steps run the stock computation
+    remove(model)
+    assert all(model.attn_processors[k] is stock[k] for k in stock)
+    assert torch.equal(_run(model, inputs), ref)
+    assert "sparsediff" not in model._diffusers_hook.hooks
+
+
+def test_tile_and_raster_orders_both_exact():
+    model = build_wan()
+    inputs = wan_inputs(model)
+    ref = _run(model, inputs)
+    for order in ("tiles", "raster"):
+        apply(model, cdf_threshold=1.0, dense_steps=0, token_order=order)
+        torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-4)
+        remove(model)
+
+
+def test_bf16_all_kept_matches_stock():
+    model = build_wan().to(torch.bfloat16)
+    inputs = wan_inputs(model)
+    ref = _run(model, inputs)
+    apply(model, cdf_threshold=1.0, dense_steps=0)
+    out = _run(model, inputs)
+    remove(model)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().mean() < 2e-3 * ref.float().abs().mean() + 1e-3
+
+
+def test_dense_steps_schedule_and_cfg_as_two_calls():
+    model = build_wan()
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    cond, uncond = wan_inputs(model, timestep=900, seed=1), wan_inputs(model, timestep=900, seed=5)
+    ref = _run(model, cond)
+    remove(model)
+    stock_ref = _run(model, cond)
+    assert torch.equal(ref, stock_ref)  # step 0 is dense: exactly the stock output
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1, pv_threshold=0.05)
+    _run(model, cond)
+    _run(model, uncond)  # same timestep: still step 0
+    assert handle.step == 0
+    sparse = _run(model, wan_inputs(model, timestep=800, seed=1))
+    assert handle.step == 1
+    table = handle.stats.per_layer_step()
+    assert handle.stats.steps == [0, 1]
+    assert table[0, 0] == 0.0 and table[0, 1] > 0.0
+    assert handle.stats.mean_sparsity(after_dense_steps=True) == pytest.approx(table[0, 1].item())
+    assert handle.stats.mean_sparsity(after_dense_steps=False) < table[0, 1]
+    assert torch.isfinite(sparse).all()
+    _run(model, wan_inputs(model, timestep=950))  # timestep went up: a new generation
+    assert (handle.step, handle.controller.generation) == (0, 1)
+    json.dumps(handle.stats.as_dict())
+    handle.reset()
+    assert handle.step == 0 and handle.stats.steps == []
+    handle.remove()
+    assert not any(isinstance(p, WanSparseAttnProcessor) for p in model.attn_processors.values())
+
+
+def test_explicit_thresholds_override_the_profile():
+    model = build_wan()
+    profile = SparsityProfile.uniform(model, cdf_threshold=0.5, sim_threshold=0.3, dense_steps=4)
+    handle = apply(model, profile, cdf_threshold=0.8)
+    layer = handle.profile.layers["transformer.blocks.0.attn1.processor"]
+    assert layer.cdf_threshold == [0.8, 0.8] and layer.sim_threshold == [0.3, 0.3]
+    assert handle.profile.dense_steps == 4
+    remove(model)
+
+
+def test_mismatched_profile_and_bad_arguments_are_refused():
+    profile = SparsityProfile.uniform(build_wan(num_layers=2))
+    model = build_wan(num_layers=1)
+    with pytest.raises(ValueError, match="not in the model"):
+        apply(model, profile)
+    with pytest.raises(ValueError, match="pipe_or_transformer"):
+        apply(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="token_order"):
+        apply(model, token_order="zigzag")
+    apply(model)
+    with pytest.raises(ValueError, match="already applied"):
+        apply(model)
+    remove(model)
+    remove(model)  # removing twice is a no-op
+
+
+def test_profile_dense_layer_runs_stock():
+    model = build_wan(num_layers=2)
+    inputs = wan_inputs(model)
+    ref = _run(model, inputs)
+    profile = SparsityProfile.uniform(model, cdf_threshold=0.3, dense_steps=0)
+    for layer in profile.layers.values():
+        layer.dense = True
+    handle = apply(model, profile)
+    assert torch.equal(_run(model, inputs), ref)
+    assert handle.stats.mean_sparsity() == 0.0
+    remove(model)
+
+
+def test_fallbacks_run_the_stock_computation_and_say_so_once(monkeypatch, caplog):
+    model = build_wan()
+    inputs = wan_inputs(model)
+    ref = _run(model, inputs)
+    monkeypatch.setattr(_runtime, "_said", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: no kernels
+    apply(model, cdf_threshold=0.3, dense_steps=0)
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        assert torch.equal(_run(model, inputs), ref)
+        assert torch.equal(_run(model, inputs), ref)
+    assert [r.getMessage() for r in caplog.records].count(
+        "sparsediff: Triton kernels unavailable on this device (CPU needs TRITON_INTERPRET=1); "
+        "attention runs dense (stock SDPA)") == 1
+    remove(model)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    handle = apply(model, cdf_threshold=0.3, dense_steps=0)
+    handle.controller.min_query_blocks = 16  # 768 tokens = 6 query blocks: too short now
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        assert torch.equal(_run(model, inputs), ref)
+    assert any("only a few query blocks" in r.getMessage() for r in caplog.records)
+    remove(model)
+    model64 = build_wan().double()  # fp64: unsupported dtype
+    ref64 = _run(model64, wan_inputs(model64))
+    apply(model64, cdf_threshold=0.3, dense_steps=0)
+    assert torch.equal(_run(model64, wan_inputs(model64)), ref64)
+    remove(model64)
+
+
+def test_hunyuan_mask_that_is_not_right_padding_runs_dense():
+    build, _ = TINY["hunyuan_video"]
+    model = build()
+    attn = model.transformer_blocks[0].attn
+    hidden = torch.randn(1, 768, 64)
+    text = torch.randn(1, TEXT_TOKENS, 64)
+    mask = torch.ones(1, 1, 1, 768 + TEXT_TOKENS, dtype=torch.bool)
+    mask[..., 768:770] = False  # left-padded text
+    with torch.no_grad():
+        ref = attn(hidden, encoder_hidden_states=text, attention_mask=mask)
+        apply(model, cdf_threshold=0.3, dense_steps=0)
+        out = attn(hidden, encoder_hidden_states=text, attention_mask=mask)
+    remove(model)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_flux_grid_is_learnt_from_img_ids():
+    build, make_inputs = TINY["flux"]
+    ids = make_inputs(build())["img_ids"]
+    assert image_grid_from_ids(ids) == (1, 2 * GRID[1], GRID[2])
+    assert image_grid_from_ids(ids.flip(0)) is None  # not raster: unknown
+    assert image_grid_from_ids(torch.cat([ids, ids])) is None  # two images (Kontext): unknown
+
+
+class _CountingController(AttentionController):
+    """What calibration does: see every sparse call with q, k, v in the attention order."""
+
+    calls: list
+
+    def run_sparse(self, call, q, k, v):
+        self.calls.append((call.layer_name, call.step, call.text_tokens, call.grid, call.token_order, q.shape))
+        return super().run_sparse(call, q, k, v)
+
+
+def test_controller_subclass_sees_calls_in_attention_order():
+    build, make_inputs = TINY["cogvideox"]
+    model = build()
+    _CountingController.calls = []
+    apply(model, cdf_threshold=1.0, dense_steps=0, controller_cls=_CountingController)
+    _run(model, make_inputs(model))
+    remove(model)
+    assert _CountingController.calls == [
+        ("transformer.transformer_blocks.0.attn1.processor", 0, TEXT_TOKENS, GRID, "tiles",
+         torch.Size([1, 2, 768 + TEXT_TOKENS, 32]))]
+
+
+def test_torch_compile_runs():
+    model = build_wan()
+    inputs = wan_inputs(model)
+    ref = _run(model, inputs)
+    compiled = torch.compile(model, backend="eager")
+    handle = apply(compiled, cdf_threshold=1.0, dense_steps=0)
+    torch.testing.assert_close(_run(compiled, inputs), ref, atol=2e-5, rtol=1e-4)
+    assert handle.stats.steps == [0]
+    remove(compiled)
+    assert not any(isinstance(p, WanSparseAttnProcessor) for p in model.attn_processors.values())
+
+
+def _embeds(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, TEXT_TOKENS, 32, generator=g)
+
+
+def _render(pipe, output_type="latent"):
+    """Two denoising steps with classifier-free guidance (two transformer calls per step)."""
+    return pipe(prompt_embeds=_embeds(0), negative_prompt_embeds=_embeds(1), height=256, width=384, num_frames=5,
+                num_inference_steps=2, guidance_scale=5.0, output_type=output_type,
+                generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_wan_pipeline_end_to_end():
+    pipe = build_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    ref = _render(pipe)
+    handle = apply(pipe, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    frames = _render(pipe, output_type="pt")
+    assert frames.shape == (1, 5, 3, 256, 384) and torch.isfinite(frames).all()
+    assert handle.stats.steps == [0, 1]
+    table = handle.stats.per_layer_step()
+    assert table[0, 0] == 0.0 and table[0, 1] > 0.0
+    remove(pipe)
+    assert torch.equal(_render(pipe), ref)
+
+
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_model_cpu_offload_coexists(offload_first):
+    pipe = build_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    ref = _render(pipe)
+    if offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    handle = apply(pipe, dense_steps=100)  # dense: this is about the hooks, not the kernels
+    if not offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    for generation in range(2):  # offload re-installs its hooks after every call
+        assert torch.equal(_render(pipe), ref)
+        assert handle.controller.generation == generation and handle.stats.steps == [0, 1]
+    remove(pipe)
+    assert torch.equal(_render(pipe), ref)
+    assert hasattr(pipe.transformer, "_hf_hook")  # accelerate's hook survived our removal
+    handle = apply(pipe, dense_steps=100)
+    _render(pipe)
+    assert handle.stats.steps == [0, 1]
+    remove(pipe)
+
+
+def test_wan22_pipeline_both_transformers_share_one_controller():
+    pipe = build_wan_pipeline()
+    pipe.register_modules(transformer_2=build_wan(seed=3))
+    handle = apply(pipe, dense_steps=100)
+    assert handle.controller.layer_names == ["transformer.blocks.0.attn1.processor",
+                                             "transformer_2.blocks.0.attn1.processor"]
+    p1 = pipe.transformer.blocks[0].attn1.processor
+    p2 = pipe.transformer_2.blocks[0].attn1.processor
+    assert p1.controller is p2.controller is handle.controller
+    remove(pipe)
+    assert not isinstance(pipe.transformer_2.blocks[0].attn1.processor, WanSparseAttnProcessor)

@@ -1,0 +1,106 @@
+import json
+import os
+
+import pytest
+
+from sparsediff.profile import (
+    DEFAULT_CDF_THRESHOLD,
+    FORMAT_VERSION,
+    CalibrationInfo,
+    LayerProfile,
+    SparsityProfile,
+)
+from tiny_models import build_flux, build_wan
+
+
+def _profile() -> SparsityProfile:
+    return SparsityProfile(
+        model_id="tiny-wan",
+        family="wan",
+        layers={
+            "transformer.blocks.0.attn1.processor": LayerProfile(
+                heads=2, cdf_threshold=[0.9, 0.95], sim_threshold=[0.1, 0.2], pv_threshold=[0.01, 0.02]),
+            "transformer.blocks.1.attn1.processor": LayerProfile(
+                heads=2, cdf_threshold=[1.0, 1.0], sim_threshold=[0.0, 0.0], dense=True),
+        },
+        dense_steps=3,
+        token_order="raster",
+        tile=(2, 8, 8),
+        method="pooled",
+        calibration=CalibrationInfo(budget=0.05, errors={"transformer.blocks.0.attn1.processor": [0.04, 0.05]},
+                                    sparsity={"transformer.blocks.0.attn1.processor": [0.6, 0.7]},
+                                    extra={"prompts": 4}),
+    )
+
+
+def test_json_round_trip(tmp_path):
+    profile = _profile()
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert os.listdir(tmp_path) == ["p.json"]  # the temp file was renamed, none left behind
+    data = json.loads(path.read_text())
+    assert data["format_version"] == FORMAT_VERSION
+    assert SparsityProfile.load(path) == profile
+
+
+def test_uniform_profile_covers_the_sparse_layers():
+    profile = SparsityProfile.uniform(build_wan(num_layers=2), model_id="tiny-wan")
+    assert list(profile.layers) == ["transformer.blocks.0.attn1.processor", "transformer.blocks.1.attn1.processor"]
+    assert all(layer.heads == 2 and layer.cdf_threshold == [DEFAULT_CDF_THRESHOLD] * 2
+               for layer in profile.layers.values())
+    profile.check_fits(build_wan(num_layers=2))
+
+
+def test_overrides_replace_every_head():
+    profile = _profile().with_overrides(cdf_threshold=0.5, dense_steps=0, token_order="tiles")
+    assert all(layer.cdf_threshold == [0.5, 0.5] for layer in profile.layers.values())
+    assert profile.layers["transformer.blocks.0.attn1.processor"].sim_threshold == [0.1, 0.2]
+    assert (profile.dense_steps, profile.token_order) == (0, "tiles")
+
+
+def test_profile_that_does_not_fit_is_refused_with_what_differs():
+    profile = SparsityProfile.uniform(build_wan(num_layers=2), model_id="tiny-wan")
+    with pytest.raises(ValueError, match=r"1 profile layer\(s\) not in the model: transformer.blocks.1.attn1"):
+        profile.check_fits(build_wan(num_layers=1))
+    with pytest.raises(ValueError, match="family: profile 'wan', model 'flux'"):
+        profile.check_fits(build_flux())
+    wrong_heads = _profile()
+    wrong_heads.layers["transformer.blocks.0.attn1.processor"] = LayerProfile(
+        heads=3, cdf_threshold=[0.9] * 3, sim_threshold=[0.0] * 3)
+    with pytest.raises(ValueError, match=r"head counts differ in 1 layer\(s\): transformer.blocks.0.attn1.processor "
+                                         r"\(profile 3, model 2\)"):
+        wrong_heads.check_fits(build_wan(num_layers=2))
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    data = _profile().to_dict()
+    data["format_version"] = FORMAT_VERSION + 1
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1} is not supported"):
+        SparsityProfile.load(path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(typo=1), r"unknown key\(s\) \['typo'\]"),
+    (lambda d: d.pop("family"), r"lacks required key\(s\) \['family'\]"),
+    (lambda d: d.update(family="sd3"), "family must be one of"),
+    (lambda d: d.update(token_order="zigzag"), "token_order"),
+    (lambda d: d.update(dense_steps=-1), "dense_steps"),
+    (lambda d: d.update(method="magic"), "method must be None or one of"),
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf_threshold=[0.9]), "one per head"),
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf_threshold=[0.0, 0.5]), r"\(0.0, 1.0\]"),
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(sim_threshold=[2.0, 0.5]), "sim_threshold"),
+])
+def test_malformed_profiles_are_refused(edit, match):
+    data = _profile().to_dict()
+    edit(data)
+    with pytest.raises(ValueError, match=match):
+        SparsityProfile.from_dict(data)
+
+
+def test_not_json_is_refused(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SparsityProfile.load(path)

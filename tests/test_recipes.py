@@ -1,0 +1,218 @@
+"""Model recipes and the tiny offline pipelines — CPU, no downloads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from sparsediff.cli import main
+from sparsediff.pipelines.recipes import (
+    FAMILIES,
+    RECIPES,
+    available_recipes,
+    default_recipe_name,
+    get_recipe,
+    toy_shapes_available,
+)
+from sparsediff.pipelines.tiny import build_tiny, byte_tokenizer, video_tokens
+
+HUB_NAMES = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "hunyuanvideo",
+             "cogvideox-2b", "cogvideox-5b", "flux.1-dev", "flux.1-schnell"]
+TINY = {"tiny-wan": "wan", "tiny-hunyuanvideo": "hunyuanvideo", "tiny-cogvideox": "cogvideox", "tiny-flux": "flux"}
+
+
+def test_every_recipe_is_complete() -> None:
+    assert set(HUB_NAMES) | set(TINY) <= set(RECIPES)
+    for name, r in available_recipes().items():
+        assert r.name == name and r.family in FAMILIES and r.description
+        assert r.source in ("hub", "tiny", "toy-shapes")
+        assert isinstance(r.torch_dtype(), torch.dtype)
+        assert r.output in ("video", "image")
+        assert r.steps >= 1 and r.guidance_scale >= 0
+        if r.is_video:
+            assert r.fps and r.fps > 0 and r.frames > 1
+        else:
+            assert r.fps is None and r.frames == 1
+        r.check_size(r.height, r.width, r.frames)  # defaults must pass the recipe's own rules
+        if r.source == "hub":
+            assert r.hub_id and hasattr(diffusers, r.pipeline_class)
+            assert r.hub_id.endswith("-Diffusers") or r.family != "wan"
+        if r.source == "tiny":
+            assert TINY[name] == r.family and r.hub_id is None
+    assert get_recipe("flux.1-schnell").guidance_scale == 0.0 and get_recipe("flux.1-schnell").steps == 4
+    assert get_recipe("wan2.2-ti2v-5b").size_multiple == 32
+
+
+def test_unknown_recipe_lists_known_names() -> None:
+    with pytest.raises(ValueError, match="unknown recipe 'wan3'") as err:
+        get_recipe("wan3")
+    assert all(name in str(err.value) for name in [*HUB_NAMES, *TINY])
+
+
+def test_size_rules_name_the_argument() -> None:
+    wan = get_recipe("tiny-wan")
+    with pytest.raises(ValueError, match="height: .*multiple of 16"):
+        wan.check_size(100, 64, 5)
+    with pytest.raises(ValueError, match=r"frames: .*k\*4\+1"):
+        wan.check_size(64, 64, 8)
+    with pytest.raises(ValueError, match=r"frames: .*k\*8\+1"):
+        get_recipe("tiny-cogvideox").check_size(64, 64, 5)
+    with pytest.raises(ValueError, match="frames: .*must be 1"):
+        get_recipe("tiny-flux").check_size(64, 64, 5)
+
+
+def test_default_model() -> None:
+    assert default_recipe_name() == ("toy-shapes" if toy_shapes_available() else "tiny-wan")
+    assert default_recipe_name() in available_recipes()
+
+
+@pytest.mark.parametrize("index,family,base", [
+    ({"_class_name": "WanPipeline", "transformer_2": [None, None]}, "wan", "wan2.1-t2v-1.3b"),
+    ({"_class_name": "WanPipeline", "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "wan",
+     "wan2.2-t2v-a14b"),
+    ({"_class_name": "WanPipeline", "expand_timesteps": True}, "wan", "wan2.2-ti2v-5b"),
+    ({"_class_name": "CogVideoXPipeline"}, "cogvideox", "cogvideox-5b"),
+    ({"_class_name": "FluxPipeline"}, "flux", "flux.1-dev"),
+])
+def test_local_folder_family_from_model_index(tmp_path: Path, index, family, base) -> None:
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    r = get_recipe(str(tmp_path))
+    assert r.family == family and r.hub_id == str(tmp_path) and r.source == "hub"
+    assert (r.height, r.width, r.frames) == (RECIPES[base].height, RECIPES[base].width, RECIPES[base].frames)
+    assert base in r.description and r.shipped_profile() is None
+
+
+def test_local_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="without model_index.json"):
+        get_recipe(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="holds a StableDiffusionPipeline; supported pipelines: WanPipeline"):
+        get_recipe(str(tmp_path))
+
+
+def test_models_command_prints_every_recipe(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in available_recipes())
+    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in out
+    assert main(["models", "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} == set(available_recipes())
+
+
+def test_byte_tokenizer_is_stable_and_lossless() -> None:
+    a, b = byte_tokenizer(16, bos=True), byte_tokenizer(16, bos=True)
+    ids = a("héllo wörld").input_ids
+    assert ids == b("héllo wörld").input_ids and ids[0] == a.bos_token_id and ids[-1] == a.eos_token_id
+    assert a.decode(ids, skip_special_tokens=True) == "héllo wörld"
+    assert a("x" * 40, padding="max_length", truncation=True, max_length=16).input_ids[-1] == a.eos_token_id
+    assert byte_tokenizer(16, bos=False)("ab").input_ids == a("ab").input_ids[1:]  # T5 style: no <s>
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_tiny_pipeline_builds_deterministically_and_renders(name: str) -> None:
+    recipe = get_recipe(name)
+    pipe = recipe.load("cpu")
+    # At the recipe's default size sparsity matters: at least 768 video/image tokens.
+    assert video_tokens(pipe, recipe.height, recipe.width, recipe.frames) >= 768
+    again = build_tiny(recipe.family, recipe.seed)
+    for (k, v), (_, w) in zip(pipe.transformer.state_dict().items(), again.transformer.state_dict().items()):
+        assert torch.equal(v, w), k
+    other = build_tiny(recipe.family, recipe.seed + 1)
+    assert not torch.equal(next(iter(pipe.transformer.parameters())), next(iter(other.transformer.parameters())))
+
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red ball", height=64, width=64, num_inference_steps=1, output_type="np",
+                  guidance_scale=recipe.guidance_scale, generator=torch.Generator().manual_seed(0),
+                  **dict(recipe.call_kwargs))
+    if recipe.is_video:
+        frames = 1 + recipe.frame_step  # the fewest frames above one the recipe allows
+        out = pipe(num_frames=frames, **kwargs).frames
+        assert out.shape == (1, frames, 64, 64, 3)
+    else:
+        out = pipe(**kwargs).images
+        assert out.shape == (1, 64, 64, 3)
+    assert np.isfinite(out).all() and 0.0 <= out.min() and out.max() <= 1.0
+
+
+# --------------------------------------------------------------------------- random-weight builds
+
+# A reduced Wan2.1 layout: the same components and code paths in a few MB.
+SMALL_WAN = {
+    "transformer": dict(num_layers=2, num_attention_heads=2, ffn_dim=64, text_dim=32, freq_dim=32),
+    "text_encoder": dict(vocab_size=320, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    "vae": dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+}
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_random_weights_full_size_on_meta_device() -> None:
+    """The full wan2.1-t2v-1.3b build through Recipe.load, on the meta device: shapes only, no memory."""
+    from transformers import UMT5EncoderModel
+
+    from sparsediff.pipelines.configs import UMT5_XXL_ENCODER, WAN21_T2V_1_3B_TRANSFORMER
+
+    pipe = get_recipe("wan2.1-t2v-1.3b").load("meta", random_weights=True)
+    assert isinstance(pipe, diffusers.WanPipeline)
+    for key, value in WAN21_T2V_1_3B_TRANSFORMER.items():
+        got = pipe.transformer.config[key]
+        assert (list(got) if isinstance(got, (list, tuple)) else got) == (
+            list(value) if isinstance(value, tuple) else value), key
+    assert isinstance(pipe.text_encoder, UMT5EncoderModel)
+    te = pipe.text_encoder.config
+    assert (te.d_model, te.d_ff, te.num_layers, te.num_heads, te.d_kv, te.vocab_size, te.feed_forward_proj) == (
+        4096, 10240, 24, 64, 64, 256384, "gated-gelu")
+    assert all(getattr(te, k) == v for k, v in UMT5_XXL_ENCODER.items())
+    assert pipe.vae.config.base_dim == 96 and list(pipe.vae.config.dim_mult) == [1, 2, 4, 4]
+    assert round(_params(pipe.transformer) / 1e6) == 1419 and round(_params(pipe.text_encoder) / 1e6) == 5681
+    assert round(_params(pipe.vae) / 1e6) == 127
+    for name, dtype in (("transformer", torch.bfloat16), ("text_encoder", torch.bfloat16), ("vae", torch.float32)):
+        params = list(getattr(pipe, name).parameters())
+        assert {p.dtype for p in params} == {dtype} and {p.device.type for p in params} == {"meta"}, name
+    assert isinstance(pipe.scheduler, diffusers.UniPCMultistepScheduler)
+    assert pipe.scheduler.config.flow_shift == 3.0 and pipe.scheduler.config.use_flow_sigmas
+    assert pipe.tokenizer.model_max_length == 512  # byte-tokenized prompts, as WanPipeline's 512 text tokens
+    assert pipe.tokenizer("ab").input_ids == byte_tokenizer(512, bos=False)("ab").input_ids
+
+
+def test_random_weights_small_build_is_deterministic_and_renders() -> None:
+    from sparsediff.pipelines.random_weights import build_random_pipeline
+
+    recipe = get_recipe("wan2.1-t2v-1.3b")
+    pipe = build_random_pipeline(recipe, "cpu", seed=0, overrides=SMALL_WAN)
+    again = build_random_pipeline(recipe, "cpu", seed=0, overrides=SMALL_WAN)
+    other = build_random_pipeline(recipe, "cpu", seed=1, overrides=SMALL_WAN)
+    for name in ("transformer", "text_encoder", "vae"):
+        state, same = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert all(torch.equal(v, same[k]) for k, v in state.items()), name
+    assert not torch.equal(next(pipe.transformer.parameters()), next(other.transformer.parameters()))
+    assert next(pipe.transformer.parameters()).dtype == torch.bfloat16
+    assert next(pipe.vae.parameters()).dtype == torch.float32  # the recipe decodes in fp32
+    assert torch.get_default_dtype() == torch.float32  # restored after the build
+
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(prompt="a red ball", height=64, width=64, num_frames=5, num_inference_steps=1, guidance_scale=5.0,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 5, 64, 64, 3) and np.isfinite(frames).all()
+
+
+def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None:
+    from sparsediff.pipelines.random_weights import build_random_pipeline
+
+    for name, why in (("tiny-wan", "tiny-wan is a tiny recipe"), ("hunyuanvideo", "hunyuanvideo has no random-weight")):
+        with pytest.raises(ValueError, match=f"random_weights: supported for wan2.1-t2v-1.3b only; {why}"):
+            get_recipe(name).load("meta", random_weights=True)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    with pytest.raises(ValueError, match="is a local pipeline folder"):
+        get_recipe(str(tmp_path)).load("meta", random_weights=True)
+    wan = get_recipe("wan2.1-t2v-1.3b")
+    with pytest.raises(ValueError, match="overrides: unknown component.*unet"):
+        build_random_pipeline(wan, "meta", overrides={"unet": {}})
+    with pytest.raises(ValueError, match="overrides: text_encoder vocab_size 100 is below"):
+        build_random_pipeline(wan, "meta", overrides={"text_encoder": {"vocab_size": 100}})

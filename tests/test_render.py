@@ -1,0 +1,382 @@
+"""`sparsediff render`, prompt files, atomic io and metrics — CPU, tiny models, no downloads."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from sparsediff.cli import main
+from sparsediff.io import TEMP_MARKER, atomic_output, atomic_write_json, write_png, write_video_mp4
+from sparsediff.metrics import relative_l1, video_psnr, video_ssim
+from sparsediff.pipelines.prompts import PromptFileError, load_prompts, slugify
+from sparsediff.pipelines.recipes import Recipe
+from sparsediff.pipelines.render import SIDECAR_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red ball bouncing", "A blue square, sliding left!", "# not a prompt", "", "green triangle spins"]
+# tiny-wan at 64x64, 5 frames, 2 steps: a fraction of a second per prompt on a CPU.
+FAST = ["--model", "tiny-wan", "--steps", "2", "--height", "64", "--width", "64", "--frames", "5"]
+
+
+def _prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def _outputs(out: Path, ext: str = ".mp4") -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.suffix == ext and not p.name.startswith(".") and ".dense" not in p.name)
+
+
+def _temps(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if TEMP_MARKER in p.name]
+
+
+def _summary(out: Path) -> list[dict[str, str]]:
+    with open(out / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "sparsediff", *args], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """One dense batch of three prompts, rendered in-process."""
+    tmp = tmp_path_factory.mktemp("render")
+    out = tmp / "out"
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp)), "--out", str(out)]) == 0
+    return out
+
+
+def test_batch_writes_videos_sidecars_and_summary(rendered: Path) -> None:
+    videos = _outputs(rendered)
+    assert [p.name for p in videos] == [
+        "0000-a-red-ball-bouncing-s0.mp4", "0001-a-blue-square-sliding-left-s0.mp4", "0002-green-triangle-spins-s0.mp4"]
+    for video in videos:
+        frames = np.stack(list(iio.imiter(video)))
+        assert frames.shape == (5, 64, 64, 3)
+        assert iio.immeta(video)["fps"] == 8  # tiny-wan's fps
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert SIDECAR_KEYS <= sidecar.keys() and sidecar["status"] == "ok"
+        assert sidecar["output"] == video.name and sidecar["seed"] == 0
+        assert sidecar["settings"]["mode"] == "dense" and sidecar["sparsity"] is None
+        assert sidecar["peak_gpu_memory_bytes"] is None and sidecar["wall_time_s"] > 0
+        assert sidecar["versions"]["torch"] == torch.__version__
+    assert json.loads(videos[1].with_suffix(".json").read_text())["prompt"] == "A blue square, sliding left!"
+    rows = _summary(rendered)
+    assert [(r["index"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok"), ("2", "ok")]
+    assert not _temps(rendered)
+
+
+def test_rerun_skips_finished_items(rendered: Path, tmp_path: Path, monkeypatch) -> None:
+    def no_load(*args, **kwargs):
+        raise AssertionError("a finished batch must not load the model again")
+
+    monkeypatch.setattr(Recipe, "load", no_load)
+    before = {p: p.stat().st_mtime_ns for p in rendered.iterdir()}
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(rendered)]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p.name != "summary.csv")
+    assert [r["status"] for r in _summary(rendered)] == ["skipped"] * 3
+
+
+def test_changed_settings_rerender(rendered: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    first = rendered / "0000-a-red-ball-bouncing-s0"
+    for suffix in (".mp4", ".json"):
+        (out / first.with_suffix(suffix).name).write_bytes(first.with_suffix(suffix).read_bytes())
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red ball bouncing\n")
+    # Same name, other step count: the old sidecar is stale, so the item is rendered again.
+    assert main(["render", *FAST[:2], "--steps", "1", *FAST[4:], "--dense", "--prompts", str(prompts),
+                 "--out", str(out)]) == 0
+    sidecar = json.loads((out / first.with_suffix(".json").name).read_text())
+    assert sidecar["settings"]["steps"] == 1
+    assert _summary(out)[0]["status"] == "ok"
+
+
+def test_same_seed_same_frames_and_seed_from_prompt_file(rendered: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red ball bouncing"}) + "\n"
+                       + json.dumps({"prompt": "a red ball bouncing", "seed": 7}) + "\n")
+    out = tmp_path / "out"
+    assert main(["render", *FAST, "--dense", "--prompts", str(prompts), "--out", str(out)]) == 0
+    same = np.stack(list(iio.imiter(out / "0000-a-red-ball-bouncing-s0.mp4")))
+    reference = np.stack(list(iio.imiter(rendered / "0000-a-red-ball-bouncing-s0.mp4")))
+    other = np.stack(list(iio.imiter(out / "0001-a-red-ball-bouncing-s7.mp4")))
+    np.testing.assert_array_equal(same, reference)
+    assert np.abs(other.astype(int) - reference.astype(int)).mean() > 1.0
+
+
+def test_killed_run_resumes_without_partial_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _cli("render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out))
+    deadline = time.monotonic() + 180
+    while not (out.is_dir() and _outputs(out)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    # Whatever the kill left: no output under a final name is partial.
+    for video in _outputs(out):
+        assert len(list(iio.imiter(video))) == 5
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
+    assert len(_outputs(out)) == 3 and not _temps(out)
+    for video in _outputs(out):
+        assert len(list(iio.imiter(video))) == 5
+        assert json.loads(video.with_suffix(".json").read_text())["status"] == "ok"
+    assert {r["status"] for r in _summary(out)} <= {"ok", "skipped"} and len(_summary(out)) == 3
+
+
+def test_two_processes_match_one(rendered: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # One thread per process in both runs, so float reductions happen in the same order.
+    proc = _cli("render", *FAST, "--dense", "--num-processes", "2", "--prompts", str(_prompts(tmp_path)),
+                "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    single = tmp_path / "single"
+    proc = _cli("render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(single),
+                env={"OMP_NUM_THREADS": "1"})
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert [p.name for p in _outputs(out)] == [p.name for p in _outputs(single)]
+    ranks = set()
+    for video in _outputs(out):
+        np.testing.assert_array_equal(np.stack(list(iio.imiter(video))),
+                                      np.stack(list(iio.imiter(single / video.name))))
+        ranks.add(json.loads(video.with_suffix(".json").read_text())["process"]["rank"])
+    assert ranks == {0, 1}  # the list really was shared
+    assert [r["index"] for r in _summary(out)] == ["0", "1", "2"]
+    assert not list(out.glob("summary.rank*"))
+
+
+def test_sparse_render_with_compare_dense(tmp_path: Path) -> None:
+    pytest.importorskip("sparsediff.attention")  # apply() needs the sparse attention piece
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball bouncing\n")
+    out = tmp_path / "out"
+    # tiny-wan's default 256x256, 9 frames: 768 video tokens, 6 query blocks (fewer run dense);
+    # 2 steps, the first dense.
+    assert main(["render", "--model", "tiny-wan", "--steps", "2", "--dense-steps", "1", "--cdf-threshold", "0.5",
+                 "--compare-dense", "--prompts", str(prompts), "--out", str(out)]) == 0
+    sidecar = json.loads((out / "0000-a-red-ball-bouncing-s0.json").read_text())
+    assert sidecar["settings"]["mode"] == "sparse" and sidecar["profile"]["effective_dense_steps"] == 1
+    assert sidecar["sparsity"] is not None and 0.0 < sidecar["sparsity"] < 1.0
+    assert sidecar["sparsity_per_step"][0] == 0.0 and sidecar["sparsity_per_step"][1] == pytest.approx(
+        sidecar["sparsity"])  # step 0 dense; the mean counts the steps after it
+    comparison = sidecar["compare_dense"]
+    assert comparison["ssim"] <= 1.0 and comparison["relative_l1"] >= 0.0
+    assert comparison["psnr_db"] is not None or comparison["frames_identical"]
+    assert (out / sidecar["dense_output"]).is_file()
+    row = _summary(out)[0]
+    assert row["mode"] == "sparse" and row["ssim"] != ""
+
+
+def test_failing_prompt_is_logged_and_batch_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from sparsediff.pipelines import render
+
+    real = render.Renderer._generate
+
+    def flaky(self, item):
+        if item.index == 1:
+            raise RuntimeError("boom on purpose")
+        return real(self, item)
+
+    monkeypatch.setattr(render.Renderer, "_generate", flaky)
+    out = tmp_path / "out"
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 1
+    assert [r["status"] for r in _summary(out)] == ["ok", "failed", "ok"]
+    assert "boom on purpose" in _summary(out)[1]["error"]
+    log = (out / "render-errors.log").read_text()
+    assert "RuntimeError: boom on purpose" in log and "Traceback" in log
+    assert len(_outputs(out)) == 2
+
+
+# --------------------------------------------------------------------------- bad input, before any model
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("bad input must be refused before a model is loaded")
+
+    monkeypatch.setattr(Recipe, "load", no_load)
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("p.jsonl", '{"prompt": "ok"}\n\n{"prompt": "broken"\n', "p.jsonl:3: not valid JSON"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "x", "seed": "abc"}\n', "p.jsonl:2: 'seed' must be an integer"),
+    ("p.jsonl", '{"text": "no prompt field"}\n', "p.jsonl:1: unknown field(s) 'text'"),
+    ("p.csv", 'prompt,seed\nfirst,1\nsecond,1,extra\n', "p.csv:3: more cells than header columns"),
+    ("p.csv", 'text,seed\nfirst,1\n', "p.csv:1: the header has no 'prompt' column"),
+    ("p.txt", "# only a comment\n\n", "p.txt: no prompts in the file"),
+    ("p.yaml", "prompt: x\n", "unsupported prompt file type '.yaml'"),
+])
+def test_malformed_prompt_file_names_the_line(tmp_path, capsys, no_model, name, text, needle) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    assert needle in _error(capsys, ["render", *FAST, "--prompts", str(path), "--out", str(tmp_path / "o")])
+
+
+def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
+    prompts = _prompts(tmp_path)
+    base = ["render", "--prompts", str(prompts)]
+    out = ["--out", str(tmp_path / "o")]
+    assert "prompt file not found" in _error(capsys, ["render", "--prompts", str(tmp_path / "nope.txt"), *out])
+    err = _error(capsys, [*base, *out, "--model", "no-such-model"])
+    assert "unknown recipe 'no-such-model'" in err and "tiny-wan" in err
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    assert "is not a directory" in _error(capsys, [*base, "--model", "tiny-wan", "--out", str(not_dir)])
+    assert "--height: tiny-wan needs a positive multiple of 16" in _error(
+        capsys, [*base, *out, "--model", "tiny-wan", "--height", "65"])
+    assert "--frames: tiny-wan needs k*4+1 frames" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--frames", "6"])
+    sized = tmp_path / "sized.jsonl"
+    sized.write_text('{"prompt": "fine"}\n{"prompt": "odd", "width": 72}\n')
+    assert "sized.jsonl:2: width: tiny-wan needs a positive multiple of 16" in _error(
+        capsys, ["render", "--prompts", str(sized), *out, "--model", "tiny-wan"])
+    with pytest.raises(SystemExit):  # argparse: the two are mutually exclusive
+        main([*base, *out, "--model", "tiny-wan", "--dense", "--profile", str(tmp_path / "p.json")])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_profile_for_another_model_is_refused(tmp_path, capsys, no_model) -> None:
+    layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
+    profile = {"format_version": 1, "model_id": "wan2.1-t2v-14b", "family": "wan",
+               "layers": {"transformer.blocks.0.attn1.processor": layer}}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    argv = ["render", "--model", "tiny-wan", "--prompts", str(_prompts(tmp_path)), "--out", str(tmp_path / "o"),
+            "--profile", str(path)]
+    assert "is a profile for 'wan2.1-t2v-14b', not for tiny-wan" in _error(capsys, argv)
+    path.write_text(json.dumps({**profile, "model_id": "flux.1-dev", "family": "flux"}))
+    assert "for the flux family, but tiny-wan is wan" in _error(capsys, argv)
+    path.write_text("{not json")
+    assert "is not a valid sparsity profile" in _error(capsys, argv)
+
+
+# --------------------------------------------------------------------------- prompts, io, metrics
+
+
+def test_prompt_files_in_three_formats(tmp_path: Path) -> None:
+    txt = tmp_path / "p.txt"
+    txt.write_text("# header\n first prompt \n\nsecond\n")
+    assert [(s.prompt, s.line) for s in load_prompts(txt)] == [("first prompt", 2), ("second", 4)]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a", "seed": 3, "frames": 9, "negative_prompt": "blur"}\n\n{"prompt": "b"}\n')
+    a, b = load_prompts(jsonl)
+    assert (a.seed, a.frames, a.negative_prompt, a.line) == (3, 9, "blur", 1) and (b.seed, b.line) == (None, 3)
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text('prompt,seed,steps\n"one, with comma",5,\ntwo,,10\n')
+    one, two = load_prompts(csv_path)
+    assert (one.prompt, one.seed, one.steps) == ("one, with comma", 5, None)
+    assert (two.seed, two.steps, two.line) == (None, 10, 3)
+    with pytest.raises(PromptFileError, match="p.csv:3: 'steps' must be >= 1"):
+        csv_path.write_text("prompt,steps\nok,2\nbad,0\n")
+        load_prompts(csv_path)
+    assert slugify("  Ünïcode: A/B test!! ") == "unicode-a-b-test" and slugify("???") == "prompt"
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"a": 1} and not _temps(tmp_path)
+    with pytest.raises(ValueError):
+        atomic_write_json(target, {"a": float("nan")})
+    assert json.loads(target.read_text()) == {"a": 1} and not _temps(tmp_path)
+
+
+def test_video_and_png_writers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.random((3, 17, 21, 3), dtype=np.float32)  # odd sizes: padded to even for yuv420p
+    write_video_mp4(tmp_path / "v.mp4", frames, fps=12)
+    back = np.stack(list(iio.imiter(tmp_path / "v.mp4")))
+    assert back.shape == (3, 18, 22, 3) and iio.immeta(tmp_path / "v.mp4")["fps"] == 12
+    flat = np.full((2, 16, 16, 3), 0.5, dtype=np.float32)
+    write_video_mp4(tmp_path / "flat.mp4", flat, fps=8)
+    assert np.abs(np.stack(list(iio.imiter(tmp_path / "flat.mp4"))).astype(int) - 128).max() <= 2
+    write_png(tmp_path / "i.png", frames[0])
+    np.testing.assert_array_equal(iio.imread(tmp_path / "i.png"), (frames[0] * 255 + 0.5).astype(np.uint8))
+    with pytest.raises(ValueError, match="frames"):
+        write_video_mp4(tmp_path / "bad.mp4", frames[0], fps=8)
+    assert not _temps(tmp_path)
+
+
+def test_metrics() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 24, 24, 3, generator=g)
+    noisy = (a + 0.05 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    assert video_psnr(a, a) == float("inf") and video_ssim(a, a) == pytest.approx(1.0, abs=1e-5)
+    mse = float(((noisy - a) ** 2).mean())
+    assert video_psnr(noisy, a) == pytest.approx(10 * np.log10(1.0 / mse), rel=1e-4)
+    assert 0.0 < video_ssim(noisy, a) < 0.99
+    assert video_psnr(a.numpy(), noisy.numpy()) == pytest.approx(video_psnr(a, noisy))
+    assert video_ssim(a[0], noisy[0]) == pytest.approx(video_ssim(a[:1], noisy[:1]))  # an image is one frame
+    with pytest.raises(ValueError, match="does not match"):
+        video_psnr(a, a[:2])
+    out, ref = torch.tensor([1.0, -2.0, 3.5]), torch.tensor([1.0, -1.0, 3.0])
+    assert float(relative_l1(out, ref)) == pytest.approx(1.5 / 5.0)
+    assert relative_l1(out.half(), ref.bfloat16()).dtype == torch.float32
+    assert float(relative_l1(torch.zeros(3), torch.zeros(3))) == 0.0
+    assert float(relative_l1(torch.ones(3), torch.zeros(3))) == float("inf")
+
+
+# --------------------------------------------------------------------------- --random-weights
+
+
+def test_random_weights_refused_for_tiny_and_unsupported_recipes(tmp_path, capsys, no_model) -> None:
+    argv = ["render", "--prompts", str(_prompts(tmp_path)), "--out", str(tmp_path / "o"), "--random-weights"]
+    assert "--random-weights: supported for wan2.1-t2v-1.3b only; tiny-wan is a tiny recipe" in _error(
+        capsys, [*argv, "--model", "tiny-wan"])
+    assert "--random-weights: supported for wan2.1-t2v-1.3b only; cogvideox-5b has no random-weight build" in _error(
+        capsys, [*argv, "--model", "cogvideox-5b"])
+
+
+def test_random_weights_render_records_it_in_sidecars(tmp_path: Path, monkeypatch) -> None:
+    """The CLI path of --random-weights, with the builder shrunk to the reduced layout of test_recipes."""
+    import argparse
+
+    from sparsediff.pipelines import random_weights, render
+    from test_recipes import SMALL_WAN
+
+    full = random_weights.build_random_pipeline
+    monkeypatch.setattr(random_weights, "build_random_pipeline",
+                        lambda recipe, device, dtype, *, seed: full(recipe, device, dtype, seed=seed, overrides=SMALL_WAN))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball bouncing\n")
+    out = tmp_path / "out"
+    argv = ["render", "--model", "wan2.1-t2v-1.3b", "--random-weights", "--dense", "--steps", "1", "--height", "64",
+            "--width", "64", "--frames", "5", "--prompts", str(prompts), "--out", str(out)]
+    assert main(argv) == 0
+    sidecar = json.loads((out / "0000-a-red-ball-bouncing-s0.json").read_text())
+    assert sidecar["model"]["random_weights"] is True and sidecar["settings"]["random_weights"] is True
+    assert sidecar["model"]["name"] == "wan2.1-t2v-1.3b" and (out / sidecar["output"]).is_file()
+    assert [r["status"] for r in _summary(out)] == ["ok"]
+    parser = argparse.ArgumentParser()
+    render.add_arguments(parser)
+    assert "--random-weights" in render._forward_argv(parser.parse_args(argv[1:]))
