@@ -19,7 +19,6 @@ import logging
 import math
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,34 +206,16 @@ class DemoSession:
 
     def _render(self, request: Request, label: str, on_step: StepCallback) -> tuple[np.ndarray, float]:
         """(frames (F, H, W, 3) float in [0, 1], wall seconds) of one pipeline call."""
-        import torch
-
-        recipe = self.recipe
+        from sparsediff.pipelines.render import generate
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             on_step(label, step + 1, request.steps)
             return tensors
 
-        kwargs: dict[str, Any] = dict(
-            prompt=request.prompt, height=request.height, width=request.width,
-            num_inference_steps=request.steps, guidance_scale=recipe.guidance_scale, output_type="np",
-            # A CPU generator, as `sparsediff render` uses: the same noise on every device.
-            generator=torch.Generator(device="cpu").manual_seed(request.seed),
-            callback_on_step_end=step_end, **dict(recipe.call_kwargs),
-        )
-        if request.negative_prompt is not None:
-            kwargs["negative_prompt"] = request.negative_prompt
-        if recipe.is_video:
-            kwargs["num_frames"] = request.frames
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        result = self.pipe(**kwargs)
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        wall = time.perf_counter() - start
-        frames = result.frames[0] if recipe.is_video else result.images[0][None]
+        frames, wall, _ = generate(
+            self.pipe, self.recipe, self.device, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            seed=request.seed, height=request.height, width=request.width, frames=request.frames,
+            steps=request.steps, guidance_scale=self.recipe.guidance_scale, callback_on_step_end=step_end)
         return frames, wall
 
     def _notes(self) -> list[str]:

@@ -100,10 +100,15 @@ class Recipe:
         """Names a profile's `model_id` may carry for this model."""
         return frozenset(x for x in (self.name, self.hub_id) if x)
 
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self, device: str | torch.device = "cpu") -> torch.dtype:
+        """The compute dtype on `device`. The fp32 recipes (the offline ones, fp32 for CPU speed)
+        run in bf16 on a GPU: the sparse kernels take only fp16/bf16 there."""
         import torch
 
-        return getattr(torch, self.dtype)
+        dtype = getattr(torch, self.dtype)
+        if dtype == torch.float32 and torch.device(device).type == "cuda":
+            return torch.bfloat16
+        return dtype
 
     def check_size(self, height: int, width: int, frames: int) -> None:
         """Raise ValueError naming the argument when a size does not suit this model."""
@@ -146,7 +151,7 @@ class Recipe:
         if random_weights:
             check_random_weights(self)
         device = torch.device(device)
-        dtype = torch_dtype or self.torch_dtype()
+        dtype = torch_dtype or self.torch_dtype(device)
         if random_weights:
             pipe = build_random_pipeline(self, device, dtype, seed=self.seed)
             if self.cpu_offload and device.type == "cuda":

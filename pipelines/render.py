@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -360,6 +361,44 @@ def _sidecar_done(plan: Plan, item: Item) -> dict[str, Any] | None:
     return data
 
 
+def generate(
+    pipe: DiffusionPipeline, recipe: Recipe, device: torch.device, *, prompt: str, negative_prompt: str | None,
+    seed: int, height: int, width: int, frames: int, steps: int, guidance_scale: float,
+    callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+) -> tuple[np.ndarray, float, int | None]:
+    """One pipeline call as every sparsediff front end makes it (render, calibrate, demo).
+
+    Returns (frames (F, H, W, 3) float in [0, 1], wall seconds, peak GPU bytes or None on CPU).
+    """
+    import torch
+
+    kwargs: dict[str, Any] = dict(
+        prompt=prompt, height=height, width=width, num_inference_steps=steps,
+        guidance_scale=guidance_scale, output_type="np",
+        # CPU generator: the same noise on every device and in every process.
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        **dict(recipe.call_kwargs),
+    )
+    if callback_on_step_end is not None:
+        kwargs["callback_on_step_end"] = callback_on_step_end
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    if recipe.is_video:
+        kwargs["num_frames"] = frames
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = pipe(**kwargs)
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    video = result.frames[0] if recipe.is_video else result.images[0][None]
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    return video, wall, peak
+
+
 class Renderer:
     """Holds the loaded pipeline of one process and renders items with it."""
 
@@ -384,32 +423,10 @@ class Renderer:
 
     def _generate(self, item: Item) -> tuple[np.ndarray, float, int | None]:
         """(frames (F, H, W, 3) float in [0, 1], wall seconds, peak GPU bytes or None)."""
-        import torch
-
-        recipe = self.plan.recipe
-        kwargs: dict[str, Any] = dict(
-            prompt=item.prompt, height=item.height, width=item.width, num_inference_steps=item.steps,
-            guidance_scale=self.plan.guidance_scale, output_type="np",
-            # CPU generator: the same noise on every device and in every process.
-            generator=torch.Generator(device="cpu").manual_seed(item.seed),
-            **dict(recipe.call_kwargs),
-        )
-        if item.negative_prompt is not None:
-            kwargs["negative_prompt"] = item.negative_prompt
-        if recipe.is_video:
-            kwargs["num_frames"] = item.frames
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        result = self.pipe(**kwargs)
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        wall = time.perf_counter() - start
-        frames = result.frames[0] if recipe.is_video else result.images[0][None]
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
-        return frames, wall, peak
+        return generate(self.pipe, self.plan.recipe, self.device, prompt=item.prompt,
+                        negative_prompt=item.negative_prompt, seed=item.seed, height=item.height,
+                        width=item.width, frames=item.frames, steps=item.steps,
+                        guidance_scale=self.plan.guidance_scale)
 
     def _write(self, path: Path, frames: np.ndarray) -> None:
         from sparsediff.io import write_png, write_video_mp4

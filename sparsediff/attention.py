@@ -17,9 +17,12 @@ Estimators (`method=`), all producing an estimated mean-over-queries block mass:
   softmax over key blocks weighted by each block's valid key count. Cost ceil(N/128)*ceil(N/64)*D.
 - "antidiag": XAttention's strided anti-diagonal scoring (stride 8): per 8x8 sub-block the sum
   of the q.k products along its anti-diagonal. Cost N^2 D / 8 per pass.
-Measured (sparsediff bench predict, CPU, video workloads with sinks): at 5% error "sampled"
-reached 0.92 of the oracle's sparsity on a 12x24x32 raster grid where "qpool" reached 0 (never
-under 5%) and "pooled" 0.43-0.54 of it on smaller grids; see the report for the full table.
+Measured (`sparsediff bench predict --device cpu`, video workloads with sinks, D=64, sim 0):
+fraction of the oracle's sparsity reached at 5% error, raster / 2x8x8 tiles —
+grid 8x16x16, 6 heads: sampled 0.90 / 0.95, qpool 0.91 / 0.92, pooled 0.50 / 0.43, antidiag
+0.52 / 0.47; grid 12x24x32, 3 heads: sampled 0.92 / 0.99, qpool 0.83 / 0.96, pooled 0.52 / 0
+(never under 5% up to cdf 0.999), antidiag 0.62 / 0.65. Four samples per block reached 0.98-0.99
+in prototypes at twice the cost.
 
 Self-similarity (`sim_threshold`): a block's mean pairwise cosine similarity of its tokens
 (distinct pairs, see `block_stats_reference`). Query blocks below it keep every key block (their
@@ -141,25 +144,23 @@ def predict_block_mask(
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     view = (1, h, 1)
-    q_trusted = None
-    if method == "antidiag":
-        if bool((sim_thr > 0).any()):  # the only use of q statistics here
-            q_trusted = block_stats(q, BLOCK_M, BLOCK_M)[1] >= sim_thr.view(view)
-        qf, kf, k_trusted = q, k, None
-        geometry = dict(stride=ANTIDIAG_STRIDE, q_tokens=ANTIDIAG_STRIDE, k_tokens=ANTIDIAG_STRIDE)
-    else:
-        qf, q_sim = block_stats(q, BLOCK_M, BLOCK_M)
+    q_pooled = q_trusted = k_trusted = None
+    if method in ("qpool", "pooled") or bool((sim_thr > 0).any()):  # one pass over q
+        q_pooled, q_sim = block_stats(q, BLOCK_M, BLOCK_M)
         q_trusted = q_sim >= sim_thr.view(view)
-        if method == "sampled":
-            qf, kf, k_trusted = q[:, :, sample_rows(n).to(q.device)], k, None
-            geometry = dict(stride=1, q_tokens=BLOCK_M // QUERY_SAMPLES, k_tokens=1)
-        elif method == "qpool":
-            kf, k_trusted = k, None
-            geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=1)
-        else:
-            kf, k_sim = block_stats(k, BLOCK_N, BLOCK_N, kv_lens)
-            k_trusted = k_sim >= sim_thr.view(view)
-            geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=BLOCK_N)
+    if method == "sampled":
+        qf, kf = q[:, :, sample_rows(n).to(q.device)], k
+        geometry = dict(stride=1, q_tokens=BLOCK_M // QUERY_SAMPLES, k_tokens=1)
+    elif method == "qpool":
+        qf, kf = q_pooled, k
+        geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=1)
+    elif method == "pooled":
+        kf, k_sim = block_stats(k, BLOCK_N, BLOCK_N, kv_lens)
+        qf, k_trusted = q_pooled, k_sim >= sim_thr.view(view)
+        geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=BLOCK_N)
+    else:
+        qf, kf = q, k
+        geometry = dict(stride=ANTIDIAG_STRIDE, q_tokens=ANTIDIAG_STRIDE, k_tokens=ANTIDIAG_STRIDE)
     mask, _ = block_select(
         qf, kf, cdf, n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=float(scale),
         kv_lens=kv_lens, k_trusted=k_trusted, **geometry,

@@ -56,8 +56,8 @@ def to_tile_order(x: torch.Tensor, grid: tuple[int, int, int], tile: tuple[int, 
 
 def _fourier(pos: torch.Tensor, sigma: tuple[float, float, float], n_freq: int, gen: torch.Generator) -> torch.Tensor:
     """(N, 2*n_freq) features with phi(p).phi(p') ~ exp(-|(p-p')/sigma|^2 / 2) (unit norm)."""
-    inv = torch.tensor([0.0 if math.isinf(s) else 1.0 / s for s in sigma])
-    omega = torch.randn(n_freq, 3, generator=gen) * inv
+    inv = torch.tensor([0.0 if math.isinf(s) else 1.0 / s for s in sigma], device=pos.device)
+    omega = torch.randn(n_freq, 3, generator=gen, device=pos.device) * inv
     ang = pos @ omega.T
     return torch.cat([ang.cos(), ang.sin()], dim=-1) / math.sqrt(n_freq)
 
@@ -78,6 +78,7 @@ def video_workload(
 ) -> Workload:
     """Build deterministic video-like q, k, v (see the module doc).
 
+    Deterministic for a seed and device type (the generator lives on `device`).
     sharpness: logit gap (nats) between a token's own position and a far one; noise: std of the
     content noise relative to the positional signal. Head kinds cycle through HEAD_KINDS with
     per-head random reaches (1-3 frames, 1.5-6 rows/columns).
@@ -87,16 +88,17 @@ def video_workload(
         raise ValueError(f"heads must be >= 1 and head_dim even and >= 8, got {heads}, {head_dim}")
     if batch < 1 or text_tokens < 0 or sinks < 0:
         raise ValueError("batch must be >= 1, text_tokens and sinks >= 0")
-    gen = torch.Generator().manual_seed(seed)
-    pos = grid_positions(grid)
+    dev = torch.device(device)
+    gen = torch.Generator(dev).manual_seed(seed)  # built on `device`: values differ per device type
+    pos = grid_positions(grid).to(dev)
     n_video, d = pos.shape[0], head_dim
     n = n_video + text_tokens
     amp = math.sqrt(sharpness * math.sqrt(d))  # q.k * d**-0.5 reaches `sharpness` at distance 0
     qs, ks, vs, sigmas = [], [], [], []
     for hd in range(heads):
         kind = HEAD_KINDS[hd % len(HEAD_KINDS)]
-        st = 1.0 + 2.0 * torch.rand(1, generator=gen).item()
-        ss = 1.5 + 4.5 * torch.rand(1, generator=gen).item()
+        st = 1.0 + 2.0 * torch.rand(1, generator=gen, device=dev).item()
+        ss = 1.5 + 4.5 * torch.rand(1, generator=gen, device=dev).item()
         sigma = {
             "spacetime": (st, ss, ss),
             "space": (math.inf, ss, ss),
@@ -105,33 +107,33 @@ def video_workload(
         sigmas.append(sigma)
         # Positional part: the same features in q and k, so the logit peaks at zero distance.
         feat = _fourier(pos, sigma, d // 2, gen) * amp  # (n_video, d)
-        qh = torch.zeros(batch, n, d)
-        kh = torch.zeros(batch, n, d)
+        qh = torch.zeros(batch, n, d, device=dev)
+        kh = torch.zeros(batch, n, d, device=dev)
         qh[:, :n_video] = feat
         kh[:, :n_video] = feat
         # Text: content-only tokens that every query attends to a little, and that attend broadly.
-        qh[:, n_video:] = torch.randn(batch, text_tokens, d, generator=gen) * amp / math.sqrt(d)
-        kh[:, n_video:] = torch.randn(batch, text_tokens, d, generator=gen) * amp / math.sqrt(d)
-        qh += torch.randn(batch, n, d, generator=gen) * noise * amp / math.sqrt(d)
-        kh += torch.randn(batch, n, d, generator=gen) * noise * amp / math.sqrt(d)
+        qh[:, n_video:] = torch.randn(batch, text_tokens, d, generator=gen, device=dev) * amp / math.sqrt(d)
+        kh[:, n_video:] = torch.randn(batch, text_tokens, d, generator=gen, device=dev) * amp / math.sqrt(d)
+        qh += torch.randn(batch, n, d, generator=gen, device=dev) * noise * amp / math.sqrt(d)
+        kh += torch.randn(batch, n, d, generator=gen, device=dev) * noise * amp / math.sqrt(d)
         # Shared means along two fixed orthogonal directions: raises the self-similarity of
         # blocks by a per-head amount while adding (almost) nothing to q.k.
-        basis = torch.linalg.qr(torch.randn(d, 3, generator=gen))[0].T  # 3 orthonormal rows
-        mean_strength = 1.5 * torch.rand(1, generator=gen).item() * amp
+        basis = torch.linalg.qr(torch.randn(d, 3, generator=gen, device=dev))[0].T  # 3 orthonormal rows
+        mean_strength = 1.5 * torch.rand(1, generator=gen, device=dev).item() * amp
         qh += mean_strength * basis[0]
         kh += mean_strength * basis[1]
         # Sinks: a few video keys that every query likes (logit bonus ~ sharpness).
         if sinks:
-            idx = torch.randperm(n_video, generator=gen)[:sinks]
+            idx = torch.randperm(n_video, generator=gen, device=dev)[:sinks]
             g = math.sqrt(sharpness * math.sqrt(d))
             qh += 0.5 * g * basis[2]
             kh[:, idx] += 2.0 * g * basis[2]
         # Values: smooth in space-time plus content, so errors are measured on a realistic signal.
         vfeat = _fourier(pos, (4.0, 8.0, 8.0), d // 2, gen) * math.sqrt(d)
-        vh = torch.randn(batch, n, d, generator=gen) * 0.5
+        vh = torch.randn(batch, n, d, generator=gen, device=dev) * 0.5
         vh[:, :n_video] += vfeat
         qs.append(qh)
         ks.append(kh)
         vs.append(vh)
-    stack = lambda xs: torch.stack(xs, dim=1).to(device=device, dtype=dtype)  # noqa: E731
-    return Workload(stack(qs), stack(ks), stack(vs), grid, text_tokens, sigmas)
+    q, k, v = (torch.stack(xs, dim=1).to(device=device, dtype=dtype) for xs in (qs, ks, vs))
+    return Workload(q, k, v, grid, text_tokens, sigmas)

@@ -166,14 +166,15 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
             left = budget - (time.perf_counter() - start)
             total = max(step + 1, step + int(left / per_step))
             print(f"[toy_shapes] {per_step * 1000:.1f} ms/step -> {total} steps in {cfg.minutes} min", flush=True)
-        if step % cfg.log_every == 0 or step == total:
+        stop = hard_stop is not None and step < total and time.perf_counter() - start > hard_stop
+        if step % cfg.log_every == 0 or step == total or stop:
             entry = {"step": step, "loss": round(run_loss.item() / run_n, 5), "lr": lr,
                      "seconds": round(time.perf_counter() - start, 1), "val_loss": round(val_loss(), 5)}
             history.append(entry)
             print(f"[toy_shapes] {json.dumps(entry)}", flush=True)
             run_loss.zero_()
             run_n = 0
-        if hard_stop is not None and step < total and time.perf_counter() - start > hard_stop:
+        if stop:
             print(f"[toy_shapes] max_minutes reached: stopping at step {step} of {total}", flush=True)
             stopped_early = True
             break

@@ -30,7 +30,9 @@ def _scores(q_ptr, k_ptr, sqn, sqd, skn, skd, a_idx, b_idx, nq_src, nk_src, cols
             D: tl.constexpr, S: tl.constexpr, DOT_FP32: tl.constexpr):
     # sum_s q[a*S + S-1-s] . k[b*S + s]: a plain dot for S == 1, anti-diagonal sums for S > 1.
     acc = tl.zeros((a_idx.shape[0], b_idx.shape[0]), dtype=tl.float32)
-    for s in tl.static_range(S):
+    # A loop, not unrolled: unrolled, the S tile pairs' loads are all kept in flight and
+    # overflow shared memory at D=128, S=8 (393 KB requested on the H100).
+    for s in range(S):
         qr = a_idx * S + (S - 1 - s)
         kr = b_idx * S + s
         qt = tl.load(q_ptr + qr[:, None] * sqn + cols[None, :] * sqd,
@@ -69,8 +71,8 @@ def _block_select_kernel(
     h = bh % H
     QT: tl.constexpr = QB * RQ
     KT: tl.constexpr = KB * RK
-    q_base = q_ptr + b * sqb + h * sqh
-    k_base = k_ptr + b * skb + h * skh
+    q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh  # int64: B*H*N*D may pass 2**31
+    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     t_base = trust_ptr + bh * nk
     kv_len = N
     if HAS_LENS:

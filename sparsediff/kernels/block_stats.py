@@ -31,7 +31,7 @@ def _block_stats_kernel(
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, DP)
     x = tl.load(
-        x_ptr + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
+        x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None] * sxn + cols[None, :] * sxd,
         mask=(rows[:, None] < n_valid) & (cols[None, :] < D), other=0.0,
     ).to(tl.float32)
 
@@ -41,7 +41,7 @@ def _block_stats_kernel(
     cnt = tl.minimum(tl.maximum(n_valid - sub_idx * SUB, 0), SUB).to(tl.float32)
     pooled = sums / tl.maximum(cnt, 1.0)[:, None]
     tl.store(
-        pooled_ptr + (bh * n_sub + sub_idx[:, None]) * D + cols[None, :], pooled,
+        pooled_ptr + (bh.to(tl.int64) * n_sub + sub_idx[:, None]) * D + cols[None, :], pooled,
         mask=(sub_idx[:, None] < n_sub) & (cols[None, :] < D),
     )
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One lent-GPU session's measurements, from the repository root: installs the carried wheels
+# (the device image has torch + triton but no diffusers), then runs the named stages and packs
+# every result into $OUT/results.tgz (the device tool returns at most 8 files).
+#   scripts/gpu_session.sh kernel predict e2e          # benchmarks
+#   scripts/gpu_session.sh toy overhead render         # model-level measurements
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# sparsediff.pipelines/.calibration/.apps map to top-level folders: install the package editable.
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+out=${OUT:-/tmp/gpu-out}
+res=/tmp/gpu-results
+mkdir -p "$out" "$res"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$res/gpu.txt"
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$res/gpu.txt"
+for stage in "$@"; do
+  start=$(date +%s)
+  case "$stage" in
+    smoke)    python3 scripts/gpu_smoke.py ;;
+    kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
+    predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;
+    e2e)      python3 -m sparsediff bench e2e --out "$res/e2e" ;;
+    toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
+    overhead) python3 -m sparsediff.calibration.bench_overhead --steps 20 --out "$res/overhead" ;;
+    render)   printf 'a red fox running through snow\na city street at night in the rain\n' > /tmp/prompts.txt
+              python3 -m sparsediff render --model wan2.1-t2v-1.3b --random-weights --prompts /tmp/prompts.txt \
+                  --out "$res/render-dense" --steps 10 --dense &&
+              python3 -m sparsediff render --model wan2.1-t2v-1.3b --random-weights --prompts /tmp/prompts.txt \
+                  --out "$res/render-sparse" --steps 10 --cdf-threshold 0.9 --sim-threshold 0.0 --dense-steps 2 &&
+              cat "$res"/render-*/summary.csv ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac 2>&1 | tee "$res/$stage.log"
+  echo "== stage $stage: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$res/stages.txt"
+  # Pack after every stage, so a run stopped at the time limit still returns what finished.
+  find "$res" -name '*.mp4' -size +4M -delete  # keep the archive small; sidecars and CSVs stay
+  tar -C "$res" -czf "$out/results.tgz" .
+done
+ls -l "$out"
