@@ -173,9 +173,8 @@ def test_shipped_weights_load_and_render(shipped):
 
 
 def test_shipped_model_draws_the_named_colour(shipped):
-    # Cheap version of the evaluation's colour check (5 frames, 6 steps; the model was trained
-    # mostly on 5-frame windows). Motion is not asserted: the shipped CPU-trained weights do not
-    # show it yet (weights/eval_report.json).
+    # Cheap version of the evaluation's colour check (5 frames, 6 steps). Motion is not asserted:
+    # the shipped weights have not learned it (weights/eval_report.json: translations 0/12).
     clips = [([("red", "circle", "moves left")], "black"), ([("green", "circle", "moves right")], "checkered")]
     out = shipped(prompt=[data.caption_for(objs, bg) for objs, bg in clips], num_frames=5, num_inference_steps=6,
                   generator=[torch.Generator().manual_seed(i) for i in range(len(clips))]).frames
