@@ -10,12 +10,14 @@ Per measured call (one layer, one step, one CFG branch) and per candidate thresh
 - pv_skipped: with a pv threshold, the fraction of pairs kept by the mask whose P·V the kernel skipped.
 Only these (C, H) numbers are kept (on the device until `drain`), never q/k/v.
 
-Cost: one dense SDPA (returned, so the pipeline's trajectory is the dense one), then per candidate
-one `predict_block_mask` over the whole sequence (scalar thresholds: all heads at once) and one
-`block_sparse_attention` over the sampled query blocks only. Estimate for the default grid (12
-candidates, 1/8 of the query blocks): kernel work 0.125 x (sum of the candidates' keep fractions,
-<= 9.7 when attention is near uniform) ~ 1.2 dense calls at most, plus 12 predictions at ~1.6% of
-a dense call each; on the leading 20% of steps and every 4th after. bench_overhead.py measures it.
+Cost: one dense SDPA (returned, so the pipeline's trajectory is the dense one), then per sim value
+one block-mass estimate over the whole sequence (`predict_with`: every cdf candidate of that sim
+is a cheap top-CDF selection on the same estimate; scalar thresholds, all heads at once), and per
+candidate one `block_sparse_attention` over the sampled query blocks only. Estimate for the
+default grid (12 candidates over 2 sim values, 1/8 of the query blocks): kernel work 0.125 x (sum
+of the candidates' keep fractions, <= 9.7 when attention is near uniform) ~ 1.2 dense calls at
+most, plus 2 estimates; on the leading 20% of steps and every 4th after. bench_overhead.py
+measures it.
 """
 from __future__ import annotations
 
@@ -154,7 +156,7 @@ class CalibrationController(AttentionController):
 
     def _measure(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  ref: torch.Tensor) -> None:
-        from sparsediff.attention import block_sparse_attention, predict_block_mask
+        from sparsediff.attention import DEFAULT_METHOD, block_sparse_attention, head_thresholds, predict_with
 
         self._calls += 1
         batch, heads, n_tokens, _ = q.shape
@@ -172,16 +174,20 @@ class CalibrationController(AttentionController):
                    else call.kv_lens.to(device).clamp(max=n_tokens))
         valid_kb = torch.arange(n_kb, device=device)[None, :] * BLOCK_N < n_valid[:, None]  # (B, KB)
         pairs = math.ceil(n_tokens / BLOCK_M) * valid_kb.sum()
-        extra = {} if call.method is None else {"method": call.method}
+        # One block-mass estimate per sim value serves every cdf (and pv) candidate sharing it.
+        masks: dict[tuple[float, float], torch.Tensor] = {}
+        for sim in dict.fromkeys(c.sim for c in self.candidates):
+            cdfs = list(dict.fromkeys(c.cdf for c in self.candidates if c.sim == sim))
+            predicted = predict_with(q, k, head_thresholds(cdfs, sim, heads, device), method=call.method or DEFAULT_METHOD,
+                                     scale=q.shape[-1] ** -0.5, kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens)
+            masks.update(((sim, cdf), mask) for cdf, mask in zip(cdfs, predicted))
 
         n_cand = len(self.candidates)
         err = torch.empty(n_cand, heads, device=device)
         sparsity = torch.empty(n_cand, heads, device=device)
         pv_skipped = torch.zeros(n_cand, heads, device=device)
         for c, cand in enumerate(self.candidates):
-            mask = predict_block_mask(q, k, cdf_threshold=cand.cdf, sim_threshold=cand.sim, kv_lens=call.kv_lens,
-                                      dense_tail_tokens=call.text_tokens, **extra)
-            mask = mask & valid_kb[:, None, None, :]
+            mask = masks[cand.sim, cand.cdf] & valid_kb[:, None, None, :]
             sparsity[c] = 1.0 - mask.sum(dim=(0, 2, 3)) / pairs
             mask_rows = mask.index_select(2, block_idx)
             out = block_sparse_attention(q_rows, k, v, mask_rows, kv_lens=call.kv_lens, pv_threshold=cand.pv,

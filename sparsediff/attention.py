@@ -39,15 +39,21 @@ calibration.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from sparsediff.kernels.block_select import block_select
+from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention
 from sparsediff.kernels.block_stats import block_stats
 
-__all__ = ["BLOCK_M", "BLOCK_N", "METHODS", "DEFAULT_METHOD", "block_sparse_attention", "predict_block_mask", "sparse_attention"]
+__all__ = [
+    "BLOCK_M", "BLOCK_N", "METHODS", "DEFAULT_METHOD", "HeadThresholds", "block_sparse_attention",
+    "head_thresholds", "predict_block_mask", "predict_block_masks", "predict_with", "sparse_attention",
+]
 
 METHODS = ("sampled", "qpool", "pooled", "antidiag")
 DEFAULT_METHOD = "sampled"
@@ -59,8 +65,9 @@ DEFAULT_SIM_THRESHOLD = 0.2
 Threshold = float | torch.Tensor
 
 
-def _per_head(value: Threshold, name: str, heads: int, device: torch.device) -> torch.Tensor:
-    """A threshold as an fp32 (H,) tensor in [0, 1]; ValueError naming `name` otherwise."""
+def _per_head(value: Threshold, name: str, heads: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A threshold as an fp32 (H,) tensor in [0, 1] and its largest value; ValueError naming `name`
+    otherwise. A float is checked on the host; a tensor's values are read back (a device sync)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
@@ -68,10 +75,40 @@ def _per_head(value: Threshold, name: str, heads: int, device: torch.device) -> 
             raise ValueError(f"{name} must be a float or a tensor of shape ({heads},), got shape {tuple(value.shape)}")
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise ValueError(f"{name} must be a float or a tensor of shape ({heads},), got {type(value).__name__}")
-    t = torch.as_tensor(value, dtype=torch.float32).to(device).expand(heads).contiguous()
-    if not bool(((t >= 0) & (t <= 1)).all()):
+    if isinstance(value, torch.Tensor):
+        values = value.detach().float().cpu()
+        t = value.detach().to(device=device, dtype=torch.float32).contiguous()
+    else:
+        values = torch.tensor([float(value)])
+        t = torch.full((heads,), float(value), dtype=torch.float32, device=device)
+    if not bool(((values >= 0) & (values <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return t
+    return t, float(values.max())
+
+
+@dataclass(frozen=True)
+class HeadThresholds:
+    """Validated per-head thresholds on one device, for `predict_with`: build once, reuse per call.
+
+    cdf: one fp32 (H,) tensor per mask wanted (several share one block-mass estimate); sim: fp32
+    (H,); uses_sim: whether any head's sim threshold is above 0 (else the self-similarity pass is
+    skipped).
+    """
+
+    cdf: tuple[torch.Tensor, ...]
+    sim: torch.Tensor
+    uses_sim: bool
+
+
+def head_thresholds(
+    cdf_thresholds: Sequence[Threshold], sim_threshold: Threshold, heads: int, device: torch.device
+) -> HeadThresholds:
+    """Check and convert thresholds (floats or (H,) tensors in [0, 1]) once, for `predict_with`."""
+    if isinstance(cdf_thresholds, (str, bytes)) or not isinstance(cdf_thresholds, Sequence) or not cdf_thresholds:
+        raise ValueError(f"cdf_thresholds must be a non-empty sequence, got {cdf_thresholds!r}")
+    cdf = tuple(_per_head(c, "cdf_threshold", heads, device)[0] for c in cdf_thresholds)
+    sim, sim_max = _per_head(sim_threshold, "sim_threshold", heads, device)
+    return HeadThresholds(cdf, sim, sim_max > 0)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None, dense_tail_tokens: int, method: str) -> None:
@@ -107,14 +144,24 @@ def _valid_key_blocks(b: int, n: int, kv_lens: torch.Tensor | None, device: torc
     return starts[None, :] < lens[:, None]
 
 
-def sample_rows(n: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def sample_rows(n: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Indices of the QUERY_SAMPLES queries that stand for each query block: one per equal segment
     of the block, at golden-ratio offsets so that successive segments (rows of a raster strip,
-    rows of a tile) are sampled at different positions; clamped into a ragged last block."""
+    rows of a tile) are sampled at different positions; clamped into a ragged last block.
+    Cached per (n, device): building them on the host and copying would sync every call."""
     seg = BLOCK_M // QUERY_SAMPLES
     offsets = [int((m + 0.5) * 0.6180339887 % 1.0 * seg) for m in range(QUERY_SAMPLES)]
     starts = torch.arange(-(-n // BLOCK_M))[:, None] * BLOCK_M + torch.arange(QUERY_SAMPLES)[None, :] * seg
-    return (starts + torch.tensor(offsets)).clamp_max(n - 1).flatten()
+    return (starts + torch.tensor(offsets)).clamp_max(n - 1).flatten().to(device)
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    return float(scale)
 
 
 def predict_block_mask(
@@ -135,44 +182,75 @@ def predict_block_mask(
     softmax scale (default D**-0.5). kv_lens: int (B,); key blocks with no valid key are False.
     dense_tail_tokens: the last tokens (text) are attended densely both ways.
     """
+    return predict_block_masks(q, k, [cdf_threshold], sim_threshold, method=method, scale=scale,
+                               kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens)[0]
+
+
+def predict_block_masks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cdf_thresholds: Sequence[Threshold],
+    sim_threshold: Threshold = DEFAULT_SIM_THRESHOLD,
+    *,
+    method: str = DEFAULT_METHOD,
+    scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
+    dense_tail_tokens: int = 0,
+) -> list[torch.Tensor]:
+    """`predict_block_mask` for each of several cdf thresholds, at the cost of one block-mass
+    estimate and one cheap selection per extra threshold (calibration's candidate grid)."""
     _check_inputs(q, k, kv_lens, dense_tail_tokens, method)
+    thresholds = head_thresholds(cdf_thresholds, sim_threshold, q.shape[1], q.device)
+    return predict_with(q, k, thresholds, method=method, scale=_check_scale(scale, q.shape[3]),
+                        kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens)
+
+
+def predict_with(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    thresholds: HeadThresholds,
+    *,
+    method: str,
+    scale: float,
+    kv_lens: torch.Tensor | None,
+    dense_tail_tokens: int,
+) -> list[torch.Tensor]:
+    """The prediction itself, on arguments already checked (`head_thresholds`, `predict_block_masks`):
+    no host-device sync, so callers that validate once (the processors) keep the GPU queue full."""
     b, h, n, d = q.shape
-    cdf = _per_head(cdf_threshold, "cdf_threshold", h, q.device)
-    sim_thr = _per_head(sim_threshold, "sim_threshold", h, q.device)
-    if scale is None:
-        scale = d ** -0.5
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     view = (1, h, 1)
     q_pooled = q_trusted = k_trusted = None
-    if method in ("qpool", "pooled") or bool((sim_thr > 0).any()):  # one pass over q
+    if method in ("qpool", "pooled") or thresholds.uses_sim:  # one pass over q
         q_pooled, q_sim = block_stats(q, BLOCK_M, BLOCK_M)
-        q_trusted = q_sim >= sim_thr.view(view)
+        q_trusted = q_sim >= thresholds.sim.view(view)
     if method == "sampled":
-        qf, kf = q[:, :, sample_rows(n).to(q.device)], k
+        qf, kf = q[:, :, sample_rows(n, q.device)], k
         geometry = dict(stride=1, q_tokens=BLOCK_M // QUERY_SAMPLES, k_tokens=1)
     elif method == "qpool":
         qf, kf = q_pooled, k
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=1)
     elif method == "pooled":
         kf, k_sim = block_stats(k, BLOCK_N, BLOCK_N, kv_lens)
-        qf, k_trusted = q_pooled, k_sim >= sim_thr.view(view)
+        qf, k_trusted = q_pooled, k_sim >= thresholds.sim.view(view)
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=BLOCK_N)
     else:
         qf, kf = q, k
         geometry = dict(stride=ANTIDIAG_STRIDE, q_tokens=ANTIDIAG_STRIDE, k_tokens=ANTIDIAG_STRIDE)
-    mask, _ = block_select(
-        qf, kf, cdf, n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=float(scale),
+    first, mass = block_select(
+        qf, kf, thresholds.cdf[0], n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=scale,
         kv_lens=kv_lens, k_trusted=k_trusted, **geometry,
     )
+    valid = _valid_key_blocks(b, n, kv_lens, q.device)[:, None, None, :]
+    keep_all = torch.zeros_like(first)  # blocks every mask keeps, whatever its threshold
     if q_trusted is not None:
-        mask |= ~q_trusted[..., :, None]
+        keep_all |= ~q_trusted[..., :, None]
     if k_trusted is not None:
-        mask |= ~k_trusted[..., None, :]
+        keep_all |= ~k_trusted[..., None, :]
     if dense_tail_tokens:
-        mask[:, :, (n - dense_tail_tokens) // BLOCK_M :, :] = True
-        mask[:, :, :, (n - dense_tail_tokens) // BLOCK_N :] = True
-    return mask & _valid_key_blocks(b, n, kv_lens, q.device)[:, None, None, :]
+        keep_all[:, :, (n - dense_tail_tokens) // BLOCK_M :, :] = True
+        keep_all[:, :, :, (n - dense_tail_tokens) // BLOCK_N :] = True
+    masks = [first] + [select_top_cdf(mass, cdf) for cdf in thresholds.cdf[1:]]
+    return [(m | keep_all) & valid for m in masks]
 
 
 def sparse_attention(

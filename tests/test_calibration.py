@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import sparsediff
+from sparsediff.attention import head_thresholds
 from sparsediff.calibration import measure
 from sparsediff.calibration.driver import bundled_prompts, sidecar_paths
 from sparsediff.calibration.measure import CalibrationController, Candidate, dense_attention
@@ -158,8 +159,8 @@ def test_measurement_matches_sparse_attention(monkeypatch, interpret):
     cands = [Candidate(0.6, 0.0), Candidate(0.9, 0.3), Candidate(0.9, 0.0, pv=0.05)]
     controller.configure(cands, steps_to_measure=[0], row_fraction=0.5)
     call = AttentionCall(layer_name="l", layer_index=0, step=0, heads=heads, text_tokens=text, kv_lens=None,
-                         grid=None, token_order="raster", tile=None, cdf_threshold=torch.full((heads,), 0.9),
-                         sim_threshold=torch.zeros(heads), pv_threshold=None, method=None)
+                         grid=None, token_order="raster", tile=None, thresholds=head_thresholds([0.9], 0.0, heads, q.device),
+                         pv_threshold=None, method=None)
     out, mask = controller.run_sparse(call, q, k, v)
     torch.testing.assert_close(out, dense_attention(q, k, v, None))  # the run stays dense
     assert bool(mask.all())

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
-from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, QUERY_SAMPLES, predict_block_mask, sample_rows
-from sparsediff.kernels.block_select import block_select
+from sparsediff.attention import (
+    BLOCK_M, BLOCK_N, METHODS, QUERY_SAMPLES, predict_block_mask, predict_block_masks, sample_rows,
+)
+from sparsediff.kernels import block_select as block_select_module
+from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_select_reference import block_mass_reference, block_select_reference, top_cdf
 from sparsediff.kernels.block_stats import block_stats
 from sparsediff.kernels.block_stats_reference import block_stats_reference
@@ -71,6 +74,39 @@ def test_block_select_matches_reference(method, shape, dtype, lens, trust):
     assert (mask != ref_mask).float().mean() <= 0.01
     rows = mass.sum(-1)
     assert torch.allclose(rows[rows > 0], torch.ones_like(rows[rows > 0]), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sampled", "antidiag"])
+def test_block_select_chunks_and_tile_groups_agree(monkeypatch, method):
+    # Scratch-bounded chunks of query blocks and several key tiles per program give the same result.
+    q, k = torch.randn(2, 2, 600, 32) * 2, torch.randn(2, 2, 600, 32) * 2
+    qf, kf, geometry = _features(method, q, k, None)
+    kw = dict(n_tokens=600, block_m=128, block_n=64, scale=32**-0.5, **geometry)
+    thr = torch.tensor([0.9, 0.7])
+    whole = block_select(qf, kf, thr, **kw)
+    monkeypatch.setattr(block_select_module, "PARTIAL_ELEMENTS", 1)  # one query block a chunk
+    monkeypatch.setattr(block_select_module, "KEY_ROWS", 64 if method == "sampled" else 16)
+    monkeypatch.setattr(block_select_module, "TARGET_PROGRAMS", 1)  # as many key tiles a program as allowed
+    monkeypatch.setattr(block_select_module, "MAX_TILES_PER_PROGRAM", 3)  # not dividing the tile count
+    parts = block_select(qf, kf, thr, **kw)
+    torch.testing.assert_close(parts[1], whole[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts[1], block_mass_reference(qf, kf, **kw), atol=1e-5, rtol=1e-4)
+    assert (parts[0] != whole[0]).float().mean() <= 0.01
+
+
+def test_select_top_cdf_matches_reference():
+    mass = torch.rand(2, 3, 5, 70) ** 4
+    thr = torch.tensor([0.5, 0.95, 1.0])
+    assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_thresholds_share_one_estimate(workload, method):
+    q, k = workload.q, workload.k
+    cdfs = [0.5, torch.tensor([0.9, 0.7]), 1.0]
+    together = predict_block_masks(q, k, cdfs, 0.2, method=method, dense_tail_tokens=40)
+    for cdf, mask in zip(cdfs, together):
+        assert torch.equal(mask, predict_block_mask(q, k, cdf, 0.2, method=method, dense_tail_tokens=40))
 
 
 def test_top_cdf_keeps_fewest_blocks_reaching_threshold():
@@ -199,12 +235,22 @@ def test_sample_rows_cover_each_block_segment():
         (dict(kv_lens=torch.tensor([10, 10])), "kv_lens"),
         (dict(kv_lens=torch.tensor([0])), "kv_lens"),
         (dict(scale=0.0), "scale"),
+        (dict(scale=True), "scale"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     with pytest.raises(ValueError, match=name):
         predict_block_mask(q, k, **kwargs)
+
+
+def test_bad_threshold_lists_name_themselves():
+    q, k = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    for bad in ([], 0.5, "0.5"):
+        with pytest.raises(ValueError, match="cdf_thresholds"):
+            predict_block_masks(q, k, bad)
+    with pytest.raises(ValueError, match="cdf_threshold"):
+        predict_block_masks(q, k, [0.5, 1.2])
 
 
 @pytest.mark.parametrize("q,k,name", [

@@ -1,11 +1,23 @@
-"""Triton kernel: block-mass estimate from per-row features and top-CDF block selection.
+"""Triton kernels: block-mass estimate from per-row features, and top-CDF block selection.
 
-One program takes QB query blocks of one (batch, head). Pass 1 runs an online softmax
-normaliser over every key feature row; pass 2 recomputes the scores, turns them into
-probabilities and sums them into per-(query block, key block) masses, written out; then, after a
-barrier, each of its query blocks finds its top-CDF cutoff by bisection on the float bit
-pattern of the cutoff mass (non-negative floats order like their int32 bits, so 32 halvings
-land exactly on the k-th largest mass) — no sort.
+The estimate is a softmax over every key feature row for each query feature row, summed per key
+block. It runs in two launches so that the work spreads over the whole GPU (a short sequence has
+few query rows, a long one many keys):
+
+1. `_partial_mass_kernel`, one program per (query-row group, key-tile group, batch*head): for each
+   of its key tiles, the scores of its query rows, their maximum over the tile, and
+   exp(score - tile maximum) summed per key block. No state crosses tiles, so one pass over the
+   keys suffices and every tile is a separate unit of parallel work.
+2. `_combine_select_kernel`, one program per SR query blocks of one (batch, head): rescales each
+   row's tile sums to the row's global maximum, normalises them, averages a query block's rows
+   (weighted by their valid query tokens), writes the block masses and, optionally, keeps the
+   fewest blocks whose mass reaches the head's `cdf_threshold` (bisection on the float bit pattern
+   of the cutoff: non-negative floats order like their int32 bits, so 32 halvings land exactly
+   on the k-th largest mass; no sort).
+
+`select_top_cdf` runs the selection alone on given masses (calibration scores several thresholds
+against one estimate). The per-tile partial sums live in a scratch buffer bounded by
+PARTIAL_ELEMENTS; longer problems are processed in chunks of query blocks.
 """
 from __future__ import annotations
 
@@ -16,34 +28,19 @@ import triton.language as tl
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
-# Tile configs: key feature rows per tile, query feature rows per program (at least 16 for
-# tl.dot), and the widest key-block row the in-register bisection handles.
-KEY_ROWS = 64
-QUERY_ROWS = 32
+# Tile configs. Phase 1: query feature rows per program (>= 16 for tl.dot), key feature rows per
+# tile, and at most this many tiles per program (fewer when that leaves the GPU underfilled).
+QUERY_ROWS = 64
+KEY_ROWS = 128
+MAX_TILES_PER_PROGRAM = 8
+TARGET_PROGRAMS = 2048  # enough programs to fill 132 SMs many times over, tails included
+PARTIAL_NUM_WARPS = 4
+# Phase 2: masses held in registers at once (rows per program = this // padded row width), and
+# the widest key-block row the in-register bisection handles.
+SELECT_ELEMENTS = 4096
 MAX_KEY_BLOCKS = 8192
-SELECT_ELEMENTS = 8192  # masses held at once by the bisection: rows per step = this // row width
-NUM_WARPS = 4
-
-
-@triton.jit
-def _scores(q_ptr, k_ptr, sqn, sqd, skn, skd, a_idx, b_idx, nq_src, nk_src, cols,
-            D: tl.constexpr, S: tl.constexpr, DOT_FP32: tl.constexpr):
-    # sum_s q[a*S + S-1-s] . k[b*S + s]: a plain dot for S == 1, anti-diagonal sums for S > 1.
-    acc = tl.zeros((a_idx.shape[0], b_idx.shape[0]), dtype=tl.float32)
-    # A loop, not unrolled: unrolled, the S tile pairs' loads are all kept in flight and
-    # overflow shared memory at D=128, S=8 (393 KB requested on the H100).
-    for s in range(S):
-        qr = a_idx * S + (S - 1 - s)
-        kr = b_idx * S + s
-        qt = tl.load(q_ptr + qr[:, None] * sqn + cols[None, :] * sqd,
-                     mask=(qr[:, None] < nq_src) & (cols[None, :] < D), other=0.0)
-        kt = tl.load(k_ptr + kr[:, None] * skn + cols[None, :] * skd,
-                     mask=(kr[:, None] < nk_src) & (cols[None, :] < D), other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)))
-        else:
-            acc += tl.dot(qt.to(kt.dtype), tl.trans(kt))
-    return acc
+SELECT_NUM_WARPS = 8
+PARTIAL_ELEMENTS = 2**27  # fp32 scratch of the per-tile sums: 512 MiB at most
 
 
 @triton.jit
@@ -57,83 +54,146 @@ def _key_logw(b_idx, kv_len, k_tokens, trust_ptr, RK: tl.constexpr, HAS_TRUST: t
 
 
 @triton.jit
-def _block_select_kernel(
-    q_ptr, k_ptr, thr_ptr, lens_ptr, trust_ptr, mass_ptr, mask_ptr,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    H, N, nq_src, nk_src, nq, nk, q_tokens, k_tokens, scale,
-    D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RQ: tl.constexpr, RK: tl.constexpr,
-    QB: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr,
-    HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr, SELECT: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    QT: tl.constexpr = QB * RQ
-    KT: tl.constexpr = KB * RK
-    q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh  # int64: B*H*N*D may pass 2**31
-    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    t_base = trust_ptr + bh * nk
-    kv_len = N
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(lens_ptr + b), N)
-    cols = tl.arange(0, DP)
-    a_idx = pid * QT + tl.arange(0, QT)
-    n_key_rows = nk * RK
-
-    # Pass 1: per query feature row, max and normaliser of exp(score + logw) over all key rows.
-    m_i = tl.full((QT,), -1.0e30, dtype=tl.float32)  # finite: -inf - -inf would be NaN
-    l_i = tl.zeros((QT,), dtype=tl.float32)
-    for k0 in range(0, n_key_rows, KT):
-        b_idx = k0 + tl.arange(0, KT)
-        s = _scores(q_base, k_base, sqn, sqd, skn, skd, a_idx, b_idx, nq_src, nk_src, cols, D, S, DOT_FP32)
-        s = s * scale + _key_logw(b_idx, kv_len, k_tokens, t_base, RK, HAS_TRUST)[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
-
-    # Pass 2: probabilities, weighted by each query row's valid tokens, summed per block pair.
-    wq = tl.minimum(tl.maximum(N - a_idx * q_tokens, 0), q_tokens).to(tl.float32)
-    row_w = wq / tl.where(l_i > 0, l_i, 1.0)
-    w_blk = tl.sum(tl.reshape(wq, (QB, RQ)), axis=1)
-    w_blk = tl.where(w_blk > 0, w_blk, 1.0)
-    qblk = pid * QB + tl.arange(0, QB)
-    out_base = bh * nq * nk
-    for k0 in range(0, n_key_rows, KT):
-        b_idx = k0 + tl.arange(0, KT)
-        s = _scores(q_base, k_base, sqn, sqd, skn, skd, a_idx, b_idx, nq_src, nk_src, cols, D, S, DOT_FP32)
-        s = s * scale + _key_logw(b_idx, kv_len, k_tokens, t_base, RK, HAS_TRUST)[None, :]
-        p = tl.exp(s - m_i[:, None]) * row_w[:, None]
-        blk_mass = tl.sum(tl.sum(tl.reshape(p, (QB, RQ, KB, RK)), axis=3), axis=1) / w_blk[:, None]
-        kblk = k0 // RK + tl.arange(0, KB)
-        tl.store(mass_ptr + out_base + qblk[:, None] * nk + kblk[None, :], blk_mass,
-                 mask=(qblk[:, None] < nq) & (kblk[None, :] < nk))
-    if SELECT:
-        _select_rows(mass_ptr + out_base, mask_ptr + out_base, thr_ptr + h, pid * QB, nq, nk, QB, NKP, SR)
+def _dot_rows(qt, kt, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(qt.to(tl.float32), tl.trans(kt.to(tl.float32)))
+    return tl.dot(qt.to(kt.dtype), tl.trans(kt))
 
 
 @triton.jit
-def _select_rows(mass_ptr, mask_ptr, thr_ptr, row0, nq, nk, QB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr):
-    # Top-CDF per query block: largest cutoff c with sum(mass >= c) >= thr * total; SR rows at once.
-    tl.debug_barrier()  # the rows were just written by other threads of this program
-    thr = tl.load(thr_ptr)
+def _partial_mass_kernel(
+    q_ptr, k_ptr, lens_ptr, trust_ptr, part_ptr, tmax_ptr,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, k_tokens, scale,
+    D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RK: tl.constexpr, QT: tl.constexpr,
+    KT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # Program ids: query-row group fastest, so programs running together share their key tiles in L2.
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    KB: tl.constexpr = KT // RK
+    q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh  # int64: B*H*N*D may pass 2**31
+    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    kv_len = N
+    if HAS_LENS:
+        kv_len = tl.minimum(tl.load(lens_ptr + b), kv_len)
+    local = tl.program_id(0) * QT + tl.arange(0, QT)  # rows of this chunk
+    a_idx = row0 + local  # feature rows
+    row_ok = local < n_rows
+    cols = tl.arange(0, DP)
+    if S == 1:  # plain dot products: the query rows stay in registers for every tile
+        qt = tl.load(q_base + a_idx[:, None] * sqn + cols[None, :] * sqd,
+                     mask=(a_idx[:, None] < nq_src) & (cols[None, :] < D), other=0.0)
+    part_base = part_ptr + (bh * n_rows + local)[:, None] * nk
+    tmax_base = tmax_ptr + (bh * n_rows + local) * n_tiles
+    for t in range(tiles_per_program):
+        tile = tl.program_id(1) * tiles_per_program + t
+        b_idx = tile * KT + tl.arange(0, KT)
+        if S == 1:
+            kt = tl.load(k_base + b_idx[:, None] * skn + cols[None, :] * skd,
+                         mask=(b_idx[:, None] < nk_src) & (cols[None, :] < D), other=0.0)
+            s = _dot_rows(qt, kt, DOT_FP32)
+        else:
+            # Anti-diagonal sums (XAttention): sum_s q[a*S + S-1-s] . k[b*S + s]. A loop, not
+            # unrolled: unrolled, the S tile pairs' loads all stay in flight and overflow shared memory.
+            s = tl.zeros((QT, KT), dtype=tl.float32)
+            for j in range(S):
+                qr = a_idx * S + (S - 1 - j)
+                kr = b_idx * S + j
+                qj = tl.load(q_base + qr[:, None] * sqn + cols[None, :] * sqd,
+                             mask=(qr[:, None] < nq_src) & (cols[None, :] < D), other=0.0)
+                kj = tl.load(k_base + kr[:, None] * skn + cols[None, :] * skd,
+                             mask=(kr[:, None] < nk_src) & (cols[None, :] < D), other=0.0)
+                s += _dot_rows(qj, kj, DOT_FP32)
+        s = s * scale + _key_logw(b_idx, kv_len, k_tokens, trust_ptr + bh * nk, RK, HAS_TRUST)[None, :]
+        m = tl.maximum(tl.max(s, axis=1), -1.0e30)  # finite: a tile of no valid key sums to 0
+        p = tl.exp(s - m[:, None])
+        blk = tl.sum(tl.reshape(p, (QT, KB, RK)), axis=2)
+        kblk = tile * KB + tl.arange(0, KB)
+        # A tile past the last (the last program's spare iterations) has kblk >= nk: nothing stored.
+        tl.store(part_base + kblk[None, :], blk, mask=row_ok[:, None] & (kblk[None, :] < nk))
+        tl.store(tmax_base + tile, m, mask=row_ok & (tile + 0 * local < n_tiles))
+
+
+@triton.jit
+def _top_cdf_keep(m, thr):
+    # Keep, per row of the (R, NKP) masses `m` (>= 0), every block at least as heavy as the largest
+    # cutoff c with sum(m >= c) >= thr * total; thr >= 1 keeps every block.
+    bits = m.to(tl.int32, bitcast=True)
+    target = tl.sum(m, axis=1) * thr
+    lo = tl.zeros((m.shape[0],), dtype=tl.int32)
+    hi = tl.max(bits, axis=1) + 1
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        reach = tl.sum(tl.where(bits >= mid[:, None], m, 0.0), axis=1) >= target
+        lo = tl.where(reach, mid, lo)
+        hi = tl.where(reach, hi, mid)
+    lo = tl.where(thr >= 1.0, 0, lo)  # masses are >= 0: cutoff 0 keeps every block
+    return bits >= lo[:, None]
+
+
+@triton.jit
+def _combine_select_kernel(
+    part_ptr, tmax_ptr, thr_ptr, mass_ptr, mask_ptr,
+    H, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
+    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr, SELECT: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    local_qb = tl.program_id(0) * SR + tl.arange(0, SR)  # query blocks of this chunk
     kcols = tl.arange(0, NKP)
-    for g in tl.static_range(QB // SR):
-        rows = row0 + g * SR + tl.arange(0, SR)
-        offs = rows[:, None] * nk + kcols[None, :]
-        ok = (rows[:, None] < nq) & (kcols[None, :] < nk)
-        m = tl.load(mass_ptr + offs, mask=ok, other=0.0)
-        bits = m.to(tl.int32, bitcast=True)
-        target = tl.sum(m, axis=1) * thr
-        lo = tl.zeros((SR,), dtype=tl.int32)
-        hi = tl.max(bits, axis=1) + 1
-        for _ in range(32):
-            mid = lo + (hi - lo) // 2
-            reach = tl.sum(tl.where(bits >= mid[:, None], m, 0.0), axis=1) >= target
-            lo = tl.where(reach, mid, lo)
-            hi = tl.where(reach, hi, mid)
-        lo = tl.where(thr >= 1.0, 0, lo)  # masses are >= 0: cutoff 0 keeps every block
-        tl.store(mask_ptr + offs, (bits >= lo[:, None]).to(tl.int8), mask=ok)
+    ok = (local_qb[:, None] < n_qb) & (kcols[None, :] < nk)
+    acc = tl.zeros((SR, NKP), dtype=tl.float32)
+    wsum = tl.zeros((SR,), dtype=tl.float32)
+    for r in range(RQ):
+        local_row = local_qb * RQ + r
+        part = tl.load(part_ptr + (bh * n_qb * RQ + local_row)[:, None] * nk + kcols[None, :], mask=ok, other=0.0)
+        tmax = tl.load(tmax_ptr + (bh * n_qb * RQ + local_row)[:, None] * n_tiles + kcols[None, :] // KB,
+                       mask=ok, other=-1.0e30)
+        scaled = part * tl.exp(tmax - tl.max(tmax, axis=1)[:, None])
+        total = tl.sum(scaled, axis=1)
+        wq = tl.minimum(tl.maximum(n_tokens - ((qb0 + local_qb) * RQ + r) * q_tokens, 0), q_tokens).to(tl.float32)
+        acc += scaled * (wq / tl.where(total > 0, total, 1.0))[:, None]  # rows with no valid key add 0
+        wsum += wq
+    mass = acc / tl.where(wsum > 0, wsum, 1.0)[:, None]
+    offs = (bh * nq + qb0 + local_qb)[:, None] * nk + kcols[None, :]
+    tl.store(mass_ptr + offs, mass, mask=ok)
+    if SELECT:
+        keep = _top_cdf_keep(mass, tl.load(thr_ptr + bh % H))
+        tl.store(mask_ptr + offs, keep.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _select_kernel(mass_ptr, thr_ptr, mask_ptr, H, nq, nk, NKP: tl.constexpr, SR: tl.constexpr):
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * SR + tl.arange(0, SR)
+    kcols = tl.arange(0, NKP)
+    ok = (rows[:, None] < nq) & (kcols[None, :] < nk)
+    offs = (bh * nq + rows)[:, None] * nk + kcols[None, :]
+    keep = _top_cdf_keep(tl.load(mass_ptr + offs, mask=ok, other=0.0), tl.load(thr_ptr + bh % H))
+    tl.store(mask_ptr + offs, keep.to(tl.int8), mask=ok)
+
+
+def _select_geometry(nk: int) -> tuple[int, int]:
+    """(padded row width, rows per program) of the in-register selection."""
+    nkp = max(16, triton.next_power_of_2(nk))
+    return nkp, max(1, SELECT_ELEMENTS // nkp)
+
+
+def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Tensor:
+    """`top_cdf` of contiguous fp32 (B, H, nq, nk) masses for an fp32 (H,) threshold: bool mask.
+
+    The Triton kernel where kernels are available and rows fit its registers, else `top_cdf`."""
+    b, h, nq, nk = mass.shape
+    thr = cdf_threshold.to(device=mass.device, dtype=torch.float32).contiguous()
+    if not kernels_available(mass.device) or nk > MAX_KEY_BLOCKS:
+        return top_cdf(mass, thr)
+    mass = mass.contiguous()
+    mask = torch.empty(b, h, nq, nk, device=mass.device, dtype=torch.int8)
+    nkp, sr = _select_geometry(nk)
+    _select_kernel[(triton.cdiv(nq, sr), b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, SR=sr,
+                                                 num_warps=SELECT_NUM_WARPS)
+    return mask.view(torch.bool)
 
 
 def block_select(
@@ -153,37 +213,48 @@ def block_select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block masses and their top-CDF selection: returns (mask bool (B, H, nq, nk),
     mass fp32 (B, H, nq, nk)). Arguments and semantics as `block_mass_reference` and `top_cdf`
-    (cdf_threshold: fp32 (H,)); runs the Triton kernel where kernels are available."""
+    (cdf_threshold: fp32 (H,)); runs the Triton kernels where kernels are available."""
     b, h = qf.shape[:2]
     nq, nk = -(-n_tokens // block_m), -(-n_tokens // block_n)
     rq, rk = block_m // q_tokens, block_n // k_tokens
     if qf.dim() != 4 or kf.dim() != 4 or kf.shape[:2] != (b, h) or qf.shape[-1] != kf.shape[-1]:
         raise ValueError(f"qf and kf must be (B, H, M, D) alike, got {tuple(qf.shape)}, {tuple(kf.shape)}")
-    if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS:
+    if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > QUERY_ROWS:
         raise ValueError(f"q_tokens={q_tokens}, k_tokens={k_tokens} must divide the blocks {block_m}x{block_n}")
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
               block_n=block_n, scale=scale, kv_lens=kv_lens, k_trusted=k_trusted)
     if not kernels_available(qf.device):
         return block_select_reference(qf, kf, cdf_threshold, **kw)
-    qb = max(1, QUERY_ROWS // rq)
-    mass = torch.empty(b, h, nq, nk, device=qf.device, dtype=torch.float32)
-    mask = torch.empty(b, h, nq, nk, device=qf.device, dtype=torch.int8)
-    thr = cdf_threshold.to(device=qf.device, dtype=torch.float32).contiguous()
-    lens = kv_lens.to(device=qf.device, dtype=torch.int32) if kv_lens is not None else thr
-    trust = k_trusted.to(torch.int8).contiguous() if k_trusted is not None else mask
-    interp = triton_interpreting()
+    device = qf.device
+    thr = cdf_threshold.to(device=device, dtype=torch.float32).contiguous()
+    lens = kv_lens.to(device=device, dtype=torch.int32) if kv_lens is not None else thr
+    trust = k_trusted.to(torch.int8).contiguous() if k_trusted is not None else thr
+    mass = torch.empty(b, h, nq, nk, device=device, dtype=torch.float32)
+    mask = torch.empty(b, h, nq, nk, device=device, dtype=torch.int8)
     select = nk <= MAX_KEY_BLOCKS  # wider rows: torch's sort-based selection below
-    nkp = max(16, triton.next_power_of_2(nk)) if select else 16
-    _block_select_kernel[(-(-nq // qb), b * h)](
-        qf, kf, thr, lens, trust, mass, mask, *qf.stride(), *kf.stride(),
-        h, n_tokens, qf.shape[-2], kf.shape[-2], nq, nk, q_tokens, k_tokens, scale / stride,
-        D=qf.shape[-1], DP=max(16, triton.next_power_of_2(qf.shape[-1])), S=stride, RQ=rq, RK=rk,
-        QB=qb, KB=KEY_ROWS // rk, NKP=nkp, SR=max(1, min(qb, SELECT_ELEMENTS // nkp)),
-        HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
-        # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
-        DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
-        SELECT=select, num_warps=NUM_WARPS,
-    )
+    nkp, sr = _select_geometry(nk)
+    n_tiles = triton.cdiv(nk * rk, KEY_ROWS)
+    chunk_qb = max(1, min(nq, PARTIAL_ELEMENTS // (b * h * rq * max(nk, n_tiles))))
+    part = torch.empty(b * h * chunk_qb * rq * nk, device=device, dtype=torch.float32)
+    tmax = torch.empty(b * h * chunk_qb * rq * n_tiles, device=device, dtype=torch.float32)
+    interp = triton_interpreting()
+    for qb0 in range(0, nq, chunk_qb):
+        n_qb = min(chunk_qb, nq - qb0)
+        row_groups = triton.cdiv(n_qb * rq, QUERY_ROWS)
+        per_program = max(1, min(MAX_TILES_PER_PROGRAM, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
+        _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
+            qf, kf, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
+            h, n_tokens, qb0 * rq, n_qb * rq, qf.shape[-2], kf.shape[-2], nk, n_tiles, per_program, k_tokens, scale / stride,
+            D=qf.shape[-1], DP=max(16, triton.next_power_of_2(qf.shape[-1])), S=stride, RK=rk, QT=QUERY_ROWS,
+            KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
+            # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
+            DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
+            num_warps=PARTIAL_NUM_WARPS,
+        )
+        _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
+            part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
+            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=SELECT_NUM_WARPS,
+        )
     if not select:
         return top_cdf(mass, thr), mass
     return mask.view(torch.bool), mass

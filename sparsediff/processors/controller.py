@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from sparsediff._runtime import kernels_available, warn_once
+from sparsediff.attention import HeadThresholds, head_thresholds
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, MAX_HEAD_DIM
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
@@ -27,7 +28,7 @@ class AttentionCall:
     text_tokens: the text segment, LAST in the attention order; pass as `dense_tail_tokens`.
     kv_lens: int (B,) valid keys per batch element (HunyuanVideo's padded text), or None.
     grid / token_order / tile: the video layout actually used (grid None: raster, shape unknown).
-    cdf_threshold, sim_threshold: fp32 (H,) tensors on q's device. pv_threshold: one float for the
+    thresholds: the layer's validated cdf/sim thresholds on q's device. pv_threshold: one float for the
     call (the kernel's granularity: the smallest of the profile's per-head values) or None.
     """
 
@@ -40,8 +41,7 @@ class AttentionCall:
     grid: tuple[int, int, int] | None
     token_order: str
     tile: tuple[int, int, int] | None
-    cdf_threshold: torch.Tensor
-    sim_threshold: torch.Tensor
+    thresholds: HeadThresholds
     pv_threshold: float | None
     method: str | None
 
@@ -253,11 +253,11 @@ class AttentionController:
         if perms is not None:
             # Gather in (B, N, H, D) so each token moves as one contiguous row of H*D values.
             q, k, v = (x.transpose(1, 2).index_select(1, perms[0]).transpose(1, 2) for x in (q, k, v))
-        cdf, sim, pv = self._layer_thresholds(layer_name, q.device)
+        thresholds, pv = self._layer_thresholds(layer_name, q.device)
         call = AttentionCall(
             layer_name=layer_name, layer_index=self._layer_index[layer_name], step=self.step, heads=heads,
             text_tokens=n_text, kv_lens=kv_lens, grid=grid, token_order=order, tile=self.profile.tile,
-            cdf_threshold=cdf, sim_threshold=sim, pv_threshold=pv, method=self.profile.method,
+            thresholds=thresholds, pv_threshold=pv, method=self.profile.method,
         )
         out, block_mask = self.run_sparse(call, q, k, v)
         self._record(layer_name, block_mask, batch, heads, n_tokens, padding)
@@ -276,11 +276,10 @@ class AttentionController:
         The one method to override: calibration evaluates candidate thresholds here and may return
         any output (e.g. dense) with the mask it wants counted.
         """
-        from sparsediff.attention import block_sparse_attention, predict_block_mask
+        from sparsediff.attention import DEFAULT_METHOD, block_sparse_attention, predict_with
 
-        extra = {} if call.method is None else {"method": call.method}
-        mask = predict_block_mask(q, k, cdf_threshold=call.cdf_threshold, sim_threshold=call.sim_threshold,
-                                  kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens, **extra)
+        mask, = predict_with(q, k, call.thresholds, method=call.method or DEFAULT_METHOD, scale=q.shape[-1] ** -0.5,
+                             kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens)
         out = block_sparse_attention(q, k, v, mask, kv_lens=call.kv_lens, pv_threshold=call.pv_threshold)
         return out, mask
 
@@ -360,16 +359,16 @@ class AttentionController:
             self._perms[key] = None if perm is None else (perm, inverse_permutation(perm))
         return self._perms[key]
 
-    def _layer_thresholds(self, layer_name: str, device: torch.device
-                          ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    def _layer_thresholds(self, layer_name: str, device: torch.device) -> tuple[HeadThresholds, float | None]:
+        """The layer's thresholds, checked and moved to `device` once: per call that would sync."""
         key = (layer_name, device)
         if key not in self._thresholds:
             layer = self.profile.layers[layer_name]
 
             # The kernel takes one pv threshold per call: the strictest (smallest) of the heads'.
             pv = None if layer.pv_threshold is None else min(layer.pv_threshold)
-            self._thresholds[key] = (torch.tensor(layer.cdf_threshold, dtype=torch.float32, device=device),
-                                     torch.tensor(layer.sim_threshold, dtype=torch.float32, device=device),
+            self._thresholds[key] = (head_thresholds([torch.tensor(layer.cdf_threshold)], torch.tensor(layer.sim_threshold),
+                                                     layer.heads, device),
                                      pv or None)  # 0 means "never skip": the kernel's None
         return self._thresholds[key]
 
