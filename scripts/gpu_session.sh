@@ -2,7 +2,7 @@
 # One lent-GPU session's measurements, from the repository root: installs the carried wheels
 # (the device image has torch + triton but no diffusers), then runs the named stages and packs
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
-#   scripts/gpu_session.sh kernel predict e2e          # benchmarks
+#   scripts/gpu_session.sh kernel predict e2e          # benchmarks (tune: tile-config search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -19,6 +19,8 @@ for stage in "$@"; do
   case "$stage" in
     smoke)    python3 scripts/gpu_smoke.py ;;
     kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
+    tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
+                  --out "$res/tune" ;;
     predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;
     e2e)      python3 -m sparsediff bench e2e --out "$res/e2e" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
