@@ -12,7 +12,6 @@ from sparsediff.kernels.block_sparse_attn import (
     attention_from_lut,
     block_sparse_attention,
     build_block_lut,
-    tma_compatible,
 )
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
@@ -84,22 +83,6 @@ def test_step_blocks_configs(config):
     counts, indices = build_block_lut(mask, 600, kv_lens.int())
     out = attention_from_lut(q, k, v, counts, indices, 0.125, kv_lens=kv_lens.int(), config=config)
     _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 40])  # 40: TMA fills the padded columns with zeros
-def test_tma_config(dtype, head_dim):
-    # diffusers' (B, N, H, D) layout viewed as (B, H, N, D); ragged keys and kv_lens inside the last block.
-    q, k, v = (torch.randn(2, 600, 3, head_dim).to(dtype).transpose(1, 2) for _ in range(3))
-    assert tma_compatible(k, v)
-    mask = torch.rand(_mask_shape(2, 3, 600, 600)) < 0.5
-    mask[0, 0, 0] = False
-    kv_lens = torch.tensor([600, 530]).int()
-    counts, indices = build_block_lut(mask, 600, kv_lens)
-    out = attention_from_lut(q, k, v, counts, indices, 0.125, kv_lens=kv_lens, config=TileConfig(1, 4, 2, tma=True))
-    _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), dtype)
-    odd = torch.randn(1, 600, 3, 63).to(dtype).transpose(1, 2)  # token stride 378 bytes: not TMA-addressable
-    assert not tma_compatible(odd)
 
 
 def test_kv_lens():

@@ -35,6 +35,9 @@ KEY_ROWS = 128
 MAX_TILES_PER_PROGRAM = 8
 TARGET_PROGRAMS = 2048  # enough programs to fill 132 SMs many times over, tails included
 PARTIAL_NUM_WARPS = 4
+# Two stages: at three, fp32 features (pooled, or fp32 q/k) with several tiles per program ask
+# for 256 KiB of shared memory on sm90 (the H100/H200 have 227 KiB); at two, 192 KiB at most.
+PARTIAL_NUM_STAGES = 2
 # Phase 2: masses held in registers at once (rows per program = this // padded row width), and
 # the widest key-block row the in-register bisection handles.
 SELECT_ELEMENTS = 4096
@@ -249,7 +252,7 @@ def block_select(
             KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
-            num_warps=PARTIAL_NUM_WARPS,
+            num_warps=PARTIAL_NUM_WARPS, num_stages=PARTIAL_NUM_STAGES,
         )
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,

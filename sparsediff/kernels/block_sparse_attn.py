@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import triton_interpreting
 from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
@@ -45,7 +44,6 @@ class TileConfig:
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
-    tma: bool = False  # K and V tiles through tensor descriptors (Hopper's TMA); step_blocks 1 only
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`
@@ -162,32 +160,21 @@ def build_block_lut(
 
 
 @triton.jit
-def _load_tile(desc, bh_b, bh_h, key0, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One (BLOCK_N, BLOCK_D) tile of a (B, H, N, D) tensor by TMA; rows past N and columns past D
-    # arrive as zeros.
-    return tl.reshape(desc.load([bh_b, bh_h, key0, 0]), (BLOCK_N, BLOCK_D))
-
-
-@triton.jit
 def _softmax_pv(
-    acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, key0, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-    qk_scale, MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+    acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
+    MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     m_new = tl.maximum(m_i, m_step)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_TMA:
-        # Keys past the valid ones hold finite data (or TMA's zeros) and p == 0 there.
-        v = _load_tile(V_desc, b, h, key0, keys.shape[0], offs_d.shape[0])
+    v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASK_KEYS:
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     else:
-        v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASK_KEYS:
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        elif PAD_D:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
     if DOT_FP32:
         acc = tl.dot(p, v.to(tl.float32), acc)
@@ -198,17 +185,15 @@ def _softmax_pv(
 
 @triton.jit
 def _attn_step(
-    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, lut_row, count, step, n_valid,
+    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, step, n_valid,
     offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
     BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK_KEYS: tl.constexpr,
-    PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+    PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One step over STEP_BLOCKS kept key blocks; MASK_KEYS for the row's last step only."""
     offs_n = tl.arange(0, BLOCK_N * STEP_BLOCKS)
-    key0 = 0  # first key of the step's one block (STEP_BLOCKS == 1; the TMA loads start there)
     if STEP_BLOCKS == 1:
-        key0 = tl.load(lut_row + step).to(tl.int32) * BLOCK_N
-        keys = key0 + offs_n
+        keys = tl.load(lut_row + step).to(tl.int32) * BLOCK_N + offs_n
         key_ok = keys < n_valid
         step_blocks = 1
     else:
@@ -223,16 +208,13 @@ def _attn_step(
             key_ok = entry >= 0
             step_blocks = STEP_BLOCKS
         keys = block * BLOCK_N + offs_n % BLOCK_N
-    if USE_TMA:  # STEP_BLOCKS == 1: the step's keys are one contiguous block
-        k = _load_tile(K_desc, b, h, key0, BLOCK_N, offs_d.shape[0])
+    k_ptrs = K_bh + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    if MASK_KEYS:
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
     else:
-        k_ptrs = K_bh + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        if MASK_KEYS:
-            k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs)
     if DOT_FP32:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k))
@@ -244,20 +226,20 @@ def _attn_step(
             n_skipped += step_blocks
         else:
             acc, l_i, m_i = _softmax_pv(
-                acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, key0, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-                qk_scale, MASK_KEYS, PAD_D, DOT_FP32, USE_TMA,
+                acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
+                qk_scale, MASK_KEYS, PAD_D, DOT_FP32,
             )
     else:
         acc, l_i, m_i = _softmax_pv(
-            acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, key0, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-            qk_scale, MASK_KEYS, PAD_D, DOT_FP32, USE_TMA,
+            acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
+            qk_scale, MASK_KEYS, PAD_D, DOT_FP32,
         )
     return acc, l_i, m_i, n_skipped
 
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, O, K_desc, V_desc, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr,
+    Q, K, V, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -265,7 +247,7 @@ def _block_sparse_attn_kernel(
     H, n_q, n_k, QB, KB, qk_scale, log2_pv_threshold,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
-    COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, USE_TMA: tl.constexpr,
+    COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -302,15 +284,15 @@ def _block_sparse_attn_kernel(
     # other step runs without masks.
     for step in tl.range(0, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, lut_row, count, step, n_valid,
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, step, n_valid,
             offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, USE_TMA,
+            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32,
         )
     if n_steps > 0:
         acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, lut_row, count, n_steps - 1, n_valid,
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, n_steps - 1, n_valid,
             offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, USE_TMA,
+            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32,
         )
     # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -319,20 +301,6 @@ def _block_sparse_attn_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if COUNT_SKIPS:
         tl.store(skips_ptr + row, n_skipped)
-
-
-def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can address these (B, H, N, D) tensors: unit stride in D, the other strides
-    and the base 16-byte aligned (TMA's rules)."""
-    def ok(t: torch.Tensor) -> bool:
-        size = t.element_size()
-        return t.stride(3) == 1 and all(st * size % 16 == 0 for st in t.stride()[:3]) and t.data_ptr() % 16 == 0
-    return all(ok(t) for t in tensors)
-
-
-def _tile_descriptor(t: torch.Tensor, block_d: int) -> TensorDescriptor:
-    """Host-side TMA descriptor of a (B, H, N, D) tensor, read in (1, 1, BLOCK_N, block_d) tiles."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, block_d])
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -368,11 +336,8 @@ def attention_from_lut(
     out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
-    use_tma = config.tma and config.step_blocks == 1 and tma_compatible(k, v)
-    k_desc, v_desc = (_tile_descriptor(k, padded_head_dim(head_dim)), _tile_descriptor(v, padded_head_dim(head_dim))) \
-        if use_tma else (k, v)
     _block_sparse_attn_kernel[(QB, B * H)](
-        q, k, v, out, k_desc, v_desc, counts, indices, kv_lens if kv_lens is not None else counts, skips,
+        q, k, v, out, counts, indices, kv_lens if kv_lens is not None else counts, skips,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, n_q, n_k, QB, KB, scale * math.log2(math.e),
         math.log2(pv_threshold) if pv_threshold is not None else 0.0,
@@ -381,7 +346,7 @@ def attention_from_lut(
         PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
         # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there.
         DOT_FP32=interpreting and q.dtype != torch.float16,
-        WARP_SPECIALIZE=config.warp_specialize, USE_TMA=use_tma,
+        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out

@@ -1,0 +1,81 @@
+"""The Triton kernels fit a Hopper SM (H100/H200: 227 KiB of shared memory a block) at the tile
+configs their launchers use. Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in
+a subprocess: the test session runs Triton as its interpreter, which does not compile."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HOPPER_SHARED_BYTES = 232448
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sparsediff.kernels import block_select as bs
+    from sparsediff.kernels import block_sparse_attn as bsa
+
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_kernel(fn, constexprs, pointers, int_args_aligned, **options):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = pointers[name]
+            else:
+                signature[name] = "fp32" if "scale" in name or "threshold" in name else "i32"
+        # Every runtime int 16-divisible: the specialisation that vectorises loads and pipelines most.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if signature[name] in ("i32",) + tuple(pointers.values()) and int_args_aligned}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        return triton.compile(src, target=target, options=options).metadata.shared
+
+    rows = []
+    for dtype, dot_fp32, s, rk in (("bf16", False, 1, 64), ("fp32", True, 1, 64), ("fp32", True, 1, 1),
+                                   ("bf16", False, 8, 8), ("fp32", True, 8, 8)):
+        for loop in (True, False):
+            consts = dict(D=128, DP=128, S=s, RK=rk, QT=bs.QUERY_ROWS, KT=bs.KEY_ROWS, HAS_LENS=True,
+                          HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, sqd=1, skd=1)
+            if not loop:
+                consts["tiles_per_program"] = 1
+            pointers = {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",
+                        "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
+            shared = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
+                                    num_warps=bs.PARTIAL_NUM_WARPS, num_stages=bs.PARTIAL_NUM_STAGES)
+            rows.append(["partial_mass", dtype, s, rk, loop, shared])
+    nkp, sr = bs._select_geometry(bs.MAX_KEY_BLOCKS)
+    pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
+    for rq in (1, 2, 16):
+        shared = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
+                                True, num_warps=bs.SELECT_NUM_WARPS)
+        rows.append(["combine_select", "fp32", 1, rq, False, shared])
+    for (arch, head_dim, dtype), config in bsa.TILE_CONFIGS.items():
+        name = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
+        consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
+                      STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=True, COUNT_SKIPS=False,
+                      DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize,
+                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
+        pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + name, "counts_ptr": "*i32",
+                    "lut_ptr": "*i16", "kv_lens_ptr": "*i32", "skips_ptr": "*i32"}
+        shared = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
+                                num_warps=config.num_warps, num_stages=config.num_stages)
+        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, True, shared])
+    print(json.dumps(rows))
+""")
+
+
+def test_kernels_fit_hopper_shared_memory():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 10 + 3 + 4
+    too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
+    assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
