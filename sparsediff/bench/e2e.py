@@ -10,7 +10,7 @@ one forward:
   under the same SDPA priority (Wan's cross-attention and HunyuanVideo's token refiner stay stock).
 
 Reference setting (fixed so runs compare): cdf_threshold 0.9, sim_threshold 0.0, every head of
-every layer, the predictor's default method ("qpool"), token order "tiles", no dense steps, no pv
+every layer, the predictor's default method, token order "tiles", no dense steps, no pv
 threshold. Random weights make the
 attention maps unlike a trained model's: read the sparsity reached with the time, not as the
 sparsity a calibrated profile would reach.
@@ -18,6 +18,22 @@ sparsity a calibrated profile would reach.
 Reported per family: median forward time of each (CUDA events, after warm-up), speedup
 dense/sparse, the block sparsity reached, and the relative L1 error of the output against dense.
 A table on stdout and a JSON file under --out.
+
+With `--steps S`: a whole denoising loop instead of one forward (S forwards at decreasing
+timesteps, one video's transformer work without CFG), eager and (with `--compile`) compiled by
+`compile_repeated_blocks(fullgraph=True)` where the family has repeated blocks, else `torch.compile`:
+- dense: the stock processors as above;
+- attention-free: the same, with every self-attention SDPA call (query and key of equal length)
+  returning its query, so 1 - time / dense time is the share of a dense step spent in attention;
+- setting A: sparse with `dense_steps` = 20% of S and cdf SETTING_A_CDF on every head (random weights
+  attend almost uniformly, so this keeps ~15% of the blocks: the reference setting's "85% sparsity";
+  the sparsity actually reached is reported and used below).
+The attainable bound of a setting is the speed-up if only attention changed and its time scaled
+with the kept blocks at the kernel's measured speed: per sparse step, attention-free time +
+dense attention time x (kernel time at the measured keep fraction / cuDNN dense time), the kernel
+timed in the same run on the family's self-attention shape with a random mask of that keep
+fraction; dense steps cost a dense step. Achieved / bound says what prediction, token reordering,
+index building and launches cost. Setting B (FP8 path) is not built: reported as such.
 """
 from __future__ import annotations
 
@@ -25,15 +41,19 @@ import argparse
 import gc
 import platform
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sparsediff.pipelines import configs
 
+SDPA_PRIORITY_NAMES = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")  # dense: cuDNN first
 REFERENCE_CDF = 0.9
 REFERENCE_SIM = 0.0
+SETTING_A_CDF = 0.15
+SETTING_A_DENSE_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim", type=float, default=REFERENCE_SIM, help="sim_threshold on every head")
     parser.add_argument("--token-order", choices=("tiles", "raster"), default="tiles")
     parser.add_argument("--reps", type=int, default=3, help="timed forwards of each kind (median reported)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="time a whole denoising loop of this many steps (dense, attention-free, setting A)")
+    parser.add_argument("--compile", action="store_true", help="with --steps: also time the compiled transformer")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON")
 
 
@@ -161,6 +184,10 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
         frames[family] = int(n)
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    if args.steps is not None and args.steps < 2:
+        raise ValueError(f"--steps must be >= 2, got {args.steps}")
+    if args.compile and args.steps is None:
+        raise ValueError("--compile needs --steps")
     return families, frames
 
 
@@ -181,12 +208,16 @@ def _time_forward(model, inputs: dict[str, Any], reps: int) -> tuple[float, Any]
     return statistics.median(times), out
 
 
-def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str, Any]:
+def _sdpa_priority() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [getattr(SDPBackend, name) for name in SDPA_PRIORITY_NAMES]
+
+
+def _build(case: E2ECase, frames: int) -> tuple[Any, dict[str, Any]]:
+    """The family's transformer with seeded random bf16 weights, and its inputs, built on the GPU."""
     import diffusers
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import sparsediff
 
     device = torch.device("cuda")
     previous_dtype = torch.get_default_dtype()
@@ -198,9 +229,17 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
             inputs = case.make_inputs(case, frames, device)
     finally:
         torch.set_default_dtype(previous_dtype)
-    priority = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH]
-    with sdpa_kernel(priority, set_priority=True):
+    return model, inputs
+
+
+def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    import sparsediff
+
+    model, inputs = _build(case, frames)
+    with sdpa_kernel(_sdpa_priority(), set_priority=True):
         dense_s, dense_out = _time_forward(model, inputs, args.reps)
         handle = sparsediff.apply(model, cdf_threshold=args.cdf, sim_threshold=args.sim, dense_steps=0,
                                   token_order=args.token_order)
@@ -228,10 +267,164 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
     return result
 
 
+@contextmanager
+def _attention_free(shapes: list[tuple[int, ...]]) -> Iterator[None]:
+    """Every self-attention SDPA call (query and key of equal length) returns its query at once;
+    their (B, H, N, D) shapes are appended to `shapes`."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+
+    def query_only(query, key, value, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2]:
+            shapes.append(tuple(query.shape))
+            return query
+        return sdpa(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = query_only
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def _time_loop(model, inputs: dict[str, Any], timesteps: list[Any], warmup_steps: int) -> float:
+    """Seconds of one denoising loop (one forward per timestep), after `warmup_steps` forwards at
+    the leading timesteps (compilation, the dense-to-sparse switch). The loop starts a new generation."""
+    import torch
+
+    with torch.no_grad():
+        for t in timesteps[:warmup_steps]:
+            model(**dict(inputs, timestep=t))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for t in timesteps:
+            model(**dict(inputs, timestep=t))
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def _kernel_ratio(heads: int, tokens: int, head_dim: int, keep: float) -> float:
+    """Time of our kernel at a random mask keeping `keep` of the blocks over cuDNN's dense time,
+    at one self-attention shape: what attention time scales by in the attainable bound."""
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sparsediff.attention import BLOCK_M, BLOCK_N, block_sparse_attention
+
+    q, k, v = (torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    mask = torch.rand(1, heads, -(-tokens // BLOCK_M), -(-tokens // BLOCK_N), device="cuda") < keep
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    sparse = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask))
+    return sparse / dense
+
+
+def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The denoising-loop benchmark of one family (module docstring), eager and optionally compiled."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    import sparsediff
+
+    model, inputs = _build(case, frames)
+    steps = args.steps
+    dense_steps = max(1, round(SETTING_A_DENSE_FRACTION * steps))
+    t0 = float(inputs["timestep"].max()) * 2  # decreasing timesteps: the hook counts them as steps
+    timesteps = [torch.full_like(inputs["timestep"], t0 * (steps - i) / steps) for i in range(steps)]
+    shapes: list[tuple[int, ...]] = []
+    runs: dict[str, dict[str, Any]] = {}
+    modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+    with sdpa_kernel(_sdpa_priority(), set_priority=True):
+        for mode, compiled in modes:
+            if compiled:
+                if getattr(model, "_repeated_blocks", None):
+                    model.compile_repeated_blocks(fullgraph=True)
+                    how = "compile_repeated_blocks(fullgraph=True)"
+                else:
+                    model = torch.compile(model)
+                    how = "torch.compile(transformer)"
+            row: dict[str, Any] = {"compile": how if compiled else None}
+            torch.compiler.reset()
+            row["dense_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
+            torch.compiler.reset()
+            with _attention_free(shapes):
+                row["attention_free_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
+            torch.compiler.reset()
+            handle = sparsediff.apply(model, cdf_threshold=SETTING_A_CDF, sim_threshold=0.0, dense_steps=dense_steps,
+                                      token_order=args.token_order)
+            row["setting_a_s"] = _time_loop(model, inputs, timesteps, warmup_steps=dense_steps + 1)
+            row["setting_a_sparsity"] = handle.stats.mean_sparsity()  # after the dense steps, timed loop included
+            sparsediff.remove(model)
+            row["attention_share"] = 1.0 - row["attention_free_s"] / row["dense_s"]
+            runs[mode] = row
+    _, heads, tokens, head_dim = max(shapes, key=lambda shape: shape[2])  # the long (video) self-attention
+    for row in runs.values():
+        ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - row["setting_a_sparsity"])
+        step_dense = row["dense_s"] / steps
+        step_attention = step_dense * row["attention_share"]
+        step_sparse = step_dense - step_attention + step_attention * ratio
+        bound_s = dense_steps * step_dense + (steps - dense_steps) * step_sparse
+        row.update(kernel_time_ratio=ratio, bound_speedup=row["dense_s"] / bound_s,
+                   speedup=row["dense_s"] / row["setting_a_s"])
+        row["fraction_of_bound"] = row["speedup"] / row["bound_speedup"]
+    result = {"family": case.family, "model_id": case.model_id, "height": case.height, "width": case.width,
+              "frames": frames, "steps": steps, "dense_steps": dense_steps, "attention_shape": [1, heads, tokens, head_dim],
+              "setting_a": {"cdf_threshold": SETTING_A_CDF, "sim_threshold": 0.0}, "setting_b": "not built (no FP8 path)",
+              "runs": runs}
+    del model, inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def _attention_summary(handle) -> dict[str, Any]:
     profile = handle.profile
     return {"layers": len(profile.layers), "heads": next(iter(profile.layers.values())).heads,
             "token_order": profile.token_order}
+
+
+def _size(case: E2ECase, frames: int) -> str:
+    return f"{case.height}x{case.width}" + (f"x{frames}f" if case.frames > 1 else "")
+
+
+def _run_forward(families: list[str], frames: dict[str, int], args: argparse.Namespace) -> tuple[dict, list]:
+    print(f"reference setting: cdf {args.cdf}, sim {args.sim}, order {args.token_order}, dense_steps 0")
+    print(f"{'family':<14} {'size':>16} {'dense s':>8} {'sparse s':>9} {'speedup':>8} {'sparsity':>9} {'rel L1':>8}")
+    results = []
+    for family in families:
+        case = CASES[family]
+        n_frames = frames.get(family, case.frames)
+        r = bench_case(case, n_frames, args)
+        results.append(r)
+        print(f"{family:<14} {_size(case, n_frames):>16} {r['dense_s']:>8.3f} {r['sparse_s']:>9.3f} {r['speedup']:>7.2f}x "
+              f"{r['sparsity']:>9.3f} {r['rel_l1']:>8.4f}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
+    setting = {"cdf_threshold": args.cdf, "sim_threshold": args.sim, "dense_steps": 0, "reps": args.reps}
+    return setting, results
+
+
+def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Namespace) -> tuple[dict, list]:
+    print(f"denoising loop of {args.steps} steps; setting A: cdf {SETTING_A_CDF}, sim 0, "
+          f"{SETTING_A_DENSE_FRACTION:.0%} dense steps, order {args.token_order}; setting B (FP8): not built")
+    print(f"{'family':<14} {'size':>16} {'mode':>9} {'dense s':>8} {'attn share':>10} {'A s':>8} {'A sparsity':>10} "
+          f"{'speedup':>8} {'bound':>7} {'of bound':>8}")
+    results = []
+    for family in families:
+        case = CASES[family]
+        n_frames = frames.get(family, case.frames)
+        r = bench_steps(case, n_frames, args)
+        results.append(r)
+        for mode, row in r["runs"].items():
+            print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {row['dense_s']:>8.2f} {row['attention_share']:>10.2f} "
+                  f"{row['setting_a_s']:>8.2f} {row['setting_a_sparsity']:>10.3f} {row['speedup']:>7.2f}x "
+                  f"{row['bound_speedup']:>6.2f}x {row['fraction_of_bound']:>8.2f}", flush=True)
+    setting = {"steps": args.steps, "setting_a": {"cdf_threshold": SETTING_A_CDF, "sim_threshold": 0.0,
+                                                  "dense_fraction": SETTING_A_DENSE_FRACTION},
+               "setting_b": "not built (no FP8 path)", "compile": args.compile}
+    return setting, results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,32 +438,20 @@ def run(args: argparse.Namespace) -> int:
     families, frames = _parse(args)
     if not torch.cuda.is_available():
         raise SystemExit("sparsediff bench e2e needs a CUDA GPU (real-size models in bf16)")
-    results = []
-    header = f"{'family':<14} {'size':>16} {'dense s':>8} {'sparse s':>9} {'speedup':>8} {'sparsity':>9} {'rel L1':>8}"
-    print(f"reference setting: cdf {args.cdf}, sim {args.sim}, order {args.token_order}, dense_steps 0")
-    print(header)
-    for family in families:
-        case = CASES[family]
-        n_frames = frames.get(family, case.frames)
-        r = bench_case(case, n_frames, args)
-        results.append(r)
-        size = f"{case.height}x{case.width}" + (f"x{n_frames}f" if case.frames > 1 else "")
-        print(f"{family:<14} {size:>16} {r['dense_s']:>8.3f} {r['sparse_s']:>9.3f} {r['speedup']:>7.2f}x "
-              f"{r['sparsity']:>9.3f} {r['rel_l1']:>8.4f}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
+    setting, results = (_run_steps if args.steps else _run_forward)(families, frames, args)
     report = {
-        "bench": "e2e",
+        "bench": "e2e-steps" if args.steps else "e2e",
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
-        "setting": {"cdf_threshold": args.cdf, "sim_threshold": args.sim, "token_order": args.token_order,
-                    "method": DEFAULT_METHOD,
-                    "dense_steps": 0, "reps": args.reps, "dtype": "bfloat16",
-                    "dense_sdpa_priority": ["cudnn", "flash", "efficient", "math"]},
+        "setting": {**setting, "token_order": args.token_order, "method": DEFAULT_METHOD, "dtype": "bfloat16",
+                    "dense_sdpa_priority": [name.lower() for name in SDPA_PRIORITY_NAMES]},
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"e2e-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
+    stem = "e2e-steps" if args.steps else "e2e"
+    path = args.out / f"{stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(path, report)
     print(f"wrote {path}")
     return 0

@@ -99,7 +99,7 @@ def apply(
 
     profile: per-layer/per-head thresholds (refused with ValueError if it does not fit the model);
     None: the same thresholds everywhere (the predictor's defaults cdf 0.95, sim 0.2; 2 dense steps;
-    "tiles" order; method "qpool"; see sparsediff.profile and sparsediff.attention). Explicit keyword values override the profile's, on every head:
+    "tiles" order; method "sampled"; see sparsediff.profile and sparsediff.attention). Explicit keyword values override the profile's, on every head:
     cdf_threshold / sim_threshold / pv_threshold, dense_steps (leading denoising steps run dense),
     token_order ("tiles" | "raster"), tile ((t, h, w) tile shape; None: chosen from the latent grid),
     method (predictor method of predict_block_mask).
