@@ -209,3 +209,30 @@ class CalibrationController(AttentionController):
         out = {key: ([t.double().cpu() for t in tensors], n) for key, (tensors, n) in self._acc.items()}
         self._acc.clear()
         return out
+
+
+class HeadErrorController(AttentionController):
+    """Runs the profile sparse, as `apply()` does, and measures each call's per-head error against
+    dense SDPA: relative L1 over the video query rows (the text segment, last in the attention
+    order, is dense). Keeps the worst error per (layer, head) seen: how a profile holds on prompts
+    it was not calibrated on. Like calibration, it computes through the public functions, whose
+    torch references also serve a CPU without the interpreter."""
+
+    def __init__(self, profile, **kwargs) -> None:
+        super().__init__(profile, **kwargs)
+        self.worst: dict[str, torch.Tensor] = {}  # layer -> (H,) on the device
+
+    def can_run_sparse(self, device: torch.device) -> bool:
+        return device.type in ("cuda", "cpu")
+
+    def run_sparse(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, mask = super().run_sparse(call, q, k, v)
+        video = slice(0, q.shape[2] - call.text_tokens)
+        ref = dense_attention(q, k, v, call.kv_lens)[:, :, video].float()
+        err = (out[:, :, video].float() - ref).abs().sum(dim=(0, 2, 3)) / ref.abs().sum(dim=(0, 2, 3)).clamp(
+            min=torch.finfo(torch.float32).tiny)
+        previous = self.worst.get(call.layer_name)
+        self.worst[call.layer_name] = err if previous is None else torch.maximum(previous, err)
+        return out, mask
+

@@ -248,6 +248,17 @@ def test_validation_says_when_it_means_nothing(e2e):
     assert not validation["meaningful"] and "TRITON_INTERPRET" in validation["note"]
 
 
+def test_profile_holds_its_budget_on_held_out_prompts(e2e):
+    # The held-out prompt was never calibrated on; validation re-measures every sparse head there.
+    root, _, _ = e2e
+    profile = SparsityProfile.load(root / "resumed.json")
+    validation = json.loads(sidecar_paths(root / "resumed.json")[0].read_text())["validation"]
+    sparse_layers = {name for name, layer in profile.layers.items() if not layer.dense}
+    assert sparse_layers and set(validation["head_errors"]) == sparse_layers
+    assert 0.0 < validation["max_head_error"] <= BUDGET
+    assert validation["heads_over_budget"] == 0 and validation["budget"] == BUDGET
+
+
 def test_rerun_with_other_settings(e2e, monkeypatch, capsys):
     root, common, _ = e2e
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
