@@ -1,7 +1,9 @@
 """`apply()` / `remove()`: swap a pipeline's attention processors for sparse ones and back."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -11,6 +13,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from sparsediff.processors.base import FamilySpec
 from sparsediff.processors.controller import AttentionController, SparsityStats
 from sparsediff.processors.families import family_of, transformers_of
+from sparsediff.processors.ops import register_owner
 from sparsediff.profile import (
     DEFAULT_CDF_THRESHOLD,
     DEFAULT_DENSE_STEPS,
@@ -27,6 +30,12 @@ class _StepHook(ModelHook):
 
     It also keeps the transformer's stock processors so that `remove()` can restore them.
     `controller` None makes it inert.
+
+    Its work runs inside the `sparsediff::begin_forward` / `end_forward` ops (ops.py): compiling the
+    whole transformer (`torch.compile(transformer, fullgraph=True)`) traces this hook as part of
+    the forward, and reading the timestep as a Python float there would be a graph break. The
+    forward continues with the ops' copies of the timestep and of its output sample, which keeps
+    the ops in a compiled graph, before every attention call and after all of them.
     """
 
     def __init__(self, family: FamilySpec, controller: AttentionController, stock_processors: dict[str, Any]) -> None:
@@ -34,22 +43,46 @@ class _StepHook(ModelHook):
         self.family = family
         self.controller: AttentionController | None = controller
         self.stock_processors = stock_processors
-        self._signature: inspect.Signature | None = None
+        self._transformer: weakref.ref[torch.nn.Module] | None = None
+        self._parameter_names: list[str] = []  # of the transformer's forward, without `self`
+        self._op_key = register_owner(self)
 
-    @torch.compiler.disable  # reads the timestep as a Python float: keep it out of compiled graphs
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._transformer = weakref.ref(module)
+        self._parameter_names = list(inspect.signature(type(module).forward).parameters)[1:]
+        return module
+
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        if self.controller is not None:
-            if self._signature is None:
-                self._signature = inspect.signature(type(module).forward)
-            bound = self._signature.bind_partial(module, *args, **kwargs).arguments
-            self.controller.begin_forward(self.family.read_forward(module, bound))
+        if self.controller is None:
+            return args, kwargs
+        arguments = dict(zip(self._parameter_names, args))
+        arguments.update(kwargs)
+        values = [arguments.get(name) for name in self._parameter_names]
+        tensors = [value if isinstance(value, torch.Tensor) else None for value in values]
+        timestep = torch.ops.sparsediff.begin_forward(self._op_key, arguments["timestep"], tensors)
+        if "timestep" in kwargs:
+            kwargs["timestep"] = timestep
+        else:
+            index = self._parameter_names.index("timestep")
+            args = (*args[:index], timestep, *args[index + 1:])
         return args, kwargs
 
-    @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        if self.controller is not None:
-            self.controller.end_forward()
-        return output
+        if self.controller is None:
+            return output
+        sample = torch.ops.sparsediff.end_forward(self._op_key, output[0])
+        if isinstance(output, tuple):
+            return (sample, *output[1:])
+        return dataclasses.replace(output, sample=sample)  # Transformer2DModelOutput
+
+    def begin_forward(self, arguments: list[torch.Tensor | None]) -> None:
+        """Body of the begin_forward op: `arguments` as `pre_forward` passes them (tensors or None)."""
+        tensors = {name: value for name, value in zip(self._parameter_names, arguments) if value is not None}
+        self.controller.begin_forward(self.family.read_forward(self._transformer(), tensors))
+
+    def end_forward(self) -> None:
+        """Body of the end_forward op."""
+        self.controller.end_forward()
 
 
 class SparseHandle:

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from sparsediff.processors.ops import register_owner
 
 if TYPE_CHECKING:
     from sparsediff.processors.controller import AttentionController
@@ -32,7 +35,7 @@ class FamilySpec:
     transformer_class: the diffusers transformer class name.
     processor_cls: our processor, used for the layers `is_sparse_layer` accepts (keys of
     `model.attn_processors`); all other layers keep their stock processor.
-    read_forward: (transformer, bound forward arguments) -> ForwardInfo.
+    read_forward: (transformer, the forward's tensor arguments by name) -> ForwardInfo.
     """
 
     name: str
@@ -46,7 +49,7 @@ class SparseAttnProcessorBase:
     """Base of the family processors: the layer's qualified name and the shared controller.
 
     Subclasses copy the stock diffusers processor of their family and replace its attention call
-    with `self.controller.attend(self.layer_name, ..., dense=<the stock call>)`.
+    with `self.attend(query, key, value, ...)`; `dense_attention` is that stock call.
     """
 
     # `enable_parallelism` fills `_parallel_config` only where the class declares it.
@@ -58,6 +61,37 @@ class SparseAttnProcessorBase:
             raise ValueError(f"layer_name must be a non-empty string, got {layer_name!r}")
         self.layer_name = layer_name
         self.controller = controller
+        self._op_key = register_owner(self)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        layout: str = "BNHD",
+        text_tokens: int | None = 0,
+        text_first: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        parallel: bool = False,
+    ) -> torch.Tensor:
+        """This layer's attention through the `sparsediff::attend` op (opaque to torch.compile), which
+        runs `self.controller.attend(self.layer_name, ..., dense=<self.dense_attention(...)>)`.
+
+        Returns what `dense_attention` returns, as a contiguous tensor. Arguments as in
+        `AttentionController.attend`; `parallel`: the call runs under context parallelism (the stock
+        call gets `self._parallel_config`).
+        """
+        return torch.ops.sparsediff.attend(self._op_key, query, key, value, attention_mask, layout, text_tokens,
+                                           text_first, parallel)
+
+    def dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, parallel: bool) -> torch.Tensor:
+        """The stock processor's attention call: `dispatch_attention_fn` (Wan, HunyuanVideo, FLUX)."""
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config if parallel else None,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.layer_name!r})"

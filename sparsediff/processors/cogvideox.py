@@ -16,6 +16,13 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
     `fuse_qkv_projections()` replaces whatever processor is set: apply sparsediff after fusing.
     """
 
+    def dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, parallel: bool) -> torch.Tensor:
+        """The stock processor's attention call: SDPA directly (CogVideoX has no context parallel plan)."""
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+
     def __call__(
         self,
         attn: Attention,
@@ -59,18 +66,9 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
         # The sequence is [text ; video]
-        hidden_states = self.controller.attend(
-            self.layer_name,
-            query,
-            key,
-            value,
-            layout="BHND",
-            text_tokens=text_seq_length,
-            text_first=True,
+        hidden_states = self.attend(
+            query, key, value, layout="BHND", text_tokens=text_seq_length, text_first=True,
             attention_mask=attention_mask,
-            dense=lambda: F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-            ),
         )
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)

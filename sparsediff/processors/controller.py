@@ -1,9 +1,9 @@
 """The attention controller: one per `apply()`, shared by every processor of the pipeline.
 
-Processors compute q, k, v as the stock ones do and hand them to `AttentionController.attend`,
-which decides dense or sparse for this call, reorders the tokens (layout.py), runs
-`run_sparse` (the one method calibration overrides), records the sparsity reached and returns
-the output in the caller's token order and tensor layout.
+Processors compute q, k, v as the stock ones do and hand them, through the `sparsediff::attend`
+custom op (ops.py), to `AttentionController.attend`, which decides dense or sparse for this call,
+reorders the tokens (layout.py), runs `run_sparse` (the one method calibration overrides), records
+the sparsity reached and returns the output in the caller's token order and tensor layout.
 """
 from __future__ import annotations
 
@@ -203,7 +203,6 @@ class AttentionController:
 
     # ------------------------------------------------------------------ the attention call
 
-    @torch.compiler.disable  # Python-side decisions read the step: keep them out of compiled graphs
     def attend(
         self,
         layer_name: str,
@@ -219,6 +218,9 @@ class AttentionController:
         parallel: bool = False,
     ) -> torch.Tensor:
         """Attention of one layer call; returns what `dense()` (the stock computation) would return.
+
+        Processors reach it through the `sparsediff::attend` op (`SparseAttnProcessorBase.attend`),
+        which torch.compile does not trace: it may read the step and any Python state.
 
         query/key/value: (B, N, H, D) for layout "BNHD" (dispatch_attention_fn's layout) or
         (B, H, N, D) for "BHND" (SDPA's); the output has the same layout.

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
 
@@ -57,8 +56,7 @@ class FluxSparseAttnProcessor(SparseAttnProcessorBase):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         # The sequence is [text ; image]; single-stream blocks get it already joined.
-        hidden_states = self.controller.attend(
-            self.layer_name,
+        hidden_states = self.attend(
             query,
             key,
             value,
@@ -66,14 +64,6 @@ class FluxSparseAttnProcessor(SparseAttnProcessorBase):
             text_first=True,
             attention_mask=attention_mask,
             parallel=self._parallel_config is not None,
-            dense=lambda: dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            ),
         )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

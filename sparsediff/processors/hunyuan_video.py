@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
 
 from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, timestep_value
@@ -91,24 +90,13 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
             value = torch.cat([value, encoder_value], dim=1)
 
         # 5. Attention: the sequence is [video ; text]
-        hidden_states = self.controller.attend(
-            self.layer_name,
+        hidden_states = self.attend(
             query,
             key,
             value,
             text_tokens=0 if encoder_hidden_states is None else encoder_hidden_states.shape[1],
             attention_mask=attention_mask,
             parallel=self._parallel_config is not None,
-            dense=lambda: dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            ),
         )
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

@@ -82,26 +82,9 @@ class WanSparseAttnProcessor(SparseAttnProcessorBase):
             hidden_states_img = hidden_states_img.flatten(2, 3)
             hidden_states_img = hidden_states_img.type_as(query)
 
-        parallel_config = self._parallel_config if encoder_hidden_states is None else None
-        hidden_states = self.controller.attend(
-            self.layer_name,
-            query,
-            key,
-            value,
-            attention_mask=attention_mask,
-            parallel=parallel_config is not None,
-            dense=lambda: dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                # Reference: https://github.com/huggingface/diffusers/pull/12909
-                parallel_config=parallel_config,
-            ),
-        )
+        # Reference: https://github.com/huggingface/diffusers/pull/12909 (context parallel self-attention only)
+        parallel = encoder_hidden_states is None and self._parallel_config is not None
+        hidden_states = self.attend(query, key, value, attention_mask=attention_mask, parallel=parallel)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.type_as(query)
 

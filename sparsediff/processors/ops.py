@@ -1,0 +1,100 @@
+"""sparsediff's custom ops: the attention call and the transformer-level step hook, opaque to torch.compile.
+
+Why ops: the controller makes Python decisions that read the denoising step (dense warm-up steps,
+profile-dense layers, fallbacks), reorders tokens, predicts the mask, launches the Triton kernels
+and records stats. Traced by Dynamo, each of those would be a graph break, or a guard on the step
+(a recompile at every step). A registered custom op is one opaque node of the graph whose Python
+body runs at every call, so a compiled transformer has no graph breaks and no recompiles from
+step to step. Eager runs call the same ops: there is one path.
+
+Which processor (or hook) a call belongs to is passed as a key tensor, not as a constant:
+`compile_repeated_blocks` compiles one graph for all blocks of a kind, and a per-layer constant
+(a name, an int) would be guarded on and recompile that graph for every block. A tensor input is
+guarded only on its shape, dtype and device. The key is a 0-d int64 CPU tensor (reading it never
+syncs a device).
+
+The ops are tagged `cudagraph_unsafe`: a CUDA graph replay would skip their Python bodies (the
+step, the mask prediction, the stats), so Inductor keeps them out of CUDA graphs.
+
+The op outputs are new tensors (a custom op may not return a view of an input): `attend` returns
+a contiguous tensor of the query's shape; `begin_forward` / `end_forward` return a copy of the
+timestep / of the transformer's output sample, which the rest of the forward then uses, so that a
+compiler keeps them and keeps them in order (before every attention call / after all of them).
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+_owners: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_next_key = itertools.count()
+
+
+def register_owner(owner: Any) -> torch.Tensor:
+    """A key tensor under which the ops find `owner` (a processor or a step hook); held weakly."""
+    key = next(_next_key)
+    _owners[key] = owner
+    return torch.tensor(key, dtype=torch.int64)
+
+
+def _owner(key: torch.Tensor) -> Any:
+    return _owners[int(key)]
+
+
+@torch.library.custom_op("sparsediff::attend", mutates_args=(), tags=_TAGS)
+def attend(
+    processor_key: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layout: str,
+    text_tokens: int | None,
+    text_first: bool,
+    parallel: bool,
+) -> torch.Tensor:
+    """`AttentionController.attend` of the processor's layer; the dense computation is the processor's
+    stock call (`dense_attention`). See `SparseAttnProcessorBase.attend` for the arguments."""
+    processor = _owner(processor_key)
+    out = processor.controller.attend(
+        processor.layer_name, query, key, value,
+        dense=lambda: processor.dense_attention(query, key, value, attention_mask, parallel),
+        layout=layout, text_tokens=text_tokens, text_first=text_first, attention_mask=attention_mask,
+        parallel=parallel,
+    )
+    return out.contiguous()
+
+
+@attend.register_fake
+def _attend_fake(processor_key, query, key, value, attention_mask, layout, text_tokens, text_first, parallel):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sparsediff::begin_forward", mutates_args=(), tags=_TAGS)
+def begin_forward(hook_key: torch.Tensor, timestep: torch.Tensor, arguments: list[torch.Tensor | None]) -> torch.Tensor:
+    """The step hook's work before a transformer forward; `arguments`: the forward's arguments in its
+    signature's order, None where not given or not a tensor. Returns a copy of `timestep`, for the
+    forward to use in its place."""
+    _owner(hook_key).begin_forward(arguments)
+    return timestep.clone()
+
+
+@begin_forward.register_fake
+def _begin_forward_fake(hook_key, timestep, arguments):
+    return torch.empty_like(timestep)
+
+
+@torch.library.custom_op("sparsediff::end_forward", mutates_args=(), tags=_TAGS)
+def end_forward(hook_key: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The step hook's work after a transformer forward. Returns a copy of `sample` (the forward's output)."""
+    _owner(hook_key).end_forward()
+    return sample.clone()
+
+
+@end_forward.register_fake
+def _end_forward_fake(hook_key, sample):
+    return torch.empty_like(sample)

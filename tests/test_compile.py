@@ -1,0 +1,71 @@
+"""torch.compile of a transformer with sparse processors: no graph breaks, no recompiles from step to step
+(dense warm-up step to sparse steps included), and the eager outputs.
+
+The sparse calls run the real Triton kernels under the interpreter. "aot_eager" traces through
+AOTAutograd (what Inductor sees) and runs the graph eagerly; "eager" only checks Dynamo's capture.
+"""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from sparsediff.processors import SparseAttnProcessorBase, apply, remove
+from tiny_models import TINY, build_wan, wan_inputs
+
+TIMESTEPS = (900.0, 800.0, 700.0)  # step 0 dense (dense_steps=1), steps 1 and 2 sparse
+
+
+def _denoise(model, step_inputs):
+    with torch.no_grad():
+        return [model(**inputs)[0] for inputs in step_inputs]
+
+
+@pytest.mark.parametrize("how", ["whole", "repeated_blocks"])
+def test_compiled_has_no_graph_breaks_no_recompiles_and_eager_outputs(how):
+    # Two blocks: `compile_repeated_blocks` must reuse one graph for both.
+    model = build_wan(num_layers=2)
+    step_inputs = [wan_inputs(model, timestep=t) for t in TIMESTEPS]
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    eager = _denoise(model, step_inputs)
+    eager_sparsity = handle.stats.per_layer_step()
+    handle.reset()
+
+    torch._dynamo.reset()
+    counters.clear()
+    if how == "whole":
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    else:
+        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+        compiled = model
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = _denoise(compiled, step_inputs)
+
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert handle.stats.steps == [0, 1, 2]
+    sparsity = handle.stats.per_layer_step()
+    assert (sparsity[:, 0] == 0).all() and (sparsity[:, 1:] > 0).all()  # dense warm-up, then sparse
+    torch.testing.assert_close(sparsity, eager_sparsity, rtol=0, atol=0)
+    for out, ref in zip(outputs, eager):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    handle.remove()
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_apply_to_compiled_transformer_all_kept_equals_stock(family):
+    build, make_inputs = TINY[family]
+    model = build()
+    # HunyuanVideo: two text lengths in one batch, so the padding mask runs sparse (kv_lens).
+    inputs = make_inputs(model, batch=2 if family == "hunyuan_video" else 1)
+    ref = _denoise(model, [inputs])[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    handle = apply(compiled, cdf_threshold=1.0, sim_threshold=0.0, dense_steps=0)
+    torch.testing.assert_close(_denoise(compiled, [inputs])[0], ref, atol=2e-5, rtol=1e-4)
+    assert dict(counters["graph_break"]) == {}
+    assert handle.stats.steps == [0] and handle.stats.mean_sparsity() == 0.0
+    remove(compiled)
+    assert not any(isinstance(p, SparseAttnProcessorBase) for p in model.attn_processors.values())
+    torch.testing.assert_close(_denoise(compiled, [inputs])[0], ref, atol=0, rtol=0)
+    torch._dynamo.reset()
