@@ -9,6 +9,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from sparsediff.processors.base import FamilySpec
+from sparsediff.processors.context_parallel import unsharded_arguments
 from sparsediff.processors.controller import AttentionController, SparsityStats
 from sparsediff.processors.families import family_of, transformers_of
 from sparsediff.profile import (
@@ -42,6 +43,8 @@ class _StepHook(ModelHook):
             if self._signature is None:
                 self._signature = inspect.signature(type(module).forward)
             bound = self._signature.bind_partial(module, *args, **kwargs).arguments
+            # Under context parallelism: the grid and text length of the full sequence, not of a shard.
+            bound = unsharded_arguments(module, bound, HOOK_NAME)
             self.controller.begin_forward(self.family.read_forward(module, bound))
         return args, kwargs
 
@@ -136,7 +139,7 @@ def apply(
             key: family.processor_cls(f"{component}.{key}", controller) if family.is_sparse_layer(key) else proc
             for key, proc in stock.items()
         }
-        transformer.set_attn_processor(processors)
+        _set_processors(transformer, processors)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         inert = registry.get_hook(HOOK_NAME)
         if inert is not None:  # left in a foreign forward chain by an earlier remove(): revive it
@@ -158,7 +161,7 @@ def _remove_one(transformer: torch.nn.Module) -> None:
     hook = registry.get_hook(HOOK_NAME)
     if hook is None or hook.controller is None:
         return
-    transformer.set_attn_processor(hook.stock_processors)
+    _set_processors(transformer, hook.stock_processors)
     hook.controller = None
     with _beneath_accelerate(transformer):
         # HookRegistry.remove_hook re-sets `forward` to what it was when we registered. If something
@@ -166,6 +169,18 @@ def _remove_one(transformer: torch.nn.Module) -> None:
         # now inert, in the chain then (apply() revives it).
         if _is_registry_forward(transformer.forward):
             registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+def _set_processors(transformer: torch.nn.Module, processors: dict[str, Any]) -> None:
+    """`set_attn_processor`, the new processors taking over the attention backend and context-parallel
+    config that `set_attention_backend` / `enable_parallelism` gave the old ones: either may come before
+    or after `apply()` (and `remove()`)."""
+    for key, old in transformer.attn_processors.items():
+        new = processors[key]
+        for attribute in ("_attention_backend", "_parallel_config"):
+            if new is not old and hasattr(old, attribute) and hasattr(new, attribute):
+                setattr(new, attribute, getattr(old, attribute))
+    transformer.set_attn_processor(processors)
 
 
 @contextmanager

@@ -65,7 +65,7 @@ class FluxSparseAttnProcessor(SparseAttnProcessorBase):
             text_tokens=None if encoder_hidden_states is None else encoder_hidden_states.shape[1],
             text_first=True,
             attention_mask=attention_mask,
-            parallel=self._parallel_config is not None,
+            parallel_config=self._parallel_config,
             dense=lambda: dispatch_attention_fn(
                 query,
                 key,

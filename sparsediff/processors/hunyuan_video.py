@@ -98,7 +98,7 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
             value,
             text_tokens=0 if encoder_hidden_states is None else encoder_hidden_states.shape[1],
             attention_mask=attention_mask,
-            parallel=self._parallel_config is not None,
+            parallel_config=self._parallel_config,
             dense=lambda: dispatch_attention_fn(
                 query,
                 key,

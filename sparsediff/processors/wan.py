@@ -89,7 +89,7 @@ class WanSparseAttnProcessor(SparseAttnProcessorBase):
             key,
             value,
             attention_mask=attention_mask,
-            parallel=parallel_config is not None,
+            parallel_config=parallel_config,
             dense=lambda: dispatch_attention_fn(
                 query,
                 key,
