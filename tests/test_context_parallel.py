@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from sparsediff import _runtime
 from sparsediff.cli import main
-from sparsediff.processors import AttentionController, apply
+from sparsediff.processors import AttentionController, apply, remove
 from sparsediff.processors.context_parallel import enable_context_parallel
 from sparsediff.profile import SparsityProfile
 from tiny_models import GRID, TEXT_TOKENS, TINY
@@ -104,7 +104,8 @@ def _context_parallel_config(**degrees: int) -> SimpleNamespace:
     ({"ring_degree": 2}, False, "ring attention"),
     ({"ulysses_degree": 2, "ulysses_anything": True}, False, "'anything' mode"),
     ({"ulysses_degree": 2}, True, "attention mask under context parallelism"),
-], ids=["ring", "ulysses-anything", "mask"])
+    ({"ulysses_degree": 3}, False, "not divisible by the Ulysses degree"),
+], ids=["ring", "ulysses-anything", "mask", "heads"])
 def test_unsupported_context_parallel_runs_the_stock_path_and_says_so(degrees, mask, message, monkeypatch, caplog):
     monkeypatch.setattr(_runtime, "_said", set())
     profile = SparsityProfile.uniform(TINY["wan"][0](), cdf_threshold=CDF, sim_threshold=0.0, dense_steps=0)
@@ -121,6 +122,24 @@ def test_unsupported_context_parallel_runs_the_stock_path_and_says_so(degrees, m
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and message in messages[0] and "runs dense" in messages[0]
     assert controller.stats.mean_sparsity() == 0.0  # counted as dense calls over the full sequence
+
+
+def test_apply_and_remove_hand_the_parallel_config_and_backend_on():
+    # What enable_parallelism / set_attention_backend left on the processors survives the swaps both
+    # ways, so apply() may come before or after them and remove() leaves stock processors that work.
+    model = TINY["wan"][0]()
+    config = object()
+    for processor in model.attn_processors.values():
+        processor._parallel_config, processor._attention_backend = config, "native"
+    stock = dict(model.attn_processors)
+    for expected in ("ours", "stock"):
+        if expected == "ours":
+            apply(model)
+        else:
+            remove(model)
+        for key, processor in model.attn_processors.items():
+            assert (processor is stock[key]) == (expected == "stock" or "attn2" in key)
+            assert processor._parallel_config is config and processor._attention_backend == "native"
 
 
 def test_enable_context_parallel_refuses_what_cannot_work():
