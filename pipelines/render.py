@@ -16,6 +16,12 @@ Several processes (one device each) split the prompts by index striding:
 `accelerate launch -m sparsediff render ...`, `torchrun --nproc_per_node N -m sparsediff render ...`
 or `--num-processes N` (relaunches itself through torch.distributed.run; gloo on CPU). Seeds are
 drawn from CPU generators, so a prompt renders the same whichever process renders it.
+
+With --context-parallel N the N processes instead render every prompt together: the transformer runs
+under diffusers' Ulysses context parallelism (each process holds 1/N of the sequence between the
+attention calls; sparse attention runs per head on the whole sequence, see
+sparsediff/processors/context_parallel.py) and process 0 writes the files. Wan and FLUX recipes
+only (their diffusers transformers have a context-parallel plan).
 """
 from __future__ import annotations
 
@@ -111,6 +117,7 @@ class Plan:
     compare_dense: bool
     profile: Any = field(default=None, repr=False)  # SparsityProfile
     random_weights: bool = False  # build the pipeline from configs with random weights (Recipe.load)
+    context_parallel: int = 1  # processes rendering each prompt together (Ulysses degree); 1: off
 
     @property
     def ext(self) -> str:
@@ -162,6 +169,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-processes", type=int, default=1,
                         help="split the prompts over N processes (one GPU each; gloo on CPU) by relaunching "
                              "through torch.distributed.run")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="render each prompt with N processes together (one GPU each; gloo on CPU): "
+                             "Ulysses context parallelism, sparse attention per head over the whole sequence; "
+                             "N must divide the attention heads. Launch N processes with torchrun/accelerate, "
+                             "or let it relaunch itself. Wan and FLUX recipes only")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,8 +182,9 @@ def run(args: argparse.Namespace) -> int:
     except (RenderError, PromptFileError) as e:
         print(f"sparsediff render: error: {e}", file=sys.stderr)
         return 2
-    if args.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _relaunch(args)
+    processes = max(args.num_processes, args.context_parallel)
+    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch(args, processes)
     try:
         return render_plan(plan)
     except KeyboardInterrupt:
@@ -225,6 +238,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     """Validate every input and resolve every setting; raise RenderError/PromptFileError on bad input."""
     if args.num_processes < 1:
         raise RenderError(f"--num-processes: must be >= 1, got {args.num_processes}")
+    if args.context_parallel < 1:
+        raise RenderError(f"--context-parallel: must be >= 1, got {args.context_parallel}")
+    if args.context_parallel > 1 and args.num_processes not in (1, args.context_parallel):
+        raise RenderError(f"--num-processes {args.num_processes} and --context-parallel {args.context_parallel}: "
+                          f"under context parallelism all processes render each prompt together; give one of them")
     if args.dense and args.profile is not None:
         raise RenderError("--profile and --dense exclude each other")
     if args.dense and any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps)):
@@ -239,6 +257,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         recipe = get_recipe(args.model or default_recipe_name())
     except ValueError as e:
         raise RenderError(str(e).replace("model:", "--model:", 1)) from None
+    if args.context_parallel > 1:
+        _check_context_parallel(recipe)
     if args.random_weights:
         try:
             check_random_weights(recipe)
@@ -266,7 +286,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
         cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold, dense_steps=args.dense_steps,
         guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         compare_dense=args.compare_dense, profile=profile, random_weights=args.random_weights,
+        context_parallel=args.context_parallel,
     )
+
+
+def _check_context_parallel(recipe: Recipe) -> None:
+    from sparsediff.processors.context_parallel import CONTEXT_PARALLEL_FAMILIES  # imports diffusers
+
+    if PROFILE_FAMILY[recipe.family] not in CONTEXT_PARALLEL_FAMILIES:
+        raise RenderError(f"--context-parallel: {recipe.name} is a {recipe.family} model, whose diffusers "
+                          f"transformer has no context-parallel plan; supported families: "
+                          f"{', '.join(CONTEXT_PARALLEL_FAMILIES)}")
 
 
 def _item(index: int, spec: PromptSpec, args: argparse.Namespace, recipe: Recipe) -> Item:
@@ -295,7 +325,8 @@ def _item(index: int, spec: PromptSpec, args: argparse.Namespace, recipe: Recipe
 
 def _forward_argv(args: argparse.Namespace) -> list[str]:
     """The command line of `args` without --num-processes (for the relaunched workers)."""
-    argv = ["render", "--prompts", str(args.prompts), "--out", str(args.out), "--seed", str(args.seed)]
+    argv = ["render", "--prompts", str(args.prompts), "--out", str(args.out), "--seed", str(args.seed),
+            "--context-parallel", str(args.context_parallel)]
     if args.model is not None:
         argv += ["--model", args.model]
     for flag, value in (("--profile", args.profile), ("--steps", args.steps), ("--height", args.height),
@@ -310,9 +341,9 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _relaunch(args: argparse.Namespace) -> int:
-    """Run this render in `args.num_processes` processes through torch.distributed.run."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
+def _relaunch(args: argparse.Namespace, processes: int) -> int:
+    """Run this render in `processes` processes through torch.distributed.run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "sparsediff", *_forward_argv(args)]
     code = subprocess.run(cmd, check=False).returncode
     return 0 if code == 0 else 1
@@ -402,10 +433,21 @@ def generate(
 class Renderer:
     """Holds the loaded pipeline of one process and renders items with it."""
 
-    def __init__(self, plan: Plan, device: torch.device) -> None:
+    def __init__(self, plan: Plan, device: torch.device, writes: bool = True) -> None:
+        """writes: this process writes the outputs and sidecars (under context parallelism only process 0)."""
         self.plan = plan
         self.device = device
+        self.writes = writes
         self.pipe: DiffusionPipeline = plan.recipe.load(device, random_weights=plan.random_weights)
+        if plan.context_parallel > 1:
+            from sparsediff.processors.context_parallel import enable_context_parallel
+
+            # Once, before any apply(): apply()/remove() hand the parallel config on to the processors
+            # they set, so --compare-dense can switch between sparse and stock per item.
+            try:
+                enable_context_parallel(self.pipe, plan.context_parallel)
+            except ValueError as e:
+                raise RenderError(f"--context-parallel: {e}") from None
         self.handle = None
         self.versions = _versions(device)
 
@@ -431,6 +473,8 @@ class Renderer:
     def _write(self, path: Path, frames: np.ndarray) -> None:
         from sparsediff.io import write_png, write_video_mp4
 
+        if not self.writes:
+            return
         if self.plan.recipe.is_video:
             write_video_mp4(path, frames, fps=self.plan.recipe.fps)
         else:
@@ -444,7 +488,7 @@ class Renderer:
         from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 
         plan = self.plan
-        for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)):
+        for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)) if self.writes else ():
             remove_stale_temps(path)  # left by a killed earlier run; this process owns the item now
         self._sparse(plan.mode == "sparse")
         if self.handle is not None:
@@ -496,11 +540,12 @@ class Renderer:
             "peak_gpu_memory_bytes": peak,
             "compare_dense": comparison,
             "device": str(self.device),
-            "process": {"rank": rank, "world_size": world},
+            "process": {"rank": rank, "world_size": world, "context_parallel": plan.context_parallel},
             "versions": self.versions,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        atomic_write_json(plan.sidecar(item), sidecar)
+        if self.writes:
+            atomic_write_json(plan.sidecar(item), sidecar)
         return sidecar
 
 
@@ -549,11 +594,23 @@ def render_plan(plan: Plan) -> int:
     # apart: the process group's default timeout (minutes) would abort the merge.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(days=7))
     rank, world = state.process_index, state.num_processes
-    mine = plan.items[rank::world]  # index striding: deterministic and balanced
-    part = plan.out_dir / (SUMMARY if world == 1 else f"summary.rank{rank}-of-{world}.csv")
-    remove_stale_temps(part)
-
+    if plan.context_parallel > 1 and world != plan.context_parallel:
+        print(f"sparsediff render: error: --context-parallel {plan.context_parallel} needs exactly that many "
+              f"processes, got {world}", file=sys.stderr)
+        return 2
+    # Under context parallelism every process renders every item, and process 0 writes the files.
+    sharded = plan.context_parallel == 1
+    writes = sharded or rank == 0
+    mine = plan.items[rank::world] if sharded else plan.items  # index striding: deterministic and balanced
+    part = plan.out_dir / (SUMMARY if world == 1 or not sharded else f"summary.rank{rank}-of-{world}.csv")
+    if writes:
+        remove_stale_temps(part)
     rows: list[dict[str, Any]] = []
+
+    def save_rows() -> None:
+        if writes:
+            _write_summary(part, rows)
+
     todo = []
     for item in mine:
         done = _sidecar_done(plan, item)
@@ -562,14 +619,14 @@ def render_plan(plan: Plan) -> int:
         else:
             todo.append(item)
     if rows:
-        _write_summary(part, rows)
+        save_rows()
         tqdm.write(f"[rank {rank}] {len(rows)} of {len(mine)} item(s) already done, skipped")
 
     failed = 0
     renderer: Renderer | None = None
     if todo:
         try:
-            renderer = Renderer(plan, state.device)
+            renderer = Renderer(plan, state.device, writes)
             renderer.pipe.set_progress_bar_config(desc="denoise", leave=False, position=world + rank)
         except Exception:  # a model that does not load fails every item of this process, once
             summary = _log_failure(plan, todo[0], rank)
@@ -577,7 +634,7 @@ def render_plan(plan: Plan) -> int:
                        f"(traceback in {plan.out_dir / ERROR_LOG})")
             rows.extend(_row(item, plan, "failed", None, f"model load: {summary}") for item in todo)
             failed, todo = len(todo), []
-            _write_summary(part, rows)
+            save_rows()
     bar = tqdm(todo, desc=f"render[{rank}/{world}]" if world > 1 else "render", unit="item", position=rank)
     for item in bar:
         bar.set_postfix_str(item.stem[:40])
@@ -589,12 +646,12 @@ def render_plan(plan: Plan) -> int:
             tqdm.write(f"[rank {rank}] item {item.index} ({item.stem}) failed: {summary} "
                        f"(traceback in {plan.out_dir / ERROR_LOG})")
             rows.append(_row(item, plan, "failed", None, summary))
-        _write_summary(part, rows)
+        save_rows()
     bar.close()
 
     if world > 1:
         state.wait_for_everyone()
-        if state.is_main_process:
+        if sharded and state.is_main_process:
             failed_anywhere = _merge_summaries(plan.out_dir, world)
             return 1 if failed_anywhere else 0
     return 1 if failed else 0

@@ -99,6 +99,10 @@ class HeadThresholds:
     sim: torch.Tensor
     uses_sim: bool
 
+    def heads(self, index: slice) -> HeadThresholds:
+        """The thresholds of a subset of the heads (a context-parallel rank's share)."""
+        return HeadThresholds(tuple(c[index] for c in self.cdf), self.sim[index], self.uses_sim)
+
 
 def head_thresholds(
     cdf_thresholds: Sequence[Threshold], sim_threshold: Threshold, heads: int, device: torch.device

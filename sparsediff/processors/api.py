@@ -11,6 +11,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from sparsediff.processors.base import FamilySpec
+from sparsediff.processors.context_parallel import unsharded_arguments
 from sparsediff.processors.controller import AttentionController, SparsityStats
 from sparsediff.processors.families import family_of, transformers_of
 from sparsediff.processors.ops import register_owner
@@ -78,7 +79,10 @@ class _StepHook(ModelHook):
     def begin_forward(self, arguments: list[torch.Tensor | None]) -> None:
         """Body of the begin_forward op: `arguments` as `pre_forward` passes them (tensors or None)."""
         tensors = {name: value for name, value in zip(self._parameter_names, arguments) if value is not None}
-        self.controller.begin_forward(self.family.read_forward(self._transformer(), tensors))
+        transformer = self._transformer()
+        # Under context parallelism: the grid and text length of the full sequence, not of a shard.
+        tensors = unsharded_arguments(transformer, tensors, HOOK_NAME)
+        self.controller.begin_forward(self.family.read_forward(transformer, tensors))
 
     def end_forward(self) -> None:
         """Body of the end_forward op."""
@@ -169,7 +173,7 @@ def apply(
             key: family.processor_cls(f"{component}.{key}", controller) if family.is_sparse_layer(key) else proc
             for key, proc in stock.items()
         }
-        transformer.set_attn_processor(processors)
+        _set_processors(transformer, processors)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         inert = registry.get_hook(HOOK_NAME)
         if inert is not None:  # left in a foreign forward chain by an earlier remove(): revive it
@@ -191,7 +195,7 @@ def _remove_one(transformer: torch.nn.Module) -> None:
     hook = registry.get_hook(HOOK_NAME)
     if hook is None or hook.controller is None:
         return
-    transformer.set_attn_processor(hook.stock_processors)
+    _set_processors(transformer, hook.stock_processors)
     hook.controller = None
     with _beneath_accelerate(transformer):
         # HookRegistry.remove_hook re-sets `forward` to what it was when we registered. If something
@@ -199,6 +203,18 @@ def _remove_one(transformer: torch.nn.Module) -> None:
         # now inert, in the chain then (apply() revives it).
         if _is_registry_forward(transformer.forward):
             registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+def _set_processors(transformer: torch.nn.Module, processors: dict[str, Any]) -> None:
+    """`set_attn_processor`, the new processors taking over the attention backend and context-parallel
+    config that `set_attention_backend` / `enable_parallelism` gave the old ones: either may come before
+    or after `apply()` (and `remove()`)."""
+    for key, old in transformer.attn_processors.items():
+        new = processors[key]
+        for attribute in ("_attention_backend", "_parallel_config"):
+            if new is not old and hasattr(old, attribute) and hasattr(new, attribute):
+                setattr(new, attribute, getattr(old, attribute))
+    transformer.set_attn_processor(processors)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +18,7 @@ from sparsediff.attention import HeadThresholds, head_thresholds
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, MAX_HEAD_DIM
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
+from sparsediff.processors.context_parallel import HeadShard, attend_ulysses
 from sparsediff.profile import SparsityProfile
 
 
@@ -28,7 +29,8 @@ class AttentionCall:
     text_tokens: the text segment, LAST in the attention order; pass as `dense_tail_tokens`.
     kv_lens: int (B,) valid keys per batch element (HunyuanVideo's padded text), or None.
     grid / token_order / tile: the video layout actually used (grid None: raster, shape unknown).
-    thresholds: the layer's validated cdf/sim thresholds on q's device. pv_threshold: one float for the
+    thresholds: the layer's validated cdf/sim thresholds on q's device, for the call's H heads (under
+    context parallelism a rank's share of the layer's heads). pv_threshold: one float for the
     call (the kernel's granularity: the smallest of the profile's per-head values) or None.
     """
 
@@ -215,7 +217,8 @@ class AttentionController:
         text_tokens: int | None = 0,
         text_first: bool = False,
         attention_mask: torch.Tensor | None = None,
-        parallel: bool = False,
+        parallel_config: Any = None,
+        head_shard: HeadShard | None = None,
     ) -> torch.Tensor:
         """Attention of one layer call; returns what `dense()` (the stock computation) would return.
 
@@ -228,16 +231,21 @@ class AttentionController:
         None means "the length the hook learned" (FLUX single-stream blocks).
         attention_mask: the stock call's mask; only a bool key-padding mask that pads on the right
         can run sparse (as kv_lens); anything else runs dense.
-        parallel: the processor runs under context parallelism (a shard of the sequence): dense.
+        parallel_config: the processor's diffusers ParallelConfig under context parallelism (q, k, v are
+        sequence shards): handled by `context_parallel.attend_ulysses`.
+        head_shard: set by `attend_ulysses` when q, k, v are the full sequence of a subset of the heads.
         """
         layer = self.profile.layers.get(layer_name)
         if layer is None:  # a layer we do not sparsify (e.g. a cross-attention the processor was set on)
             return dense()
         if layout not in ("BNHD", "BHND"):
             raise ValueError(f"layout must be 'BNHD' or 'BHND', got {layout!r}")
+        if parallel_config is not None:
+            return attend_ulysses(self, layer_name, query, key, value, parallel_config, dense=dense, layout=layout,
+                                  text_tokens=text_tokens, text_first=text_first, attention_mask=attention_mask)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value)) if layout == "BNHD" else (query, key, value)
         batch, heads, n_tokens, head_dim = q.shape
-        cause = self._fallback_cause(q, k, layer.heads, parallel)
+        cause = self._fallback_cause(q, k, layer.heads if head_shard is None else head_shard.stop - head_shard.start)
         padding = None
         if cause is None and attention_mask is not None:
             padding = self._key_padding(attention_mask, batch, n_tokens)
@@ -245,7 +253,7 @@ class AttentionController:
         if cause is not None:
             warn_once(f"dense:{cause}", f"sparsediff: {_CAUSES[cause]}; attention runs dense (stock SDPA)")
         if cause is not None or layer.dense or self.is_dense_step():
-            self._record(layer_name, None, batch, heads, n_tokens, padding)
+            self._record(layer_name, None, batch, heads, n_tokens, padding, head_shard)
             return dense()
         kv_lens = None if padding is None else padding.kv_lens
 
@@ -256,13 +264,15 @@ class AttentionController:
             # Gather in (B, N, H, D) so each token moves as one contiguous row of H*D values.
             q, k, v = (x.transpose(1, 2).index_select(1, perms[0]).transpose(1, 2) for x in (q, k, v))
         thresholds, pv = self._layer_thresholds(layer_name, q.device)
+        if head_shard is not None:
+            thresholds = thresholds.heads(slice(head_shard.start, head_shard.stop))
         call = AttentionCall(
             layer_name=layer_name, layer_index=self._layer_index[layer_name], step=self.step, heads=heads,
             text_tokens=n_text, kv_lens=kv_lens, grid=grid, token_order=order, tile=self.profile.tile,
             thresholds=thresholds, pv_threshold=pv, method=self.profile.method,
         )
         out, block_mask = self.run_sparse(call, q, k, v)
-        self._record(layer_name, block_mask, batch, heads, n_tokens, padding)
+        self._record(layer_name, block_mask, batch, heads, n_tokens, padding, head_shard)
         out = out.transpose(1, 2)  # (B, N, H, D)
         if perms is not None:
             out = out.index_select(1, perms[1])
@@ -292,9 +302,7 @@ class AttentionController:
         computes through the public functions, whose torch references also serve a CPU."""
         return kernels_available(device)
 
-    def _fallback_cause(self, q: torch.Tensor, k: torch.Tensor, profile_heads: int, parallel: bool) -> str | None:
-        if parallel:
-            return "parallel"
+    def _fallback_cause(self, q: torch.Tensor, k: torch.Tensor, profile_heads: int) -> str | None:
         if not self.can_run_sparse(q.device):
             return "device"
         allowed = (torch.float16, torch.bfloat16) + ((torch.float32,) if q.device.type == "cpu" else ())
@@ -375,17 +383,20 @@ class AttentionController:
         return self._thresholds[key]
 
     def _record(self, layer_name: str, block_mask: torch.Tensor | None, batch: int, heads: int,
-                n_tokens: int, padding: _KeyPadding | None) -> None:
+                n_tokens: int, padding: _KeyPadding | None, head_shard: HeadShard | None = None) -> None:
+        """Count one call in the stats; with `head_shard`, this rank's heads are gathered to all of them."""
         n_q, n_k = math.ceil(n_tokens / BLOCK_M), math.ceil(n_tokens / BLOCK_N)
         padded = padding is not None and padding.kv_lens is not None
         pairs = n_q * (padding.valid_key_blocks if padded else batch * n_k)
         if block_mask is None:
-            kept = torch.full((heads,), float(pairs), dtype=torch.float64)
+            kept = torch.full((heads if head_shard is None else head_shard.total,), float(pairs), dtype=torch.float64)
         else:
             if padded:  # blocks wholly in the padding are never computed: do not count them
                 valid_k = torch.arange(n_k, device=block_mask.device)[None, :] * BLOCK_N < padding.kv_lens[:, None]
                 block_mask = block_mask & valid_k[:, None, None, :]
             kept = block_mask.sum(dim=(0, 2, 3))
+            if head_shard is not None:
+                kept = head_shard.gather(kept)
         self.stats.record(layer_name, self.step, kept, pairs)
 
 
@@ -398,7 +409,6 @@ class _KeyPadding:
 
 
 _CAUSES = {
-    "parallel": "context parallelism shards the sequence inside the processor",
     "device": "Triton kernels unavailable on this device (CPU needs TRITON_INTERPRET=1)",
     "dtype": "unsupported dtype (fp16/bf16; fp32 only on the CPU interpreter)",
     "head_dim": f"head dim above {MAX_HEAD_DIM} is not supported by the kernel",

@@ -64,7 +64,7 @@ def attend(
         processor.layer_name, query, key, value,
         dense=lambda: processor.dense_attention(query, key, value, attention_mask, parallel),
         layout=layout, text_tokens=text_tokens, text_first=text_first, attention_mask=attention_mask,
-        parallel=parallel,
+        parallel_config=processor._parallel_config if parallel else None,
     )
     return out.contiguous()
 
