@@ -2,7 +2,7 @@
 # One lent-GPU session's measurements, from the repository root: installs the carried wheels
 # (the device image has torch + triton but no diffusers), then runs the named stages and packs
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
-#   scripts/gpu_session.sh kernel predict e2e          # benchmarks (tune: tile-config search)
+#   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -23,6 +23,8 @@ for stage in "$@"; do
                   --out "$res/tune" ;;
     predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;
     e2e)      python3 -m sparsediff bench e2e --out "$res/e2e" ;;
+    steps)    python3 -m sparsediff bench e2e --steps 10 --compile --families wan,flux --out "$res/steps" &&
+              python3 -m sparsediff bench e2e --steps 10 --families cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
     overhead) python3 -m sparsediff.calibration.bench_overhead --steps 20 --out "$res/overhead" ;;
     render)   printf 'a red fox running through snow\na city street at night in the rain\n' > /tmp/prompts.txt

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import platform
 import statistics
 from contextlib import contextmanager
@@ -357,13 +358,14 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
             handle = sparsediff.apply(model, cdf_threshold=SETTING_A_CDF, sim_threshold=0.0, dense_steps=dense_steps,
                                       token_order=args.token_order)
             row["setting_a_s"] = _time_loop(model, inputs, timesteps, warmup_steps=dense_steps + 1)
-            row["setting_a_sparsity"] = handle.stats.mean_sparsity()  # after the dense steps, timed loop included
+            sparsity = handle.stats.mean_sparsity()  # after the dense steps, warm-up and timed loop
+            row["setting_a_sparsity"] = None if math.isnan(sparsity) else sparsity  # NaN: every call fell back
             sparsediff.remove(model)
             row["attention_share"] = 1.0 - row["attention_free_s"] / row["dense_s"]
             runs[mode] = row
     _, heads, tokens, head_dim = max(shapes, key=lambda shape: shape[2])  # the long (video) self-attention
     for row in runs.values():
-        ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - row["setting_a_sparsity"])
+        ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - (row["setting_a_sparsity"] or 0.0))
         step_dense = row["dense_s"] / steps
         step_attention = step_dense * row["attention_share"]
         step_sparse = step_dense - step_attention + step_attention * ratio
@@ -418,8 +420,9 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
         r = bench_steps(case, n_frames, args)
         results.append(r)
         for mode, row in r["runs"].items():
+            sparsity = "fallback" if row["setting_a_sparsity"] is None else f"{row['setting_a_sparsity']:.3f}"
             print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {row['dense_s']:>8.2f} {row['attention_share']:>10.2f} "
-                  f"{row['setting_a_s']:>8.2f} {row['setting_a_sparsity']:>10.3f} {row['speedup']:>7.2f}x "
+                  f"{row['setting_a_s']:>8.2f} {sparsity:>10} {row['speedup']:>7.2f}x "
                   f"{row['bound_speedup']:>6.2f}x {row['fraction_of_bound']:>8.2f}", flush=True)
     setting = {"steps": args.steps, "setting_a": {"cdf_threshold": SETTING_A_CDF, "sim_threshold": 0.0,
                                                   "dense_fraction": SETTING_A_DENSE_FRACTION},
