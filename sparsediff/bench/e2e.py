@@ -269,16 +269,18 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
 
 
 @contextmanager
-def _attention_free(shapes: list[tuple[int, ...]]) -> Iterator[None]:
+def _attention_free(shapes: list[tuple[int, ...]] | None) -> Iterator[None]:
     """Every self-attention SDPA call (query and key of equal length) returns its query at once;
-    their (B, H, N, D) shapes are appended to `shapes`."""
+    their (B, H, N, D) shapes are appended to `shapes` unless it is None (compiled runs: a growing
+    list read by traced code would be guarded on, and recompile at every call)."""
     import torch.nn.functional as F
 
     sdpa = F.scaled_dot_product_attention
 
     def query_only(query, key, value, *args, **kwargs):
         if query.shape[-2] == key.shape[-2]:
-            shapes.append(tuple(query.shape))
+            if shapes is not None:
+                shapes.append(tuple(query.shape))
             return query
         return sdpa(query, key, value, *args, **kwargs)
 
@@ -352,7 +354,7 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
             torch.compiler.reset()
             row["dense_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
             torch.compiler.reset()
-            with _attention_free(shapes):
+            with _attention_free(None if compiled else shapes):
                 row["attention_free_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
             torch.compiler.reset()
             handle = sparsediff.apply(model, cdf_threshold=SETTING_A_CDF, sim_threshold=0.0, dense_steps=dense_steps,
@@ -363,6 +365,7 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
             sparsediff.remove(model)
             row["attention_share"] = 1.0 - row["attention_free_s"] / row["dense_s"]
             runs[mode] = row
+            print(f"{case.family} {mode}: {row}", flush=True)
     _, heads, tokens, head_dim = max(shapes, key=lambda shape: shape[2])  # the long (video) self-attention
     for row in runs.values():
         ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - (row["setting_a_sparsity"] or 0.0))
