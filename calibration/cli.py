@@ -25,11 +25,15 @@ def _csv(values: tuple[float, ...]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """The calibrate options; `sweep`: those of `calibrate-sweep` (--out a folder, --budgets instead of
+    --budget, validation always on)."""
     parser.add_argument("--model", default=None,
                         help="recipe name (see `sparsediff models`) or a local diffusers pipeline folder "
                              "(default: toy-shapes where installed, else tiny-wan)")
-    parser.add_argument("--out", required=True, type=Path, help="profile to write (.json); report and state go beside it")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="folder for the profiles, reports, sweep.json and sweep.png" if sweep else
+                        "profile to write (.json); report and state go beside it")
     parser.add_argument("--prompts", type=Path, default=None,
                         help="calibration prompts (.txt/.jsonl/.csv; default: the bundled set for the model's kind)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
@@ -39,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=None, help="frames of video models (default: the recipe's)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt i is SEED + i unless the file sets one")
-    parser.add_argument("--budget", type=float, default=0.05,
-                        help="per-head relative L1 error budget of the attention output, in (0, 1) (default 0.05)")
+    if sweep:
+        parser.add_argument("--budgets", default="0.05,0.1,0.2,0.3,0.5",
+                            help="comma list of per-head error budgets in (0, 1), each selected and validated")
+    else:
+        parser.add_argument("--budget", type=float, default=0.05,
+                            help="per-head relative L1 error budget of the attention output, in (0, 1) (default 0.05)")
     parser.add_argument("--dense-steps", type=int, default=None,
                         help="leading steps run dense (default: chosen from the measured per-step sensitivity)")
     parser.add_argument("--min-layer-sparsity", type=float, default=DEFAULT_MIN_LAYER_SPARSITY,
@@ -58,10 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "short sequences: all)")
     parser.add_argument("--token-order", choices=("tiles", "raster"), default="tiles",
                         help="token order the profile runs with (default tiles)")
-    parser.add_argument("--validate", action="store_true",
-                        help="render held-out prompts dense and with the new profile; PSNR, SSIM, speed-up")
+    if not sweep:
+        parser.add_argument("--validate", action="store_true",
+                            help="render held-out prompts dense and with the new profile; PSNR, SSIM, speed-up, "
+                                 "and every sparse head's attention error there")
     parser.add_argument("--validate-prompts", type=Path, default=None,
-                        help="held-out prompts for --validate (default: the bundled held-out set)")
+                        help="held-out prompts for validation (default: the bundled held-out set)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--fresh", action="store_true", help="discard statistics of an earlier run instead of resuming")
 

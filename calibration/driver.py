@@ -445,12 +445,14 @@ def validate(plan: CalibrationPlan, renderer: Renderer, profile: SparsityProfile
         try:
             sparse, sparse_s, _ = renderer._generate(item)
             sparsity = handle.stats.mean_sparsity(after_dense_steps=False)
+            after_dense = handle.stats.mean_sparsity()
         finally:
             handle.remove()
         psnr = video_psnr(sparse, dense)
         videos.append(dict(prompt.as_dict(), psnr_db=None if math.isinf(psnr) else psnr, identical=math.isinf(psnr),
                            ssim=video_ssim(sparse, dense), dense_s=dense_s, sparse_s=sparse_s,
-                           speedup=dense_s / sparse_s, sparsity=None if math.isnan(sparsity) else sparsity))
+                           speedup=dense_s / sparse_s, sparsity=None if math.isnan(sparsity) else sparsity,
+                           sparsity_after_dense_steps=None if math.isnan(after_dense) else after_dense))
     handle = sparsediff.apply(renderer.pipe, profile, controller_cls=HeadErrorController)
     try:
         for index, prompt in enumerate(tqdm(plan.validate_prompts, desc="validate errors", unit="prompt")):

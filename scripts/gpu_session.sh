@@ -26,6 +26,8 @@ for stage in "$@"; do
     steps)    python3 -m sparsediff bench e2e --steps 10 --compile --families wan,flux --out "$res/steps" &&
               python3 -m sparsediff bench e2e --steps 10 --families cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
+    sweep)    python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.05,0.1,0.2,0.3,0.5 --out "$res/sweep" ;;
+    fluxa)    python3 -m sparsediff bench e2e --steps 10 --compile --families flux --setting-a-cdf 0.04 --out "$res/steps" ;;
     overhead) python3 -m sparsediff.calibration.bench_overhead --steps 20 --out "$res/overhead" ;;
     render)   printf 'a red fox running through snow\na city street at night in the rain\n' > /tmp/prompts.txt
               python3 -m sparsediff render --model wan2.1-t2v-1.3b --random-weights --prompts /tmp/prompts.txt \

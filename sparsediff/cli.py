@@ -11,6 +11,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("render",), "sparsediff.pipelines.render", "batch-render a prompt file with a model recipe, sparse or dense; resumable, multi-GPU"),
     (("models",), "sparsediff.pipelines.recipes", "list the model recipes usable with --model"),
     (("calibrate",), "sparsediff.calibration.cli", "find per-layer/per-head sparsity thresholds within an error budget; writes a profile"),
+    (("calibrate-sweep",), "sparsediff.calibration.sweep", "the sparsity-quality curve: one calibrated, validated profile per error budget; JSON + plot"),
     (("bench", "predict"), "sparsediff.bench.predict", "block-mask predictors vs the oracle: sparsity at an error budget, P·V skip, overhead and speed vs cuDNN"),
     (("bench", "e2e"), "sparsediff.bench.e2e", "one transformer forward at real configs: dense (cuDNN SDPA) vs sparse; time, sparsity, error"),
     (("demo",), "sparsediff.apps.demo", "Gradio page: one prompt rendered dense and sparse side by side, with times, sparsity, PSNR/SSIM"),

@@ -302,3 +302,26 @@ def test_profile_applies_and_errors_hold_when_rerun_sparse(e2e, monkeypatch):
         for h in range(len(reported)):
             assert err[h].item() <= reported[h] * (1 + 1e-4) + 1e-6 <= BUDGET * (1 + 1e-4) + 1e-6
     assert not any(math.isnan(x) for errs in profile.calibration.errors.values() for x in errs)
+
+
+def test_sweep_writes_one_validated_profile_per_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball bounces on a wooden floor\n")
+    held = tmp_path / "held.txt"
+    held.write_text("a cat sleeps on a sofa\n")
+    args = [a for a in E2E_ARGS if a not in ("--budget", str(BUDGET))]
+    out = tmp_path / "sweep"
+    assert main(["calibrate-sweep", *args, "--prompts", str(prompts), "--validate-prompts", str(held),
+                 "--budgets", "0.3,0.05", "--out", str(out)]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [p["budget"] for p in sweep["points"]] == [0.05, 0.3]
+    low, high = sweep["points"]
+    assert low["expected_sparsity"] <= high["expected_sparsity"] and high["expected_sparsity"] > 0
+    for p in sweep["points"]:
+        profile = SparsityProfile.load(out / f"budget-{p['budget']:g}.json")
+        assert profile.calibration.budget == p["budget"]
+        assert p["heads_over_budget"] == 0 and p["max_head_error"] <= p["budget"]
+    assert (out / "sweep.png").stat().st_size > 0
+    assert main(["calibrate-sweep", *args, "--budgets", "0.1,1.5", "--out", str(out)]) == 2
+    assert "--budgets" in capsys.readouterr().err
