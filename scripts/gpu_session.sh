@@ -18,6 +18,8 @@ for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
     smoke)    python3 scripts/gpu_smoke.py ;;
+    profile)  python3 scripts/profile_predict.py flux cogvideox wan ;;
+    cogc)     python3 -m sparsediff bench e2e --steps 10 --compile --families cogvideox --out "$res/steps" ;;
     kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/tune" ;;
