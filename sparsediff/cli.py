@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ValueError as error:  # an argument found bad after parsing (the benches check theirs in run)
+        print(f"sparsediff: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -216,3 +216,15 @@ def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None
         build_random_pipeline(wan, "meta", overrides={"unet": {}})
     with pytest.raises(ValueError, match="overrides: text_encoder vocab_size 100 is below"):
         build_random_pipeline(wan, "meta", overrides={"text_encoder": {"vocab_size": 100}})
+
+
+@pytest.mark.parametrize("argv,name", [
+    (["bench", "e2e", "--steps", "1"], "--steps"),
+    (["bench", "e2e", "--compile"], "--compile"),
+    (["bench", "kernel", "--keeps", "0,0.5"], "--keeps"),
+    (["bench", "predict", "--budget", "1.5"], "--budget"),
+])
+def test_cli_names_a_bad_argument_instead_of_a_traceback(argv, name, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsediff: error:") and name in err and "Traceback" not in err
