@@ -103,7 +103,22 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class CalibrationController(AttentionController):
+def head_error(out: torch.Tensor, ref: torch.Tensor, ref_l1: torch.Tensor) -> torch.Tensor:
+    """Per-head relative L1 of (B, H, N, D) outputs: sum|out - ref| / ref_l1, where ref is fp32 and
+    ref_l1 = sum|ref| per head (the caller's, as one reference often serves several outputs)."""
+    return (out.float() - ref).abs().sum(dim=(0, 2, 3)) / ref_l1.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+class _MeasuringController(AttentionController):
+    """A controller that measures rather than serves: it runs wherever torch runs."""
+
+    def can_run_sparse(self, device: torch.device) -> bool:
+        # predict_block_mask and block_sparse_attention fall back to their torch references on a CPU
+        # without the interpreter, so measuring works everywhere (it never needs kernel speed).
+        return device.type in ("cuda", "cpu")
+
+
+class CalibrationController(_MeasuringController):
     """Routes every call of every sparse-capable layer to `run_sparse`, returns the dense output there and,
     on measured steps, evaluates the candidate grid (see the module docstring).
 
@@ -128,11 +143,6 @@ class CalibrationController(AttentionController):
         self.candidates = list(candidates)
         self.steps_to_measure = frozenset(steps_to_measure)
         self.row_fraction = row_fraction
-
-    def can_run_sparse(self, device: torch.device) -> bool:
-        # predict_block_mask and block_sparse_attention fall back to their torch references on a CPU
-        # without the interpreter, so calibration measures everywhere (it never needs kernel speed).
-        return device.type in ("cuda", "cpu")
 
     def run_sparse(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +205,7 @@ class CalibrationController(AttentionController):
             if cand.pv is not None:
                 out, skips = out
                 pv_skipped[c] = skips.sum(dim=(0, 2)) / mask_rows.sum(dim=(0, 2, 3)).clamp(min=1)
-            err[c] = (out.float() - ref_rows).abs().sum(dim=(0, 2, 3)) / ref_l1.clamp(min=torch.finfo(torch.float32).tiny)
+            err[c] = head_error(out, ref_rows, ref_l1)
 
         key = (call.layer_index, call.step)
         if key in self._acc:
@@ -211,27 +221,23 @@ class CalibrationController(AttentionController):
         return out
 
 
-class HeadErrorController(AttentionController):
+class HeadErrorController(_MeasuringController):
     """Runs the profile sparse, as `apply()` does, and measures each call's per-head error against
     dense SDPA: relative L1 over the video query rows (the text segment, last in the attention
     order, is dense). Keeps the worst error per (layer, head) seen: how a profile holds on prompts
     it was not calibrated on. Like calibration, it computes through the public functions, whose
-    torch references also serve a CPU without the interpreter."""
+    torch references also serve a CPU without the interpreter (see `_MeasuringController`)."""
 
     def __init__(self, profile, **kwargs) -> None:
         super().__init__(profile, **kwargs)
         self.worst: dict[str, torch.Tensor] = {}  # layer -> (H,) on the device
-
-    def can_run_sparse(self, device: torch.device) -> bool:
-        return device.type in ("cuda", "cpu")
 
     def run_sparse(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, mask = super().run_sparse(call, q, k, v)
         video = slice(0, q.shape[2] - call.text_tokens)
         ref = dense_attention(q, k, v, call.kv_lens)[:, :, video].float()
-        err = (out[:, :, video].float() - ref).abs().sum(dim=(0, 2, 3)) / ref.abs().sum(dim=(0, 2, 3)).clamp(
-            min=torch.finfo(torch.float32).tiny)
+        err = head_error(out[:, :, video], ref, ref.abs().sum(dim=(0, 2, 3)))
         previous = self.worst.get(call.layer_name)
         self.worst[call.layer_name] = err if previous is None else torch.maximum(previous, err)
         return out, mask
