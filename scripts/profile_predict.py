@@ -4,9 +4,10 @@
 
 For each model shape (`sparsediff.bench.kernel.SHAPES`), random bf16 q/k/v in diffusers' (B, N, H, D)
 layout, torch.profiler over 10 calls of `predict_block_mask` (default thresholds) and of
-`sparse_attention` (cdf 0.95): GPU time per kernel and per call, host time per call, and the host
-calls that wait for the device (stream/device synchronisations, blocking copies): these should be
-none on the sparse path.
+`sparse_attention` (cdf 0.95) and of the processors' path (`predict_with` on thresholds checked once,
+then `block_sparse_attention`): GPU time per kernel and per call, host time per call, the host
+operations that take that time, and the host calls that wait for the device (stream/device
+synchronisations, blocking copies): these should be none on the sparse path.
 """
 import sys
 import time
@@ -14,7 +15,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparsediff.attention import predict_block_mask, sparse_attention
+from sparsediff.attention import (
+    DEFAULT_METHOD,
+    block_sparse_attention,
+    head_thresholds,
+    predict_block_mask,
+    predict_with,
+    sparse_attention,
+)
 from sparsediff.bench.kernel import SHAPES
 
 CALLS = 10
@@ -41,9 +49,27 @@ def report(name: str, fn) -> None:
     for e in gpu[:8]:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             print(f"      {e.device_time_total / CALLS / 1e3:8.3f} ms  {e.key[:90]}")
+    host_ops = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    for e in host_ops[:10]:
+        print(f"      host {e.self_cpu_time_total / CALLS / 1e3:8.3f} ms  x{e.count // CALLS:<3d} {e.key[:80]}")
+
+
+def launch_cost() -> None:
+    """Host time of one small Triton launch (the LUT builder on a 1-row mask): the floor per kernel."""
+    from sparsediff.kernels.block_sparse_attn import build_block_lut
+
+    mask = torch.ones(1, 1, 1, 4, dtype=torch.bool, device="cuda")
+    build_block_lut(mask, 256)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(200):
+        build_block_lut(mask, 256)
+    print(f"build_block_lut on a tiny mask: host {(time.perf_counter() - started) / 200 * 1e6:.1f} us/call")
+    torch.cuda.synchronize()
 
 
 def main(names: list[str]) -> None:
+    launch_cost()
     for name in names or ["flux", "cogvideox", "wan"]:
         s = SHAPES[name]
         q, k, v = (torch.randn(s.batch, s.tokens, s.heads, s.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -51,6 +77,13 @@ def main(names: list[str]) -> None:
         print(f"{name} {(s.batch, s.heads, s.tokens, s.head_dim)}")
         report("predict_block_mask", lambda: predict_block_mask(q, k, dense_tail_tokens=s.text_tokens))
         report("sparse_attention", lambda: sparse_attention(q, k, v, 0.95, dense_tail_tokens=s.text_tokens))
+        thresholds = head_thresholds([0.95], 0.0, s.heads, q.device)
+
+        def processor_path():
+            mask, = predict_with(q, k, thresholds, method=DEFAULT_METHOD, scale=s.head_dim**-0.5, kv_lens=None,
+                                 dense_tail_tokens=s.text_tokens)
+            return block_sparse_attention(q, k, v, mask)
+        report("processor path", processor_path)
         del q, k, v
         torch.cuda.empty_cache()
 

@@ -211,7 +211,13 @@ def check_kernel(device: str, log) -> bool:
 # (step_blocks, num_warps, num_stages, warp_specialize). On the H100 at D=128, (2, 8, 4) and
 # (4, 8, 2) ran out of shared memory and warp_specialize changed nothing (2026-11-23). K/V tiles
 # loaded through TMA tensor descriptors were slower on the H200 (2026-12-01: D=128 best 473 vs 481
-# TFLOP/s score, D=64 415 vs 421), so the kernel keeps pointer loads.
+# TFLOP/s score, D=64 415 vs 421), so the kernel keeps pointer loads. Programs of 64 query rows
+# (4 warps, two programs per 128-row mask block, so that two share an SM) matched but did not
+# beat the 128-row programs (H200, 2026-12-01: Wan 485/468 vs 481/473 TFLOP/s at keep 1/0.25;
+# CogVideoX 404/391 vs 424/404), so programs keep one mask block. Computing half of the softmax
+# exponentials by a cubic polynomial on the FMA units (FlashAttention-4's trick, to offload the
+# special-function unit) was slower in Triton (H200, 2026-12-01: Wan 426 vs 495 TFLOP/s at keep 1,
+# CogVideoX 346 vs 435), so the kernel keeps exp2.
 TUNE_CANDIDATES = (
     (1, 4, 3, False), (1, 8, 2, False), (1, 8, 3, False), (1, 8, 4, False),
     (2, 4, 3, False), (2, 4, 4, False), (2, 8, 3, False), (2, 8, 3, True),
