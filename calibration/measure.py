@@ -190,7 +190,7 @@ class CalibrationController(_MeasuringController):
             cdfs = list(dict.fromkeys(c.cdf for c in self.candidates if c.sim == sim))
             predicted = predict_with(q, k, head_thresholds(cdfs, sim, heads, device), method=call.method or DEFAULT_METHOD,
                                      scale=q.shape[-1] ** -0.5, kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens)
-            masks.update(((sim, cdf), mask) for cdf, mask in zip(cdfs, predicted))
+            masks.update(((sim, cdf), p.mask) for cdf, p in zip(cdfs, predicted))
 
         n_cand = len(self.candidates)
         err = torch.empty(n_cand, heads, device=device)

@@ -80,9 +80,9 @@ def main(names: list[str]) -> None:
         thresholds = head_thresholds([0.95], 0.0, s.heads, q.device)
 
         def processor_path():
-            mask, = predict_with(q, k, thresholds, method=DEFAULT_METHOD, scale=s.head_dim**-0.5, kv_lens=None,
-                                 dense_tail_tokens=s.text_tokens)
-            return block_sparse_attention(q, k, v, mask)
+            predicted, = predict_with(q, k, thresholds, method=DEFAULT_METHOD, scale=s.head_dim**-0.5, kv_lens=None,
+                                      dense_tail_tokens=s.text_tokens)
+            return block_sparse_attention(q, k, v, predicted.mask, lut=predicted.lut)
         report("processor path", processor_path)
         del q, k, v
         torch.cuda.empty_cache()

@@ -47,12 +47,12 @@ from dataclasses import dataclass
 import torch
 
 from sparsediff.kernels.block_select import block_select, select_top_cdf
-from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention
+from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention, build_block_lut
 from sparsediff.kernels.block_stats import block_stats
 
 __all__ = [
     "BLOCK_M", "BLOCK_N", "METHODS", "DEFAULT_METHOD", "HeadThresholds", "block_sparse_attention",
-    "head_thresholds", "predict_block_mask", "predict_block_masks", "predict_with", "sparse_attention",
+    "PredictedBlocks", "head_thresholds", "predict_block_mask", "predict_block_masks", "predict_with", "sparse_attention",
 ]
 
 METHODS = ("sampled", "qpool", "pooled", "antidiag")
@@ -203,10 +203,25 @@ def predict_block_masks(
 ) -> list[torch.Tensor]:
     """`predict_block_mask` for each of several cdf thresholds, at the cost of one block-mass
     estimate and one cheap selection per extra threshold (calibration's candidate grid)."""
+    predicted = _checked_predict(q, k, cdf_thresholds, sim_threshold, method=method, scale=scale, kv_lens=kv_lens,
+                                 dense_tail_tokens=dense_tail_tokens)
+    return [p.mask for p in predicted]
+
+
+def _checked_predict(q, k, cdf_thresholds, sim_threshold, *, method, scale, kv_lens, dense_tail_tokens):
     _check_inputs(q, k, kv_lens, dense_tail_tokens, method)
     thresholds = head_thresholds(cdf_thresholds, sim_threshold, q.shape[1], q.device)
     return predict_with(q, k, thresholds, method=method, scale=_check_scale(scale, q.shape[3]),
                         kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens)
+
+
+@dataclass(frozen=True)
+class PredictedBlocks:
+    """A predicted block mask and the lookup table of its kept blocks (`build_block_lut`'s (counts,
+    indices)), which `block_sparse_attention(..., lut=)` takes instead of building it again."""
+
+    mask: torch.Tensor
+    lut: tuple[torch.Tensor, torch.Tensor]
 
 
 def predict_with(
@@ -218,9 +233,10 @@ def predict_with(
     scale: float,
     kv_lens: torch.Tensor | None,
     dense_tail_tokens: int,
-) -> list[torch.Tensor]:
+) -> list[PredictedBlocks]:
     """The prediction itself, on arguments already checked (`head_thresholds`, `predict_block_masks`):
-    no host-device sync, so callers that validate once (the processors) keep the GPU queue full."""
+    no host-device sync, so callers that validate once (the processors) keep the GPU queue full.
+    One mask (with its lookup table) per cdf threshold."""
     b, h, n, d = q.shape
     view = (1, h, 1)
     q_pooled = q_trusted = k_trusted = None
@@ -244,17 +260,16 @@ def predict_with(
         qf, kf, thresholds.cdf[0], n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=scale,
         kv_lens=kv_lens, k_trusted=k_trusted, **geometry,
     )
-    valid = _valid_key_blocks(b, n, kv_lens, q.device)[:, None, None, :]
-    keep_all = torch.zeros_like(first)  # blocks every mask keeps, whatever its threshold
-    if q_trusted is not None:
-        keep_all |= ~q_trusted[..., :, None]
-    if k_trusted is not None:
-        keep_all |= ~k_trusted[..., None, :]
-    if dense_tail_tokens:
-        keep_all[:, :, (n - dense_tail_tokens) // BLOCK_M :, :] = True
-        keep_all[:, :, :, (n - dense_tail_tokens) // BLOCK_N :] = True
-    masks = [first] + [select_top_cdf(mass, cdf) for cdf in thresholds.cdf[1:]]
-    return [(m | keep_all) & valid for m in masks]
+    # Untrusted query blocks attend to every key block, untrusted key blocks are always kept, and so
+    # is the text tail; the lookup-table kernel adds them to each selection and drops invalid keys.
+    dense = dict(dense_rows=None if q_trusted is None else ~q_trusted.expand(b, h, -1),
+                 dense_cols=None if k_trusted is None else ~k_trusted.expand(b, h, -1),
+                 dense_tail_tokens=dense_tail_tokens)
+    predicted = []
+    for mask in [first] + [select_top_cdf(mass, cdf) for cdf in thresholds.cdf[1:]]:
+        mask = mask.contiguous()
+        predicted.append(PredictedBlocks(mask, build_block_lut(mask, n, kv_lens, out_mask=mask, **dense)))
+    return predicted
 
 
 def sparse_attention(
@@ -279,11 +294,10 @@ def sparse_attention(
     skips (those blocks still cost their Q·K). With cdf_threshold 1.0 every block is computed and
     o equals dense SDPA to floating-point tolerance.
     """
-    mask = predict_block_mask(
-        q, k, cdf_threshold, sim_threshold, method=method, scale=scale,
-        kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens,
-    )
-    o = block_sparse_attention(q, k, v, mask, scale, kv_lens=kv_lens, pv_threshold=pv_threshold)
+    predicted, = _checked_predict(q, k, [cdf_threshold], sim_threshold, method=method, scale=scale, kv_lens=kv_lens,
+                                  dense_tail_tokens=dense_tail_tokens)
+    mask = predicted.mask
+    o = block_sparse_attention(q, k, v, mask, scale, kv_lens=kv_lens, pv_threshold=pv_threshold, lut=predicted.lut)
     if not return_sparsity:
         return o
     valid = _valid_key_blocks(q.shape[0], q.shape[2], kv_lens, q.device)

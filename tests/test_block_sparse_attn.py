@@ -173,6 +173,49 @@ def test_lut_builder_strided_mask():
     assert torch.equal(indices.long()[kept], ref_indices[kept])
 
 
+@pytest.mark.parametrize("interpret", ["1", "0"])  # the Triton kernel, then the torch fallback
+def test_lut_builder_adds_dense_blocks(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    B, H, n_keys, tail = 2, 3, 1000, 150
+    QB, KB = math.ceil(n_keys / BLOCK_M), math.ceil(n_keys / BLOCK_N)
+    mask = torch.rand(B, H, QB, KB) < 0.2
+    dense_rows = torch.rand(B, H, QB) < 0.2
+    dense_cols = torch.rand(B, H, KB) < 0.1
+    kv_lens = torch.tensor([n_keys, 700], dtype=torch.int32)
+    expected = mask | dense_rows[..., None] | dense_cols[..., None, :]
+    expected[:, :, (n_keys - tail) // BLOCK_M:] = True
+    expected[:, :, :, (n_keys - tail) // BLOCK_N:] = True
+    expected &= (torch.arange(KB) * BLOCK_N < kv_lens[:, None])[:, None, None, :]
+    out_mask = mask.clone()
+    counts, indices = build_block_lut(out_mask, n_keys, kv_lens, dense_rows=dense_rows, dense_cols=dense_cols,
+                                      dense_tail_tokens=tail, out_mask=out_mask)  # in place
+    assert torch.equal(out_mask, expected)
+    ref_counts, ref_indices = block_lut_reference(expected, n_keys, BLOCK_N)
+    assert torch.equal(counts, ref_counts)
+    kept = ref_indices >= 0
+    assert torch.equal(indices.long()[kept], ref_indices[kept])
+
+
+def test_lut_builder_bad_dense_blocks():
+    mask = torch.zeros(1, 2, 3, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="dense_rows"):
+        build_block_lut(mask, 300, dense_rows=torch.zeros(1, 2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dense_cols"):
+        build_block_lut(mask, 300, dense_cols=torch.zeros(1, 2, 5))
+    with pytest.raises(ValueError, match="out_mask"):
+        build_block_lut(mask, 300, out_mask=torch.zeros(1, 2, 5, 3, dtype=torch.bool).transpose(2, 3))
+
+
+def test_given_lut_is_used():
+    q, k, v = _qkv(1, 2, 256, 256, 64, torch.float16)
+    mask = torch.rand(_mask_shape(1, 2, 256, 256)) < 0.5
+    other = ~mask
+    other[..., 0] = True
+    # The lookup table decides what is computed: that of another mask gives that mask's result.
+    out = block_sparse_attention(q, k, v, mask, lut=build_block_lut(other, 256))
+    _assert_close(out, _reference(q, k, v, other), torch.float16)
+
+
 def _good():
     q, k, v = _qkv(1, 2, 200, 200, 64, torch.float16)
     mask = torch.ones(_mask_shape(1, 2, 200, 200), dtype=torch.bool)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff._runtime import triton_interpreting
-from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+from sparsediff._runtime import kernels_available, triton_interpreting
+from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
 
 BLOCK_M = 128  # query rows per mask block (and per program)
 BLOCK_N = 64  # key rows per mask block
@@ -90,9 +90,10 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tile
 @triton.jit
 def _build_lut_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
-    kv_lens_ptr, counts_ptr, indices_ptr,
-    n_rows, H, QB, KB, n_keys,
+    kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, out_mask_ptr, counts_ptr, indices_ptr,
+    n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KB_P2: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    HAS_DENSE_ROWS: tl.constexpr, HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -101,14 +102,24 @@ def _build_lut_kernel(
     h = bh % H
     b = bh // H
     cols = tl.arange(0, KB_P2)
+    col_ok = row_ok[:, None] & (cols[None, :] < KB)
     row_off = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + qb.to(tl.int64) * stride_mq
     ptrs = mask_ptr + row_off[:, None] + cols[None, :].to(tl.int64) * stride_mk
-    keep = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < KB), other=0) != 0
+    keep = tl.load(ptrs, mask=col_ok, other=0) != 0
+    # Blocks every mask keeps whatever its selection: whole rows, whole columns, the dense tail.
+    keep = keep | (qb >= tail_qb)[:, None] | (cols >= tail_kb)[None, :]
+    if HAS_DENSE_ROWS:
+        keep = keep | (tl.load(dense_rows_ptr + rows, mask=row_ok, other=0) != 0)[:, None]
+    if HAS_DENSE_COLS:
+        keep = keep | (tl.load(dense_cols_ptr + bh.to(tl.int64)[:, None] * KB + cols[None, :], mask=col_ok, other=0) != 0)
     if HAS_KV_LENS:
         n_valid = tl.minimum(tl.load(kv_lens_ptr + b, mask=row_ok, other=0), n_keys)
         keep = keep & (cols[None, :] * BLOCK_N < n_valid[:, None])
     else:
         keep = keep & (cols[None, :] * BLOCK_N < n_keys)
+    keep = keep & col_ok
+    if WRITE_MASK:
+        tl.store(out_mask_ptr + rows.to(tl.int64)[:, None] * KB + cols[None, :], keep.to(tl.int8), mask=col_ok)
     keep_i = keep.to(tl.int32)
     # Position of each kept block among the kept blocks of its row: an inclusive prefix sum.
     slot = tl.cumsum(keep_i, axis=1) - 1
@@ -123,21 +134,57 @@ def _lut_index_dtype(n_key_blocks: int) -> torch.dtype:
 
 
 def build_block_lut(
-    block_mask: torch.Tensor, n_keys: int, kv_lens: torch.Tensor | None = None
+    block_mask: torch.Tensor,
+    n_keys: int,
+    kv_lens: torch.Tensor | None = None,
+    *,
+    dense_rows: torch.Tensor | None = None,
+    dense_cols: torch.Tensor | None = None,
+    dense_tail_tokens: int = 0,
+    out_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact per-row list of kept key blocks, built on the mask's device by one Triton kernel.
+    """Compact per-row list of kept key blocks, built on the mask's device by one Triton kernel
+    (the torch reference where kernels are unavailable).
 
-    block_mask: bool (B, H, QB, KB), any strides. Key blocks starting at or past `n_keys` (or
-    kv_lens[b]) are dropped. Returns (counts int32 (B, H, QB), indices (B, H, QB, KB) int16 or
-    int32): the first counts[b, h, q] entries of indices[b, h, q] are the kept key-block indices in
-    ascending order; the entries after them are unspecified.
+    block_mask: bool (B, H, QB, KB), any strides. Besides its True blocks, every block of a
+    `dense_rows` query block (bool (B, H, QB)), of a `dense_cols` key block (bool (B, H, KB)) and
+    of the last `dense_tail_tokens` queries or keys (a text segment at the end) is kept. Key blocks
+    starting at or past `n_keys` (or kv_lens[b]) are dropped. out_mask: a contiguous bool
+    (B, H, QB, KB) tensor (block_mask itself may be given) that receives the blocks kept.
+
+    Returns (counts int32 (B, H, QB), indices (B, H, QB, KB) int16 or int32): the first
+    counts[b, h, q] entries of indices[b, h, q] are the kept key-block indices in ascending order;
+    the entries after them are unspecified.
     """
     if block_mask.ndim != 4 or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a 4-D bool tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
     if n_keys < 1:
         raise ValueError(f"n_keys must be >= 1, got {n_keys}")
     B, H, QB, KB = block_mask.shape
+    for name, t, shape in (("dense_rows", dense_rows, (B, H, QB)), ("dense_cols", dense_cols, (B, H, KB)),
+                           ("out_mask", out_mask, (B, H, QB, KB))):
+        if t is not None and (t.dtype != torch.bool or tuple(t.shape) != shape or t.device != block_mask.device):
+            raise ValueError(f"{name} must be a bool tensor of shape {shape} on {block_mask.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if out_mask is not None and not out_mask.is_contiguous():
+        raise ValueError("out_mask must be contiguous")
+    tail_qb = QB if dense_tail_tokens == 0 else (n_keys - dense_tail_tokens) // BLOCK_M
+    tail_kb = KB if dense_tail_tokens == 0 else (n_keys - dense_tail_tokens) // BLOCK_N
     device = block_mask.device
+    if not kernels_available(device):
+        keep = block_mask.clone()
+        keep[:, :, tail_qb:] = True
+        keep[:, :, :, tail_kb:] = True
+        if dense_rows is not None:
+            keep |= dense_rows[..., None]
+        if dense_cols is not None:
+            keep |= dense_cols[..., None, :]
+        n_valid = torch.full((B,), n_keys, device=device) if kv_lens is None else kv_lens.to(device).clamp(max=n_keys)
+        keep &= (torch.arange(KB, device=device)[None, :] * BLOCK_N < n_valid[:, None])[:, None, None, :]
+        if out_mask is not None:
+            out_mask.copy_(keep)
+        counts, indices = block_lut_reference(keep, n_keys, BLOCK_N, kv_lens)
+        return counts, indices.to(_lut_index_dtype(KB))
     counts = torch.empty((B, H, QB), dtype=torch.int32, device=device)
     indices = torch.empty((B, H, QB, KB), dtype=_lut_index_dtype(KB), device=device)
     n_rows = B * H * QB
@@ -146,10 +193,14 @@ def build_block_lut(
     mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
     _build_lut_kernel[(triton.cdiv(n_rows, rows),)](
         mask_bytes, *mask_bytes.stride(),
-        kv_lens if kv_lens is not None else counts, counts, indices,
-        n_rows, H, QB, KB, n_keys,
+        kv_lens if kv_lens is not None else counts,
+        dense_rows.contiguous() if dense_rows is not None else counts,
+        dense_cols.contiguous() if dense_cols is not None else counts,
+        out_mask if out_mask is not None else counts, counts, indices,
+        n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
         BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=kv_lens is not None,
-        num_warps=4,
+        HAS_DENSE_ROWS=dense_rows is not None, HAS_DENSE_COLS=dense_cols is not None,
+        WRITE_MASK=out_mask is not None, num_warps=4,
     )
     return counts, indices
 
@@ -419,6 +470,7 @@ def block_sparse_attention(
     kv_lens: torch.Tensor | None = None,
     pv_threshold: float | None = None,
     return_pv_skips: bool = False,
+    lut: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the kept (BLOCK_M x BLOCK_N) blocks of `block_mask` only.
 
@@ -427,7 +479,9 @@ def block_sparse_attention(
     keep no valid key return zeros. scale defaults to 1/sqrt(D). kv_lens: int (B,), keys at index
     >= kv_lens[b] are excluded. pv_threshold: see the module docstring; None computes exactly.
     return_pv_skips: also return int32 (B, H, ceil(Nq/BLOCK_M)) counts of kept key blocks whose
-    P·V was skipped. The result has q's memory layout.
+    P·V was skipped. lut: the (counts, indices) that `build_block_lut` made of this block_mask
+    and kv_lens (mask prediction makes them with the mask): not built again. The result has q's
+    memory layout.
 
     CUDA runs the compiled Triton kernels, CPU runs them under TRITON_INTERPRET=1 and otherwise
     the plain-torch reference (which never skips P·V: its skip counts are zero).
@@ -442,7 +496,7 @@ def block_sparse_attention(
         if return_pv_skips:
             return out, torch.zeros(block_mask.shape[:3], dtype=torch.int32)
         return out
-    counts, indices = build_block_lut(block_mask, k.shape[2], kv_lens)
+    counts, indices = lut if lut is not None else build_block_lut(block_mask, k.shape[2], kv_lens)
     return attention_from_lut(
         q, k, v, counts, indices, scale,
         kv_lens=kv_lens, pv_threshold=pv_threshold, return_pv_skips=return_pv_skips,

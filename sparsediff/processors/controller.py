@@ -290,10 +290,11 @@ class AttentionController:
         """
         from sparsediff.attention import DEFAULT_METHOD, block_sparse_attention, predict_with
 
-        mask, = predict_with(q, k, call.thresholds, method=call.method or DEFAULT_METHOD, scale=q.shape[-1] ** -0.5,
-                             kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens)
-        out = block_sparse_attention(q, k, v, mask, kv_lens=call.kv_lens, pv_threshold=call.pv_threshold)
-        return out, mask
+        predicted, = predict_with(q, k, call.thresholds, method=call.method or DEFAULT_METHOD, scale=q.shape[-1] ** -0.5,
+                                  kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens)
+        out = block_sparse_attention(q, k, v, predicted.mask, kv_lens=call.kv_lens, pv_threshold=call.pv_threshold,
+                                     lut=predicted.lut)
+        return out, predicted.mask
 
     # ------------------------------------------------------------------ helpers
 

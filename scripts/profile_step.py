@@ -1,0 +1,85 @@
+"""Where one sparse denoising step of a real-config transformer spends its time (a diagnostic).
+
+    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--frames N]
+
+Builds the family's transformer as `sparsediff bench e2e` does (random bf16 weights, real
+resolution), applies sparsediff with one dense step, runs the dense step and two sparse warm-up
+steps (compilation), then profiles one sparse step: wall time, the GPU's busy time (kernel time
+summed; one stream, so the rest of the wall time is the GPU waiting for the host), kernel time
+grouped by what it is for, the top kernels, and the host calls that wait for the device.
+"""
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.nn.attention import sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+import sparsediff
+from sparsediff.bench.e2e import CASES, _build, _sdpa_priority
+
+GROUPS = (  # (group, substrings of kernel names), first match wins
+    ("attention kernel", ("_block_sparse_attn_kernel",)),
+    ("prediction", ("_partial_mass_kernel", "_combine_select_kernel", "_block_stats_kernel", "_select_kernel")),
+    ("lookup table", ("_build_lut_kernel",)),
+    ("dense attention (cuDNN/flash)", ("cudnn", "flash", "fmha", "sm90_xmma", "attention")),
+    ("gathers (token order, sampled rows)", ("index_elementwise", "gather", "index_select", "indexSelect")),
+    ("matmuls", ("gemm", "nvjet", "cutlass", "sm90_", "xmma")),
+    ("copies", ("copy", "Memcpy", "memcpy")),
+)
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
+
+
+def _group(name: str) -> str:
+    lowered = name.lower()
+    for group, keys in GROUPS:
+        if any(key.lower() in lowered for key in keys):
+            return group
+    return "other (norms, elementwise, triton fusions)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=sorted(CASES))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cdf", type=float, default=0.15)
+    parser.add_argument("--frames", type=int, default=None)
+    args = parser.parse_args()
+    case = CASES[args.family]
+    model, inputs = _build(case, args.frames or case.frames)
+    t0 = float(inputs["timestep"].max()) * 2
+    timesteps = [torch.full_like(inputs["timestep"], t0 * (8 - i) / 8) for i in range(5)]
+    if args.compile:
+        if getattr(model, "_repeated_blocks", None):
+            model.compile_repeated_blocks(fullgraph=True)
+        else:
+            model = torch.compile(model)
+    handle = sparsediff.apply(model, cdf_threshold=args.cdf, sim_threshold=0.0, dense_steps=1, token_order="tiles")
+    with torch.no_grad(), sdpa_kernel(_sdpa_priority(), set_priority=True):
+        for t in timesteps[:4]:  # one dense step, then sparse warm-up steps
+            model(**dict(inputs, timestep=t))
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            model(**dict(inputs, timestep=timesteps[4]))
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+    busy = sum(e.device_time_total for e in kernels) / 1e6
+    by_group: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        by_group[_group(e.key)] += e.device_time_total / 1e6
+    waits = {e.key: e.count for e in events if any(e.key.startswith(w) for w in WAITS)}
+    print(f"{args.family} {'compiled' if args.compile else 'eager'} sparse step: wall {wall * 1e3:.1f} ms "
+          f"(profiled), GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), sparsity {handle.stats.mean_sparsity():.3f}, "
+          f"device waits {waits or 'none'}")
+    for group, seconds in sorted(by_group.items(), key=lambda item: -item[1]):
+        print(f"  {seconds * 1e3:8.2f} ms  {seconds / busy:5.1%}  {group}")
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
+        print(f"      {e.device_time_total / 1e3:8.2f} ms  x{e.count:<4d} {e.key[:100]}")
+
+
+if __name__ == "__main__":
+    main()
