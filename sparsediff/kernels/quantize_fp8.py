@@ -33,13 +33,14 @@ NUM_WARPS = 4
 @triton.jit
 def _e4m3_grid(x):
     """fp32 x rounded to the nearest e4m3 value (ties to even), saturated at ±448, still fp32."""
-    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: 2^-6's spacing
+    magnitude = tl.minimum(tl.abs(x), 448.0)
+    exponent = tl.maximum((magnitude.to(tl.int32, bitcast=True) >> 23) - 127, -6)  # subnormals: 2^-6's spacing
     spacing = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
     # Adding 1.5 * 2^23 spacings moves x to where fp32's own spacing is `spacing`: the fp32 sum
     # rounds x to a multiple of it, ties to even; subtracting it back is exact.
     magic = spacing * 12582912.0
-    return (x + magic) - magic
+    rounded = (magnitude + magic) - magic
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -rounded, rounded)  # the sign bit, -0 included
 
 
 @triton.jit
