@@ -8,21 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff.attention import sparse_attention
-from sparsediff.kernels.block_sparse_attn import (
-    BLOCK_M,
-    BLOCK_N,
-    TileConfig,
-    attention_from_lut,
-    block_sparse_attention,
-    build_block_lut,
-)
-from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+from sparsediff.attention import BLOCK_M, BLOCK_N, block_sparse_attention, sparse_attention
+from sparsediff.kernels.block_sparse_attn import TileConfig, attention_from_lut, build_block_lut
 from sparsediff.kernels.quantize_fp8 import quantize_fp8, to_e4m3
 from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference
 from sparsediff.kernels.quantize_fp8_reference import to_e4m3 as to_e4m3_reference
 from sparsediff.processors import apply
-from test_block_sparse_attn import _dominant_first_block
+from test_block_sparse_attn import _dominant_first_block, _reference
 from tiny_models import build_wan, wan_inputs
 
 # (B, H, Nq, Nk, D, dtype, kv_lens): D 64 / 128 / padded 80 and 48, ragged and cross lengths.
@@ -56,10 +48,6 @@ def _lens(kv_lens):
 
 def _rel_l1(out, ref):
     return ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()).item()
-
-
-def _reference(q, k, v, mask, **kw):
-    return block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK_M, block_n=BLOCK_N, **kw)
 
 
 def _bits(t):
@@ -241,3 +229,22 @@ def test_processors_run_fp8_finite_and_close_to_dense():
 def test_apply_refuses_a_non_bool_fp8():
     with pytest.raises(ValueError, match=r"^fp8\b"):
         apply(build_wan(), fp8="on")
+
+
+def test_compiled_transformer_carries_fp8_through_the_custom_op():
+    from torch._dynamo.utils import counters
+
+    model = build_wan()
+    inputs = wan_inputs(model)
+    handle = apply(model, cdf_threshold=1.0, sim_threshold=0.0, dense_steps=0, fp8=True)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)[0]
+    assert dict(counters["graph_break"]) == {}
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    handle.remove()
+    with torch.no_grad():
+        assert _rel_l1(model(**inputs)[0], eager) > 1e-4  # the FP8 path did run in both
+    torch._dynamo.reset()

@@ -116,13 +116,7 @@ def _quantize_fp8_kernel(
 
 
 def quantize_fp8(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    block_m: int,
-    block_n: int,
-    kv_lens: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int, kv_lens: torch.Tensor | None = None
 ) -> Fp8Operands:
     """`quantize_fp8_reference` by one Triton kernel (arguments validated by the caller).
 

@@ -82,13 +82,7 @@ def _quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
 
 
 def quantize_fp8_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    block_m: int,
-    block_n: int,
-    kv_lens: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int, kv_lens: torch.Tensor | None = None
 ) -> Fp8Operands:
     """q (B, H, Nq, D), k and v (B, H, Nk, D), any float dtype; see the module docstring."""
     batch, heads, n_k, head_dim = k.shape
