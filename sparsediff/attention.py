@@ -285,9 +285,11 @@ def sparse_attention(
     scale: float | None = None,
     kv_lens: torch.Tensor | None = None,
     dense_tail_tokens: int = 0,
+    fp8: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Attention over the blocks `predict_block_mask` keeps (arguments as there and as
-    `block_sparse_attention`; pv_threshold enables the kernel's P·V skip, None = exact).
+    `block_sparse_attention`; pv_threshold enables the kernel's P·V skip, None = exact; fp8 runs
+    the kernel's FP8 path).
 
     return_sparsity=True returns (o, sparsity): the fraction of (b, h, query block, key block)
     pairs holding a valid key that the predicted mask skips. It does not count the kernel's P·V
@@ -297,7 +299,8 @@ def sparse_attention(
     predicted, = _checked_predict(q, k, [cdf_threshold], sim_threshold, method=method, scale=scale, kv_lens=kv_lens,
                                   dense_tail_tokens=dense_tail_tokens)
     mask = predicted.mask
-    o = block_sparse_attention(q, k, v, mask, scale, kv_lens=kv_lens, pv_threshold=pv_threshold, lut=predicted.lut)
+    o = block_sparse_attention(q, k, v, mask, scale, kv_lens=kv_lens, pv_threshold=pv_threshold, fp8=fp8,
+                               lut=predicted.lut)
     if not return_sparsity:
         return o
     valid = _valid_key_blocks(q.shape[0], q.shape[2], kv_lens, q.device)

@@ -1,8 +1,10 @@
 """The Triton kernels fit a Hopper SM (H100/H200: 227 KiB of shared memory a block) at the tile
-configs their launchers use. Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in
-a subprocess: the test session runs Triton as its interpreter, which does not compile."""
+configs their launchers use, and the FP8 variant's dots are e4m3 wgmma (both operands K-major, V
+read transposed). Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in a
+subprocess: the test session runs Triton as its interpreter, which does not compile."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,12 +14,13 @@ import pytest
 HOPPER_SHARED_BYTES = 232448
 
 COMPILE_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from sparsediff.kernels import block_select as bs
     from sparsediff.kernels import block_sparse_attn as bsa
+    from sparsediff.kernels import quantize_fp8 as qf
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -34,7 +37,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if signature[name] in ("i32",) + tuple(pointers.values()) and int_args_aligned}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        return triton.compile(src, target=target, options=options).metadata.shared
+        compiled = triton.compile(src, target=target, options=options)
+        return compiled.metadata.shared, sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", compiled.asm["ptx"])))
 
     rows = []
     for dtype, dot_fp32, s, rk in (("bf16", False, 1, 64), ("fp32", True, 1, 64), ("fp32", True, 1, 1),
@@ -46,36 +50,54 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 consts["tiles_per_program"] = 1
             pointers = {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",
                         "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
-            shared = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
+            shared, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
                                     num_warps=bs.PARTIAL_NUM_WARPS, num_stages=bs.PARTIAL_NUM_STAGES)
             rows.append(["partial_mass", dtype, s, rk, loop, shared])
     nkp, sr = bs._select_geometry(bs.MAX_KEY_BLOCKS)
     pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
     for rq in (1, 2, 16):
-        shared = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
+        shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
                                 True, num_warps=bs.SELECT_NUM_WARPS)
         rows.append(["combine_select", "fp32", 1, rq, False, shared])
     for (arch, head_dim, dtype), config in bsa.TILE_CONFIGS.items():
-        name = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
+        name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "fp8e4nv"}[str(dtype)]
+        fp8 = name == "fp8e4nv"
+        # FP8 reads V transposed, (B, H, D, N): its key stride is 1.
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
                       STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=True, COUNT_SKIPS=False,
-                      DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize,
-                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
-        pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + name, "counts_ptr": "*i32",
-                    "lut_ptr": "*i16", "kv_lens_ptr": "*i32", "skips_ptr": "*i32"}
-        shared = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
-                                num_warps=config.num_warps, num_stages=config.num_stages)
-        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, True, shared])
+                      DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
+                      stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
+        pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
+                    "counts_ptr": "*i32", "lut_ptr": "*i16", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
+                    "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+        shared, mma = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
+                                     num_warps=config.num_warps, num_stages=config.num_stages)
+        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma, shared])
+    consts = dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N, HAS_KV_LENS=True, ROUND_E4M3=False,
+                  stride_qd=1, stride_kd=1, stride_vd=1)
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kv_lens_ptr": "*i32", "k_mean_ptr": "*fp32",
+                "v_inv_ptr": "*fp32", "q8_ptr": "*fp8e4nv", "k8_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv",
+                "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32"}
+    shared, _ = compile_kernel(qf._quantize_fp8_kernel, consts, pointers, True, num_warps=qf.NUM_WARPS)
+    rows.append(["quantize_fp8", "bf16", 128, 1, [], shared])
     print(json.dumps(rows))
 """)
 
 
-def test_kernels_fit_hopper_shared_memory():
+def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     pytest.importorskip("triton.backends.nvidia")
+    from sparsediff.kernels.block_sparse_attn import TILE_CONFIGS
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 10 + 3 + 4
+    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 1
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
+    fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]
+    assert fp8, "no FP8 tile config declared for sm90"
+    for row in fp8:  # Q·K (n = 64 keys a block) and P·V (n = head dim), both in e4m3
+        mma = row[4]
+        assert mma and all(re.search(r"\.f32\.e4m3\.e4m3$", m) for m in mma), row
+        assert any(f"n{row[2]}k32" in m for m in mma) and any("n64k32" in m for m in mma), row

@@ -28,13 +28,15 @@ timesteps, one video's transformer work without CFG), eager and (with `--compile
 - setting A: sparse with `dense_steps` = 20% of S and cdf `--setting-a-cdf` on every head (random
   weights attend almost uniformly: 0.15 keeps ~12-15% of the blocks on Wan and CogVideoX, the
   reference setting's "85% sparsity"; FLUX needs a lower one; the sparsity actually reached is
-  reported and used below).
+  reported and used below);
+- setting B: the FP8 path (`apply(..., fp8=True)`) with `dense_steps` = 10% of S and cdf
+  `--setting-b-cdf` (aiming at 90% sparsity; the sparsity reached is reported and used below).
 The attainable bound of a setting is the speed-up if only attention changed and its time scaled
 with the kept blocks at the kernel's measured speed: per sparse step, attention-free time +
 dense attention time x (kernel time at the measured keep fraction / cuDNN dense time), the kernel
 timed in the same run on the family's self-attention shape with a random mask of that keep
-fraction; dense steps cost a dense step. Achieved / bound says what prediction, token reordering,
-index building and launches cost. Setting B (FP8 path) is not built: reported as such.
+fraction (setting B: the FP8 path, quantisation included); dense steps cost a dense step.
+Achieved / bound says what prediction, token reordering, index building and launches cost.
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ REFERENCE_CDF = 0.9
 REFERENCE_SIM = 0.0
 SETTING_A_CDF = 0.15
 SETTING_A_DENSE_FRACTION = 0.2
+SETTING_B_CDF = 0.1
+SETTING_B_DENSE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -168,11 +172,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-order", choices=("tiles", "raster"), default="tiles")
     parser.add_argument("--reps", type=int, default=3, help="timed forwards of each kind (median reported)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="time a whole denoising loop of this many steps (dense, attention-free, setting A)")
+                        help="time a whole denoising loop of this many steps (dense, attention-free, settings A and B)")
     parser.add_argument("--compile", action="store_true", help="with --steps: also time the compiled transformer")
     parser.add_argument("--setting-a-cdf", type=float, default=SETTING_A_CDF,
                         help=f"with --steps: setting A's cdf_threshold (default {SETTING_A_CDF}: ~85%% sparsity on "
                              "random-weight Wan and CogVideoX; FLUX needs less to get there)")
+    parser.add_argument("--setting-b-cdf", type=float, default=SETTING_B_CDF,
+                        help=f"with --steps: setting B's (FP8 path) cdf_threshold (default {SETTING_B_CDF}, aiming at "
+                             "90%% sparsity)")
+    parser.add_argument("--no-setting-b", action="store_true",
+                        help="with --steps: skip setting B (the FP8 path needs compute capability 8.9+)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON")
 
 
@@ -193,8 +202,9 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
         raise ValueError(f"--steps must be >= 2, got {args.steps}")
     if args.compile and args.steps is None:
         raise ValueError("--compile needs --steps")
-    if not 0.0 < args.setting_a_cdf <= 1.0:
-        raise ValueError(f"--setting-a-cdf must be in (0, 1], got {args.setting_a_cdf}")
+    for name in ("setting_a_cdf", "setting_b_cdf"):
+        if not 0.0 < getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
     return families, frames
 
 
@@ -314,9 +324,10 @@ def _time_loop(model, inputs: dict[str, Any], timesteps: list[Any], warmup_steps
     return start.elapsed_time(end) / 1000
 
 
-def _kernel_ratio(heads: int, tokens: int, head_dim: int, keep: float) -> float:
-    """Time of our kernel at a random mask keeping `keep` of the blocks over cuDNN's dense time,
-    at one self-attention shape: what attention time scales by in the attainable bound."""
+def _kernel_ratio(heads: int, tokens: int, head_dim: int, keep: float, fp8: bool = False) -> float:
+    """Time of our kernel (its FP8 path with `fp8`) at a random mask keeping `keep` of the blocks
+    over cuDNN's dense time, at one self-attention shape: what attention time scales by in the
+    attainable bound."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -328,7 +339,7 @@ def _kernel_ratio(heads: int, tokens: int, head_dim: int, keep: float) -> float:
     mask = torch.rand(1, heads, -(-tokens // BLOCK_M), -(-tokens // BLOCK_N), device="cuda") < keep
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    sparse = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask))
+    sparse = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, mask, fp8=fp8))
     return sparse / dense
 
 
@@ -341,7 +352,7 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
 
     model, inputs = _build(case, frames)
     steps = args.steps
-    dense_steps = max(1, round(SETTING_A_DENSE_FRACTION * steps))
+    settings = _settings(args)
     t0 = float(inputs["timestep"].max()) * 2  # decreasing timesteps: the hook counts them as steps
     timesteps = [torch.full_like(inputs["timestep"], t0 * (steps - i) / steps) for i in range(steps)]
     shapes: list[tuple[int, ...]] = []
@@ -362,34 +373,46 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
             torch.compiler.reset()
             with _attention_free(None if compiled else shapes):
                 row["attention_free_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
-            torch.compiler.reset()
-            handle = sparsediff.apply(model, cdf_threshold=args.setting_a_cdf, sim_threshold=0.0, dense_steps=dense_steps,
-                                      token_order=args.token_order)
-            row["setting_a_s"] = _time_loop(model, inputs, timesteps, warmup_steps=dense_steps + 1)
-            sparsity = handle.stats.mean_sparsity()  # after the dense steps, warm-up and timed loop
-            row["setting_a_sparsity"] = None if math.isnan(sparsity) else sparsity  # NaN: every call fell back
-            sparsediff.remove(model)
+            for name, setting in settings.items():
+                torch.compiler.reset()
+                handle = sparsediff.apply(model, cdf_threshold=setting["cdf_threshold"], sim_threshold=0.0,
+                                          dense_steps=setting["dense_steps"], token_order=args.token_order,
+                                          fp8=setting["fp8"])
+                row[f"{name}_s"] = _time_loop(model, inputs, timesteps, warmup_steps=setting["dense_steps"] + 1)
+                sparsity = handle.stats.mean_sparsity()  # after the dense steps, warm-up and timed loop
+                row[f"{name}_sparsity"] = None if math.isnan(sparsity) else sparsity  # NaN: every call fell back
+                sparsediff.remove(model)
             row["attention_share"] = 1.0 - row["attention_free_s"] / row["dense_s"]
             runs[mode] = row
             print(f"{case.family} {mode}: {row}", flush=True)
     _, heads, tokens, head_dim = max(shapes, key=lambda shape: shape[2])  # the long (video) self-attention
     for row in runs.values():
-        ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - (row["setting_a_sparsity"] or 0.0))
         step_dense = row["dense_s"] / steps
         step_attention = step_dense * row["attention_share"]
-        step_sparse = step_dense - step_attention + step_attention * ratio
-        bound_s = dense_steps * step_dense + (steps - dense_steps) * step_sparse
-        row.update(kernel_time_ratio=ratio, bound_speedup=row["dense_s"] / bound_s,
-                   speedup=row["dense_s"] / row["setting_a_s"])
-        row["fraction_of_bound"] = row["speedup"] / row["bound_speedup"]
+        for name, setting in settings.items():
+            ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - (row[f"{name}_sparsity"] or 0.0), fp8=setting["fp8"])
+            step_sparse = step_dense - step_attention + step_attention * ratio
+            bound_s = setting["dense_steps"] * step_dense + (steps - setting["dense_steps"]) * step_sparse
+            speedup, bound = row["dense_s"] / row[f"{name}_s"], row["dense_s"] / bound_s
+            row.update({f"{name}_kernel_time_ratio": ratio, f"{name}_bound_speedup": bound, f"{name}_speedup": speedup,
+                        f"{name}_fraction_of_bound": speedup / bound})
     result = {"family": case.family, "model_id": case.model_id, "height": case.height, "width": case.width,
-              "frames": frames, "steps": steps, "dense_steps": dense_steps, "attention_shape": [1, heads, tokens, head_dim],
-              "setting_a": {"cdf_threshold": args.setting_a_cdf, "sim_threshold": 0.0}, "setting_b": "not built (no FP8 path)",
+              "frames": frames, "steps": steps, "attention_shape": [1, heads, tokens, head_dim], **settings,
               "runs": runs}
     del model, inputs
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def _settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The sparse settings of the denoising-loop benchmark, by result-key prefix (module docstring)."""
+    settings = {"setting_a": (args.setting_a_cdf, SETTING_A_DENSE_FRACTION, False)}
+    if not args.no_setting_b:
+        settings["setting_b"] = (args.setting_b_cdf, SETTING_B_DENSE_FRACTION, True)
+    return {name: {"cdf_threshold": cdf, "sim_threshold": 0.0, "dense_fraction": fraction,
+                   "dense_steps": max(1, round(fraction * args.steps)), "fp8": fp8}
+            for name, (cdf, fraction, fp8) in settings.items()}
 
 
 def _attention_summary(handle) -> dict[str, Any]:
@@ -418,10 +441,12 @@ def _run_forward(families: list[str], frames: dict[str, int], args: argparse.Nam
 
 
 def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Namespace) -> tuple[dict, list]:
-    print(f"denoising loop of {args.steps} steps; setting A: cdf {args.setting_a_cdf}, sim 0, "
-          f"{SETTING_A_DENSE_FRACTION:.0%} dense steps, order {args.token_order}; setting B (FP8): not built")
-    print(f"{'family':<14} {'size':>16} {'mode':>9} {'dense s':>8} {'attn share':>10} {'A s':>8} {'A sparsity':>10} "
-          f"{'speedup':>8} {'bound':>7} {'of bound':>8}")
+    settings = _settings(args)
+    print(f"denoising loop of {args.steps} steps, order {args.token_order}; " + "; ".join(
+        f"{name.replace('_', ' ')}: cdf {s['cdf_threshold']}, sim 0, {s['dense_fraction']:.0%} dense steps"
+        + (", FP8" if s["fp8"] else "") for name, s in settings.items()))
+    print(f"{'family':<14} {'size':>16} {'mode':>9} {'setting':>8} {'dense s':>8} {'attn share':>10} {'sparse s':>8} "
+          f"{'sparsity':>8} {'speedup':>8} {'bound':>7} {'of bound':>8}")
     results = []
     for family in families:
         case = CASES[family]
@@ -429,14 +454,13 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
         r = bench_steps(case, n_frames, args)
         results.append(r)
         for mode, row in r["runs"].items():
-            sparsity = "fallback" if row["setting_a_sparsity"] is None else f"{row['setting_a_sparsity']:.3f}"
-            print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {row['dense_s']:>8.2f} {row['attention_share']:>10.2f} "
-                  f"{row['setting_a_s']:>8.2f} {sparsity:>10} {row['speedup']:>7.2f}x "
-                  f"{row['bound_speedup']:>6.2f}x {row['fraction_of_bound']:>8.2f}", flush=True)
-    setting = {"steps": args.steps, "setting_a": {"cdf_threshold": args.setting_a_cdf, "sim_threshold": 0.0,
-                                                  "dense_fraction": SETTING_A_DENSE_FRACTION},
-               "setting_b": "not built (no FP8 path)", "compile": args.compile}
-    return setting, results
+            for name in settings:
+                sparsity = "fallback" if row[f"{name}_sparsity"] is None else f"{row[f'{name}_sparsity']:.3f}"
+                print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {name[-1].upper():>8} {row['dense_s']:>8.2f} "
+                      f"{row['attention_share']:>10.2f} {row[f'{name}_s']:>8.2f} {sparsity:>8} "
+                      f"{row[f'{name}_speedup']:>7.2f}x {row[f'{name}_bound_speedup']:>6.2f}x "
+                      f"{row[f'{name}_fraction_of_bound']:>8.2f}", flush=True)
+    return {"steps": args.steps, **settings, "compile": args.compile}, results
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,10 @@ query-block row) and `local` (per query block, the key blocks nearest on the mod
 space-time, plus the text tail kept densely). Throughput is dense-equivalent:
 4*B*H*N^2*D*keep / time, keep being the mask's kept fraction. Timings are medians of
 triton.testing.do_bench on CUDA; on CPU (interpreter or reference) medians of a few wall-clock runs.
+
+With --fp8, each mask also gets an FP8 row (impl "ours-fp8"): its time includes the LUT and the
+quantisation of q, k, v (also timed alone: quant_ms), and its relative L1 error is measured
+against dense SDPA (keep 1) and against the bf16 kernel at the same mask (quantisation alone).
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keeps", default="1,0.5,0.25,0.1", help="comma list of kept fractions in (0, 1]")
     parser.add_argument("--masks", default=",".join(MASK_KINDS), help="comma list of random, local")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also bench the kernel's FP8 path (q, k, v quantised to e4m3 from --dtype; sm89+)")
     parser.add_argument("--tune", action="store_true",
                         help="cuda: time candidate tile configs per head dim first, and bench with the fastest")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
@@ -181,11 +187,16 @@ CHECK_CASES = (
     ((1, 2, 300, 517, 96), "bf16", {}),
     ((1, 2, 4608, 4608, 128), "bf16", {"pv_threshold": 1e-30}),
 )
-CHECK_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3}
+CHECK_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3, "fp8": 3e-2}
 
 
-def check_kernel(device: str, log) -> bool:
-    """Kernel vs the fp32 torch reference on random masks with an empty query block."""
+def _rel_l1(out, ref) -> float:
+    return _finite(((out.float() - ref.float()).abs().sum() / ref.float().abs().sum().clamp_min(1e-30)).item())
+
+
+def check_kernel(device: str, log, fp8: bool = False) -> bool:
+    """Kernel vs the fp32 torch reference on random masks with an empty query block; with fp8 also
+    the FP8 path vs the reference's FP8 arithmetic."""
     import torch
 
     from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention
@@ -199,12 +210,16 @@ def check_kernel(device: str, log) -> bool:
         mask = torch.rand(B, H, math.ceil(n_q / BLOCK_M), math.ceil(n_k / BLOCK_N), device=device) < 0.5
         mask[0, 0, 0] = False
         kv_lens = torch.randint(1, n_k + 1, (B,), device=device) if options.get("kv_lens") else None
-        ref = block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens)
-        out = block_sparse_attention(q, k, v, mask, kv_lens=kv_lens, pv_threshold=options.get("pv_threshold"))
-        err = (out - ref).abs().max().item()
-        good = err <= CHECK_TOLERANCE[name]
-        ok &= good
-        log(f"check {(B, H, n_q, n_k, D)} {name} {options}: max abs err {err:.2e} {'ok' if good else 'FAIL'}")
+        for quantized in (False, True) if fp8 else (False,):
+            ref = block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens,
+                                                   fp8=quantized)
+            out = block_sparse_attention(q, k, v, mask, kv_lens=kv_lens, pv_threshold=options.get("pv_threshold"),
+                                         fp8=quantized)
+            err = (out - ref).abs().max().item()
+            good = err <= CHECK_TOLERANCE["fp8" if quantized else name]
+            ok &= good
+            log(f"check {(B, H, n_q, n_k, D)} {name}{' fp8' if quantized else ''} {options}: max abs err {err:.2e} "
+                f"{'ok' if good else 'FAIL'}")
     return ok
 
 
@@ -224,38 +239,46 @@ TUNE_CANDIDATES = (
 )
 
 
-def _tune(shape: BenchShape, dtype, timer: _Timer, log) -> tuple[object, list[dict]]:
+# The FP8 path's quantisation error alone is ~5% relative L1 on random inputs: its candidates are
+# judged on that instead of the max abs error.
+FP8_TUNE_MAX_REL_L1 = 0.1
+
+
+def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tuple[object, list[dict]]:
     """Time the candidate tile configs at keep 1 and 0.25 (random masks); return the fastest."""
     import torch
 
-    from sparsediff.kernels.block_sparse_attn import TileConfig, attention_from_lut, build_block_lut
+    from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, TileConfig, attention_from_lut, build_block_lut
+    from sparsediff.kernels.quantize_fp8 import quantize_fp8
 
     q, k, v = _make_qkv(shape, dtype, "cuda")
     scale = shape.head_dim**-0.5
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     luts = {keep: build_block_lut(random_mask(shape, keep, "cuda"), shape.tokens) for keep in (1.0, 0.25)}
+    quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N) if fp8 else None
     rows, best = [], None
     for step_blocks, warps, stages, ws in TUNE_CANDIDATES:
         config = TileConfig(step_blocks, warps, stages, ws)
-        row = {"shape": shape.name, "config": asdict(config)}
+        row = {"shape": shape.name, "fp8": fp8, "config": asdict(config)}
         try:
-            err = (attention_from_lut(q, k, v, *luts[1.0], scale, config=config) - dense).abs().max().item()
-            row["max_abs_err"] = _finite(err)
-            if not err <= 2e-2:
-                raise RuntimeError(f"wrong result, max abs err {err}")
+            out = attention_from_lut(q, k, v, *luts[1.0], scale, config=config, quantized=quantized)
+            err = (out - dense).abs().max().item()
+            row["max_abs_err"], row["rel_l1"] = _finite(err), _rel_l1(out, dense)
+            if not (row["rel_l1"] <= FP8_TUNE_MAX_REL_L1 if fp8 else err <= 2e-2):
+                raise RuntimeError(f"wrong result, max abs err {err}, rel L1 {row['rel_l1']}")
             for keep, lut in luts.items():
-                ms = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config))
+                ms = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config, quantized=quantized))
                 row[f"tflops_keep{keep}"] = _tflops(shape, keep, ms)
             row["score"] = math.sqrt(row["tflops_keep1.0"] * row["tflops_keep0.25"])
             if best is None or row["score"] > best[1]:
                 best = (config, row["score"])
         except Exception as error:  # a candidate that fails to compile or run is reported, not fatal
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-        log(f"tune {shape.name} {config}: " + ", ".join(
+        log(f"tune {shape.name}{' fp8' if fp8 else ''} {config}: " + ", ".join(
             f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
-            for key, val in row.items() if key not in ("shape", "config")))
+            for key, val in row.items() if key not in ("shape", "fp8", "config")))
         rows.append(row)
-    del q, k, v, dense
+    del q, k, v, dense, quantized
     torch.cuda.empty_cache()
     if best is None:
         raise RuntimeError(f"no tile config ran correctly on {shape.name}")
@@ -286,7 +309,8 @@ def _flex_runner():
     return block_mask_of, run
 
 
-def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, log) -> list[dict]:
+def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, log, fp8_config=None) -> list[dict]:
+    """Rows of one shape; fp8_config (the FP8 path's tile config) adds the FP8 rows."""
     import torch
     import torch.nn.functional as F
 
@@ -298,6 +322,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
         block_sparse_attention,
         build_block_lut,
     )
+    from sparsediff.kernels.quantize_fp8 import quantize_fp8
 
     q, k, v = _make_qkv(shape, dtype, device)
     scale = shape.head_dim**-0.5
@@ -331,10 +356,12 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             mask = (random_mask if kind == "random" else local_mask)(shape, keep, device)
             kept = mask.float().mean().item()
             ours_ms = timer(lambda: block_sparse_attention(q, k, v, mask))
+            ours_out = block_sparse_attention(q, k, v, mask)
             row = {**base, "impl": "ours", "mask": kind, "keep_target": keep, "keep": kept, "ms": ours_ms,
-                   "tflops": _tflops(shape, kept, ours_ms), "vs_dense_baseline": baseline * kept / ours_ms}
+                   "tflops": _tflops(shape, kept, ours_ms), "vs_dense_baseline": baseline * kept / ours_ms,
+                   "rel_l1_vs_dense": _rel_l1(ours_out, reference)}
+            lut = build_block_lut(mask, shape.tokens) if with_kernels else None
             if with_kernels:  # else block_sparse_attention ran the torch reference: no LUT, no kernel
-                lut = build_block_lut(mask, shape.tokens)
                 row["lut_ms"] = timer(lambda: build_block_lut(mask, shape.tokens))
                 row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config))
             if keep == 1.0:
@@ -342,7 +369,6 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             if flex is not None:
                 try:
                     block_mask = flex[0](mask, shape.tokens)
-                    ours_out = block_sparse_attention(q, k, v, mask)
                     row["max_abs_err_vs_flex"] = _finite((flex[1](q, k, v, block_mask) - ours_out).abs().max().item())
                     flex_ms = timer(lambda: flex[1](q, k, v, block_mask))
                     row.update(flex_ms=flex_ms, flex_tflops=_tflops(shape, kept, flex_ms), vs_flex=flex_ms / ours_ms)
@@ -353,7 +379,24 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             log(f"{shape.name} {kind} keep {kept:.3f}: ours {ours_ms:.3f} ms (kernel {row.get('kernel_ms', 0):.3f}, "
                 f"lut {row.get('lut_ms', 0):.3f}) {row['tflops']:.3g} TFLOP/s, x{row['vs_dense_baseline']:.2f} dense"
                 + (f", x{row['vs_flex']:.2f} flex (err {row['max_abs_err_vs_flex']})" if "vs_flex" in row else ""))
-            del mask
+            if fp8_config is not None:
+                fp8_ms = timer(lambda: block_sparse_attention(q, k, v, mask, fp8=True))
+                fp8_out = block_sparse_attention(q, k, v, mask, fp8=True)
+                row = {**base, "impl": "ours-fp8", "mask": kind, "keep_target": keep, "keep": kept, "ms": fp8_ms,
+                       "tflops": _tflops(shape, kept, fp8_ms), "vs_dense_baseline": baseline * kept / fp8_ms,
+                       "rel_l1_vs_dense": _rel_l1(fp8_out, reference), "rel_l1_vs_bf16_same_mask": _rel_l1(fp8_out, ours_out)}
+                if with_kernels:
+                    quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N)
+                    row["quant_ms"] = timer(lambda: quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N))
+                    row["kernel_ms"] = timer(
+                        lambda: attention_from_lut(q, k, v, *lut, scale, config=fp8_config, quantized=quantized))
+                    del quantized
+                rows.append(row)
+                log(f"{shape.name} {kind} keep {kept:.3f} fp8: {fp8_ms:.3f} ms (kernel {row.get('kernel_ms', 0):.3f}, "
+                    f"quant {row.get('quant_ms', 0):.3f}) {row['tflops']:.3g} TFLOP/s, x{row['vs_dense_baseline']:.2f} "
+                    f"dense, rel L1 {row['rel_l1_vs_dense']} vs dense, {row['rel_l1_vs_bf16_same_mask']} vs bf16")
+                del fp8_out
+            del mask, ours_out
     del q, k, v, reference
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -361,16 +404,21 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'shape':<10} {'mask':<7} {'keep':>5} {'ms':>9} {'lut ms':>7} {'TFLOP/s':>8} {'xdense':>7} {'xflex':>6} {'flexTF':>7}"
+    head = (f"{'shape':<10} {'impl':<8} {'mask':<7} {'keep':>5} {'ms':>9} {'lut ms':>7} {'quant ms':>8} {'TFLOP/s':>8} "
+            f"{'xdense':>7} {'relL1':>7} {'xflex':>6} {'flexTF':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        if r["impl"] != "ours":
-            lines.append(f"{r['shape']:<10} {r['impl']:<7} {1.0:>5.2f} {r['ms']:>9.3f} {'':>7} {r['tflops']:>8.3g}")
+        if r["mask"] == "dense":
+            lines.append(f"{r['shape']:<10} {r['impl']:<8} {'dense':<7} {1.0:>5.2f} {r['ms']:>9.3f} {'':>7} {'':>8} "
+                         f"{r['tflops']:>8.3g}")
             continue
         flex = f"{r['vs_flex']:>6.2f} {r['flex_tflops']:>7.0f}" if "vs_flex" in r else ""
         lut = f"{r['lut_ms']:>7.3f}" if "lut_ms" in r else f"{'-':>7}"
-        lines.append(f"{r['shape']:<10} {r['mask']:<7} {r['keep']:>5.2f} {r['ms']:>9.3f} {lut} "
-                     f"{r['tflops']:>8.3g} {r['vs_dense_baseline']:>7.2f} {flex}")
+        quant = f"{r['quant_ms']:>8.3f}" if "quant_ms" in r else f"{'-':>8}"
+        err = r["rel_l1_vs_dense"]
+        lines.append(f"{r['shape']:<10} {r['impl']:<8} {r['mask']:<7} {r['keep']:>5.2f} {r['ms']:>9.3f} {lut} {quant} "
+                     f"{r['tflops']:>8.3g} {r['vs_dense_baseline']:>7.2f} "
+                     f"{err if isinstance(err, str) else format(err, '.4f'):>7} {flex}")
     return "\n".join(lines)
 
 
@@ -387,11 +435,14 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, name in zip(axes[0], shapes):
         mine = [r for r in rows if r["shape"] == name]
         for r in mine:
-            if r["impl"] != "ours":
+            if r["mask"] == "dense":
                 ax.axhline(r["tflops"], linestyle="--", color="gray" if r["impl"] != "cudnn" else "black",
                            label=f"{r['impl']} dense")
         for kind in MASK_KINDS:
             ours = sorted((r for r in mine if r["impl"] == "ours" and r["mask"] == kind), key=lambda r: r["keep"])
+            fp8 = sorted((r for r in mine if r["impl"] == "ours-fp8" and r["mask"] == kind), key=lambda r: r["keep"])
+            if fp8:
+                ax.plot([r["keep"] for r in fp8], [r["tflops"] for r in fp8], "s--", label=f"ours fp8 {kind}")
             if ours:
                 ax.plot([r["keep"] for r in ours], [r["tflops"] for r in ours], "o-", label=f"ours {kind}")
                 if "flex_tflops" in ours[0]:
@@ -440,33 +491,43 @@ def run(args: argparse.Namespace) -> int:
         "block": [block_sparse_attn.BLOCK_M, block_sparse_attn.BLOCK_N],
     }
     log(json.dumps(env))
-    if device == "cuda" and not check_kernel(device, log):
+    if device == "cuda" and not check_kernel(device, log, fp8=args.fp8):
         log("kernel check failed: not benchmarking")
         return 1
     tuning: list[dict] = []
-    chosen: dict[int, object] = {}
+    # The kernel's operand dtypes benched: --dtype, and e4m3 for the FP8 path.
+    kernel_dtypes = [dtype] + ([torch.float8_e4m3fn] if args.fp8 else [])
+    chosen: dict[tuple[int, torch.dtype], object] = {}
     if args.tune and device == "cuda":
         for head_dim in dict.fromkeys(SHAPES[n].head_dim for n in names):
             # The longest shape that still tunes quickly: long sequences are where the time goes.
             tune_shape = max((SHAPES[n] for n in names if SHAPES[n].head_dim == head_dim),
                              key=lambda s: (s.tokens <= 40_000, s.tokens))
-            chosen[head_dim], tune_rows = _tune(tune_shape, dtype, timer, log)
-            tuning += tune_rows
-            log(f"best tile config at D={head_dim}: {chosen[head_dim]}")
+            for kernel_dtype in kernel_dtypes:
+                fp8 = kernel_dtype == torch.float8_e4m3fn
+                chosen[head_dim, kernel_dtype], tune_rows = _tune(tune_shape, dtype, timer, log, fp8=fp8)
+                tuning += tune_rows
+                log(f"best tile config at D={head_dim}{' fp8' if fp8 else ''}: {chosen[head_dim, kernel_dtype]}")
     rows: list[dict] = []
     for name in names:
         shape = SHAPES[name]
-        config = chosen.get(shape.head_dim) or block_sparse_attn.tile_config(shape.head_dim, dtype, torch.device(device))
-        if device == "cuda" and chosen:
-            # block_sparse_attention reads the declared table: declare the tuned config for this run.
-            block_sparse_attn.TILE_CONFIGS[(block_sparse_attn.gpu_arch(torch.device("cuda")),
-                                            block_sparse_attn.padded_head_dim(shape.head_dim), dtype)] = config
-        log(f"{name}: tile config {config}")
-        rows += _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, log)
+        configs = []
+        for kernel_dtype in kernel_dtypes:
+            config = chosen.get((shape.head_dim, kernel_dtype)) or block_sparse_attn.tile_config(
+                shape.head_dim, kernel_dtype, torch.device(device))
+            if device == "cuda" and chosen:
+                # block_sparse_attention reads the declared table: declare the tuned config for this run.
+                block_sparse_attn.TILE_CONFIGS[(block_sparse_attn.gpu_arch(torch.device("cuda")),
+                                                block_sparse_attn.padded_head_dim(shape.head_dim), kernel_dtype)] = config
+            configs.append(config)
+        log(f"{name}: tile config {configs[0]}" + (f", fp8 {configs[1]}" if args.fp8 else ""))
+        rows += _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, configs[0], log,
+                             fp8_config=configs[1] if args.fp8 else None)
     table = _table(rows)
     print(table)
-    result = {"env": env, "tile_configs": {str(d): asdict(c) for d, c in chosen.items()}, "tuning": tuning, "rows": rows}
-    stem = f"kernel-{device}-{args.dtype}"
+    result = {"env": env, "tile_configs": {f"{d} {str(t).removeprefix('torch.')}": asdict(c) for (d, t), c in chosen.items()},
+              "tuning": tuning, "rows": rows}
+    stem = f"kernel-{device}-{args.dtype}" + ("-fp8" if args.fp8 else "")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{stem}.json", result, indent=1)
     _plot(rows, args.out / f"{stem}.png", f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date']}")

@@ -12,6 +12,13 @@ row r of the block (scores already scaled), is dropped from the softmax: its exp
 loads and its P·V product are skipped. Each dropped block holds at most BLOCK_N * pv_threshold of
 the row's softmax mass relative to the running maximum's term, so the relative error stays below
 (number of dropped blocks) * BLOCK_N * pv_threshold. The first step of a row is never dropped.
+
+FP8 (`fp8=True`, the FP8 constexpr): q, k, v are first quantised to e4m3 (`quantize_fp8`: per
+query-block / key-block / V-channel scales, K smoothed, V transposed). Q·K runs in e4m3 with fp32
+accumulation and is dequantised by the program's q scale (folded into qk_scale) times each key
+block's scale; P, at most 1 after the max subtraction, is quantised with the static scale 448 (as
+SageAttention2), folded into the exponent so that it reaches the row sum too and cancels in
+acc / l; P·V runs in e4m3 and the per-channel V scales are applied once, at the end.
 """
 from __future__ import annotations
 
@@ -24,12 +31,15 @@ import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
+from sparsediff.kernels.quantize_fp8 import E4M3_MAX, Fp8Operands, quantize_fp8, to_e4m3
 
 BLOCK_M = 128  # query rows per mask block (and per program)
 BLOCK_N = 64  # key rows per mask block
 
 MAX_HEAD_DIM = 128
 _INT32_MAX = 2**31 - 1
+_LOG2_E4M3_MAX = tl.constexpr(math.log2(E4M3_MAX))
+FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core MMA: Ada and Hopper on
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,12 @@ TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
     ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
     ("sm90", 64, torch.float16): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
 }
+# The FP8 path (operands in e4m3), unmeasured: one key block per step (several would gather the
+# transposed V's rows along their contiguous dim), warps and stages as bf16; `bench kernel --fp8 --tune`.
+TILE_CONFIGS.update({
+    ("sm90", 128, torch.float8_e4m3fn): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
+    ("sm90", 64, torch.float8_e4m3fn): TileConfig(step_blocks=1, num_warps=4, num_stages=3),
+})
 # Unmeasured GPUs, other head dims, and the CPU interpreter: small enough for any GPU's shared memory.
 DEFAULT_TILE_CONFIG = TileConfig(step_blocks=1, num_warps=4, num_stages=2)
 
@@ -213,10 +229,14 @@ def build_block_lut(
 @triton.jit
 def _softmax_pv(
     acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
-    MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
+    ROUND_E4M3: tl.constexpr,
 ):
     m_new = tl.maximum(m_i, m_step)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    if FP8:  # P scaled by 448 through its exponent: it fills e4m3's range; l_i carries the 448 too
+        p = tl.math.exp2(s * qk_scale - (m_new - _LOG2_E4M3_MAX)[:, None])
+    else:
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -227,7 +247,11 @@ def _softmax_pv(
     else:
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
-    if DOT_FP32:
+    if FP8:
+        # Hopper's fp8 MMA accumulates with fewer bits than fp32: each step's P·V gets a fresh
+        # accumulator (BLOCK_N * STEP_BLOCKS products) and is added to acc in fp32, as SageAttention2.
+        acc = acc + tl.dot(to_e4m3(p, ROUND_E4M3), v)
+    elif DOT_FP32:
         acc = tl.dot(p, v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -236,15 +260,17 @@ def _softmax_pv(
 
 @triton.jit
 def _attn_step(
-    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, step, n_valid,
+    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
     offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
     BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK_KEYS: tl.constexpr,
-    PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr,
+    PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
+    ROUND_E4M3: tl.constexpr,
 ):
     """One step over STEP_BLOCKS kept key blocks; MASK_KEYS for the row's last step only."""
     offs_n = tl.arange(0, BLOCK_N * STEP_BLOCKS)
     if STEP_BLOCKS == 1:
-        keys = tl.load(lut_row + step).to(tl.int32) * BLOCK_N + offs_n
+        block = tl.load(lut_row + step).to(tl.int32)
+        keys = block * BLOCK_N + offs_n
         key_ok = keys < n_valid
         step_blocks = 1
     else:
@@ -269,28 +295,34 @@ def _attn_step(
     if DOT_FP32:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k))
+    step_scale = qk_scale
+    if FP8:  # dequantise by the key blocks' scales: a scalar for one block, per key column otherwise
+        if STEP_BLOCKS == 1:
+            step_scale = qk_scale * tl.load(k_scale_bh + block)
+        else:
+            s = s * tl.load(k_scale_bh + block)[None, :]
     if MASK_KEYS:
         s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_step = tl.max(s, 1) * qk_scale
+    m_step = tl.max(s, 1) * step_scale
     if PV_SKIP:
         if tl.max(m_step - m_i, 0) < log2_pv_threshold:
             n_skipped += step_blocks
         else:
             acc, l_i, m_i = _softmax_pv(
                 acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-                qk_scale, MASK_KEYS, PAD_D, DOT_FP32,
+                step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3,
             )
     else:
         acc, l_i, m_i = _softmax_pv(
             acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-            qk_scale, MASK_KEYS, PAD_D, DOT_FP32,
+            step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3,
         )
     return acc, l_i, m_i, n_skipped
 
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr,
+    Q, K, V, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -299,6 +331,7 @@ def _block_sparse_attn_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,6 +357,9 @@ def _block_sparse_attn_kernel(
         q = q.to(tl.float32)
     K_bh = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V_bh = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_scale_bh = k_scale_ptr + bh.to(tl.int64) * KB
+    if FP8:
+        qk_scale = qk_scale * tl.load(q_scale_ptr + row)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -335,18 +371,20 @@ def _block_sparse_attn_kernel(
     # other step runs without masks.
     for step in tl.range(0, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, step, n_valid,
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
             offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32,
+            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3,
         )
     if n_steps > 0:
         acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, lut_row, count, n_steps - 1, n_valid,
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps - 1, n_valid,
             offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32,
+            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3,
         )
     # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr + bh * HEAD_D + offs_d, mask=d_ok, other=0.0)[None, :]
     o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
         + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -371,33 +409,39 @@ def attention_from_lut(
     pv_threshold: float | None = None,
     return_pv_skips: bool = False,
     config: TileConfig | None = None,
+    quantized: Fp8Operands | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the attention kernel on a LUT from `build_block_lut` (arguments already validated).
 
     For callers that reuse one LUT, and for tuning (`config` overrides the declared tile config).
     With return_pv_skips, also returns int32 (B, H, QB): kept key blocks whose P·V was skipped.
+    quantized: `quantize_fp8(q, k, v, ...)` of these q, k, v: runs the FP8 kernel on it (q still
+    gives the output's dtype and layout).
     """
     B, H, n_q, head_dim = q.shape
     n_k = k.shape[2]
     QB, KB = counts.shape[2], indices.shape[3]
-    if max(_max_offset(t) for t in (q, k, v)) > _INT32_MAX:
+    fp8 = quantized is not None
+    q_in, k_in, v_in = (quantized.q, quantized.k, quantized.v_t.transpose(-1, -2)) if fp8 else (q, k, v)
+    if max(_max_offset(t) for t in (q_in, k_in, v_in)) > _INT32_MAX:
         raise ValueError("q: a (b, h) slice spans more than 2**31 elements; not supported")
     if config is None:
-        config = tile_config(head_dim, q.dtype, q.device)
+        config = tile_config(head_dim, q_in.dtype, q.device)
     out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
+    scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
     _block_sparse_attn_kernel[(QB, B * H)](
-        q, k, v, out, counts, indices, kv_lens if kv_lens is not None else counts, skips,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q_in, k_in, v_in, out, counts, indices, kv_lens if kv_lens is not None else counts, skips, *scales,
+        *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
         H, n_q, n_k, QB, KB, scale * math.log2(math.e),
         math.log2(pv_threshold) if pv_threshold is not None else 0.0,
         HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
         PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
-        # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there.
-        DOT_FP32=interpreting and q.dtype != torch.float16,
-        WARP_SPECIALIZE=config.warp_specialize,
+        # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
+        DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
+        WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out
@@ -411,6 +455,7 @@ def _validate(
     scale: float | None,
     kv_lens: torch.Tensor | None,
     pv_threshold: float | None,
+    fp8: bool = False,
 ) -> float:
     """Raise ValueError naming the first bad argument; return the softmax scale to use."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -453,6 +498,11 @@ def _validate(
             raise ValueError(f"kv_lens is on {kv_lens.device} but q is on {q.device}")
     if pv_threshold is not None and not (isinstance(pv_threshold, (int, float)) and 0.0 < pv_threshold <= 1.0):
         raise ValueError(f"pv_threshold must be a float in (0, 1] or None, got {pv_threshold!r}")
+    if not isinstance(fp8, bool):
+        raise ValueError(f"fp8 must be a bool, got {fp8!r}")
+    if fp8 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < FP8_MIN_CAPABILITY:
+        raise ValueError(f"fp8=True needs a GPU of compute capability >= {FP8_MIN_CAPABILITY} (e4m3 tensor cores); "
+                         f"{torch.cuda.get_device_name(q.device)} is {torch.cuda.get_device_capability(q.device)}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -470,6 +520,7 @@ def block_sparse_attention(
     kv_lens: torch.Tensor | None = None,
     pv_threshold: float | None = None,
     return_pv_skips: bool = False,
+    fp8: bool = False,
     lut: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the kept (BLOCK_M x BLOCK_N) blocks of `block_mask` only.
@@ -479,25 +530,27 @@ def block_sparse_attention(
     keep no valid key return zeros. scale defaults to 1/sqrt(D). kv_lens: int (B,), keys at index
     >= kv_lens[b] are excluded. pv_threshold: see the module docstring; None computes exactly.
     return_pv_skips: also return int32 (B, H, ceil(Nq/BLOCK_M)) counts of kept key blocks whose
-    P·V was skipped. lut: the (counts, indices) that `build_block_lut` made of this block_mask
-    and kv_lens (mask prediction makes them with the mask): not built again. The result has q's
-    memory layout.
+    P·V was skipped. fp8: quantise q, k, v to e4m3 and run Q·K and P·V in e4m3 (see the module
+    docstring; CUDA needs compute capability 8.9+). lut: the (counts, indices) that
+    `build_block_lut` made of this block_mask and kv_lens (mask prediction makes them with the
+    mask): not built again. The result has q's memory layout and dtype.
 
     CUDA runs the compiled Triton kernels, CPU runs them under TRITON_INTERPRET=1 and otherwise
     the plain-torch reference (which never skips P·V: its skip counts are zero).
     """
-    scale = _validate(q, k, v, block_mask, scale, kv_lens, pv_threshold)
+    scale = _validate(q, k, v, block_mask, scale, kv_lens, pv_threshold, fp8)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32)
     if q.device.type == "cpu" and not triton_interpreting():
         out = block_sparse_attention_reference(
-            q, k, v, block_mask, scale, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens
+            q, k, v, block_mask, scale, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens, fp8=fp8
         )
         if return_pv_skips:
             return out, torch.zeros(block_mask.shape[:3], dtype=torch.int32)
         return out
     counts, indices = lut if lut is not None else build_block_lut(block_mask, k.shape[2], kv_lens)
+    quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens) if fp8 else None
     return attention_from_lut(
         q, k, v, counts, indices, scale,
-        kv_lens=kv_lens, pv_threshold=pv_threshold, return_pv_skips=return_pv_skips,
+        kv_lens=kv_lens, pv_threshold=pv_threshold, return_pv_skips=return_pv_skips, quantized=quantized,
     )

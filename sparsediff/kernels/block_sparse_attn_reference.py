@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference, to_e4m3
+
 
 def expand_block_mask(
     block_mask: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: int
@@ -27,11 +29,13 @@ def block_sparse_attention_reference(
     block_m: int,
     block_n: int,
     kv_lens: torch.Tensor | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Masked softmax attention in fp32; rows that keep no valid key return zeros.
 
     Arguments are assumed validated (see `block_sparse_attention`): q (B, H, Nq, D), k/v (B, H, Nk, D),
     block_mask bool (B, H, ceil(Nq/block_m), ceil(Nk/block_n)), kv_lens int (B,) or None.
+    fp8: the FP8 kernel's arithmetic instead (`_fp8_attention`).
     """
     n_q, n_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
     if scale is None:
@@ -40,12 +44,55 @@ def block_sparse_attention_reference(
     if kv_lens is not None:
         key_ok = torch.arange(n_k, device=q.device)[None, :] < kv_lens.to(q.device).long()[:, None]
         keep = keep & key_ok[:, None, None, :]
+    if fp8:
+        return _fp8_attention(q, k, v, keep, scale, block_m, block_n, kv_lens).to(q.dtype)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # A row with every key masked is all -inf, and softmax turns it into NaN: those rows are zeros.
     probs = probs.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
     return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def _fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float,
+    block_m: int,
+    block_n: int,
+    kv_lens: torch.Tensor | None,
+) -> torch.Tensor:
+    """The FP8 kernel's computation (with one key block per step), fp32 (B, H, Nq, D).
+
+    e4m3 operands from `quantize_fp8_reference`; an online softmax over the key blocks in ascending
+    order, because P is quantised against the running row maximum, not the final one.
+    keep: bool (B, H, Nq, Nk) token-level mask, kv_lens included.
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    ops = quantize_fp8_reference(q, k, v, block_m=block_m, block_n=block_n, kv_lens=kv_lens)
+    # Scores in log2 units: the kernel folds scale * log2(e) into each query block's scale.
+    row_scale = (ops.q_scale * (scale * math.log2(math.e))).repeat_interleave(block_m, dim=2)[:, :, :n_q, None]
+    scores = torch.matmul(ops.q.float(), ops.k.float().transpose(-1, -2))
+    v8 = ops.v_t[..., :n_k].float().transpose(-1, -2)
+    m = torch.full(scores.shape[:3] + (1,), float("-inf"), device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(*scores.shape[:3], q.shape[3], device=q.device)
+    log2_max = math.log2(E4M3_MAX)
+    for j in range(ops.k_scale.shape[2]):
+        cols = slice(j * block_n, min((j + 1) * block_n, n_k))
+        kept = keep[..., cols]
+        rows = kept.any(dim=-1, keepdim=True)  # the rows whose query block computes key block j
+        step_scale = row_scale * ops.k_scale[:, :, j, None, None]
+        s = scores[..., cols].masked_fill(~kept, float("-inf"))
+        m_new = torch.where(rows, torch.maximum(m, s.amax(dim=-1, keepdim=True) * step_scale), m)
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s * step_scale - (m_new - log2_max))  # P * 448, as the kernel
+        l = torch.where(rows, l * alpha + p.sum(dim=-1, keepdim=True), l)
+        acc = torch.where(rows, acc * alpha + torch.matmul(to_e4m3(p).float(), v8[:, :, cols]), acc)
+        m = m_new
+    return acc / torch.where(l > 0, l, 1.0) * ops.v_scale[:, :, None, :]
 
 
 def block_lut_reference(

@@ -130,6 +130,7 @@ def apply(
     token_order: str | None = None,
     tile: tuple[int, int, int] | None = None,
     method: str | None = None,
+    fp8: bool = False,
     controller_cls: type[AttentionController] = AttentionController,
 ) -> SparseHandle:
     """Make the attention of every supported transformer in a pipeline (or of one transformer) sparse.
@@ -140,6 +141,8 @@ def apply(
     cdf_threshold / sim_threshold / pv_threshold, dense_steps (leading denoising steps run dense),
     token_order ("tiles" | "raster"), tile ((t, h, w) tile shape; None: chosen from the latent grid),
     method (predictor method of predict_block_mask).
+    fp8: sparse calls quantise q, k, v to e4m3 and run the kernel's FP8 path (CUDA: compute
+    capability 8.9+; on an older GPU the sparse calls fall back to dense, saying so once).
     controller_cls: an AttentionController subclass (calibration).
     Returns a SparseHandle (stats, reset(), remove()).
     """
@@ -164,7 +167,7 @@ def apply(
     )
     if not (isinstance(controller_cls, type) and issubclass(controller_cls, AttentionController)):
         raise ValueError(f"controller_cls must be an AttentionController subclass, got {controller_cls!r}")
-    controller = controller_cls(profile)
+    controller = controller_cls(profile, fp8=fp8)
 
     for component, transformer in transformers.items():
         family = family_of(transformer)

@@ -15,7 +15,7 @@ import torch
 
 from sparsediff._runtime import kernels_available, warn_once
 from sparsediff.attention import HeadThresholds, head_thresholds
-from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, MAX_HEAD_DIM
+from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, FP8_MIN_CAPABILITY, MAX_HEAD_DIM
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
 from sparsediff.processors.context_parallel import HeadShard, attend_ulysses
@@ -32,6 +32,7 @@ class AttentionCall:
     thresholds: the layer's validated cdf/sim thresholds on q's device, for the call's H heads (under
     context parallelism a rank's share of the layer's heads). pv_threshold: one float for the
     call (the kernel's granularity: the smallest of the profile's per-head values) or None.
+    fp8: run the kernel's FP8 path (`apply(..., fp8=True)`).
     """
 
     layer_name: str
@@ -46,6 +47,7 @@ class AttentionCall:
     thresholds: HeadThresholds
     pv_threshold: float | None
     method: str | None
+    fp8: bool = False
 
 
 class SparsityStats:
@@ -151,14 +153,18 @@ class AttentionController:
     the step state and the stats.
 
     Override `run_sparse` to change what a sparse call computes (calibration does).
+    fp8: sparse calls run the attention kernel's FP8 path (dense calls stay stock).
     """
 
-    def __init__(self, profile: SparsityProfile, *, min_query_blocks: int = 4) -> None:
+    def __init__(self, profile: SparsityProfile, *, min_query_blocks: int = 4, fp8: bool = False) -> None:
         if not isinstance(profile, SparsityProfile):
             raise ValueError(f"profile must be a SparsityProfile, got {type(profile).__name__}")
         if not isinstance(min_query_blocks, int) or min_query_blocks < 1:
             raise ValueError(f"min_query_blocks must be a positive int, got {min_query_blocks!r}")
+        if not isinstance(fp8, bool):
+            raise ValueError(f"fp8 must be a bool, got {fp8!r}")
         self.profile = profile
+        self.fp8 = fp8
         self.min_query_blocks = min_query_blocks
         self.layer_names = list(profile.layers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
@@ -269,7 +275,7 @@ class AttentionController:
         call = AttentionCall(
             layer_name=layer_name, layer_index=self._layer_index[layer_name], step=self.step, heads=heads,
             text_tokens=n_text, kv_lens=kv_lens, grid=grid, token_order=order, tile=self.profile.tile,
-            thresholds=thresholds, pv_threshold=pv, method=self.profile.method,
+            thresholds=thresholds, pv_threshold=pv, method=self.profile.method, fp8=self.fp8,
         )
         out, block_mask = self.run_sparse(call, q, k, v)
         self._record(layer_name, block_mask, batch, heads, n_tokens, padding, head_shard)
@@ -293,7 +299,7 @@ class AttentionController:
         predicted, = predict_with(q, k, call.thresholds, method=call.method or DEFAULT_METHOD, scale=q.shape[-1] ** -0.5,
                                   kv_lens=call.kv_lens, dense_tail_tokens=call.text_tokens)
         out = block_sparse_attention(q, k, v, predicted.mask, kv_lens=call.kv_lens, pv_threshold=call.pv_threshold,
-                                     lut=predicted.lut)
+                                     fp8=call.fp8, lut=predicted.lut)
         return out, predicted.mask
 
     # ------------------------------------------------------------------ helpers
@@ -309,6 +315,8 @@ class AttentionController:
         allowed = (torch.float16, torch.bfloat16) + ((torch.float32,) if q.device.type == "cpu" else ())
         if q.dtype not in allowed:
             return "dtype"
+        if self.fp8 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < FP8_MIN_CAPABILITY:
+            return "fp8"
         if q.shape[-1] > MAX_HEAD_DIM:
             return "head_dim"
         if k.shape[2] != q.shape[2]:
@@ -417,4 +425,5 @@ _CAUSES = {
     "heads": "head count differs from the profile's (tensor parallelism?)",
     "short": "sequence of only a few query blocks",
     "mask": "attention mask is not a right-padding bool key mask",
+    "fp8": f"fp8=True needs a GPU of compute capability {FP8_MIN_CAPABILITY} or above",
 }
