@@ -2,7 +2,7 @@
 # One lent-GPU session's measurements, from the repository root: installs the carried wheels
 # (the device image has torch + triton but no diffusers), then runs the named stages and packs
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
-#   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search)
+#   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -19,17 +19,21 @@ for stage in "$@"; do
   case "$stage" in
     smoke)    python3 scripts/gpu_smoke.py ;;
     profile)  python3 scripts/profile_predict.py flux cogvideox wan ;;
-    cogc)     python3 -m sparsediff bench e2e --steps 10 --compile --families cogvideox --out "$res/steps" ;;
     kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
+    kernel8)  python3 -m sparsediff bench kernel --fp8 --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
+                  --out "$res/kernel8" ;;
+    stepprof) python3 scripts/profile_step.py cogvideox --compile && python3 scripts/profile_step.py wan --compile &&
+              python3 scripts/profile_step.py cogvideox ;;
+    hunyuan)  python3 -m sparsediff bench e2e --steps 3 --families hunyuan_video --out "$res/steps" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/tune" ;;
     predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;
     e2e)      python3 -m sparsediff bench e2e --out "$res/e2e" ;;
-    steps)    python3 -m sparsediff bench e2e --steps 10 --compile --families wan,flux --out "$res/steps" &&
-              python3 -m sparsediff bench e2e --steps 10 --families cogvideox --out "$res/steps" ;;
+    steps)    python3 -m sparsediff bench e2e --steps 10 --compile --families wan,cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
     sweep)    python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.05,0.1,0.2,0.3,0.5 --out "$res/sweep" ;;
-    fluxa)    python3 -m sparsediff bench e2e --steps 10 --compile --families flux --setting-a-cdf 0.04 --out "$res/steps" ;;
+    flux)     python3 -m sparsediff bench e2e --steps 10 --compile --families flux --setting-a-cdf 0.04 --setting-b-cdf 0.02 \
+                  --out "$res/steps" ;;
     overhead) python3 -m sparsediff.calibration.bench_overhead --steps 20 --out "$res/overhead" ;;
     render)   printf 'a red fox running through snow\na city street at night in the rain\n' > /tmp/prompts.txt
               python3 -m sparsediff render --model wan2.1-t2v-1.3b --random-weights --prompts /tmp/prompts.txt \

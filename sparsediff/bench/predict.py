@@ -8,7 +8,8 @@ counts). The oracle is top-CDF on the TRUE mean-over-queries block mass, compute
 that as a fraction of the oracle's. Then the P·V skip (stage 2) on the default predictor's mask:
 kept blocks it skips and the error it adds. On CUDA also: prediction time vs cuDNN SDPA dense at
 the four model shapes, and sparse_attention (prediction included) at ~80% sparsity vs cuDNN
-dense at the Wan and Hunyuan shapes. Writes predict-<device>.json and .png under --out.
+dense at the CogVideoX, Wan and Hunyuan shapes, bf16 and FP8 kernel, with each one's relative L1
+error against dense. Writes predict-<device>.json and .png under --out.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from sparsediff.metrics import relative_l1
 
 BUDGET = 0.05
 CDF_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
@@ -35,10 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=BUDGET, help="error budget (relative L1) for the summary")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
-
-
-def relative_l1(o: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((o.float() - ref.float()).abs().sum() / ref.float().abs().sum())
 
 
 def true_block_mass(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, budget_bytes: float = 2**30) -> torch.Tensor:
@@ -102,7 +101,7 @@ def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
     ref = block_sparse_attention(q, k, v, full)
 
     def point(mask: torch.Tensor) -> tuple[float, float]:
-        return 1.0 - float(mask.float().mean()), relative_l1(block_sparse_attention(q, k, v, mask), ref)
+        return 1.0 - float(mask.float().mean()), float(relative_l1(block_sparse_attention(q, k, v, mask), ref))
 
     mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
     series = {"oracle": [point(top_cdf(mass, torch.full((h,), t, device=device))) for t in CDF_SWEEP]}
@@ -119,7 +118,7 @@ def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
     ok = [t for t, (_, e) in zip(CDF_SWEEP, series[DEFAULT_METHOD]) if e <= budget]
     cdf = min(ok) if ok else CDF_SWEEP[-1]
     mask = predict_block_mask(q, k, cdf, 0.0)
-    base_err = relative_l1(block_sparse_attention(q, k, v, mask), ref)
+    base_err = float(relative_l1(block_sparse_attention(q, k, v, mask), ref))
     kept = int(mask.sum())
     pv: list[dict] | str = "skipped: the CPU reference never skips P·V (run under TRITON_INTERPRET=1 or on CUDA)"
     if kernels_available(q.device):
@@ -127,7 +126,7 @@ def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
         for thr in PV_SWEEP:
             o, skips = block_sparse_attention(q, k, v, mask, pv_threshold=thr, return_pv_skips=True)
             pv.append({"pv_threshold": thr, "skipped_of_kept": int(skips.sum()) / max(kept, 1),
-                       "error": relative_l1(o, ref), "added_error": relative_l1(o, ref) - base_err})
+                       "error": float(relative_l1(o, ref)), "added_error": float(relative_l1(o, ref)) - base_err})
     return {"order": order, "tokens": n, "sparsity_at_budget": at, "fraction_of_oracle": frac,
             "curves": {name: [{"cdf": t, "sparsity": s, "error": e} for t, (s, e) in zip(CDF_SWEEP, pts)]
                        for name, pts in series.items()},
@@ -198,14 +197,19 @@ def _speed(device: torch.device, seed: int) -> list[dict]:
             sp = 1.0 - float(predict_block_mask(q, k, mid, 0.0, **kw).float().mean())
             lo, hi = (mid, hi) if sp > 0.8 else (lo, mid)
         cdf = lo
-        _, sparsity = sparse_attention(q, k, v, cdf, 0.0, return_sparsity=True, **kw)
+        o, sparsity = sparse_attention(q, k, v, cdf, 0.0, return_sparsity=True, **kw)
+        ref = _cudnn_dense(q, k, v)
         dense = _timeit(lambda: _cudnn_dense(q, k, v), device)
-        sparse = _timeit(lambda: sparse_attention(q, k, v, cdf, 0.0, **kw), device)
         predict = _timeit(lambda: predict_block_mask(q, k, cdf, 0.0, **kw), device)
-        graphed = _timeit(_graphed(lambda: sparse_attention(q, k, v, cdf, 0.0, **kw)), device)
-        rows.append({"shape": name, "cdf_threshold": cdf, "sparsity": sparsity, "cudnn_dense_ms": dense * 1e3,
-                     "sparse_attention_ms": sparse * 1e3, "prediction_ms": predict * 1e3, "speedup": dense / sparse,
-                     "sparse_attention_graph_ms": graphed * 1e3, "speedup_graph": dense / graphed})
+        row = {"shape": name, "cdf_threshold": cdf, "sparsity": sparsity, "cudnn_dense_ms": dense * 1e3,
+               "prediction_ms": predict * 1e3}
+        for path, fp8 in (("", False), ("fp8_", True)):  # the bf16 kernel, then the FP8 path
+            run = lambda: sparse_attention(q, k, v, cdf, 0.0, fp8=fp8, **kw)  # noqa: E731
+            sparse, graphed = _timeit(run, device), _timeit(_graphed(run), device)
+            row.update({f"{path}error": float(relative_l1(run() if fp8 else o, ref)), f"{path}sparse_attention_ms": sparse * 1e3,
+                        f"{path}speedup": dense / sparse, f"{path}sparse_attention_graph_ms": graphed * 1e3,
+                        f"{path}speedup_graph": dense / graphed})
+        rows.append(row)
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -280,8 +284,9 @@ def run(args: argparse.Namespace) -> int:
         for row in results["speed"]:
             print(f"[speed] {row['shape']}: sparsity {row['sparsity']:.3f}, sparse_attention {row['sparse_attention_ms']:.2f} ms "
                   f"(prediction {row['prediction_ms']:.2f}) vs cuDNN dense {row['cudnn_dense_ms']:.2f} ms: {row['speedup']:.2f}x; "
-                  f"CUDA-graphed {row['sparse_attention_graph_ms']:.2f} ms: {row['speedup_graph']:.2f}x",
-                  flush=True)
+                  f"CUDA-graphed {row['sparse_attention_graph_ms']:.2f} ms: {row['speedup_graph']:.2f}x, error {row['error']:.4f}; "
+                  f"FP8 {row['fp8_sparse_attention_ms']:.2f} ms: {row['fp8_speedup']:.2f}x, CUDA-graphed "
+                  f"{row['fp8_speedup_graph']:.2f}x, error {row['fp8_error']:.4f}", flush=True)
     else:
         results["overhead"] = results["speed"] = "skipped: timings need CUDA"
     results["seconds"] = time.perf_counter() - started
