@@ -94,8 +94,9 @@ class Item:
             "dense_steps": plan.dense_steps, "height": self.height, "width": self.width, "frames": self.frames,
             "steps": self.steps, "guidance_scale": plan.guidance_scale, "compare_dense": plan.compare_dense,
             "dtype": plan.recipe.dtype, "fps": plan.recipe.fps,
-            # Only when set, so sidecars written before the flag existed still match.
+            # Only when set, so sidecars written before the flags existed still match.
             **({"random_weights": True} if plan.random_weights else {}),
+            **({"fp8": True} if plan.fp8 else {}),
         }
 
 
@@ -118,6 +119,7 @@ class Plan:
     profile: Any = field(default=None, repr=False)  # SparsityProfile
     random_weights: bool = False  # build the pipeline from configs with random weights (Recipe.load)
     context_parallel: int = 1  # processes rendering each prompt together (Ulysses degree); 1: off
+    fp8: bool = False  # sparse attention through the FP8 (e4m3) kernel path
 
     @property
     def ext(self) -> str:
@@ -161,6 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cdf-threshold", type=float, default=None, help="override every head's cdf threshold")
     parser.add_argument("--sim-threshold", type=float, default=None, help="override every head's sim threshold")
     parser.add_argument("--dense-steps", type=int, default=None, help="override the leading dense steps")
+    parser.add_argument("--fp8", action="store_true",
+                        help="sparse attention in e4m3 (Q·K and P·V; CUDA sm89+): faster on long sequences, "
+                             "about 2 points more attention error (README)")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the recipe's full-size pipeline from its published configs with random "
                              "weights on the device instead of downloading it (time/memory runs; outputs are "
@@ -245,8 +250,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                           f"under context parallelism all processes render each prompt together; give one of them")
     if args.dense and args.profile is not None:
         raise RenderError("--profile and --dense exclude each other")
-    if args.dense and any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps)):
-        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps have no effect with --dense")
+    if args.dense and (args.fp8 or any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps))):
+        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps/--fp8 have no effect with --dense")
     for name in ("steps", "height", "width", "frames"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -286,7 +291,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold, dense_steps=args.dense_steps,
         guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         compare_dense=args.compare_dense, profile=profile, random_weights=args.random_weights,
-        context_parallel=args.context_parallel,
+        context_parallel=args.context_parallel, fp8=args.fp8,
     )
 
 
@@ -337,7 +342,7 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--dense"] * args.dense + ["--compare-dense"] * args.compare_dense
-    argv += ["--random-weights"] * args.random_weights
+    argv += ["--random-weights"] * args.random_weights + ["--fp8"] * args.fp8
     return argv
 
 
@@ -458,7 +463,7 @@ class Renderer:
         if on and self.handle is None:
             self.handle = sparsediff.apply(
                 self.pipe, self.plan.profile, cdf_threshold=self.plan.cdf_threshold,
-                sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps)
+                sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps, fp8=self.plan.fp8)
         elif not on and self.handle is not None:
             self.handle.remove()
             self.handle = None

@@ -166,7 +166,8 @@ def test_two_processes_match_one(rendered: Path, tmp_path: Path) -> None:
     assert not list(out.glob("summary.rank*"))
 
 
-def test_sparse_render_with_compare_dense(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_render_with_compare_dense(tmp_path: Path, fp8: bool) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red ball bouncing\n")
     out = tmp_path / "out"
@@ -174,10 +175,11 @@ def test_sparse_render_with_compare_dense(tmp_path: Path) -> None:
     # 2 steps, the first dense. sim 0: the random model's blocks are not self-similar enough for
     # the default similarity filter to trust any of them.
     assert main(["render", "--model", "tiny-wan", "--steps", "2", "--dense-steps", "1", "--cdf-threshold", "0.5",
-                 "--sim-threshold", "0",
+                 "--sim-threshold", "0", *(["--fp8"] if fp8 else []),
                  "--compare-dense", "--prompts", str(prompts), "--out", str(out)]) == 0
     sidecar = json.loads((out / "0000-a-red-ball-bouncing-s0.json").read_text())
     assert sidecar["settings"]["mode"] == "sparse" and sidecar["profile"]["effective_dense_steps"] == 1
+    assert sidecar["settings"].get("fp8", False) is fp8
     assert sidecar["sparsity"] is not None and 0.0 < sidecar["sparsity"] < 1.0
     assert sidecar["sparsity_per_step"][0] == 0.0 and sidecar["sparsity_per_step"][1] == pytest.approx(
         sidecar["sparsity"])  # step 0 dense; the mean counts the steps after it
@@ -257,6 +259,7 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     sized.write_text('{"prompt": "fine"}\n{"prompt": "odd", "width": 72}\n')
     assert "sized.jsonl:2: width: tiny-wan needs a positive multiple of 16" in _error(
         capsys, ["render", "--prompts", str(sized), *out, "--model", "tiny-wan"])
+    assert "--fp8 have no effect with --dense" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--fp8"])
     with pytest.raises(SystemExit):  # argparse: the two are mutually exclusive
         main([*base, *out, "--model", "tiny-wan", "--dense", "--profile", str(tmp_path / "p.json")])
     assert "not allowed with" in capsys.readouterr().err
@@ -384,3 +387,5 @@ def test_random_weights_render_records_it_in_sidecars(tmp_path: Path, monkeypatc
     parser = argparse.ArgumentParser()
     render.add_arguments(parser)
     assert "--random-weights" in render._forward_argv(parser.parse_args(argv[1:]))
+    sparse_argv = [a for a in argv[1:] if a != "--dense"] + ["--fp8"]
+    assert "--fp8" in render._forward_argv(parser.parse_args(sparse_argv))  # relaunched workers keep it
