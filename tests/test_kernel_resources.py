@@ -44,8 +44,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for dtype, dot_fp32, s, rk in (("bf16", False, 1, 64), ("fp32", True, 1, 64), ("fp32", True, 1, 1),
                                    ("bf16", False, 8, 8), ("fp32", True, 8, 8)):
         for loop in (True, False):
-            consts = dict(D=128, DP=128, S=s, RK=rk, QT=bs.QUERY_ROWS, KT=bs.KEY_ROWS, HAS_LENS=True,
-                          HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, sqd=1, skd=1)
+            consts = dict(D=128, DP=128, S=s, RK=rk, QT=bs.QUERY_ROWS[2 if dtype == "bf16" else 4], KT=bs.KEY_ROWS,
+                          HAS_LENS=True, HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, sqd=1, skd=1)
             if not loop:
                 consts["tiles_per_program"] = 1
             pointers = {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",

@@ -28,9 +28,14 @@ import triton.language as tl
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
-# Tile configs. Phase 1: query feature rows per program (>= 16 for tl.dot), key feature rows per
-# tile, and at most this many tiles per program (fewer when that leaves the GPU underfilled).
-QUERY_ROWS = 64
+# Tile configs. Phase 1: query feature rows per program (>= 16 for tl.dot) by the features' element
+# size, key feature rows per tile, and at most this many tiles per program (fewer when that leaves
+# the GPU underfilled). Each program reads every key of its tiles, so more query rows per program
+# read the keys fewer times: with 16-bit features 128 rows beat 64 (H200, 2026-12-01, GPU time of a
+# prediction, scripts/tune_block_select.py: Wan 0.257 vs 0.325 ms, HunyuanVideo 5.84 vs 7.68 ms;
+# CogVideoX 0.382 vs 0.373 and FLUX 0.058 vs 0.055, whose row counts leave the last program of 128
+# part empty). fp32 features (pooled queries) keep 64: 128 fp32 rows held in registers would spill.
+QUERY_ROWS = {2: 128, 4: 64}
 KEY_ROWS = 128
 MAX_TILES_PER_PROGRAM = 8
 TARGET_PROGRAMS = 2048  # enough programs to fill 132 SMs many times over, tails included
@@ -220,9 +225,10 @@ def block_select(
     b, h = qf.shape[:2]
     nq, nk = -(-n_tokens // block_m), -(-n_tokens // block_n)
     rq, rk = block_m // q_tokens, block_n // k_tokens
+    query_rows = QUERY_ROWS[qf.element_size()]
     if qf.dim() != 4 or kf.dim() != 4 or kf.shape[:2] != (b, h) or qf.shape[-1] != kf.shape[-1]:
         raise ValueError(f"qf and kf must be (B, H, M, D) alike, got {tuple(qf.shape)}, {tuple(kf.shape)}")
-    if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > QUERY_ROWS:
+    if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > query_rows:
         raise ValueError(f"q_tokens={q_tokens}, k_tokens={k_tokens} must divide the blocks {block_m}x{block_n}")
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
               block_n=block_n, scale=scale, kv_lens=kv_lens, k_trusted=k_trusted)
@@ -243,12 +249,12 @@ def block_select(
     interp = triton_interpreting()
     for qb0 in range(0, nq, chunk_qb):
         n_qb = min(chunk_qb, nq - qb0)
-        row_groups = triton.cdiv(n_qb * rq, QUERY_ROWS)
+        row_groups = triton.cdiv(n_qb * rq, query_rows)
         per_program = max(1, min(MAX_TILES_PER_PROGRAM, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
         _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
             qf, kf, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
             h, n_tokens, qb0 * rq, n_qb * rq, qf.shape[-2], kf.shape[-2], nk, n_tiles, per_program, k_tokens, scale / stride,
-            D=qf.shape[-1], DP=max(16, triton.next_power_of_2(qf.shape[-1])), S=stride, RK=rk, QT=QUERY_ROWS,
+            D=qf.shape[-1], DP=max(16, triton.next_power_of_2(qf.shape[-1])), S=stride, RK=rk, QT=query_rows,
             KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
