@@ -116,7 +116,7 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
 
             # A real render, kept small for the Triton interpreter: 5 frames of 256x256 are 512 video tokens
             # (4 query blocks, the fewest that run sparse), one dense and one sparse step, thresholds that
-            # certainly skip blocks of this random model (sim 0 trusts every pooled block).
+            # certainly skip blocks of this random model (sim 0 trusts every pooled block), through the FP8 path.
             page.locator("#source").get_by_text("thresholds", exact=True).click()
             for slider, value in (("#frames", "5"), ("#steps", "2"), ("#dense-steps", "1"),
                                   ("#cdf-threshold", "0.6"), ("#sim-threshold", "0")):
@@ -124,6 +124,7 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
                 box.fill(value)
                 box.press("Enter")
                 expect(box).to_have_value(value)
+            page.get_by_label("FP8 attention").check()
             generate.click()
             # Progress comes from the pipeline's step callback.
             expect(page.get_by_text(re.compile(r"(dense|sparse): step \d+/\d+")).first).to_be_visible(
@@ -143,7 +144,8 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
             assert speedup == pytest.approx(dense_s / sparse_s, rel=0.05, abs=0.01)
             assert 0 < sparsity < 100, "cdf 0.6 with sim 0 must skip some blocks (and not all)"
             assert re.search(r"PSNR, sparse vs dense\s+([\d.]+ dB|∞)", text), text
-            assert "cdf 0.6, sim 0, 1 dense step" in text, "the sparse settings shown must be the ones asked for"
+            assert "cdf 0.6, sim 0, 1 dense step(s); FP8 (e4m3) attention" in text, \
+                "the sparse settings shown must be the ones asked for"
 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
@@ -174,6 +176,7 @@ def session():
     ({"dense_steps": 4}, "the first 4 step(s) dense"),
     ({"cdf_threshold": 1.5}, "Thresholds: "),
     ({"source": "profile"}, "no profile is known for tiny-wan"),
+    ({"fp8": "yes"}, "FP8: expected on or off"),
 ])
 def test_bad_requests_are_refused_before_rendering(session, change: dict, message: str) -> None:
     from sparsediff.apps.demo import THRESHOLDS, InputError, Request
