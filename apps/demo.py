@@ -164,13 +164,11 @@ class DemoSession:
         negative = request.negative_prompt.strip() if request.negative_prompt else None
         if not isinstance(request.fp8, bool):
             raise InputError(f"FP8: expected on or off, got {request.fp8!r}")
-        if request.fp8 and self.device.type == "cuda":
-            import torch
+        if request.fp8:
+            from sparsediff.kernels.block_sparse_attn import fp8_unsupported
 
-            capability = torch.cuda.get_device_capability(self.device)
-            if capability < (8, 9):
-                raise InputError(f"FP8: needs a GPU of compute capability 8.9 or newer; "
-                                 f"{torch.cuda.get_device_name(self.device)} has {capability[0]}.{capability[1]}")
+            if reason := fp8_unsupported(self.device):
+                raise InputError(f"FP8: {reason}")
         return Request(
             prompt=request.prompt.strip(), negative_prompt=negative or None, seed=seed, steps=steps,
             height=height, width=width, frames=frames, source=request.source, profile_file=request.profile_file,

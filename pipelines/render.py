@@ -443,6 +443,11 @@ class Renderer:
         self.plan = plan
         self.device = device
         self.writes = writes
+        if plan.fp8:
+            from sparsediff.kernels.block_sparse_attn import fp8_unsupported
+
+            if reason := fp8_unsupported(device):  # apply() would run those calls dense: say so instead
+                raise RenderError(f"--fp8: {reason}")
         self.pipe: DiffusionPipeline = plan.recipe.load(device, random_weights=plan.random_weights)
         if plan.context_parallel > 1:
             from sparsediff.processors.context_parallel import enable_context_parallel

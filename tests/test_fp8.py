@@ -248,3 +248,40 @@ def test_compiled_transformer_carries_fp8_through_the_custom_op():
     with torch.no_grad():
         assert _rel_l1(model(**inputs)[0], eager) > 1e-4  # the FP8 path did run in both
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def old_gpu(monkeypatch):
+    """torch.cuda answering as an A100 (compute capability 8.0, no e4m3 tensor cores)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+
+
+def test_fp8_refused_on_gpus_without_e4m3_tensor_cores(old_gpu, tmp_path, monkeypatch):
+    import argparse
+
+    from sparsediff.apps.demo import THRESHOLDS, DemoSession, InputError, Request
+    from sparsediff.kernels.block_sparse_attn import fp8_unsupported
+    from sparsediff.pipelines import render
+    from sparsediff.pipelines.recipes import get_recipe
+
+    cuda = torch.device("cuda", 0)
+    assert "8.9 or newer" in fp8_unsupported(cuda) and "A100-SXM4-80GB has 8.0" in fp8_unsupported(cuda)
+    assert fp8_unsupported(torch.device("cpu")) is None
+    # The command line and the demo refuse before loading a model (apply() would run those calls dense).
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\n")
+    parser = argparse.ArgumentParser()
+    render.add_arguments(parser)
+    plan = render.make_plan(parser.parse_args(["--model", "tiny-wan", "--fp8", "--prompts", str(prompts),
+                                              "--out", str(tmp_path / "out")]))
+    monkeypatch.setattr(type(plan.recipe), "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(render.RenderError, match="--fp8: the FP8 path needs"):
+        render.Renderer(plan, cuda)
+    session = DemoSession(get_recipe("tiny-wan"), pipe=None, device=cuda)
+    request = Request(prompt="a red ball", negative_prompt=None, seed=0, steps=2, height=256, width=256, frames=5,
+                      source=THRESHOLDS, fp8=True)
+    with pytest.raises(InputError, match="FP8: the FP8 path needs"):
+        session._check(request)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_unsupported(cuda) is None and session._check(request).fp8

@@ -82,6 +82,18 @@ _FLOAT_DTYPES_CUDA = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES_CPU = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def fp8_unsupported(device: torch.device) -> str | None:
+    """Why the FP8 path cannot run on `device` (a GPU below FP8_MIN_CAPABILITY), else None."""
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= FP8_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"the FP8 path needs a GPU of compute capability {need} or newer (e4m3 tensor cores); "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Head dim rounded up to the power of two (>= 16) the kernel's tiles use."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -502,9 +514,8 @@ def _validate(
         raise ValueError(f"pv_threshold must be a float in (0, 1] or None, got {pv_threshold!r}")
     if not isinstance(fp8, bool):
         raise ValueError(f"fp8 must be a bool, got {fp8!r}")
-    if fp8 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < FP8_MIN_CAPABILITY:
-        raise ValueError(f"fp8=True needs a GPU of compute capability >= {FP8_MIN_CAPABILITY} (e4m3 tensor cores); "
-                         f"{torch.cuda.get_device_name(q.device)} is {torch.cuda.get_device_capability(q.device)}")
+    if fp8 and (reason := fp8_unsupported(q.device)):
+        raise ValueError(f"fp8=True: {reason}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

@@ -15,7 +15,7 @@ import torch
 
 from sparsediff._runtime import kernels_available, warn_once
 from sparsediff.attention import HeadThresholds, head_thresholds
-from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, FP8_MIN_CAPABILITY, MAX_HEAD_DIM
+from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, FP8_MIN_CAPABILITY, MAX_HEAD_DIM, fp8_unsupported
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
 from sparsediff.processors.context_parallel import HeadShard, attend_ulysses
@@ -313,7 +313,7 @@ class AttentionController:
         allowed = (torch.float16, torch.bfloat16) + ((torch.float32,) if q.device.type == "cpu" else ())
         if q.dtype not in allowed:
             return "dtype"
-        if self.fp8 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < FP8_MIN_CAPABILITY:
+        if self.fp8 and fp8_unsupported(q.device):
             return "fp8"
         if q.shape[-1] > MAX_HEAD_DIM:
             return "head_dim"
@@ -432,5 +432,5 @@ _CAUSES = {
     "heads": "head count differs from the profile's (tensor parallelism?)",
     "short": "sequence of only a few query blocks",
     "mask": "attention mask is not a right-padding bool key mask",
-    "fp8": f"fp8=True needs a GPU of compute capability {FP8_MIN_CAPABILITY} or above",
+    "fp8": f"fp8=True needs a GPU of compute capability {'.'.join(map(str, FP8_MIN_CAPABILITY))} or newer",
 }
