@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N
+from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
 from sparsediff.processors.controller import AttentionCall, AttentionController
 
 # Default grid. cdf: the fewest key blocks holding this share of each query block's predicted mass;
@@ -180,9 +181,7 @@ class CalibrationController(_MeasuringController):
         ref_rows = ref.index_select(2, rows).float()
         ref_l1 = ref_rows.abs().sum(dim=(0, 2, 3))
         n_kb = math.ceil(n_tokens / BLOCK_N)
-        n_valid = (torch.full((batch,), n_tokens, device=device) if call.kv_lens is None
-                   else call.kv_lens.to(device).clamp(max=n_tokens))
-        valid_kb = torch.arange(n_kb, device=device)[None, :] * BLOCK_N < n_valid[:, None]  # (B, KB)
+        valid_kb = valid_key_blocks(batch, n_kb, BLOCK_N, n_tokens, call.kv_lens, device)  # (B, KB)
         pairs = math.ceil(n_tokens / BLOCK_M) * valid_kb.sum()
         # One block-mass estimate per sim value serves every cdf (and pv) candidate sharing it.
         masks: dict[tuple[float, float], torch.Tensor] = {}

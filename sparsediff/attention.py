@@ -48,6 +48,7 @@ import torch
 
 from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention, build_block_lut
+from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
 from sparsediff.kernels.block_stats import block_stats
 
 __all__ = [
@@ -139,13 +140,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None
             raise ValueError(f"kv_lens shape {tuple(kv_lens.shape)} must be ({q.shape[0]},)")
         if bool(((kv_lens < 1) | (kv_lens > n)).any()):
             raise ValueError(f"kv_lens values must lie in [1, {n}]")
-
-
-def _valid_key_blocks(b: int, n: int, kv_lens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """bool (B, nk): key blocks holding at least one valid key."""
-    starts = torch.arange(-(-n // BLOCK_N), device=device) * BLOCK_N
-    lens = torch.full((b,), n, device=device) if kv_lens is None else kv_lens.to(device)
-    return starts[None, :] < lens[:, None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,6 +297,7 @@ def sparse_attention(
                                lut=predicted.lut)
     if not return_sparsity:
         return o
-    valid = _valid_key_blocks(q.shape[0], q.shape[2], kv_lens, q.device)
+    n = q.shape[2]
+    valid = valid_key_blocks(q.shape[0], -(-n // BLOCK_N), BLOCK_N, n, kv_lens, q.device)
     total = valid.sum() * q.shape[1] * mask.shape[2]
     return o, 1.0 - float(mask.sum()) / float(total)

@@ -30,7 +30,11 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
+from sparsediff.kernels.block_sparse_attn_reference import (
+    block_lut_reference,
+    block_sparse_attention_reference,
+    valid_key_blocks,
+)
 from sparsediff.kernels.quantize_fp8 import E4M3_MAX, Fp8Operands, quantize_fp8, to_e4m3
 
 BLOCK_M = 128  # query rows per mask block (and per program)
@@ -209,8 +213,7 @@ def build_block_lut(
             keep |= dense_rows[..., None]
         if dense_cols is not None:
             keep |= dense_cols[..., None, :]
-        n_valid = torch.full((B,), n_keys, device=device) if kv_lens is None else kv_lens.to(device).clamp(max=n_keys)
-        keep &= (torch.arange(KB, device=device)[None, :] * BLOCK_N < n_valid[:, None])[:, None, None, :]
+        keep &= valid_key_blocks(B, KB, BLOCK_N, n_keys, kv_lens, device)[:, None, None, :]
         if out_mask is not None:
             out_mask.copy_(keep)
         counts, indices = block_lut_reference(keep, n_keys, BLOCK_N, kv_lens)

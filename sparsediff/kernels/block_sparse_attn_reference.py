@@ -95,6 +95,17 @@ def _fp8_attention(
     return acc / torch.where(l > 0, l, 1.0) * ops.v_scale[:, :, None, :]
 
 
+def valid_key_blocks(
+    batch: int, n_blocks: int, block_n: int, n_keys: int, kv_lens: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """bool (batch, n_blocks): the key blocks holding at least one valid key, i.e. starting before
+    n_keys (or kv_lens[b], where smaller)."""
+    n_valid = torch.full((batch,), n_keys, device=device)
+    if kv_lens is not None:
+        n_valid = torch.minimum(n_valid, kv_lens.to(device).long())
+    return torch.arange(n_blocks, device=device)[None, :] * block_n < n_valid[:, None]
+
+
 def block_lut_reference(
     block_mask: torch.Tensor, n_keys: int, block_n: int, kv_lens: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +114,9 @@ def block_lut_reference(
     Key blocks that start at or past the valid key count (n_keys, or kv_lens[b]) are dropped. Returns
     (counts int32 (B, H, QB), indices int64 (B, H, QB, KB)); entries past a row's count are -1.
     """
-    n_blocks = block_mask.shape[-1]
-    n_valid = torch.full((block_mask.shape[0],), n_keys, dtype=torch.long, device=block_mask.device)
-    if kv_lens is not None:
-        n_valid = torch.minimum(n_valid, kv_lens.to(block_mask.device).long())
-    block_start = torch.arange(n_blocks, device=block_mask.device) * block_n
-    keep = block_mask.to(torch.bool) & (block_start[None, :] < n_valid[:, None])[:, None, None, :]
+    batch, n_blocks = block_mask.shape[0], block_mask.shape[-1]
+    valid = valid_key_blocks(batch, n_blocks, block_n, n_keys, kv_lens, block_mask.device)
+    keep = block_mask.to(torch.bool) & valid[:, None, None, :]
     # A stable sort of "dropped" flags lists kept indices first, in ascending order.
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
     counts = keep.sum(dim=-1, dtype=torch.int32)

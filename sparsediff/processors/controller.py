@@ -16,6 +16,7 @@ import torch
 from sparsediff._runtime import kernels_available, warn_once
 from sparsediff.attention import HeadThresholds, head_thresholds
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, FP8_MIN_CAPABILITY, MAX_HEAD_DIM, fp8_unsupported
+from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
 from sparsediff.processors.context_parallel import HeadShard, attend_ulysses
@@ -399,8 +400,8 @@ class AttentionController:
             kept = torch.full((heads if head_shard is None else head_shard.total,), float(pairs), dtype=torch.float64)
         else:
             if padded:  # blocks wholly in the padding are never computed: do not count them
-                valid_k = torch.arange(n_k, device=block_mask.device)[None, :] * BLOCK_N < padding.kv_lens[:, None]
-                block_mask = block_mask & valid_k[:, None, None, :]
+                valid = valid_key_blocks(batch, n_k, BLOCK_N, n_tokens, padding.kv_lens, block_mask.device)
+                block_mask = block_mask & valid[:, None, None, :]
             kept = block_mask.sum(dim=(0, 2, 3))
             if head_shard is not None:
                 kept = head_shard.gather(kept)
