@@ -23,10 +23,13 @@ GROUPS = (  # (group, substrings of kernel names), first match wins
     ("attention kernel", ("_block_sparse_attn_kernel",)),
     ("prediction", ("_partial_mass_kernel", "_combine_select_kernel", "_block_stats_kernel", "_select_kernel")),
     ("lookup table", ("_build_lut_kernel",)),
+    # Inductor's fused kernels name the ops they fuse ("..._copy_mul_...", "..._cudnn_attention_..."):
+    # a group of their own, before the groups those words would match.
+    ("inductor fusions (norms, elementwise, copies)", ("triton_",)),
     ("dense attention (cuDNN/flash)", ("cudnn", "flash", "fmha", "sm90_xmma", "attention")),
     ("gathers (token order, sampled rows)", ("index_elementwise", "gather", "index_select", "indexSelect")),
     ("matmuls", ("gemm", "nvjet", "cutlass", "sm90_", "xmma")),
-    ("copies", ("copy", "Memcpy", "memcpy")),
+    ("copies", ("direct_copy", "memcpy", "clone")),
 )
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
@@ -36,7 +39,7 @@ def _group(name: str) -> str:
     for group, keys in GROUPS:
         if any(key.lower() in lowered for key in keys):
             return group
-    return "other (norms, elementwise, triton fusions)"
+    return "other (norms, elementwise)"
 
 
 def main() -> None:
