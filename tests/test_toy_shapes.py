@@ -1,5 +1,7 @@
 """toy-shapes: data generator, metric, tokenizer, text encoder, pipeline, and the shipped weights."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -37,11 +39,16 @@ def test_training_split_never_shows_a_held_out_combination():
     assert {o[0] for o in seen} == set(data.COLOURS)
     assert {o[1] for o in seen} == set(data.SHAPES)
     assert {o[2] for o in seen} == set(data.MOTIONS)
+    # the "seen" evaluation split: trained triples with each held-out clip's shape, motion, background
+    for (held_objs, held_bg), (seen_objs, seen_bg) in zip(data.eval_clips(), data.eval_clips("seen")):
+        assert seen_objs[0] not in held and seen_objs[0][1:] == held_objs[0][1:] and seen_bg == held_bg
+    with pytest.raises(ValueError, match="split"):
+        data.eval_clips("train")
 
 
 def test_captions_name_what_the_frames_show():
-    # The evaluation metric, applied to the generator's own clips of the held-out captions.
-    clips = data.eval_clips()
+    # The evaluation metric, applied to the generator's own clips of the evaluation captions.
+    clips = data.eval_clips() + data.eval_clips("seen")
     batch = data.batch_from_objects(clips, torch.Generator().manual_seed(3))
     frames = _frames(batch)
     for i, (objs, bg) in enumerate(clips):
@@ -93,7 +100,7 @@ def test_tokenizer_round_trip_and_unknown_words(tmp_path):
     assert tok.encode("") == [tok.ids["<eos>"]]
     assert len(tok.encode(" ".join(["red"] * 100))) == 32
     ids, mask = tok(["a red circle", ""])
-    assert ids.shape == (2, 4) and mask.tolist() == [[True] * 4, [True, False, False, False]]
+    assert ids.shape == (2, 32) and mask.tolist() == [[True] * 4 + [False] * 28, [True] + [False] * 31]
     tok.save(tmp_path / "vocab.json")
     assert ToyTokenizer.load(tmp_path / "vocab.json").tokens == tok.tokens
     with pytest.raises(ValueError, match="text"):
@@ -148,6 +155,35 @@ def test_pipeline_call_save_and_reload(tmp_path):
             pipe(prompt="a red circle", **{**kw, **bad})
 
 
+def test_a_captions_clip_does_not_depend_on_its_batch_mates():
+    # Captions are padded to max_length: Wan's cross-attention attends to the zero padding, so
+    # padding to the batch's longest caption made a clip depend on the other captions.
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=16, width=16, num_frames=2, num_inference_steps=2)
+    alone = pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kw).frames
+    longer = "a blue square moves left, a green triangle bounces, a red circle grows on a white background"
+    batch = pipe(prompt=["a red circle", longer], generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                 **kw).frames
+    np.testing.assert_allclose(batch[:1], alone, atol=1e-5)
+
+
+def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
+    from sparsediff.pipelines.toy_shapes.train import main
+
+    args = ["--out", str(tmp_path), "--steps", "2", "--compile", "true", "--bf16", "false", "--device", "cpu",
+            "--num-layers", "1", "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64",
+            "--height", "32", "--width", "32", "--num-frames", "3", "--batch-size", "2", "--log-every", "1"]
+    assert main(args) == 0
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["steps"] == 2 and len(log["history"]) == 2 and all(np.isfinite(e["loss"]) for e in log["history"])
+    assert ts.TrainConfig.load(tmp_path / "train_config.json").compile is True
+    pipe = ts.ToyShapesPipeline.from_folder(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt="a red circle", height=32, width=32, num_frames=3, num_inference_steps=1).frames
+    assert out.shape == (1, 3, 32, 32, 3) and np.isfinite(out).all()
+
+
 # -- the shipped model ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -172,12 +208,17 @@ def test_shipped_weights_load_and_render(shipped):
     assert np.isfinite(out.frames).all()
 
 
-def test_shipped_model_draws_the_named_colour(shipped):
-    # Cheap version of the evaluation's colour check (5 frames, 6 steps). Motion is not asserted:
-    # the shipped weights have not learned it (weights/eval_report.json: translations 0/12).
-    clips = [([("red", "circle", "moves left")], "black"), ([("green", "circle", "moves right")], "checkered")]
-    out = shipped(prompt=[data.caption_for(objs, bg) for objs, bg in clips], num_frames=5, num_inference_steps=6,
-                  generator=[torch.Generator().manual_seed(i) for i in range(len(clips))]).frames
-    for (objs, _), clip in zip(clips, out):
+def test_shipped_model_draws_the_named_colour_in_the_named_motion(shipped):
+    # The evaluation's checks at its settings (17 frames, 16 steps, guidance 4, clip i from seed i)
+    # on one held-out caption (a triple never trained on) and one trained triple; both pass in
+    # weights/eval_report.json on the GPU and in the CPU evaluation. Not every caption does: about
+    # 2 in 5 held-out and 3 in 5 seen ones pass (pipelines/toy_shapes/README.md).
+    clips = [(data.eval_clips()[8], 8), (data.eval_clips("seen")[4], 4)]
+    captions = [data.caption_for(objs, bg) for (objs, bg), _ in clips]
+    assert captions == ["a orange triangle moves up on a checkered background",
+                        "a red square moves right on a striped background"]
+    out = shipped(prompt=captions, generator=[torch.Generator().manual_seed(seed) for _, seed in clips]).frames
+    for ((objs, _), _), clip in zip(clips, out):
         result = metrics.check_clip(clip, objs)
-        assert result["colour_ok"], result["objects"][0]
+        assert result["colour_ok"] and result["motion_ok"], result["objects"][0]
+        assert not metrics.check_clip(clip[::-1].copy(), objs)["motion_ok"]  # the same clip played backwards

@@ -24,6 +24,7 @@ class TrainConfig:
     max_minutes: float | None = None  # with `steps`: stop (and save) early at this wall-clock time
     init_from: str | None = None  # a weights folder (save_folder layout) to fine-tune instead of a fresh init
     bf16: bool = True  # bf16 autocast (also on CPUs with avx512_bf16 / AMX, where it is ~1.6-2x faster)
+    compile: bool = False  # torch.compile the transformer's training forward (fuses Wan's many small ops)
     batch_size: int = 32
     log_every: int = 50
     # optimisation

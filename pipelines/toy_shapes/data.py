@@ -277,9 +277,28 @@ def batch_from_objects(
     return _trajectories(colour, shape, motion, colour >= 0, background, generator, num_frames, height, width)
 
 
-def eval_clips() -> list[tuple[list[tuple[str, str, str]], str]]:
-    """The 20 held-out evaluation clips: one held-out triple each, backgrounds in turn."""
-    return [([triple], BACKGROUNDS[i % len(BACKGROUNDS)]) for i, triple in enumerate(HELD_OUT_TRIPLES)]
+def _seen_twin(triple: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A training triple with the held-out triple's shape and motion: the next colour that has it."""
+    colour, shape, motion = triple
+    start = _COLOUR_NAMES.index(colour)
+    for step in range(3, 3 + len(_COLOUR_NAMES)):
+        twin = (_COLOUR_NAMES[(start + step) % len(_COLOUR_NAMES)], shape, motion)
+        if twin not in HELD_OUT_TRIPLES:
+            return twin
+    raise AssertionError(f"every colour of {shape} {motion} is held out")
+
+
+def eval_clips(split: str = "held-out") -> list[tuple[list[tuple[str, str, str]], str]]:
+    """The 20 evaluation clips, one object each, backgrounds in turn.
+
+    ``"held-out"``: the held-out triples, never trained on. ``"seen"``: for each, a triple training
+    does show with the same shape, motion and background, so that the two reports together tell
+    what was not learned from what does not generalise.
+    """
+    if split not in ("held-out", "seen"):
+        raise ValueError(f"split must be 'held-out' or 'seen', got {split!r}")
+    triples = HELD_OUT_TRIPLES if split == "held-out" else tuple(_seen_twin(t) for t in HELD_OUT_TRIPLES)
+    return [([triple], BACKGROUNDS[i % len(BACKGROUNDS)]) for i, triple in enumerate(triples)]
 
 
 def _backgrounds(batch: ClipBatch, device: torch.device) -> torch.Tensor:

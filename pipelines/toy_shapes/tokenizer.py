@@ -52,13 +52,17 @@ class ToyTokenizer:
         return " ".join(words).replace(" ,", ",")
 
     def __call__(self, texts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch encode, right-padded to the longest: (input_ids long (B, L), attention_mask bool (B, L))."""
+        """Batch encode, right-padded to ``max_length``: (input_ids long (B, L), attention_mask bool (B, L)).
+
+        Always ``max_length``, as WanPipeline pads to its max_sequence_length: Wan's cross-attention
+        takes no mask, so the zero states past a caption are attended to, and their number must not
+        depend on the other captions of the batch.
+        """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("texts must not be empty")
         enc = [self.encode(t) for t in texts]
-        length = max(len(e) for e in enc)
-        ids = torch.zeros(len(enc), length, dtype=torch.long)
+        ids = torch.zeros(len(enc), self.max_length, dtype=torch.long)
         for b, e in enumerate(enc):
             ids[b, : len(e)] = torch.tensor(e)
         return ids, ids != self.ids[PAD]
