@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the toy shapes model on the lent GPU, evaluate it, and leave the results in $OUT.
 #   scripts/gpu_train_toy.sh MINUTES [train flags...]     (run from the repository root)
+# The shipped weights: scripts/gpu_train_toy.sh 8 --compile true
 # The device has torch but no diffusers: the wheels in .whl/ are installed to /tmp/site. The
 # package is imported as top-level `toy_shapes` (its imports are relative), so neither an
 # install of sparsediff nor the rest of the library is needed there.

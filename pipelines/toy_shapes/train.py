@@ -1,6 +1,6 @@
 """Train the toy shapes text-to-video model (rectified flow, clips rendered on the fly).
 
-    python -m sparsediff.pipelines.toy_shapes.train --out DIR --minutes 7 --seed 0
+    python -m sparsediff.pipelines.toy_shapes.train --out DIR --minutes 8 --seed 0 --compile true
 
 Every TrainConfig field is a flag (``--batch-size 32``, ``--steps 4000``...); ``--config FILE``
 reads a saved TrainConfig JSON first. With ``--minutes`` the step count is fixed after 30
@@ -68,7 +68,8 @@ def flow_loss(pipe: ToyShapesPipeline, x0: torch.Tensor, captions: list[str], t:
     xt = (1.0 - tb) * x0 + tb * noise
     ids, mask = pipe.tokenizer(captions)
     emb = pipe.text_encoder(ids.to(x0.device), mask.to(x0.device))
-    pred = (pipe.transformer if transformer is None else transformer)(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
+    model = pipe.transformer if transformer is None else transformer
+    pred = model(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
     return F.mse_loss(pred.float(), noise - x0)
 
 
