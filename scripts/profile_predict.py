@@ -23,7 +23,7 @@ from sparsediff.attention import (
     predict_with,
     sparse_attention,
 )
-from sparsediff.bench.kernel import SHAPES
+from sparsediff.bench.kernel import SHAPES, _make_qkv
 
 CALLS = 10
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
@@ -72,8 +72,7 @@ def main(names: list[str]) -> None:
     launch_cost()
     for name in names or ["flux", "cogvideox", "wan"]:
         s = SHAPES[name]
-        q, k, v = (torch.randn(s.batch, s.tokens, s.heads, s.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                   for _ in range(3))
+        q, k, v = _make_qkv(s, torch.bfloat16, "cuda")  # (B, N, H, D) viewed as (B, H, N, D)
         print(f"{name} {(s.batch, s.heads, s.tokens, s.head_dim)}")
         report("predict_block_mask", lambda: predict_block_mask(q, k, dense_tail_tokens=s.text_tokens))
         report("sparse_attention", lambda: sparse_attention(q, k, v, 0.95, dense_tail_tokens=s.text_tokens))

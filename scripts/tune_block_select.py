@@ -13,7 +13,7 @@ import torch
 import triton
 
 from sparsediff.attention import DEFAULT_METHOD, head_thresholds, predict_with
-from sparsediff.bench.kernel import SHAPES
+from sparsediff.bench.kernel import SHAPES, _make_qkv
 from sparsediff.bench.predict import _cudnn_dense, _graphed
 from sparsediff.kernels import block_select
 
@@ -24,8 +24,7 @@ def main(names: list[str]) -> None:
     declared = (block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS)
     for name in names or ["flux", "cogvideox", "wan", "hunyuan"]:
         s = SHAPES[name]
-        q, k, v = (torch.randn(s.batch, s.tokens, s.heads, s.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                   for _ in range(3))
+        q, k, v = _make_qkv(s, torch.bfloat16, "cuda")  # (B, N, H, D) viewed as (B, H, N, D)
         thresholds = head_thresholds([0.95], 0.0, s.heads, q.device)
         dense = triton.testing.do_bench(lambda: _cudnn_dense(q, k, v))
         line, reference = [], None

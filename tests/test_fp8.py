@@ -13,6 +13,7 @@ from sparsediff.kernels.block_sparse_attn import TileConfig, attention_from_lut,
 from sparsediff.kernels.quantize_fp8 import quantize_fp8, to_e4m3
 from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference
 from sparsediff.kernels.quantize_fp8_reference import to_e4m3 as to_e4m3_reference
+from sparsediff.metrics import relative_l1
 from sparsediff.processors import apply
 from test_block_sparse_attn import _dominant_first_block, _reference
 from tiny_models import build_wan, wan_inputs
@@ -47,7 +48,7 @@ def _lens(kv_lens):
 
 
 def _rel_l1(out, ref):
-    return ((out.float() - ref.float()).abs().sum() / ref.float().abs().sum()).item()
+    return float(relative_l1(out, ref))
 
 
 def _bits(t):

@@ -466,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sparsediff._runtime import triton_interpreting
     from sparsediff.io import atomic_write_json
-    from sparsediff.kernels import block_sparse_attn
+    from sparsediff.kernels import block_sparse_attn, padded_head_dim
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -520,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
             if device == "cuda" and chosen:
                 # block_sparse_attention reads the declared table: declare the tuned config for this run.
                 block_sparse_attn.TILE_CONFIGS[(block_sparse_attn.gpu_arch(torch.device("cuda")),
-                                                block_sparse_attn.padded_head_dim(shape.head_dim), kernel_dtype)] = config
+                                                padded_head_dim(shape.head_dim), kernel_dtype)] = config
             configs.append(config)
         log(f"{name}: tile config {configs[0]}" + (f", fp8 {configs[1]}" if args.fp8 else ""))
         rows += _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, configs[0], log,

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
+from sparsediff.kernels import padded_head_dim
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
 # Tile configs. Phase 1: query feature rows per program (>= 16 for tl.dot) by the features' element
@@ -254,7 +255,7 @@ def block_select(
         _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
             qf, kf, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
             h, n_tokens, qb0 * rq, n_qb * rq, qf.shape[-2], kf.shape[-2], nk, n_tiles, per_program, k_tokens, scale / stride,
-            D=qf.shape[-1], DP=max(16, triton.next_power_of_2(qf.shape[-1])), S=stride, RK=rk, QT=query_rows,
+            D=qf.shape[-1], DP=padded_head_dim(qf.shape[-1]), S=stride, RK=rk, QT=query_rows,
             KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
+from sparsediff.kernels import padded_head_dim
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
@@ -96,11 +97,6 @@ def fp8_unsupported(device: torch.device) -> str | None:
     need = ".".join(map(str, FP8_MIN_CAPABILITY))
     return (f"the FP8 path needs a GPU of compute capability {need} or newer (e4m3 tensor cores); "
             f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """Head dim rounded up to the power of two (>= 16) the kernel's tiles use."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def gpu_arch(device: torch.device) -> str:

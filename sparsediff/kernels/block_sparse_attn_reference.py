@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference, to_e4m3
+from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference, to_e4m3, valid_keys
 
 
 def expand_block_mask(
@@ -42,8 +42,7 @@ def block_sparse_attention_reference(
         scale = 1.0 / math.sqrt(head_dim)
     keep = expand_block_mask(block_mask.to(torch.bool), n_q, n_k, block_m, block_n)
     if kv_lens is not None:
-        key_ok = torch.arange(n_k, device=q.device)[None, :] < kv_lens.to(q.device).long()[:, None]
-        keep = keep & key_ok[:, None, None, :]
+        keep = keep & valid_keys(kv_lens, q.shape[0], n_k, q.device).transpose(-1, -2)  # (B, 1, 1, Nk)
     if fp8:
         return _fp8_attention(q, k, v, keep, scale, block_m, block_n, kv_lens).to(q.dtype)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsediff.kernels import padded_head_dim
 from sparsediff.kernels.quantize_fp8_reference import (
     E4M3_MAX,
     V_ROW_ALIGN,
@@ -141,7 +142,7 @@ def quantize_fp8(
         q8, k8, v_t, q_scale, k_scale,
         *q.stride(), *k.stride(), *v.stride(),
         heads, n_q, n_k, n_k_padded, QB, KB,
-        HEAD_D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_KV_LENS=kv_lens is not None, ROUND_E4M3=device.type == "cpu",
         num_warps=NUM_WARPS,
     )
