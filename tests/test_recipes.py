@@ -220,7 +220,9 @@ def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("argv,name", [
     (["bench", "e2e", "--steps", "1"], "--steps"),
-    (["bench", "e2e", "--compile"], "--compile"),
+    (["bench", "e2e", "--modes", "compiled"], "--modes"),
+    (["bench", "e2e", "--steps", "2", "--modes", "jit"], "--modes"),
+    (["bench", "e2e", "--steps", "2", "--settings", "A,C"], "--settings"),
     (["bench", "kernel", "--keeps", "0,0.5"], "--keeps"),
     (["bench", "predict", "--budget", "1.5"], "--budget"),
 ])

@@ -20,7 +20,7 @@ dense/sparse, the block sparsity reached, and the relative L1 error of the outpu
 A table on stdout and a JSON file under --out.
 
 With `--steps S`: a whole denoising loop instead of one forward (S forwards at decreasing
-timesteps, one video's transformer work without CFG), eager and (with `--compile`) compiled by
+timesteps, one video's transformer work without CFG), eager and/or (`--modes`) compiled by
 `compile_repeated_blocks(fullgraph=True)` where the family has repeated blocks, else `torch.compile`:
 - dense: the stock processors as above;
 - attention-free: the same, with every self-attention SDPA call (query and key of equal length)
@@ -60,6 +60,8 @@ SETTING_A_CDF = 0.15
 SETTING_A_DENSE_FRACTION = 0.2
 SETTING_B_CDF = 0.1
 SETTING_B_DENSE_FRACTION = 0.1
+MODES = ("eager", "compiled")
+SETTINGS = ("A", "B")
 
 
 @dataclass(frozen=True)
@@ -173,15 +175,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed forwards of each kind (median reported)")
     parser.add_argument("--steps", type=int, default=None,
                         help="time a whole denoising loop of this many steps (dense, attention-free, settings A and B)")
-    parser.add_argument("--compile", action="store_true", help="with --steps: also time the compiled transformer")
+    parser.add_argument("--modes", default="eager",
+                        help="with --steps: comma list of eager, compiled (the transformer under torch.compile)")
     parser.add_argument("--setting-a-cdf", type=float, default=SETTING_A_CDF,
                         help=f"with --steps: setting A's cdf_threshold (default {SETTING_A_CDF}: ~85%% sparsity on "
                              "random-weight Wan and CogVideoX; FLUX needs less to get there)")
     parser.add_argument("--setting-b-cdf", type=float, default=SETTING_B_CDF,
                         help=f"with --steps: setting B's (FP8 path) cdf_threshold (default {SETTING_B_CDF}, aiming at "
                              "90%% sparsity)")
-    parser.add_argument("--no-setting-b", action="store_true",
-                        help="with --steps: skip setting B (the FP8 path needs compute capability 8.9+)")
+    parser.add_argument("--settings", default="A,B",
+                        help="with --steps: comma list of the sparse settings to time, A and B (B, the FP8 path, "
+                             "needs compute capability 8.9+)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON")
 
 
@@ -200,8 +204,12 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
     if args.steps is not None and args.steps < 2:
         raise ValueError(f"--steps must be >= 2, got {args.steps}")
-    if args.compile and args.steps is None:
-        raise ValueError("--compile needs --steps")
+    for name, allowed in (("modes", MODES), ("settings", SETTINGS)):
+        given = _items(getattr(args, name))
+        if not given or any(item not in allowed for item in given):
+            raise ValueError(f"--{name} must be a comma list of {', '.join(allowed)}, got {getattr(args, name)!r}")
+    if _items(args.modes) != ["eager"] and args.steps is None:
+        raise ValueError("--modes needs --steps")
     for name in ("setting_a_cdf", "setting_b_cdf"):
         if not 0.0 < getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
@@ -357,8 +365,10 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
     t0 = float(inputs["timestep"].max()) * 2  # decreasing timesteps: the hook counts them as steps
     timesteps = [torch.full_like(inputs["timestep"], t0 * (steps - i) / steps) for i in range(steps)]
     shapes: list[tuple[int, ...]] = []
+    with torch.no_grad(), _attention_free(shapes):  # one eager forward finds the self-attention shapes
+        model(**dict(inputs, timestep=timesteps[0]))
     runs: dict[str, dict[str, Any]] = {}
-    modes = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+    modes = [(mode, mode == "compiled") for mode in MODES if mode in _items(args.modes)]
     with sdpa_kernel(_sdpa_priority(), set_priority=True):
         for mode, compiled in modes:
             if compiled:
@@ -372,7 +382,7 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
             torch.compiler.reset()
             row["dense_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
             torch.compiler.reset()
-            with _attention_free(None if compiled else shapes):
+            with _attention_free(None):
                 row["attention_free_s"] = _time_loop(model, inputs, timesteps, warmup_steps=1)
             for name, setting in settings.items():
                 torch.compiler.reset()
@@ -406,11 +416,15 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
     return result
 
 
+def _items(comma_list: str) -> list[str]:
+    return [item.strip() for item in comma_list.split(",") if item.strip()]
+
+
 def _settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The sparse settings of the denoising-loop benchmark, by result-key prefix (module docstring)."""
-    settings = {"setting_a": (args.setting_a_cdf, SETTING_A_DENSE_FRACTION, False)}
-    if not args.no_setting_b:
-        settings["setting_b"] = (args.setting_b_cdf, SETTING_B_DENSE_FRACTION, True)
+    settings = {"setting_a": (args.setting_a_cdf, SETTING_A_DENSE_FRACTION, False),
+                "setting_b": (args.setting_b_cdf, SETTING_B_DENSE_FRACTION, True)}
+    settings = {name: setting for name, setting in settings.items() if name[-1].upper() in _items(args.settings)}
     return {name: {"cdf_threshold": cdf, "sim_threshold": 0.0, "dense_fraction": fraction,
                    "dense_steps": max(1, round(fraction * args.steps)), "fp8": fp8}
             for name, (cdf, fraction, fp8) in settings.items()}
@@ -461,7 +475,7 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
                       f"{row['attention_share']:>10.2f} {row[f'{name}_s']:>8.2f} {sparsity:>8} "
                       f"{row[f'{name}_speedup']:>7.2f}x {row[f'{name}_bound_speedup']:>6.2f}x "
                       f"{row[f'{name}_fraction_of_bound']:>8.2f}", flush=True)
-    return {"steps": args.steps, **settings, "compile": args.compile}, results
+    return {"steps": args.steps, **settings, "modes": _items(args.modes)}, results
 
 
 def run(args: argparse.Namespace) -> int:
