@@ -31,6 +31,8 @@ for stage in "$@"; do
                   --out "$res/steps" ;;
     hunyuan-compiled-b) python3 -m sparsediff bench e2e --steps 5 --modes compiled --settings B --families hunyuan_video \
                   --out "$res/steps" ;;
+    order)    python3 scripts/tune_row_order.py ;;
+    cogvideox-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families cogvideox --out "$res/steps" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/tune" ;;
     predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;

@@ -177,8 +177,21 @@ def _overhead(device: torch.device) -> list[dict]:
     return rows
 
 
+def cdf_for_sparsity(q: torch.Tensor, k: torch.Tensor, sparsity: float, **predict_kwargs) -> float:
+    """The cdf threshold (sim 0) at which the default predictor's mask on q, k just exceeds
+    `sparsity` (bisection, 12 halvings)."""
+    from sparsediff.attention import predict_block_mask
+
+    lo, hi = 0.0, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        reached = 1.0 - float(predict_block_mask(q, k, mid, 0.0, **predict_kwargs).float().mean())
+        lo, hi = (mid, hi) if reached > sparsity else (lo, mid)
+    return lo
+
+
 def _speed(device: torch.device, seed: int) -> list[dict]:
-    from sparsediff.attention import predict_block_mask, sparse_attention
+    from sparsediff.attention import sparse_attention
     from sparsediff.bench.kernel import SHAPES
     from sparsediff.workloads import to_tile_order, video_workload
 
@@ -190,13 +203,7 @@ def _speed(device: torch.device, seed: int) -> list[dict]:
         q, k, v = (to_tile_order(x, s.grid, TILE) for x in (w.q, w.k, w.v))
         del w
         kw = dict(dense_tail_tokens=s.text_tokens)
-        # Bisect the cdf threshold to a predicted sparsity of ~0.8 on this workload.
-        lo, hi = 0.0, 1.0
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            sp = 1.0 - float(predict_block_mask(q, k, mid, 0.0, **kw).float().mean())
-            lo, hi = (mid, hi) if sp > 0.8 else (lo, mid)
-        cdf = lo
+        cdf = cdf_for_sparsity(q, k, 0.8, **kw)
         o, sparsity = sparse_attention(q, k, v, cdf, 0.0, return_sparsity=True, **kw)
         ref = _cudnn_dense(q, k, v)
         dense = _timeit(lambda: _cudnn_dense(q, k, v), device)

@@ -2,9 +2,17 @@
 
 A bool block mask (B, H, ceil(Nq/BLOCK_M), ceil(Nk/BLOCK_N)) is turned by one Triton kernel into a
 lookup table: per (b, h, query block) the number of kept key blocks and their indices in ascending
-order. The attention kernel runs one program per (query block, b*h) and walks only the kept key
+order. The attention kernel runs one program per (b, h, query block) row and walks only the kept key
 blocks of its row: online softmax in fp32 with exp2 (log2(e)*scale folded into one FMA on the
 scores), Q held in registers, `STEP_BLOCKS` kept key blocks gathered into one key tile per step.
+
+Heavy rows first (`TileConfig.heavy_rows_first`): rows keep different numbers of key blocks (a
+text segment's rows keep all of them), and the GPU starts programs in grid order, so a heavy row
+left to the end of the grid runs on while the other SMs idle. The programs therefore take the rows
+in decreasing work level (WORK_LEVELS equal bands of the kept fraction, a stable sort of the
+counts' bands): the long rows start first and the short ones fill in behind them. Within a band
+the rows stay in (b, h, query block) order, so that programs running together read the same
+head's keys and share them in L2; a sort by exact count would mix the heads.
 
 `pv_threshold` (SpargeAttn's second stage): a step whose score row maxima are all negligible
 against the running row maxima, i.e. exp(m_step[r] - m_running[r]) < pv_threshold for every query
@@ -42,6 +50,7 @@ BLOCK_M = 128  # query rows per mask block (and per program)
 BLOCK_N = 64  # key rows per mask block
 
 MAX_HEAD_DIM = 128
+WORK_LEVELS = 8  # bands of a row's kept fraction that order the programs (heavy_rows_first)
 _INT32_MAX = 2**31 - 1
 _LOG2_E4M3_MAX = tl.constexpr(math.log2(E4M3_MAX))
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core MMA: Ada and Hopper on
@@ -53,12 +62,15 @@ class TileConfig:
 
     step_blocks: kept key blocks (BLOCK_N keys each, not necessarily adjacent) gathered into one
     key tile per inner-loop step, so the tensor cores see BLOCK_N * step_blocks keys at a time.
+    heavy_rows_first: programs take the rows in decreasing work level (module docstring), not in
+    grid order.
     """
 
     step_blocks: int
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
+    heavy_rows_first: bool = True
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`
@@ -335,7 +347,7 @@ def _attn_step(
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    Q, K, V, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -344,13 +356,16 @@ def _block_sparse_attn_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
+    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HAS_ORDER: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One program per LUT row (b, h, query block), in the order order_ptr gives, else in row order.
+    row = tl.program_id(0)
+    if HAS_ORDER:
+        row = tl.load(order_ptr + row).to(tl.int32)
+    qb = row % QB
+    bh = row // QB
     b = bh // H
     h = bh % H
-    row = bh * QB + qb
     count = tl.load(counts_ptr + row)
     lut_row = lut_ptr + row.to(tl.int64) * KB
     if HAS_KV_LENS:
@@ -405,6 +420,13 @@ def _block_sparse_attn_kernel(
         tl.store(skips_ptr + row, n_skipped)
 
 
+def heavy_rows_first(counts: torch.Tensor, n_key_blocks: int) -> torch.Tensor:
+    """Flat (b, h, query block) row indices of a LUT's counts (B, H, QB), by decreasing work level:
+    WORK_LEVELS equal bands of the kept fraction, rows of a band in row order (module docstring)."""
+    band = -(-n_key_blocks // WORK_LEVELS)
+    return torch.argsort(counts.view(-1) // band, descending=True, stable=True)
+
+
 def _max_offset(t: torch.Tensor) -> int:
     """Largest element offset within one (b, h) slice: the kernel does that arithmetic in int32."""
     return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
@@ -444,8 +466,10 @@ def attention_from_lut(
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    _block_sparse_attn_kernel[(QB, B * H)](
-        q_in, k_in, v_in, out, counts, indices, kv_lens if kv_lens is not None else counts, skips, *scales,
+    order = heavy_rows_first(counts, KB) if config.heavy_rows_first else None
+    _block_sparse_attn_kernel[(B * H * QB,)](
+        q_in, k_in, v_in, out, counts, indices, order if order is not None else counts,
+        kv_lens if kv_lens is not None else counts, skips, *scales,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
         H, n_q, n_k, QB, KB, scale * math.log2(math.e),
         math.log2(pv_threshold) if pv_threshold is not None else 0.0,
@@ -454,7 +478,7 @@ def attention_from_lut(
         PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
         # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
-        WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
+        WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting, HAS_ORDER=order is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out
