@@ -6,7 +6,7 @@ For each model shape (`sparsediff.bench.kernel.SHAPES`), next to cuDNN dense (do
 - the kernel alone on a LUT, programs in row order and heavy rows first, bf16 and FP8 (quantised
   once, outside the timing): `random` masks (the same count in every row: nothing to balance) and
   `local` ones (space-time neighbours; the text segment, where the model has one, kept densely);
-- `heavy_rows_first` itself (the sort of the counts);
+- `heavy_rows_first` itself (the order of the rows, `kernels/row_order.py`);
 - `sparse_attention` (prediction included, CUDA-graphed) at 80% predicted sparsity on the video
   workload in tile order, as `sparsediff bench predict` times it, in either order.
 """
@@ -21,6 +21,7 @@ from sparsediff.bench.kernel import SHAPES, _make_qkv, local_mask, random_mask
 from sparsediff.bench.predict import TILE, _cudnn_dense, _graphed, cdf_for_sparsity
 from sparsediff.kernels import block_sparse_attn as bsa
 from sparsediff.kernels.quantize_fp8 import quantize_fp8
+from sparsediff.kernels.row_order import heavy_rows_first
 from sparsediff.workloads import to_tile_order, video_workload
 
 
@@ -39,7 +40,7 @@ def kernel_alone(name: str) -> None:
             mask = make(s, keep, "cuda")
             counts, indices = bsa.build_block_lut(mask, s.tokens)
             kept = mask.float().mean().item()
-            sort_ms = triton.testing.do_bench(lambda: bsa.heavy_rows_first(counts, mask.shape[-1]))
+            sort_ms = triton.testing.do_bench(lambda: heavy_rows_first(counts, mask.shape[-1], bsa.WORK_LEVELS))
             line = []
             for path, quant, dtype in (("bf16", None, q.dtype), ("fp8", quantized, torch.float8_e4m3fn)):
                 times = {}

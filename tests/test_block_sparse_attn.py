@@ -8,16 +8,17 @@ import torch.nn.functional as F
 from sparsediff.kernels.block_sparse_attn import (
     BLOCK_M,
     BLOCK_N,
+    WORK_LEVELS,
     TileConfig,
     attention_from_lut,
     block_sparse_attention,
     build_block_lut,
-    heavy_rows_first,
 )
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
 )
+from sparsediff.kernels.row_order import heavy_rows_first
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -86,12 +87,6 @@ def test_step_blocks_configs(config):
     _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
 
 
-def test_heavy_rows_first_orders_rows_by_work_band_and_keeps_row_order_within_a_band():
-    counts = torch.tensor([[[3, 40, 5], [64, 2, 33]]], dtype=torch.int32)  # 64 key blocks: bands of 8
-    # bands: 0, 5, 0 | 8, 0, 4 -> row 3 (band 8), row 1 (5), row 5 (4), then rows 0, 2, 4 in order
-    assert heavy_rows_first(counts, 64).tolist() == [3, 1, 5, 0, 2, 4]
-
-
 @pytest.mark.parametrize("step_blocks", [1, 2])
 def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     # Rows of very different work, as a text segment kept densely makes them: every output row and
@@ -101,7 +96,7 @@ def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     mask[:, :, -1] = True  # the last query block of every (b, h) keeps every key block
     mask[1, 0, 1] = True
     counts, indices = build_block_lut(mask, 640)
-    assert heavy_rows_first(counts, mask.shape[-1])[:5].tolist() == [4, 9, 11, 14, 19]  # the full rows lead
+    assert heavy_rows_first(counts, mask.shape[-1], WORK_LEVELS)[:5].tolist() == [4, 9, 11, 14, 19]  # full rows lead
     configs = [TileConfig(step_blocks, 4, 2, heavy_rows_first=first) for first in (False, True)]
     runs = [attention_from_lut(q, k, v, counts, indices, 0.125, pv_threshold=1e-2, return_pv_skips=True, config=c)
             for c in configs]

@@ -21,6 +21,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from sparsediff.kernels import block_select as bs
     from sparsediff.kernels import block_sparse_attn as bsa
     from sparsediff.kernels import quantize_fp8 as qf
+    from sparsediff.kernels import row_order as ro
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -81,6 +82,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32"}
     shared, _ = compile_kernel(qf._quantize_fp8_kernel, consts, pointers, True, num_warps=qf.NUM_WARPS)
     rows.append(["quantize_fp8", "bf16", 128, 1, [], shared])
+    shared, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK),
+                               {"counts_ptr": "*i32", "order_ptr": "*i32"}, False, num_warps=ro.NUM_WARPS)
+    rows.append(["heavy_rows_first", "i32", 0, 1, [], shared])
     print(json.dumps(rows))
 """)
 
@@ -93,7 +97,7 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 1
+    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 2
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]

@@ -9,10 +9,10 @@ scores), Q held in registers, `STEP_BLOCKS` kept key blocks gathered into one ke
 Heavy rows first (`TileConfig.heavy_rows_first`): rows keep different numbers of key blocks (a
 text segment's rows keep all of them), and the GPU starts programs in grid order, so a heavy row
 left to the end of the grid runs on while the other SMs idle. The programs therefore take the rows
-in decreasing work level (WORK_LEVELS equal bands of the kept fraction, a stable sort of the
-counts' bands): the long rows start first and the short ones fill in behind them. Within a band
-the rows stay in (b, h, query block) order, so that programs running together read the same
-head's keys and share them in L2; a sort by exact count would mix the heads.
+in decreasing work band (WORK_LEVELS equal bands of the kept fraction; `kernels/row_order.py`, a
+counting sort in one small kernel): the long rows start first and the short ones fill in behind
+them. Within a band the rows stay in (b, h, query block) order, so that programs running together
+read the same head's keys and share them in L2; a sort by exact count would mix the heads.
 
 `pv_threshold` (SpargeAttn's second stage): a step whose score row maxima are all negligible
 against the running row maxima, i.e. exp(m_step[r] - m_running[r]) < pv_threshold for every query
@@ -45,6 +45,7 @@ from sparsediff.kernels.block_sparse_attn_reference import (
     valid_key_blocks,
 )
 from sparsediff.kernels.quantize_fp8 import E4M3_MAX, Fp8Operands, quantize_fp8, to_e4m3
+from sparsediff.kernels.row_order import heavy_rows_first
 
 BLOCK_M = 128  # query rows per mask block (and per program)
 BLOCK_N = 64  # key rows per mask block
@@ -62,8 +63,8 @@ class TileConfig:
 
     step_blocks: kept key blocks (BLOCK_N keys each, not necessarily adjacent) gathered into one
     key tile per inner-loop step, so the tensor cores see BLOCK_N * step_blocks keys at a time.
-    heavy_rows_first: programs take the rows in decreasing work level (module docstring), not in
-    grid order.
+    heavy_rows_first: programs take the rows in decreasing work band (module docstring), not in
+    row order.
     """
 
     step_blocks: int
@@ -420,13 +421,6 @@ def _block_sparse_attn_kernel(
         tl.store(skips_ptr + row, n_skipped)
 
 
-def heavy_rows_first(counts: torch.Tensor, n_key_blocks: int) -> torch.Tensor:
-    """Flat (b, h, query block) row indices of a LUT's counts (B, H, QB), by decreasing work level:
-    WORK_LEVELS equal bands of the kept fraction, rows of a band in row order (module docstring)."""
-    band = -(-n_key_blocks // WORK_LEVELS)
-    return torch.argsort(counts.view(-1) // band, descending=True, stable=True)
-
-
 def _max_offset(t: torch.Tensor) -> int:
     """Largest element offset within one (b, h) slice: the kernel does that arithmetic in int32."""
     return (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
@@ -466,7 +460,7 @@ def attention_from_lut(
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    order = heavy_rows_first(counts, KB) if config.heavy_rows_first else None
+    order = heavy_rows_first(counts, KB, WORK_LEVELS) if config.heavy_rows_first else None
     _block_sparse_attn_kernel[(B * H * QB,)](
         q_in, k_in, v_in, out, counts, indices, order if order is not None else counts,
         kv_lens if kv_lens is not None else counts, skips, *scales,
