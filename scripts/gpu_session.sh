@@ -11,6 +11,9 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 out=${OUT:-/tmp/gpu-out}
 res=/tmp/gpu-results
+# A warm machine keeps /tmp between calls (and a lease may find an earlier one's files): start empty,
+# so that the archive holds this call's results alone.
+rm -rf "$res"
 mkdir -p "$out" "$res"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$res/gpu.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$res/gpu.txt"
