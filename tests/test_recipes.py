@@ -230,3 +230,21 @@ def test_cli_names_a_bad_argument_instead_of_a_traceback(argv, name, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparsediff: error:") and name in err and "Traceback" not in err
+
+
+def test_bench_e2e_times_the_chosen_modes_and_settings():
+    import argparse
+
+    from sparsediff.bench import e2e
+
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    args = parser.parse_args(["--steps", "5", "--modes", "compiled", "--settings", "B"])
+    e2e._parse(args)
+    settings = e2e._settings(args)
+    assert list(settings) == ["setting_b"]
+    assert settings["setting_b"]["fp8"] and settings["setting_b"]["dense_steps"] == 1  # 10% of 5, at least one
+    args = parser.parse_args(["--steps", "10"])
+    e2e._parse(args)
+    assert {name: s["dense_steps"] for name, s in e2e._settings(args).items()} == {"setting_a": 2, "setting_b": 1}
+    assert e2e._items(args.modes) == ["eager"]
