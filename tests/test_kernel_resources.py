@@ -70,7 +70,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                       HAS_ORDER=config.heavy_rows_first,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
-                    "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i64", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
+                    "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
                     "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
         shared, mma = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
                                      num_warps=config.num_warps, num_stages=config.num_stages)
