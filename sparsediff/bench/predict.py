@@ -191,7 +191,7 @@ def cdf_for_sparsity(q: torch.Tensor, k: torch.Tensor, sparsity: float, **predic
 
 
 def _speed(device: torch.device, seed: int) -> list[dict]:
-    from sparsediff.attention import sparse_attention
+    from sparsediff.attention import predict_block_mask, sparse_attention
     from sparsediff.bench.kernel import SHAPES
     from sparsediff.workloads import to_tile_order, video_workload
 
