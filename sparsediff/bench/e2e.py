@@ -297,8 +297,9 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
 @contextmanager
 def _attention_free(shapes: list[tuple[int, ...]] | None) -> Iterator[None]:
     """Every self-attention SDPA call (query and key of equal length) returns its query at once;
-    their (B, H, N, D) shapes are appended to `shapes` unless it is None (compiled runs: a growing
-    list read by traced code would be guarded on, and recompile at every call)."""
+    their (B, H, N, D) shapes are appended to `shapes` unless it is None. The timed loops pass None:
+    under torch.compile a growing list read by traced code would be guarded on, and recompile at
+    every call; one eager forward beforehand records the shapes."""
     import torch.nn.functional as F
 
     sdpa = F.scaled_dot_product_attention
