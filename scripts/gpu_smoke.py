@@ -1,11 +1,15 @@
 """Compiled-kernel smoke check on a CUDA device: every predictor method and the attention kernel
-against their torch references on a small video-like workload. Exits 1 on any mismatch."""
+against their torch references on a small video-like workload, and the LUT (with the programs'
+heavy-first row order, one program per head) against its references. Exits 1 on any mismatch."""
+import dataclasses
 import sys
 
 import torch
 
 from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, predict_block_mask, sparse_attention
-from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+from sparsediff.kernels.block_sparse_attn import WORK_LEVELS, attention_from_lut, build_block_lut, tile_config
+from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
+from sparsediff.kernels.row_order_reference import heavy_rows_first_reference
 from sparsediff.metrics import relative_l1
 from sparsediff.workloads import video_workload
 
@@ -22,4 +26,27 @@ for dtype in (torch.bfloat16, torch.float16):
         ok = agree > 0.97 and err < 2e-2 and torch.isfinite(out).all().item()
         failed |= not ok
         print(f"{dtype} {method:9s} mask agreement {agree:.3f} sparsity {sparsity:.3f} kernel rel-L1 vs ref {err:.2e} {'ok' if ok else 'FAIL'}")
+
+# The LUT at HunyuanVideo's shape (931 query blocks a head: one order chunk) and Wan's; then the
+# kernel in either program order.
+for heads, q_blocks, key_blocks in ((24, 931, 1861), (12, 256, 512)):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keep = torch.rand(1, heads, q_blocks, 1, device="cuda", generator=gen)
+    mask = torch.rand(1, heads, q_blocks, key_blocks, device="cuda", generator=gen) < keep
+    lut = build_block_lut(mask, key_blocks * BLOCK_N)
+    counts, indices = block_lut_reference(mask, key_blocks * BLOCK_N, BLOCK_N)
+    kept = indices >= 0
+    ok = (torch.equal(lut.counts, counts) and torch.equal(lut.indices.long()[kept], indices[kept])
+          and torch.equal(lut.order, heavy_rows_first_reference(counts, key_blocks, WORK_LEVELS)))
+    failed |= not ok
+    print(f"LUT and row order {heads}x{q_blocks}x{key_blocks}: {'ok' if ok else 'FAIL'}")
+q, k, v = (torch.randn(1, 12, 256 * BLOCK_M, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+mask = torch.rand(1, 12, 256, 512, device="cuda") < torch.rand(1, 12, 256, 1, device="cuda")
+lut = build_block_lut(mask, 512 * BLOCK_N)
+config = tile_config(64, torch.bfloat16, q.device)
+outs = [attention_from_lut(q, k, v, lut, 0.125, config=dataclasses.replace(config, heavy_rows_first=first))
+        for first in (False, True)]
+ok = torch.equal(outs[0], outs[1])
+failed |= not ok
+print(f"heavy rows first vs row order: identical outputs {'ok' if ok else 'FAIL'}")
 sys.exit(1 if failed else 0)

@@ -2,47 +2,79 @@
 
     python scripts/tune_block_select.py [SHAPE ...]      # default: flux cogvideox wan hunyuan
 
-For each model shape (`sparsediff.bench.kernel.SHAPES`) and each candidate (query feature rows per
-program for 16-bit features, warps), the processors' prediction (`predict_with`, default method, sim 0) is captured in a
-CUDA graph and its replay timed (GPU time alone), next to cuDNN dense; block masses are checked
-against the declared config's. The declared config lives in `sparsediff/kernels/block_select.py`.
+For each model shape (`sparsediff.bench.kernel.SHAPES`):
+- each candidate (query feature rows per program for 16-bit features, warps, target program
+  count, which sets the key tiles a program walks): the processors' prediction (`predict_with`,
+  default method, sim 0, its lookup table included) captured in a CUDA graph and its replay timed
+  (GPU time alone), next to cuDNN dense; block masses are checked against the declared config's;
+- the declared config's kernels one by one (torch.profiler, GPU time per call), with sim 0 and
+  with the default sim threshold (which adds the self-similarity pass over q).
+The declared config lives in `sparsediff/kernels/block_select.py`.
 """
 import sys
 
 import torch
 import triton
+from torch.profiler import ProfilerActivity, profile
 
-from sparsediff.attention import DEFAULT_METHOD, head_thresholds, predict_with
+from sparsediff.attention import DEFAULT_METHOD, DEFAULT_SIM_THRESHOLD, head_thresholds, predict_with
 from sparsediff.bench.kernel import SHAPES, _make_qkv
-from sparsediff.bench.predict import _cudnn_dense, _graphed
+from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.kernels import block_select
 
-CANDIDATES = ((64, 4), (32, 4), (128, 4), (128, 8), (256, 8))
+# (query rows per program, warps, target programs)
+CANDIDATES = ((128, 4, 2048), (64, 4, 2048), (32, 4, 2048), (128, 8, 2048), (128, 4, 512), (128, 4, 256),
+              (64, 4, 512), (64, 8, 512), (128, 4, 8192))
+PROFILED_CALLS = 20
+
+
+def _set(rows: int, warps: int, programs: int) -> None:
+    block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS = rows, warps, programs
+
+
+def _kernel_times(predict) -> str:
+    predict()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED_CALLS):
+            predict()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: -e.device_time_total)
+    return ", ".join(f"{e.key[:40]} {e.device_time_total / PROFILED_CALLS:.1f} us" for e in events if e.device_time_total > 0)
 
 
 def main(names: list[str]) -> None:
-    declared = (block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS)
+    declared = (block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS)
     for name in names or ["flux", "cogvideox", "wan", "hunyuan"]:
         s = SHAPES[name]
         q, k, v = _make_qkv(s, torch.bfloat16, "cuda")  # (B, N, H, D) viewed as (B, H, N, D)
-        thresholds = head_thresholds([0.95], 0.0, s.heads, q.device)
-        dense = triton.testing.do_bench(lambda: _cudnn_dense(q, k, v))
+        dense = triton.testing.do_bench(lambda: cudnn_dense(q, k, v))
+
+        def predictor(sim: float):
+            thresholds = head_thresholds([0.95], sim, s.heads, q.device)
+            return lambda: predict_with(q, k, thresholds, method=DEFAULT_METHOD, scale=s.head_dim**-0.5, kv_lens=None,
+                                        dense_tail_tokens=s.text_tokens)
+
         line, reference = [], None
-        for rows, warps in CANDIDATES:
-            block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS = rows, warps
+        for candidate in CANDIDATES:
+            _set(*candidate)
+            label = ",".join(map(str, candidate))
             try:
-                predict = lambda: predict_with(q, k, thresholds, method=DEFAULT_METHOD, scale=s.head_dim**-0.5,  # noqa: E731
-                                               kv_lens=None, dense_tail_tokens=s.text_tokens)
-                mask = predict()[0].mask
+                mask = predictor(0.0)()[0].mask
                 if reference is None:
                     reference = mask
                 agree = (mask == reference).float().mean().item()
-                ms = triton.testing.do_bench(_graphed(predict))
-                line.append(f"({rows},{warps}) {ms:.3f} ms {ms / dense:.1%} agree {agree:.4f}")
+                ms = triton.testing.do_bench(cuda_graphed(predictor(0.0)))
+                line.append(f"({label}) {ms * 1e3:.1f} us {ms / dense:.1%} agree {agree:.4f}")
             except Exception as error:  # a candidate that fails to compile is reported
-                line.append(f"({rows},{warps}) {type(error).__name__}: {str(error)[:80]}")
-        block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS = declared
+                line.append(f"({label}) {type(error).__name__}: {str(error)[:80]}")
+        _set(*declared)
         print(f"{name}: cuDNN dense {dense:.3f} ms; " + "; ".join(line), flush=True)
+        for sim in (0.0, DEFAULT_SIM_THRESHOLD):
+            graphed = triton.testing.do_bench(cuda_graphed(predictor(sim)))
+            print(f"  declared, sim {sim}: graphed {graphed * 1e3:.1f} us ({graphed / dense:.1%} of dense); kernels: "
+                  + _kernel_times(predictor(sim)), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsediff.kernels.block_select import block_select, select_top_cdf
-from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention, build_block_lut
+from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, BlockLut, block_sparse_attention, build_block_lut
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
 from sparsediff.kernels.block_stats import block_stats
 
@@ -211,11 +211,11 @@ def _checked_predict(q, k, cdf_thresholds, sim_threshold, *, method, scale, kv_l
 
 @dataclass(frozen=True)
 class PredictedBlocks:
-    """A predicted block mask and the lookup table of its kept blocks (`build_block_lut`'s (counts,
-    indices)), which `block_sparse_attention(..., lut=)` takes instead of building it again."""
+    """A predicted block mask and the lookup table of its kept blocks (`build_block_lut`'s), which
+    `block_sparse_attention(..., lut=)` takes instead of building it again."""
 
     mask: torch.Tensor
-    lut: tuple[torch.Tensor, torch.Tensor]
+    lut: BlockLut
 
 
 def predict_with(
@@ -238,8 +238,8 @@ def predict_with(
         q_pooled, q_sim = block_stats(q, BLOCK_M, BLOCK_M)
         q_trusted = q_sim >= thresholds.sim.view(view)
     if method == "sampled":
-        qf, kf = q[:, :, sample_rows(n, q.device)], k
-        geometry = dict(stride=1, q_tokens=BLOCK_M // QUERY_SAMPLES, k_tokens=1)
+        qf, kf = q, k
+        geometry = dict(stride=1, q_tokens=BLOCK_M // QUERY_SAMPLES, k_tokens=1, q_rows=sample_rows(n, q.device))
     elif method == "qpool":
         qf, kf = q_pooled, k
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=1)

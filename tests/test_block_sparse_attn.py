@@ -9,6 +9,7 @@ from sparsediff.kernels.block_sparse_attn import (
     BLOCK_M,
     BLOCK_N,
     WORK_LEVELS,
+    BlockLut,
     TileConfig,
     attention_from_lut,
     block_sparse_attention,
@@ -18,7 +19,7 @@ from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
 )
-from sparsediff.kernels.row_order import heavy_rows_first
+from sparsediff.kernels.row_order_reference import heavy_rows_first_reference
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -82,8 +83,8 @@ def test_step_blocks_configs(config):
     q, k, v = _qkv(1, 2, 256, 600, 64, torch.float16)
     mask = torch.rand(_mask_shape(1, 2, 256, 600)) < 0.6
     kv_lens = torch.tensor([550])
-    counts, indices = build_block_lut(mask, 600, kv_lens.int())
-    out = attention_from_lut(q, k, v, counts, indices, 0.125, kv_lens=kv_lens.int(), config=config)
+    lut = build_block_lut(mask, 600, kv_lens.int())
+    out = attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens.int(), config=config)
     _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
 
 
@@ -95,14 +96,14 @@ def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     mask = torch.rand(_mask_shape(2, 2, 640, 640)) < 0.2
     mask[:, :, -1] = True  # the last query block of every (b, h) keeps every key block
     mask[1, 0, 1] = True
-    counts, indices = build_block_lut(mask, 640)
-    assert heavy_rows_first(counts, mask.shape[-1], WORK_LEVELS)[:5].tolist() == [4, 9, 11, 14, 19]  # full rows lead
+    lut = build_block_lut(mask, 640)
+    assert lut.order[:5].tolist() == [4, 9, 11, 14, 19]  # the full rows lead
     configs = [TileConfig(step_blocks, 4, 2, heavy_rows_first=first) for first in (False, True)]
-    runs = [attention_from_lut(q, k, v, counts, indices, 0.125, pv_threshold=1e-2, return_pv_skips=True, config=c)
+    runs = [attention_from_lut(q, k, v, lut, 0.125, pv_threshold=1e-2, return_pv_skips=True, config=c)
             for c in configs]
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
     assert torch.equal(runs[0][1], runs[1][1])
-    exact = attention_from_lut(q, k, v, counts, indices, 0.125, config=configs[1])
+    exact = attention_from_lut(q, k, v, lut, 0.125, config=configs[1])
     _assert_close(exact, _reference(q, k, v, mask, scale=0.125), torch.float16)
 
 
@@ -150,9 +151,8 @@ def test_pv_threshold_large_skips(step_blocks):
     q, k, v = _dominant_first_block()
     n_blocks = 256 // BLOCK_N
     mask = torch.ones(_mask_shape(1, 1, 256, 256), dtype=torch.bool)
-    counts, indices = build_block_lut(mask, 256)
     out, skips = attention_from_lut(
-        q, k, v, counts, indices, 1 / 8, pv_threshold=1e-3, return_pv_skips=True,
+        q, k, v, build_block_lut(mask, 256), 1 / 8, pv_threshold=1e-3, return_pv_skips=True,
         config=TileConfig(step_blocks, 4, 2),
     )
     # The first step computes; every later one is negligible and skipped.
@@ -177,21 +177,23 @@ def test_lut_builder_matches_reference(KB, n_keys):
     mask[1, 2, 3] = True
     kv_lens = torch.tensor([n_keys - 70, n_keys // 2], dtype=torch.int32)
     for lens in (None, kv_lens):
-        counts, indices = build_block_lut(mask, n_keys, lens)
-        ref_counts, ref_indices = block_lut_reference(mask, n_keys, BLOCK_N, lens)
-        assert torch.equal(counts, ref_counts)
-        kept = ref_indices >= 0
-        assert torch.equal(indices.long()[kept], ref_indices[kept])
+        _assert_lut_is(build_block_lut(mask, n_keys, lens), mask, n_keys, lens)
 
 
 def test_lut_builder_strided_mask():
     # stride-0 batch and head dims, stride-2 key-block dim
     mask = (torch.rand(1, 1, 3, 18) < 0.5).expand(2, 4, 3, 18)[..., ::2]
-    counts, indices = build_block_lut(mask, 9 * BLOCK_N)
-    ref_counts, ref_indices = block_lut_reference(mask, 9 * BLOCK_N, BLOCK_N)
-    assert torch.equal(counts, ref_counts)
+    _assert_lut_is(build_block_lut(mask, 9 * BLOCK_N), mask, 9 * BLOCK_N)
+
+
+def _assert_lut_is(lut: BlockLut, keep: torch.Tensor, n_keys: int, kv_lens: torch.Tensor | None = None) -> None:
+    """lut is what the attention kernel must read for the blocks `keep` (already with its dense
+    blocks): counts, indices and the programs' row order as the references."""
+    ref_counts, ref_indices = block_lut_reference(keep, n_keys, BLOCK_N, kv_lens)
+    assert torch.equal(lut.counts, ref_counts)
     kept = ref_indices >= 0
-    assert torch.equal(indices.long()[kept], ref_indices[kept])
+    assert torch.equal(lut.indices.long()[kept], ref_indices[kept])
+    assert torch.equal(lut.order, heavy_rows_first_reference(ref_counts, keep.shape[-1], WORK_LEVELS))
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"])  # the Triton kernel, then the torch fallback
@@ -208,13 +210,10 @@ def test_lut_builder_adds_dense_blocks(monkeypatch, interpret):
     expected[:, :, :, (n_keys - tail) // BLOCK_N:] = True
     expected &= (torch.arange(KB) * BLOCK_N < kv_lens[:, None])[:, None, None, :]
     out_mask = mask.clone()
-    counts, indices = build_block_lut(out_mask, n_keys, kv_lens, dense_rows=dense_rows, dense_cols=dense_cols,
-                                      dense_tail_tokens=tail, out_mask=out_mask)  # in place
+    lut = build_block_lut(out_mask, n_keys, kv_lens, dense_rows=dense_rows, dense_cols=dense_cols,
+                          dense_tail_tokens=tail, out_mask=out_mask)  # in place
     assert torch.equal(out_mask, expected)
-    ref_counts, ref_indices = block_lut_reference(expected, n_keys, BLOCK_N)
-    assert torch.equal(counts, ref_counts)
-    kept = ref_indices >= 0
-    assert torch.equal(indices.long()[kept], ref_indices[kept])
+    _assert_lut_is(lut, expected, n_keys)
 
 
 def test_lut_builder_bad_dense_blocks():

@@ -155,9 +155,8 @@ def test_fp8_steps_of_two_key_blocks():
     mask = torch.rand(1, 2, 2, 10) < 0.6
     mask[..., 0] = True
     lens = torch.tensor([550], dtype=torch.int32)
-    counts, indices = build_block_lut(mask, 600, lens)
     quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens)
-    out = attention_from_lut(q, k, v, counts, indices, 0.125, kv_lens=lens, config=TileConfig(2, 4, 2),
+    out = attention_from_lut(q, k, v, build_block_lut(mask, 600, lens), 0.125, kv_lens=lens, config=TileConfig(2, 4, 2),
                              quantized=quantized)
     # Two blocks per step quantise P against other running maxima than the reference's one block.
     assert _rel_l1(out, _reference(q, k, v, mask, scale=0.125, kv_lens=lens, fp8=True)) < 0.03

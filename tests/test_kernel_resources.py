@@ -15,6 +15,7 @@ HOPPER_SHARED_BYTES = 232448
 
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, re, sys
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,19 +47,20 @@ COMPILE_SCRIPT = textwrap.dedent("""
                                    ("bf16", False, 8, 8), ("fp32", True, 8, 8)):
         for loop in (True, False):
             consts = dict(D=128, DP=128, S=s, RK=rk, QT=bs.QUERY_ROWS[2 if dtype == "bf16" else 4], KT=bs.KEY_ROWS,
-                          HAS_LENS=True, HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, sqd=1, skd=1)
+                          HAS_LENS=True, HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, HAS_Q_ROWS=s == 1,
+                          sqd=1, skd=1)
             if not loop:
                 consts["tiles_per_program"] = 1
-            pointers = {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",
+            pointers = {"q_ptr": "*" + dtype, "q_rows_ptr": "*i64", "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",
                         "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
             shared, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
                                     num_warps=bs.PARTIAL_NUM_WARPS, num_stages=bs.PARTIAL_NUM_STAGES)
             rows.append(["partial_mass", dtype, s, rk, loop, shared])
-    nkp, sr = bs._select_geometry(bs.MAX_KEY_BLOCKS)
+    nkp, sr, warps = bs._select_geometry(bs.MAX_KEY_BLOCKS, 1, torch.device("cpu"))
     pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
     for rq in (1, 2, 16):
         shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
-                                True, num_warps=bs.SELECT_NUM_WARPS)
+                                True, num_warps=warps)
         rows.append(["combine_select", "fp32", 1, rq, False, shared])
     for (arch, head_dim, dtype), config in bsa.TILE_CONFIGS.items():
         name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "fp8e4nv"}[str(dtype)]
@@ -67,7 +69,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
                       STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=True, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
-                      HAS_ORDER=config.heavy_rows_first,
+                      HEAVY_FIRST=config.heavy_rows_first,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
@@ -82,7 +84,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32"}
     shared, _ = compile_kernel(qf._quantize_fp8_kernel, consts, pointers, True, num_warps=qf.NUM_WARPS)
     rows.append(["quantize_fp8", "bf16", 128, 1, [], shared])
-    shared, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK),
+    shared, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK, HEAD_CHUNK=ro.CHUNK),
                                {"counts_ptr": "*i32", "order_ptr": "*i32"}, False, num_warps=ro.NUM_WARPS)
     rows.append(["heavy_rows_first", "i32", 0, 1, [], shared])
     print(json.dumps(rows))

@@ -100,6 +100,39 @@ def test_select_top_cdf_matches_reference():
     assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
 
 
+@pytest.mark.parametrize("rows_per_program", [1, 2, 4])
+def test_selection_with_few_rows_per_program(monkeypatch, rows_per_program):
+    # A GPU with many SMs splits a short sequence's selection into programs of 1-4 rows (and fewer
+    # warps): the same blocks come out.
+    mass = torch.rand(2, 3, 9, 70) ** 4
+    thr = torch.tensor([0.5, 0.95, 1.0])
+    monkeypatch.setattr(block_select_module, "_sm_count", lambda device: 2 * 3 * 9 // (rows_per_program * block_select_module.SELECT_PROGRAMS_PER_SM))
+    assert block_select_module._select_geometry(70, 2 * 3 * 9, mass.device)[1] == rows_per_program
+    assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
+    q, k = torch.randn(2, 3, 1100, 32) * 2, torch.randn(2, 3, 1100, 32) * 2
+    qf, kf, geometry = _features("sampled", q, k, None)
+    kw = dict(n_tokens=1100, block_m=128, block_n=64, scale=32**-0.5, **geometry)
+    mask, mass = block_select(qf, kf, thr, **kw)
+    assert torch.equal(mask, top_cdf(mass, thr))
+    torch.testing.assert_close(mass, block_mass_reference(qf, kf, **kw), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])  # the Triton kernels, then the torch reference
+def test_sampled_query_rows_are_read_in_place(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q, k = _strided(torch.randn(1, 2, 700, 64) * 2), torch.randn(1, 2, 700, 64) * 2
+    rows = sample_rows(700)
+    qf, kf, geometry = _features("sampled", q, k, None)
+    kw = dict(n_tokens=700, block_m=128, block_n=64, scale=0.125, **geometry)
+    thr = torch.tensor([0.9, 0.6])
+    gathered = block_select(qf, kf, thr, **kw)
+    in_place = block_select(q, k, thr, q_rows=rows, **kw)
+    torch.testing.assert_close(in_place[1], gathered[1], atol=1e-6, rtol=1e-5)
+    assert torch.equal(in_place[0], gathered[0])
+    with pytest.raises(ValueError, match="q_rows"):
+        block_select(q, k, thr, q_rows=rows.int(), **kw)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_several_thresholds_share_one_estimate(workload, method):
     q, k = workload.q, workload.k

@@ -13,14 +13,18 @@ def test_rows_go_by_decreasing_band_and_in_row_order_within_a_band():
     assert heavy_rows_first_reference(counts, 64, 8).tolist() == [3, 1, 5, 0, 2, 4]
 
 
-@pytest.mark.parametrize("n_rows,n_key_blocks,levels", [
-    (1, 4, 8), (864, 72, 8), (CHUNK, 512, 8), (CHUNK + 1, 278, 8), (3 * CHUNK + 17, 1862, 8), (500, 10, 3),
+@pytest.mark.parametrize("shape,n_key_blocks,levels", [
+    ((1, 1, 1), 4, 8), ((1, 24, 36), 72, 8), ((1, 12, 256), 512, 8), ((2, 48, 139), 278, 8),
+    ((1, 3, CHUNK + 17), 1862, 8), ((1, 1, 2 * CHUNK), 512, 8), ((2, 5, 100), 10, 3),
 ])
-def test_kernel_equals_reference(n_rows, n_key_blocks, levels):
+def test_kernel_equals_reference(shape, n_key_blocks, levels):
+    # One program per head; heads with rows of one chunk and of several.
+    n_rows = shape[0] * shape[1] * shape[2]
     gen = torch.Generator().manual_seed(n_rows)
     counts = torch.randint(0, n_key_blocks + 1, (n_rows,), generator=gen, dtype=torch.int32)
     counts[::7] = n_key_blocks  # full rows, as a text segment's
-    order = heavy_rows_first(counts.view(1, 1, -1), n_key_blocks, levels)
+    counts[3::11] = 0
+    order = heavy_rows_first(counts.view(shape), n_key_blocks, levels)
     assert order.dtype == torch.int32
     assert torch.equal(order, heavy_rows_first_reference(counts, n_key_blocks, levels))
     assert torch.equal(order.sort().values, torch.arange(n_rows, dtype=torch.int32))  # every row once

@@ -344,25 +344,23 @@ def _kernel_ratio(heads: int, tokens: int, head_dim: int, keep: float, fp8: bool
     put setting B's bound below what the loop achieved."""
     import torch
     import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sparsediff.attention import BLOCK_M, BLOCK_N
-    from sparsediff.bench.predict import _graphed
+    from sparsediff.bench.timing import cuda_graphed, cudnn_dense
     from sparsediff.kernels.block_sparse_attn import attention_from_lut, build_block_lut
     from sparsediff.kernels.quantize_fp8 import quantize_fp8
 
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                for _ in range(3))
     mask = torch.rand(1, heads, -(-tokens // BLOCK_M), -(-tokens // BLOCK_N), device="cuda") < keep
-    counts, indices = build_block_lut(mask, tokens)
+    lut = build_block_lut(mask, tokens)
 
     def sparse_call():
         quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N) if fp8 else None
-        return attention_from_lut(q, k, v, counts, indices, head_dim**-0.5, quantized=quantized)
+        return attention_from_lut(q, k, v, lut, head_dim**-0.5, quantized=quantized)
 
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    sparse = triton.testing.do_bench(_graphed(sparse_call))
+    dense = triton.testing.do_bench(lambda: cudnn_dense(q, k, v))
+    sparse = triton.testing.do_bench(cuda_graphed(sparse_call))
     return sparse / dense
 
 

@@ -263,13 +263,13 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
         config = TileConfig(step_blocks, warps, stages, ws)
         row = {"shape": shape.name, "fp8": fp8, "config": asdict(config)}
         try:
-            out = attention_from_lut(q, k, v, *luts[1.0], scale, config=config, quantized=quantized)
+            out = attention_from_lut(q, k, v, luts[1.0], scale, config=config, quantized=quantized)
             err = (out - dense).abs().max().item()
             row["max_abs_err"], row["rel_l1"] = _finite(err), _rel_l1(out, dense)
             if not (row["rel_l1"] <= FP8_TUNE_MAX_REL_L1 if fp8 else err <= 2e-2):
                 raise RuntimeError(f"wrong result, max abs err {err}, rel L1 {row['rel_l1']}")
             for keep, lut in luts.items():
-                ms = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config, quantized=quantized))
+                ms = timer(lambda: attention_from_lut(q, k, v, lut, scale, config=config, quantized=quantized))
                 row[f"tflops_keep{keep}"] = _tflops(shape, keep, ms)
             row["score"] = math.sqrt(row["tflops_keep1.0"] * row["tflops_keep0.25"])
             if best is None or row["score"] > best[1]:
@@ -365,7 +365,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             lut = build_block_lut(mask, shape.tokens) if with_kernels else None
             if with_kernels:  # else block_sparse_attention ran the torch reference: no LUT, no kernel
                 row["lut_ms"] = timer(lambda: build_block_lut(mask, shape.tokens))
-                row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, *lut, scale, config=config))
+                row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, lut, scale, config=config))
             if keep == 1.0:
                 row["max_abs_err_vs_dense"] = _finite(dense_err)
             if flex is not None:
@@ -391,7 +391,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
                     quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N)
                     row["quant_ms"] = timer(lambda: quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N))
                     row["kernel_ms"] = timer(
-                        lambda: attention_from_lut(q, k, v, *lut, scale, config=fp8_config, quantized=quantized))
+                        lambda: attention_from_lut(q, k, v, lut, scale, config=fp8_config, quantized=quantized))
                     del quantized
                 rows.append(row)
                 log(f"{shape.name} {kind} keep {kept:.3f} fp8: {fp8_ms:.3f} ms (kernel {row.get('kernel_ms', 0):.3f}, "

@@ -21,6 +21,8 @@ PARTIAL_ELEMENTS; longer problems are processed in chunks of query blocks.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -48,7 +50,9 @@ PARTIAL_NUM_STAGES = 2
 # the widest key-block row the in-register bisection handles.
 SELECT_ELEMENTS = 4096
 MAX_KEY_BLOCKS = 8192
-SELECT_NUM_WARPS = 8
+SELECT_NUM_WARPS = 8  # at most; fewer for smaller tiles (SELECT_ELEMENTS_PER_WARP each)
+SELECT_ELEMENTS_PER_WARP = 512
+SELECT_PROGRAMS_PER_SM = 2
 PARTIAL_ELEMENTS = 2**27  # fp32 scratch of the per-tile sums: 512 MiB at most
 
 
@@ -71,11 +75,12 @@ def _dot_rows(qt, kt, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _partial_mass_kernel(
-    q_ptr, k_ptr, lens_ptr, trust_ptr, part_ptr, tmax_ptr,
+    q_ptr, q_rows_ptr, k_ptr, lens_ptr, trust_ptr, part_ptr, tmax_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
     H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, k_tokens, scale,
     D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RK: tl.constexpr, QT: tl.constexpr,
     KT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_Q_ROWS: tl.constexpr,
 ):
     # Program ids: query-row group fastest, so programs running together share their key tiles in L2.
     bh = tl.program_id(2)
@@ -92,7 +97,10 @@ def _partial_mass_kernel(
     row_ok = local < n_rows
     cols = tl.arange(0, DP)
     if S == 1:  # plain dot products: the query rows stay in registers for every tile
-        qt = tl.load(q_base + a_idx[:, None] * sqn + cols[None, :] * sqd,
+        q_row = a_idx
+        if HAS_Q_ROWS:  # feature rows picked out of q (sampled queries), read in place
+            q_row = tl.load(q_rows_ptr + a_idx, mask=a_idx < nq_src, other=0)
+        qt = tl.load(q_base + q_row[:, None] * sqn + cols[None, :] * sqd,
                      mask=(a_idx[:, None] < nq_src) & (cols[None, :] < D), other=0.0)
     part_base = part_ptr + (bh * n_rows + local)[:, None] * nk
     tmax_base = tmax_ptr + (bh * n_rows + local) * n_tiles
@@ -183,10 +191,26 @@ def _select_kernel(mass_ptr, thr_ptr, mask_ptr, H, nq, nk, NKP: tl.constexpr, SR
     tl.store(mask_ptr + offs, keep.to(tl.int8), mask=ok)
 
 
-def _select_geometry(nk: int) -> tuple[int, int]:
-    """(padded row width, rows per program) of the in-register selection."""
+def _select_geometry(nk: int, n_rows: int, device: torch.device) -> tuple[int, int, int]:
+    """(padded row width, rows per program, warps) of the in-register selection of `n_rows` rows
+    of `nk` masses: at most SELECT_ELEMENTS masses a program, and fewer rows a program (down to
+    one) while that leaves fewer than SELECT_PROGRAMS_PER_SM programs per SM. The bisection is a
+    chain of 32 row reductions, so a short sequence's few rows would otherwise run on a few SMs
+    (FLUX: 24 programs on 132 SMs); warps shrink with the tile, down to one warp whose
+    reductions need no shared memory."""
     nkp = max(16, triton.next_power_of_2(nk))
-    return nkp, max(1, SELECT_ELEMENTS // nkp)
+    rows = max(1, SELECT_ELEMENTS // nkp)
+    programs_wanted = SELECT_PROGRAMS_PER_SM * _sm_count(device)
+    while rows > 1 and triton.cdiv(n_rows, rows) < programs_wanted:
+        rows //= 2
+    return nkp, rows, max(1, min(SELECT_NUM_WARPS, rows * nkp // SELECT_ELEMENTS_PER_WARP))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one at a time
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Tensor:
@@ -199,9 +223,8 @@ def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Ten
         return top_cdf(mass, thr)
     mass = mass.contiguous()
     mask = torch.empty(b, h, nq, nk, device=mass.device, dtype=torch.int8)
-    nkp, sr = _select_geometry(nk)
-    _select_kernel[(triton.cdiv(nq, sr), b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, SR=sr,
-                                                 num_warps=SELECT_NUM_WARPS)
+    nkp, sr, warps = _select_geometry(nk, b * h * nq, mass.device)
+    _select_kernel[(triton.cdiv(nq, sr), b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, SR=sr, num_warps=warps)
     return mask.view(torch.bool)
 
 
@@ -219,10 +242,20 @@ def block_select(
     scale: float,
     kv_lens: torch.Tensor | None = None,
     k_trusted: torch.Tensor | None = None,
+    q_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block masses and their top-CDF selection: returns (mask bool (B, H, nq, nk),
     mass fp32 (B, H, nq, nk)). Arguments and semantics as `block_mass_reference` and `top_cdf`
-    (cdf_threshold: fp32 (H,)); runs the Triton kernels where kernels are available."""
+    (cdf_threshold: fp32 (H,)); q_rows: int64 (M,) indices of qf's rows that are the query
+    feature rows (stride 1 only), read in place instead of gathered first. Runs the Triton
+    kernels where kernels are available."""
+    if q_rows is not None:
+        if stride != 1 or q_rows.dim() != 1 or q_rows.dtype != torch.int64:
+            raise ValueError(f"q_rows must be int64 (M,) and stride 1, got {q_rows.dtype} "
+                             f"{tuple(q_rows.shape)}, stride {stride}")
+        if not kernels_available(qf.device):
+            qf = qf[:, :, q_rows]
+            q_rows = None
     b, h = qf.shape[:2]
     nq, nk = -(-n_tokens // block_m), -(-n_tokens // block_n)
     rq, rk = block_m // q_tokens, block_n // k_tokens
@@ -242,28 +275,30 @@ def block_select(
     mass = torch.empty(b, h, nq, nk, device=device, dtype=torch.float32)
     mask = torch.empty(b, h, nq, nk, device=device, dtype=torch.int8)
     select = nk <= MAX_KEY_BLOCKS  # wider rows: torch's sort-based selection below
-    nkp, sr = _select_geometry(nk)
+    nkp, sr, select_warps = _select_geometry(nk, b * h * nq, device)
     n_tiles = triton.cdiv(nk * rk, KEY_ROWS)
     chunk_qb = max(1, min(nq, PARTIAL_ELEMENTS // (b * h * rq * max(nk, n_tiles))))
     part = torch.empty(b * h * chunk_qb * rq * nk, device=device, dtype=torch.float32)
     tmax = torch.empty(b * h * chunk_qb * rq * n_tiles, device=device, dtype=torch.float32)
     interp = triton_interpreting()
+    n_feature_rows = q_rows.numel() if q_rows is not None else qf.shape[-2]
     for qb0 in range(0, nq, chunk_qb):
         n_qb = min(chunk_qb, nq - qb0)
         row_groups = triton.cdiv(n_qb * rq, query_rows)
         per_program = max(1, min(MAX_TILES_PER_PROGRAM, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
         _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
-            qf, kf, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
-            h, n_tokens, qb0 * rq, n_qb * rq, qf.shape[-2], kf.shape[-2], nk, n_tiles, per_program, k_tokens, scale / stride,
+            qf, q_rows if q_rows is not None else thr, kf, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
+            h, n_tokens, qb0 * rq, n_qb * rq, n_feature_rows, kf.shape[-2], nk, n_tiles, per_program, k_tokens,
+            scale / stride,
             D=qf.shape[-1], DP=padded_head_dim(qf.shape[-1]), S=stride, RK=rk, QT=query_rows,
             KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
-            num_warps=PARTIAL_NUM_WARPS, num_stages=PARTIAL_NUM_STAGES,
+            HAS_Q_ROWS=q_rows is not None, num_warps=PARTIAL_NUM_WARPS, num_stages=PARTIAL_NUM_STAGES,
         )
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=SELECT_NUM_WARPS,
+            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=select_warps,
         )
     if not select:
         return top_cdf(mass, thr), mass

@@ -10,9 +10,11 @@ Heavy rows first (`TileConfig.heavy_rows_first`): rows keep different numbers of
 text segment's rows keep all of them), and the GPU starts programs in grid order, so a heavy row
 left to the end of the grid runs on while the other SMs idle. The programs therefore take the rows
 in decreasing work band (WORK_LEVELS equal bands of the kept fraction; `kernels/row_order.py`, a
-counting sort in one small kernel): the long rows start first and the short ones fill in behind
-them. Within a band the rows stay in (b, h, query block) order, so that programs running together
-read the same head's keys and share them in L2; a sort by exact count would mix the heads.
+counting sort with one program per head, launched with the LUT): the long rows start first and the
+short ones fill in behind them. Within a band the rows stay in (b, h, query block) order, so that
+programs running together read the same head's keys and share them in L2; a sort by exact count
+would mix the heads, and so did an order appended with atomics by the LUT kernel (tried: at Wan's
+and CogVideoX's shapes it lost 5% against row order where the exact order gained 1-3%).
 
 `pv_threshold` (SpargeAttn's second stage): a step whose score row maxima are all negligible
 against the running row maxima, i.e. exp(m_step[r] - m_running[r]) < pv_threshold for every query
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,10 +67,11 @@ class TileConfig:
     step_blocks: kept key blocks (BLOCK_N keys each, not necessarily adjacent) gathered into one
     key tile per inner-loop step, so the tensor cores see BLOCK_N * step_blocks keys at a time.
     heavy_rows_first: programs take the rows in decreasing work band (module docstring), not in
-    row order. On by default: on predicted masks at 80% sparsity it made `sparse_attention` 1.11x
-    faster at FLUX's shape and 1.03x at CogVideoX's, and left Wan's within 1% (H200, 2026-12-02,
-    scripts/tune_row_order.py, bench-results/h200-2026-12-02/row-order.log). On masks with equal rows it
-    only costs the order kernel (17-98 us).
+    row order. On by default: on predicted masks at 80% sparsity it made `sparse_attention` 1.27x
+    faster at FLUX's shape and 1.08x at CogVideoX's, and left Wan's within 1% (0.99x); on masks
+    with equal rows it cost 0-2% (H200, 2026-12-02, scripts/tune_row_order.py,
+    bench-results/h200-2026-12-02/row-order-per-head.log). The order is built with the LUT either
+    way (`build_block_lut`), 4-66 us at the model shapes.
     """
 
     step_blocks: int
@@ -133,6 +137,20 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tile
 # ----------------------------------------------------------------------------------------------
 
 
+class BlockLut(NamedTuple):
+    """What the attention kernel reads of a block mask (`build_block_lut`).
+
+    counts: int32 (B, H, QB), kept key blocks per row (b, h, query block).
+    indices: int16 or int32 (B, H, QB, KB), a row's kept key-block indices, ascending, in its first
+    counts entries (the entries after them are unspecified).
+    order: int32 (B*H*QB,), the flat rows heavy first (`heavy_rows_first`, WORK_LEVELS bands).
+    """
+
+    counts: torch.Tensor
+    indices: torch.Tensor
+    order: torch.Tensor
+
+
 @triton.jit
 def _build_lut_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
@@ -188,9 +206,9 @@ def build_block_lut(
     dense_cols: torch.Tensor | None = None,
     dense_tail_tokens: int = 0,
     out_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact per-row list of kept key blocks, built on the mask's device by one Triton kernel
-    (the torch reference where kernels are unavailable).
+) -> BlockLut:
+    """Compact per-row list of kept key blocks, built on the mask's device by Triton kernels (the
+    torch reference where kernels are unavailable).
 
     block_mask: bool (B, H, QB, KB), any strides. Besides its True blocks, every block of a
     `dense_rows` query block (bool (B, H, QB)), of a `dense_cols` key block (bool (B, H, KB)) and
@@ -198,9 +216,8 @@ def build_block_lut(
     starting at or past `n_keys` (or kv_lens[b]) are dropped. out_mask: a contiguous bool
     (B, H, QB, KB) tensor (block_mask itself may be given) that receives the blocks kept.
 
-    Returns (counts int32 (B, H, QB), indices (B, H, QB, KB) int16 or int32): the first
-    counts[b, h, q] entries of indices[b, h, q] are the kept key-block indices in ascending order;
-    the entries after them are unspecified.
+    Returns a `BlockLut`: the kept blocks of each row, and the rows' order for the attention
+    kernel's programs (a second launch, one program per head).
     """
     if block_mask.ndim != 4 or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a 4-D bool tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
@@ -229,7 +246,7 @@ def build_block_lut(
         if out_mask is not None:
             out_mask.copy_(keep)
         counts, indices = block_lut_reference(keep, n_keys, BLOCK_N, kv_lens)
-        return counts, indices.to(_lut_index_dtype(KB))
+        return BlockLut(counts, indices.to(_lut_index_dtype(KB)), heavy_rows_first(counts, KB, WORK_LEVELS))
     counts = torch.empty((B, H, QB), dtype=torch.int32, device=device)
     indices = torch.empty((B, H, QB, KB), dtype=_lut_index_dtype(KB), device=device)
     n_rows = B * H * QB
@@ -247,7 +264,7 @@ def build_block_lut(
         HAS_DENSE_ROWS=dense_rows is not None, HAS_DENSE_COLS=dense_cols is not None,
         WRITE_MASK=out_mask is not None, num_warps=4,
     )
-    return counts, indices
+    return BlockLut(counts, indices, heavy_rows_first(counts, KB, WORK_LEVELS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,12 +377,12 @@ def _block_sparse_attn_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HAS_ORDER: tl.constexpr,
+    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
-    # One program per LUT row (b, h, query block), in the order order_ptr gives, else in row order.
+    # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
     row = tl.program_id(0)
-    if HAS_ORDER:
-        row = tl.load(order_ptr + row).to(tl.int32)
+    if HEAVY_FIRST:
+        row = tl.load(order_ptr + row)
     qb = row % QB
     bh = row // QB
     b = bh // H
@@ -433,8 +450,7 @@ def attention_from_lut(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    counts: torch.Tensor,
-    indices: torch.Tensor,
+    lut: BlockLut,
     scale: float,
     *,
     kv_lens: torch.Tensor | None = None,
@@ -452,6 +468,7 @@ def attention_from_lut(
     """
     B, H, n_q, head_dim = q.shape
     n_k = k.shape[2]
+    counts, indices = lut.counts, lut.indices
     QB, KB = counts.shape[2], indices.shape[3]
     fp8 = quantized is not None
     q_in, k_in, v_in = (quantized.q, quantized.k, quantized.v_t.transpose(-1, -2)) if fp8 else (q, k, v)
@@ -463,9 +480,8 @@ def attention_from_lut(
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    order = heavy_rows_first(counts, KB, WORK_LEVELS) if config.heavy_rows_first else None
     _block_sparse_attn_kernel[(B * H * QB,)](
-        q_in, k_in, v_in, out, counts, indices, order if order is not None else counts,
+        q_in, k_in, v_in, out, counts, indices, lut.order,
         kv_lens if kv_lens is not None else counts, skips, *scales,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
         H, n_q, n_k, QB, KB, scale * math.log2(math.e),
@@ -475,7 +491,8 @@ def attention_from_lut(
         PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
         # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
-        WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting, HAS_ORDER=order is not None,
+        WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
+        HEAVY_FIRST=config.heavy_rows_first,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out
@@ -554,7 +571,7 @@ def block_sparse_attention(
     pv_threshold: float | None = None,
     return_pv_skips: bool = False,
     fp8: bool = False,
-    lut: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lut: BlockLut | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the kept (BLOCK_M x BLOCK_N) blocks of `block_mask` only.
 
@@ -564,7 +581,7 @@ def block_sparse_attention(
     >= kv_lens[b] are excluded. pv_threshold: see the module docstring; None computes exactly.
     return_pv_skips: also return int32 (B, H, ceil(Nq/BLOCK_M)) counts of kept key blocks whose
     P·V was skipped. fp8: quantise q, k, v to e4m3 and run Q·K and P·V in e4m3 (see the module
-    docstring; CUDA needs compute capability 8.9+). lut: the (counts, indices) that
+    docstring; CUDA needs compute capability 8.9+). lut: the `BlockLut` that
     `build_block_lut` made of this block_mask and kv_lens (mask prediction makes them with the
     mask): not built again. The result has q's memory layout and dtype.
 
@@ -581,9 +598,9 @@ def block_sparse_attention(
         if return_pv_skips:
             return out, torch.zeros(block_mask.shape[:3], dtype=torch.int32)
         return out
-    counts, indices = lut if lut is not None else build_block_lut(block_mask, k.shape[2], kv_lens)
+    lut = lut if lut is not None else build_block_lut(block_mask, k.shape[2], kv_lens)
     quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens) if fp8 else None
     return attention_from_lut(
-        q, k, v, counts, indices, scale,
+        q, k, v, lut, scale,
         kv_lens=kv_lens, pv_threshold=pv_threshold, return_pv_skips=return_pv_skips, quantized=quantized,
     )
