@@ -35,6 +35,10 @@ for stage in "$@"; do
     hunyuan-compiled-b) python3 -m sparsediff bench e2e --steps 5 --modes compiled --settings B --families hunyuan_video \
                   --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
+    flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
+                  --setting-b-cdf 0.02 --out "$res/steps" ;;
+    fluxprof) python3 scripts/profile_step.py flux --compile --cdf 0.04 && python3 scripts/profile_step.py flux --compile --cdf 0.02 --fp8 ;;
+    select)   python3 scripts/tune_block_select.py ;;
     cogvideox-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families cogvideox --out "$res/steps" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/tune" ;;

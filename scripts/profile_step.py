@@ -1,12 +1,13 @@
 """Where one sparse denoising step of a real-config transformer spends its time (a diagnostic).
 
-    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--frames N]
+    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--fp8] [--frames N]
 
 Builds the family's transformer as `sparsediff bench e2e` does (random bf16 weights, real
 resolution), applies sparsediff with one dense step, runs the dense step and two sparse warm-up
 steps (compilation), then profiles one sparse step: wall time, the GPU's busy time (kernel time
 summed; one stream, so the rest of the wall time is the GPU waiting for the host), kernel time
-grouped by what it is for, the top kernels, and the host calls that wait for the device.
+grouped by what it is for, the top kernels, the host calls that wait for the device, and the
+host's costliest calls (a step whose GPU busy time is well under its wall time waits for them).
 """
 import argparse
 import time
@@ -22,7 +23,8 @@ from sparsediff.bench.e2e import CASES, _build, _sdpa_priority
 GROUPS = (  # (group, substrings of kernel names), first match wins
     ("attention kernel", ("_block_sparse_attn_kernel",)),
     ("prediction", ("_partial_mass_kernel", "_combine_select_kernel", "_block_stats_kernel", "_select_kernel")),
-    ("lookup table", ("_build_lut_kernel",)),
+    ("lookup table and row order", ("_build_lut_kernel", "_heavy_rows_first_kernel")),
+    ("FP8 quantisation", ("_quantize_fp8_kernel",)),
     # Inductor's fused kernels name the ops they fuse ("..._copy_mul_...", "..._cudnn_attention_..."):
     # a group of their own, before the groups those words would match.
     ("inductor fusions (norms, elementwise, copies)", ("triton_",)),
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("family", choices=sorted(CASES))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cdf", type=float, default=0.15)
+    parser.add_argument("--fp8", action="store_true", help="the FP8 path (setting B)")
     parser.add_argument("--frames", type=int, default=None)
     args = parser.parse_args()
     case = CASES[args.family]
@@ -58,7 +61,8 @@ def main() -> None:
             model.compile_repeated_blocks(fullgraph=True)
         else:
             model = torch.compile(model)
-    handle = sparsediff.apply(model, cdf_threshold=args.cdf, sim_threshold=0.0, dense_steps=1, token_order="tiles")
+    handle = sparsediff.apply(model, cdf_threshold=args.cdf, sim_threshold=0.0, dense_steps=1, token_order="tiles",
+                              fp8=args.fp8)
     with torch.no_grad(), sdpa_kernel(_sdpa_priority(), set_priority=True):
         for t in timesteps[:4]:  # one dense step, then sparse warm-up steps
             model(**dict(inputs, timestep=t))
@@ -75,13 +79,16 @@ def main() -> None:
     for e in kernels:
         by_group[_group(e.key)] += e.device_time_total / 1e6
     waits = {e.key: e.count for e in events if any(e.key.startswith(w) for w in WAITS)}
-    print(f"{args.family} {'compiled' if args.compile else 'eager'} sparse step: wall {wall * 1e3:.1f} ms "
+    print(f"{args.family} {'compiled' if args.compile else 'eager'}{' FP8' if args.fp8 else ''} sparse step: wall {wall * 1e3:.1f} ms "
           f"(profiled), GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), sparsity {handle.stats.mean_sparsity():.3f}, "
           f"device waits {waits or 'none'}")
     for group, seconds in sorted(by_group.items(), key=lambda item: -item[1]):
         print(f"  {seconds * 1e3:8.2f} ms  {seconds / busy:5.1%}  {group}")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
         print(f"      {e.device_time_total / 1e3:8.2f} ms  x{e.count:<4d} {e.key[:100]}")
+    host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    for e in host[:12]:
+        print(f"      host {e.self_cpu_time_total / 1e3:8.2f} ms  x{e.count:<5d} {e.key[:90]}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.metrics import relative_l1
 
 BUDGET = 0.05
@@ -133,27 +134,6 @@ def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
             "pv_skip": {"method": DEFAULT_METHOD, "cdf_threshold": cdf, "stage1_error": base_err, "sweep": pv}}
 
 
-def _graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay. Times of
-    the replay are the GPU's alone: no Python or launch cost, as in a CUDA-graphed pipeline."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _cudnn_dense(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
 def _overhead(device: torch.device) -> list[dict]:
     from sparsediff.attention import METHODS, predict_block_mask
     from sparsediff.bench.kernel import GPU_SHAPES, SHAPES
@@ -162,14 +142,14 @@ def _overhead(device: torch.device) -> list[dict]:
     for name in GPU_SHAPES:
         s = SHAPES[name]
         q, k, v = (torch.randn(s.batch, s.heads, s.tokens, s.head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
-        dense = _timeit(lambda: _cudnn_dense(q, k, v), device)
+        dense = _timeit(lambda: cudnn_dense(q, k, v), device)
         row = {"shape": name, "cudnn_dense_ms": dense * 1e3}
         for method in METHODS:
             predict = lambda: predict_block_mask(q, k, dense_tail_tokens=s.text_tokens, method=method)  # noqa: E731
             t = _timeit(predict, device)
             row[f"{method}_ms"] = t * 1e3
             row[f"{method}_fraction_of_dense"] = t / dense
-            t = _timeit(_graphed(predict), device)
+            t = _timeit(cuda_graphed(predict), device)
             row[f"{method}_graph_ms"] = t * 1e3
             row[f"{method}_graph_fraction_of_dense"] = t / dense
         rows.append(row)
@@ -205,14 +185,14 @@ def _speed(device: torch.device, seed: int) -> list[dict]:
         kw = dict(dense_tail_tokens=s.text_tokens)
         cdf = cdf_for_sparsity(q, k, 0.8, **kw)
         o, sparsity = sparse_attention(q, k, v, cdf, 0.0, return_sparsity=True, **kw)
-        ref = _cudnn_dense(q, k, v)
-        dense = _timeit(lambda: _cudnn_dense(q, k, v), device)
+        ref = cudnn_dense(q, k, v)
+        dense = _timeit(lambda: cudnn_dense(q, k, v), device)
         predict = _timeit(lambda: predict_block_mask(q, k, cdf, 0.0, **kw), device)
         row = {"shape": name, "cdf_threshold": cdf, "sparsity": sparsity, "cudnn_dense_ms": dense * 1e3,
                "prediction_ms": predict * 1e3}
         for path, fp8 in (("", False), ("fp8_", True)):  # the bf16 kernel, then the FP8 path
             run = lambda: sparse_attention(q, k, v, cdf, 0.0, fp8=fp8, **kw)  # noqa: E731
-            sparse, graphed = _timeit(run, device), _timeit(_graphed(run), device)
+            sparse, graphed = _timeit(run, device), _timeit(cuda_graphed(run), device)
             row.update({f"{path}error": float(relative_l1(run() if fp8 else o, ref)), f"{path}sparse_attention_ms": sparse * 1e3,
                         f"{path}speedup": dense / sparse, f"{path}sparse_attention_graph_ms": graphed * 1e3,
                         f"{path}speedup_graph": dense / graphed})
