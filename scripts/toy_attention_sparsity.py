@@ -13,13 +13,13 @@ threshold here, so these are upper bounds of what a per-head profile can reach.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import diffusers.models.transformers.transformer_wan as transformer_wan
 
 from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, block_sparse_attention, predict_block_mask
 from sparsediff.bench.predict import CDF_SWEEP, sparsity_at_budget, true_block_mass
+from sparsediff.io import atomic_write_json
 from sparsediff.kernels.block_select_reference import top_cdf
 from sparsediff.layout import choose_tile
 from sparsediff.metrics import relative_l1
@@ -89,9 +89,8 @@ def main() -> None:
     means = {name: sum(sum(r[name]) for r in table) / sum(len(r[name]) for r in table) for name in sources}
     print("mean over heads, layers and steps: " + ", ".join(f"{name} {m:.3f}" for name, m in means.items()))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"budget": args.budget, "tile": tile, "prompt": args.prompt, "means": means, "rows": table}, f,
-                      indent=1)
+        atomic_write_json(args.out, {"budget": args.budget, "tile": tile, "prompt": args.prompt, "means": means,
+                                     "rows": table}, indent=1)
 
 
 if __name__ == "__main__":
