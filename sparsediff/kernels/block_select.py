@@ -249,13 +249,9 @@ def block_select(
     (cdf_threshold: fp32 (H,)); q_rows: int64 (M,) indices of qf's rows that are the query
     feature rows (stride 1 only), read in place instead of gathered first. Runs the Triton
     kernels where kernels are available."""
-    if q_rows is not None:
-        if stride != 1 or q_rows.dim() != 1 or q_rows.dtype != torch.int64:
-            raise ValueError(f"q_rows must be int64 (M,) and stride 1, got {q_rows.dtype} "
-                             f"{tuple(q_rows.shape)}, stride {stride}")
-        if not kernels_available(qf.device):
-            qf = qf[:, :, q_rows]
-            q_rows = None
+    if q_rows is not None and (stride != 1 or q_rows.dim() != 1 or q_rows.dtype != torch.int64):
+        raise ValueError(f"q_rows must be int64 (M,) and stride 1, got {q_rows.dtype} "
+                         f"{tuple(q_rows.shape)}, stride {stride}")
     b, h = qf.shape[:2]
     nq, nk = -(-n_tokens // block_m), -(-n_tokens // block_n)
     rq, rk = block_m // q_tokens, block_n // k_tokens
@@ -267,7 +263,7 @@ def block_select(
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
               block_n=block_n, scale=scale, kv_lens=kv_lens, k_trusted=k_trusted)
     if not kernels_available(qf.device):
-        return block_select_reference(qf, kf, cdf_threshold, **kw)
+        return block_select_reference(qf if q_rows is None else qf[:, :, q_rows], kf, cdf_threshold, **kw)
     device = qf.device
     thr = cdf_threshold.to(device=device, dtype=torch.float32).contiguous()
     lens = kv_lens.to(device=device, dtype=torch.int32) if kv_lens is not None else thr
