@@ -120,6 +120,7 @@ class Plan:
     random_weights: bool = False  # build the pipeline from configs with random weights (Recipe.load)
     context_parallel: int = 1  # processes rendering each prompt together (Ulysses degree); 1: off
     fp8: bool = False  # sparse attention through the FP8 (e4m3) kernel path
+    cuda_graphs: bool = True  # apply(cuda_graphs=): replay sparse calls as CUDA graphs (same output)
 
     @property
     def ext(self) -> str:
@@ -166,6 +167,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8", action="store_true",
                         help="sparse attention in e4m3 (Q·K and P·V; CUDA sm89+): faster on long sequences, "
                              "about 2 points more attention error (README)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="launch the sparse kernels at every attention call instead of replaying each call "
+                             "shape's CUDA graph: the same output, slower where launches dominate (FLUX), and "
+                             "about 4x one call's q of GPU memory less per call shape")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the recipe's full-size pipeline from its published configs with random "
                              "weights on the device instead of downloading it (time/memory runs; outputs are "
@@ -250,8 +255,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
                           f"under context parallelism all processes render each prompt together; give one of them")
     if args.dense and args.profile is not None:
         raise RenderError("--profile and --dense exclude each other")
-    if args.dense and (args.fp8 or any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps))):
-        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps/--fp8 have no effect with --dense")
+    if args.dense and (args.fp8 or not args.cuda_graphs
+                       or any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps))):
+        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps/--fp8/--no-cuda-graphs have no effect with --dense")
     for name in ("steps", "height", "width", "frames"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -291,7 +297,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold, dense_steps=args.dense_steps,
         guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         compare_dense=args.compare_dense, profile=profile, random_weights=args.random_weights,
-        context_parallel=args.context_parallel, fp8=args.fp8,
+        context_parallel=args.context_parallel, fp8=args.fp8, cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -343,6 +349,7 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, str(value)]
     argv += ["--dense"] * args.dense + ["--compare-dense"] * args.compare_dense
     argv += ["--random-weights"] * args.random_weights + ["--fp8"] * args.fp8
+    argv += ["--no-cuda-graphs"] * (not args.cuda_graphs)
     return argv
 
 
@@ -468,7 +475,8 @@ class Renderer:
         if on and self.handle is None:
             self.handle = sparsediff.apply(
                 self.pipe, self.plan.profile, cdf_threshold=self.plan.cdf_threshold,
-                sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps, fp8=self.plan.fp8)
+                sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps, fp8=self.plan.fp8,
+                cuda_graphs=self.plan.cuda_graphs)
         elif not on and self.handle is not None:
             self.handle.remove()
             self.handle = None

@@ -37,7 +37,12 @@ for stage in "$@"; do
     order)    python3 scripts/tune_row_order.py ;;
     flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --out "$res/steps" ;;
+    flux-graphs) python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 \
+                  --setting-b-cdf 0.02 --cuda-graphs on,off --out "$res/steps" ;;
+    wan-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families wan --out "$res/steps" ;;
     fluxprof) python3 scripts/profile_step.py flux --compile --cdf 0.04 && python3 scripts/profile_step.py flux --compile --cdf 0.02 --fp8 ;;
+    cogprof)  python3 scripts/profile_step.py cogvideox --compile --cdf 0.15 &&
+              python3 scripts/profile_step.py cogvideox --compile --cdf 0.1 --fp8 ;;
     select)   python3 scripts/tune_block_select.py ;;
     cogvideox-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families cogvideox --out "$res/steps" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \

@@ -1,7 +1,10 @@
 """Compiled-kernel smoke check on a CUDA device: every predictor method and the attention kernel
-against their torch references on a small video-like workload, and the LUT (with the programs'
-heavy-first row order, one program per head) against its references. Exits 1 on any mismatch."""
+against their torch references on a small video-like workload, the LUT (with the programs'
+heavy-first row order, one program per head) and the token gather against their references, and the processors' sparse
+calls replayed as CUDA graphs against the same calls launched one by one, on the four families'
+tiny transformers. Exits 1 on any mismatch."""
 import dataclasses
+import pathlib
 import sys
 
 import torch
@@ -9,6 +12,8 @@ import torch
 from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, predict_block_mask, sparse_attention
 from sparsediff.kernels.block_sparse_attn import WORK_LEVELS, attention_from_lut, build_block_lut, tile_config
 from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
+from sparsediff.kernels.gather_tokens import gather_tokens
+from sparsediff.kernels.gather_tokens_reference import gather_tokens_reference
 from sparsediff.kernels.row_order_reference import heavy_rows_first_reference
 from sparsediff.metrics import relative_l1
 from sparsediff.workloads import video_workload
@@ -49,4 +54,57 @@ outs = [attention_from_lut(q, k, v, lut, 0.125, config=dataclasses.replace(confi
 ok = torch.equal(outs[0], outs[1])
 failed |= not ok
 print(f"heavy rows first vs row order: identical outputs {'ok' if ok else 'FAIL'}")
+
+# The token gather in both storage layouts, against torch's.
+index = torch.randperm(4608 + 512, device="cuda")
+xs = [torch.randn(1, 4608 + 512, 24, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2),
+      torch.randn(2, 48, 4608 + 512, 64, device="cuda", dtype=torch.bfloat16)]
+for x in xs:
+    ys = [x, x * 2, x + 1]
+    ok = all(torch.equal(out, gather_tokens_reference(y, index)) for y, out in zip(ys, gather_tokens(ys, index)))
+    failed |= not ok
+    print(f"token gather {tuple(x.shape)} {'(B, N, H, D)' if x.stride(1) < x.stride(2) else '(B, H, N, D)'}: "
+          f"{'ok' if ok else 'FAIL'}")
+
+
+def graphed_vs_launched(family: str, fp8: bool) -> bool:
+    """Four steps of a two-block tiny transformer (its blocks at different thresholds, so a replay must
+    take each layer's own), sparse after one dense step, with CUDA graphs and without: equal outputs,
+    equal sparsity, and the graphs were captured (the second sparse call of a signature)."""
+    import sparsediff
+    from sparsediff.profile import SparsityProfile
+    from tiny_models import TINY
+
+    build, make_inputs = TINY[family]
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = build(num_layers=2)
+    torch.set_default_dtype(torch.float32)
+    profile = SparsityProfile.uniform(model, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1)
+    for i, layer in enumerate(profile.layers.values()):
+        layer.cdf_threshold = [0.3 + 0.2 * (i % 3)] * layer.heads
+    inputs = {name: x.cuda() if isinstance(x, torch.Tensor) else x for name, x in make_inputs(model).items()}
+    if "image_rotary_emb" in inputs:
+        inputs["image_rotary_emb"] = tuple(x.cuda() for x in inputs["image_rotary_emb"])
+    t0 = float(inputs["timestep"].max())
+    outputs, sparsity, graphs = [], [], []
+    for cuda_graphs in (False, True):
+        handle = sparsediff.apply(model, profile, fp8=fp8, cuda_graphs=cuda_graphs)
+        with torch.no_grad():
+            outputs.append([model(**dict(inputs, timestep=torch.full_like(inputs["timestep"], t0 * (4 - i) / 4)))[0]
+                            for i in range(4)])
+        sparsity.append(handle.stats.mean_sparsity())
+        graphs.append(sum(g._graph is not None for g in handle.controller._graphs.values()))
+        sparsediff.remove(model)
+    same = all(torch.equal(a, b) for a, b in zip(*outputs))
+    ok = same and sparsity[0] == sparsity[1] > 0 and graphs[0] == 0 and graphs[1] >= 1
+    print(f"{family} {'FP8' if fp8 else 'bf16'}: CUDA graphs vs launched: identical outputs {same}, "
+          f"sparsity {sparsity[0]:.3f} / {sparsity[1]:.3f}, graphs captured {graphs[1]} {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+for family in ("wan", "cogvideox", "hunyuan_video", "flux"):
+    for fp8 in (False, True):
+        failed |= not graphed_vs_launched(family, fp8)
 sys.exit(1 if failed else 0)

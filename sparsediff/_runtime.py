@@ -1,10 +1,14 @@
-"""Where kernels can run, and log-once messages for fallbacks."""
+"""Where kernels can run, log-once messages for fallbacks, and CUDA graph capture."""
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 logger = logging.getLogger("sparsediff")
 
@@ -28,3 +32,14 @@ def warn_once(cause: str, message: str) -> None:
     if cause not in _said:
         _said.add(cause)
         logger.warning(message)
+
+
+def capture_cuda_graph(fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """fn's GPU work captured (not run) in a CUDA graph, and what fn returned: tensors in the
+    graph's private memory, rewritten by every replay. fn must have run once before (Triton
+    compiles and autotunes outside a capture) and must not sync with the device."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads' CUDA calls (a data loader, a UI) may go on during the capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        result = fn()
+    return graph, result

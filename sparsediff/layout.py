@@ -131,3 +131,16 @@ def token_permutation(
     if text_first:
         return torch.cat([perm + text_tokens, torch.arange(text_tokens, device=device)])
     return torch.cat([perm, torch.arange(n_video, n_video + text_tokens, device=device)])
+
+
+def stored_bnhd(x: torch.Tensor) -> bool:
+    """x (B, H, N, D) is a view of a (B, N, H, D) tensor (diffusers' dispatch layout)."""
+    return x.stride(1) < x.stride(2)
+
+
+def empty_stored_like(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """An empty (B, H, n_tokens, D) tensor of x's dtype and device, stored as x is: (B, N, H, D) or (B, H, N, D)."""
+    b, h, _, d = x.shape
+    if stored_bnhd(x):
+        return torch.empty(b, n_tokens, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    return torch.empty(b, h, n_tokens, d, dtype=x.dtype, device=x.device)

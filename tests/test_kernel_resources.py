@@ -1,6 +1,6 @@
 """The Triton kernels fit a Hopper SM (H100/H200: 227 KiB of shared memory a block) at the tile
 configs their launchers use, and the FP8 variant's dots are e4m3 wgmma (both operands K-major, V
-read transposed). Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in a
+read transposed); the token gather compiles too. Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in a
 subprocess: the test session runs Triton as its interpreter, which does not compile."""
 import json
 import os
@@ -21,6 +21,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from sparsediff.kernels import block_select as bs
     from sparsediff.kernels import block_sparse_attn as bsa
+    from sparsediff.kernels import gather_tokens as gt
     from sparsediff.kernels import quantize_fp8 as qf
     from sparsediff.kernels import row_order as ro
 
@@ -87,6 +88,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
     shared, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK, HEAD_CHUNK=ro.CHUNK),
                                {"counts_ptr": "*i32", "order_ptr": "*i32"}, False, num_warps=ro.NUM_WARPS)
     rows.append(["heavy_rows_first", "i32", 0, 1, [], shared])
+    pointers = {name: "*bf16" for name in ("src0", "src1", "src2", "dst0", "dst1", "dst2")}
+    shared, _ = compile_kernel(gt._gather_tokens_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_T=gt.BLOCK_T),
+                               {"index_ptr": "*i64", **pointers}, True, num_warps=gt.NUM_WARPS)
+    rows.append(["gather_tokens", "bf16", 128, 1, [], shared])
     print(json.dumps(rows))
 """)
 
@@ -99,7 +104,7 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 2
+    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 3
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]

@@ -312,13 +312,3 @@ def test_wan22_pipeline_both_transformers_share_one_controller():
     assert p1.controller is p2.controller is handle.controller
     remove(pipe)
     assert not isinstance(pipe.transformer_2.blocks[0].attn1.processor, WanSparseAttnProcessor)
-
-
-@pytest.mark.parametrize("stored", ["BNHD", "BHND"])
-def test_gather_tokens_in_either_layout(stored):
-    from sparsediff.processors.controller import _gather_tokens
-
-    x = torch.randn(2, 5, 3, 4) if stored == "BNHD" else torch.randn(2, 3, 5, 4)
-    x = x.transpose(1, 2) if stored == "BNHD" else x  # (B, H, N, D) views
-    index = torch.tensor([4, 0, 3, 1, 2])
-    torch.testing.assert_close(_gather_tokens(x, index), x[:, :, index], rtol=0, atol=0)

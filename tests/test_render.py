@@ -259,7 +259,9 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     sized.write_text('{"prompt": "fine"}\n{"prompt": "odd", "width": 72}\n')
     assert "sized.jsonl:2: width: tiny-wan needs a positive multiple of 16" in _error(
         capsys, ["render", "--prompts", str(sized), *out, "--model", "tiny-wan"])
-    assert "--fp8 have no effect with --dense" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--fp8"])
+    assert "--fp8/--no-cuda-graphs have no effect with --dense" in _error(
+        capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--fp8"])
+    assert "have no effect with --dense" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--no-cuda-graphs"])
     with pytest.raises(SystemExit):  # argparse: the two are mutually exclusive
         main([*base, *out, "--model", "tiny-wan", "--dense", "--profile", str(tmp_path / "p.json")])
     assert "not allowed with" in capsys.readouterr().err
@@ -389,3 +391,5 @@ def test_random_weights_render_records_it_in_sidecars(tmp_path: Path, monkeypatc
     assert "--random-weights" in render._forward_argv(parser.parse_args(argv[1:]))
     sparse_argv = [a for a in argv[1:] if a != "--dense"] + ["--fp8"]
     assert "--fp8" in render._forward_argv(parser.parse_args(sparse_argv))  # relaunched workers keep it
+    assert "--no-cuda-graphs" in render._forward_argv(parser.parse_args(sparse_argv + ["--no-cuda-graphs"]))
+    assert "--no-cuda-graphs" not in render._forward_argv(parser.parse_args(sparse_argv))

@@ -31,6 +31,10 @@ timesteps, one video's transformer work without CFG), eager and/or (`--modes`) c
   reported and used below);
 - setting B: the FP8 path (`apply(..., fp8=True)`) with `dense_steps` = 10% of S and cdf
   `--setting-b-cdf` (aiming at 90% sparsity; the sparsity reached is reported and used below).
+Both settings run with `apply(cuda_graphs=True)`, the default: each call shape's sparse computation
+is captured as a CUDA graph at its second call (inside the warm-up step) and replayed; with
+`--cuda-graphs on,off` each setting is also timed with cuda_graphs=False ("A no graphs": every
+kernel launched from Python at every call).
 The attainable bound of a setting is the speed-up if only attention changed and its time scaled
 with the kept blocks at the kernel's measured speed: per sparse step, attention-free time +
 dense attention time x (kernel time at the measured keep fraction / cuDNN dense time), the kernel
@@ -63,6 +67,7 @@ SETTING_B_CDF = 0.1
 SETTING_B_DENSE_FRACTION = 0.1
 MODES = ("eager", "compiled")
 SETTINGS = ("A", "B")
+CUDA_GRAPHS = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings", default="A,B",
                         help="with --steps: comma list of the sparse settings to time, A and B (B, the FP8 path, "
                              "needs compute capability 8.9+)")
+    parser.add_argument("--cuda-graphs", default="on",
+                        help="with --steps: comma list of on, off: the sparse settings with apply(cuda_graphs=True / "
+                             "False); 'on,off' times each setting both ways")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON")
 
 
@@ -205,12 +213,13 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
     if args.steps is not None and args.steps < 2:
         raise ValueError(f"--steps must be >= 2, got {args.steps}")
-    for name, allowed in (("modes", MODES), ("settings", SETTINGS)):
+    for name, allowed in (("modes", MODES), ("settings", SETTINGS), ("cuda_graphs", CUDA_GRAPHS)):
         given = _items(getattr(args, name))
         if not given or any(item not in allowed for item in given):
-            raise ValueError(f"--{name} must be a comma list of {', '.join(allowed)}, got {getattr(args, name)!r}")
-    if _items(args.modes) != ["eager"] and args.steps is None:
-        raise ValueError("--modes needs --steps")
+            raise ValueError(f"--{name.replace('_', '-')} must be a comma list of {', '.join(allowed)}, "
+                             f"got {getattr(args, name)!r}")
+    if args.steps is None and (_items(args.modes) != ["eager"] or _items(args.cuda_graphs) != ["on"]):
+        raise ValueError("--modes and --cuda-graphs need --steps")
     for name in ("setting_a_cdf", "setting_b_cdf"):
         if not 0.0 < getattr(args, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
@@ -400,7 +409,7 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
                 torch.compiler.reset()
                 handle = sparsediff.apply(model, cdf_threshold=setting["cdf_threshold"], sim_threshold=0.0,
                                           dense_steps=setting["dense_steps"], token_order=args.token_order,
-                                          fp8=setting["fp8"])
+                                          fp8=setting["fp8"], cuda_graphs=setting["cuda_graphs"])
                 row[f"{name}_s"] = _time_loop(model, inputs, timesteps, warmup_steps=setting["dense_steps"] + 1)
                 sparsity = handle.stats.mean_sparsity()  # after the dense steps, warm-up and timed loop
                 row[f"{name}_sparsity"] = None if math.isnan(sparsity) else sparsity  # NaN: every call fell back
@@ -433,13 +442,16 @@ def _items(comma_list: str) -> list[str]:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The sparse settings of the denoising-loop benchmark, by result-key prefix (module docstring)."""
-    settings = {"setting_a": (args.setting_a_cdf, SETTING_A_DENSE_FRACTION, False),
-                "setting_b": (args.setting_b_cdf, SETTING_B_DENSE_FRACTION, True)}
-    settings = {name: setting for name, setting in settings.items() if name[-1].upper() in _items(args.settings)}
-    return {name: {"cdf_threshold": cdf, "sim_threshold": 0.0, "dense_fraction": fraction,
-                   "dense_steps": max(1, round(fraction * args.steps)), "fp8": fp8}
-            for name, (cdf, fraction, fp8) in settings.items()}
+    """The sparse settings of the denoising-loop benchmark, by result-key prefix (module docstring):
+    "setting_a", "setting_b", and "setting_a_no_graphs"... for the runs with cuda_graphs=False."""
+    settings = {"A": (args.setting_a_cdf, SETTING_A_DENSE_FRACTION, False),
+                "B": (args.setting_b_cdf, SETTING_B_DENSE_FRACTION, True)}
+    return {f"setting_{letter.lower()}" + ("" if on == "on" else "_no_graphs"):
+            {"label": letter + ("" if on == "on" else " no graphs"), "cdf_threshold": cdf, "sim_threshold": 0.0,
+             "dense_fraction": fraction, "dense_steps": max(1, round(fraction * args.steps)), "fp8": fp8,
+             "cuda_graphs": on == "on"}
+            for letter, (cdf, fraction, fp8) in settings.items() if letter in _items(args.settings)
+            for on in _items(args.cuda_graphs)}
 
 
 def _attention_summary(handle) -> dict[str, Any]:
@@ -470,9 +482,9 @@ def _run_forward(families: list[str], frames: dict[str, int], args: argparse.Nam
 def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Namespace) -> tuple[dict, list]:
     settings = _settings(args)
     print(f"denoising loop of {args.steps} steps, order {args.token_order}; " + "; ".join(
-        f"{name.replace('_', ' ')}: cdf {s['cdf_threshold']}, sim 0, {s['dense_fraction']:.0%} dense steps"
-        + (", FP8" if s["fp8"] else "") for name, s in settings.items()))
-    print(f"{'family':<14} {'size':>16} {'mode':>9} {'setting':>8} {'dense s':>8} {'attn share':>10} {'sparse s':>8} "
+        f"setting {s['label']}: cdf {s['cdf_threshold']}, sim 0, {s['dense_fraction']:.0%} dense steps"
+        + (", FP8" if s["fp8"] else "") for s in settings.values()))
+    print(f"{'family':<14} {'size':>16} {'mode':>9} {'setting':>12} {'dense s':>8} {'attn share':>10} {'sparse s':>8} "
           f"{'sparsity':>8} {'speedup':>8} {'bound':>7} {'of bound':>8}")
     results = []
     for family in families:
@@ -483,7 +495,7 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
         for mode, row in r["runs"].items():
             for name in settings:
                 sparsity = "fallback" if row[f"{name}_sparsity"] is None else f"{row[f'{name}_sparsity']:.3f}"
-                print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {name[-1].upper():>8} {row['dense_s']:>8.2f} "
+                print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {settings[name]['label']:>12} {row['dense_s']:>8.2f} "
                       f"{row['attention_share']:>10.2f} {row[f'{name}_s']:>8.2f} {sparsity:>8} "
                       f"{row[f'{name}_speedup']:>7.2f}x {row[f'{name}_bound_speedup']:>6.2f}x "
                       f"{row[f'{name}_fraction_of_bound']:>8.2f}", flush=True)

@@ -5,6 +5,8 @@ from collections.abc import Callable
 
 import torch
 
+from sparsediff._runtime import capture_cuda_graph
+
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay. Times of
@@ -14,9 +16,7 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     return graph.replay
 
 

@@ -131,6 +131,7 @@ def apply(
     tile: tuple[int, int, int] | None = None,
     method: str | None = None,
     fp8: bool = False,
+    cuda_graphs: bool = True,
     controller_cls: type[AttentionController] = AttentionController,
 ) -> SparseHandle:
     """Make the attention of every supported transformer in a pipeline (or of one transformer) sparse.
@@ -143,6 +144,10 @@ def apply(
     method (predictor method of predict_block_mask).
     fp8: sparse calls quantise q, k, v to e4m3 and run the kernel's FP8 path (CUDA: compute
     capability 8.9+; on an older GPU the sparse calls fall back to dense, saying so once).
+    cuda_graphs: on CUDA, replay each call shape's sparse computation (prediction, lookup table,
+    kernel) as one CUDA graph, captured at its second call: it frees the host from a dozen
+    launches per call, for about 4x the size of one call's q of GPU memory per shape (False: launch
+    them every call).
     controller_cls: an AttentionController subclass (calibration).
     Returns a SparseHandle (stats, reset(), remove()).
     """
@@ -167,7 +172,7 @@ def apply(
     )
     if not (isinstance(controller_cls, type) and issubclass(controller_cls, AttentionController)):
         raise ValueError(f"controller_cls must be an AttentionController subclass, got {controller_cls!r}")
-    controller = controller_cls(profile, fp8=fp8)
+    controller = controller_cls(profile, fp8=fp8, cuda_graphs=cuda_graphs)
 
     for component, transformer in transformers.items():
         family = family_of(transformer)

@@ -17,8 +17,10 @@ from sparsediff._runtime import kernels_available, warn_once
 from sparsediff.attention import HeadThresholds, head_thresholds
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, FP8_MIN_CAPABILITY, MAX_HEAD_DIM, fp8_unsupported
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
+from sparsediff.kernels.gather_tokens import gather_tokens
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
+from sparsediff.processors.call_graph import SparseCallGraph
 from sparsediff.processors.context_parallel import HeadShard, attend_ulysses
 from sparsediff.profile import SparsityProfile
 
@@ -155,17 +157,25 @@ class AttentionController:
 
     Override `run_sparse` to change what a sparse call computes (calibration does).
     fp8: sparse calls run the attention kernel's FP8 path (dense calls stay stock).
+    cuda_graphs: on CUDA, each call signature's sparse computation is captured once as a CUDA graph
+    and replayed (call_graph.py): one launch instead of a dozen, for about 4x the size of q of GPU
+    memory per signature.
     """
 
-    def __init__(self, profile: SparsityProfile, *, min_query_blocks: int = 4, fp8: bool = False) -> None:
+    def __init__(self, profile: SparsityProfile, *, min_query_blocks: int = 4, fp8: bool = False,
+                 cuda_graphs: bool = True) -> None:
         if not isinstance(profile, SparsityProfile):
             raise ValueError(f"profile must be a SparsityProfile, got {type(profile).__name__}")
         if not isinstance(min_query_blocks, int) or min_query_blocks < 1:
             raise ValueError(f"min_query_blocks must be a positive int, got {min_query_blocks!r}")
         if not isinstance(fp8, bool):
             raise ValueError(f"fp8 must be a bool, got {fp8!r}")
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
         self.profile = profile
         self.fp8 = fp8
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, SparseCallGraph] = {}
         self.min_query_blocks = min_query_blocks
         self.layer_names = list(profile.layers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
@@ -267,8 +277,6 @@ class AttentionController:
         n_text = self._text_tokens(text_tokens)
         grid, order = self._video_layout(n_tokens - n_text)
         perms = self._permutation(grid if grid is not None else n_tokens - n_text, order, n_text, text_first, q.device)
-        if perms is not None:
-            q, k, v = (_gather_tokens(x, perms[0]) for x in (q, k, v))
         thresholds, pv = self._layer_thresholds(layer_name, q.device)
         if head_shard is not None:
             thresholds = thresholds.heads(slice(head_shard.start, head_shard.stop))
@@ -277,10 +285,23 @@ class AttentionController:
             text_tokens=n_text, kv_lens=kv_lens, grid=grid, token_order=order, tile=self.profile.tile,
             thresholds=thresholds, pv_threshold=pv, method=self.profile.method, fp8=self.fp8,
         )
-        out, block_mask = self.run_sparse(call, q, k, v)
+        graph = self._call_graph(call, q)
+        if graph is None:
+            if perms is not None:
+                q, k, v = gather_tokens((q, k, v), perms[0])
+            out, block_mask = self.run_sparse(call, q, k, v)
+        else:
+            if perms is None:
+                for x, static in zip((q, k, v), graph.inputs):
+                    static.copy_(x)
+            else:
+                gather_tokens((q, k, v), perms[0], outs=graph.inputs)
+            out, block_mask = graph.run(self.run_sparse, call)
         self._record(layer_name, block_mask, batch, heads, n_tokens, padding, head_shard)
         if perms is not None:
-            out = _gather_tokens(out, perms[1])
+            out, = gather_tokens((out,), perms[1])
+        elif graph is not None:  # the graph's buffer: the next replay rewrites it
+            out = out.clone()
         return out.transpose(1, 2) if layout == "BNHD" else out
 
     def run_sparse(
@@ -302,6 +323,19 @@ class AttentionController:
         return out, predicted.mask
 
     # ------------------------------------------------------------------ helpers
+
+    def _call_graph(self, call: AttentionCall, q: torch.Tensor) -> SparseCallGraph | None:
+        """The CUDA graph for this call's signature, made on first use; None where calls run without
+        one: graphs off, not CUDA, inside a capture of the caller's, a subclass's own `run_sparse`
+        (it may decide per call), or a signature whose capture failed."""
+        if not (self.cuda_graphs and q.is_cuda and type(self).run_sparse is AttentionController.run_sparse) \
+                or torch.cuda.is_current_stream_capturing():
+            return None
+        signature = SparseCallGraph.signature(call, q)
+        graph = self._graphs.get(signature)
+        if graph is None:
+            graph = self._graphs[signature] = SparseCallGraph(call, q)
+        return None if graph.failed else graph
 
     def can_run_sparse(self, device: torch.device) -> bool:
         """Whether `run_sparse` can run on `device` (the Triton kernels). Calibration overrides it: it
@@ -406,15 +440,6 @@ class AttentionController:
             if head_shard is not None:
                 kept = head_shard.gather(kept)
         self.stats.record(layer_name, self.step, kept, pairs)
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, H, N, D) with its tokens in `index` order. The gather runs in the layout x is stored in,
-    (B, N, H, D) or (B, H, N, D), so that it moves contiguous rows (a gather across the other layout's
-    strides takes torch's slow element-wise path: about 3x the time on CogVideoX, H200)."""
-    if x.stride(1) < x.stride(2):  # stored (B, N, H, D): each token is one row of H*D values
-        return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
-    return x.index_select(2, index)
 
 
 @dataclass
