@@ -80,3 +80,41 @@ def test_graphs_stay_off_the_cpu_and_bad_values_are_refused():
     build, _ = TINY["wan"]
     with pytest.raises(ValueError, match="cuda_graphs must be a bool"):
         apply(build(), cuda_graphs=1)
+
+
+def test_static_buffers_made_under_inference_mode_take_writes_outside_it():
+    controller = _controller()
+    q, k, v = _qkv()
+    with torch.inference_mode():
+        graph = SparseCallGraph(_call(0.5), q)
+    for x, static in zip((q, k, v), graph.inputs):  # a later generation run under no_grad only
+        static.copy_(x)
+    out, mask = graph.run(controller.run_sparse, _call(0.5))
+    assert torch.equal(out, controller.run_sparse(_call(0.5), q, k, v)[0])
+
+
+def test_graphs_unused_for_a_whole_generation_are_freed():
+    from sparsediff.processors.base import ForwardInfo
+
+    controller = _controller()
+    q = _qkv()[0]
+    old, kept = SparseCallGraph(_call(0.5), q), SparseCallGraph(_call(0.5, fp8=True), q)
+    controller._graphs = {"old size": old, "size in use": kept}
+
+    def forward(timestep: float, *, uses: SparseCallGraph | None = None) -> None:
+        controller.begin_forward(ForwardInfo(timestep, None, None))
+        if uses is not None:  # what _call_graph records for a CUDA call of that signature
+            uses.epoch = controller._graph_epoch
+        controller.end_forward()
+
+    forward(900.0, uses=old)  # generation 0 uses both sizes
+    forward(900.0, uses=kept)
+    forward(500.0, uses=kept)
+    forward(900.0, uses=kept)  # generation 1: one size only; nothing freed yet
+    assert set(controller._graphs) == {"old size", "size in use"}
+    forward(900.0)  # the same step (a second CFG call): no new generation
+    forward(900.0 + 1, uses=kept)  # generation 2: "old size" went unused through generation 1
+    assert controller._graphs == {"size in use": kept}
+    controller.reset()  # a reset starts a generation too
+    controller.reset()
+    assert controller._graphs == {}

@@ -13,7 +13,8 @@ straight into them, so that costs nothing where tokens are reordered and one cop
 not) and its layer's thresholds and key lengths into theirs. The first call of a signature runs
 eagerly on those buffers (it compiles and warms up the Triton kernels), the second is captured,
 every later one replays. The outputs live in the graph's memory and the next replay rewrites
-them: the caller copies them out (its inverse reordering) at once.
+them: the caller copies them out (its inverse reordering) at once. A graph no call used during a
+whole generation is freed when the next one starts (`AttentionController._next_graph_epoch`).
 
 Memory, per signature: the static q, k, v, and the call's output and intermediates (FP8 operands,
 block masses, mask, lookup table), about 4x the size of q in bf16, 5.5x with FP8.
@@ -41,15 +42,18 @@ class SparseCallGraph:
     """`run_sparse` captured for one call signature; `inputs` are the static q, k, v to write first."""
 
     def __init__(self, call: AttentionCall, q: torch.Tensor) -> None:
-        self.inputs = tuple(empty_stored_like(q, q.shape[2]) for _ in range(3))  # as the reordering gather stores
-        thresholds = call.thresholds
-        self._thresholds = HeadThresholds(tuple(torch.empty_like(c) for c in thresholds.cdf),
-                                          torch.empty_like(thresholds.sim), thresholds.uses_sim)
-        self._kv_lens = None if call.kv_lens is None else torch.empty_like(call.kv_lens)
+        # Normal tensors even under torch.inference_mode: later calls outside it write into them.
+        with torch.inference_mode(False):
+            self.inputs = tuple(empty_stored_like(q, q.shape[2]) for _ in range(3))  # as the reordering gather stores
+            thresholds = call.thresholds
+            self._thresholds = HeadThresholds(tuple(torch.empty_like(c) for c in thresholds.cdf),
+                                              torch.empty_like(thresholds.sim), thresholds.uses_sim)
+            self._kv_lens = None if call.kv_lens is None else torch.empty_like(call.kv_lens)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._warm = False
         self.failed = False  # the capture failed: calls of this signature run without a graph
+        self.epoch = 0  # the controller's generation count at the last call (AttentionController._call_graph)
 
     @staticmethod
     def signature(call: AttentionCall, q: torch.Tensor) -> tuple:

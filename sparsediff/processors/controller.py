@@ -176,6 +176,7 @@ class AttentionController:
         self.fp8 = fp8
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple, SparseCallGraph] = {}
+        self._graph_epoch = 0  # generations seen (and resets): graphs unused for a whole one are freed
         self.min_query_blocks = min_query_blocks
         self.layer_names = list(profile.layers)
         self._layer_index = {name: i for i, name in enumerate(self.layer_names)}
@@ -200,6 +201,7 @@ class AttentionController:
             elif t > self._last_timestep:
                 self.step = 0
                 self.generation += 1
+                self._next_graph_epoch()
         self._last_timestep = t
         self.forward_info = info
 
@@ -216,6 +218,7 @@ class AttentionController:
         self.forward_info = None
         self._padding = None
         self.stats.reset()
+        self._next_graph_epoch()
 
     def is_dense_step(self) -> bool:
         return self.step < self.profile.dense_steps
@@ -324,6 +327,12 @@ class AttentionController:
 
     # ------------------------------------------------------------------ helpers
 
+    def _next_graph_epoch(self) -> None:
+        """A new generation: free the CUDA graphs no call used in the last one (a batch render that
+        changes size would otherwise keep every size's buffers)."""
+        self._graph_epoch += 1
+        self._graphs = {s: g for s, g in self._graphs.items() if g.epoch >= self._graph_epoch - 1}
+
     def _call_graph(self, call: AttentionCall, q: torch.Tensor) -> SparseCallGraph | None:
         """The CUDA graph for this call's signature, made on first use; None where calls run without
         one: graphs off, not CUDA, inside a capture of the caller's, a subclass's own `run_sparse`
@@ -335,6 +344,7 @@ class AttentionController:
         graph = self._graphs.get(signature)
         if graph is None:
             graph = self._graphs[signature] = SparseCallGraph(call, q)
+        graph.epoch = self._graph_epoch
         return None if graph.failed else graph
 
     def can_run_sparse(self, device: torch.device) -> bool:
