@@ -15,6 +15,7 @@ from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, 
 from sparsediff.kernels.gather_tokens import gather_tokens
 from sparsediff.kernels.gather_tokens_reference import gather_tokens_reference
 from sparsediff.kernels.row_order_reference import heavy_rows_first_reference
+from sparsediff.layout import stored_bnhd
 from sparsediff.metrics import relative_l1
 from sparsediff.workloads import video_workload
 
@@ -63,7 +64,7 @@ for x in xs:
     ys = [x, x * 2, x + 1]
     ok = all(torch.equal(out, gather_tokens_reference(y, index)) for y, out in zip(ys, gather_tokens(ys, index)))
     failed |= not ok
-    print(f"token gather {tuple(x.shape)} {'(B, N, H, D)' if x.stride(1) < x.stride(2) else '(B, H, N, D)'}: "
+    print(f"token gather {tuple(x.shape)} {'(B, N, H, D)' if stored_bnhd(x) else '(B, H, N, D)'}: "
           f"{'ok' if ok else 'FAIL'}")
 
 
