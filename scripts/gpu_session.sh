@@ -2,7 +2,7 @@
 # One lent-GPU session's measurements, from the repository root: installs the carried wheels
 # (the device image has torch + triton but no diffusers), then runs the named stages and packs
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
-#   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8)
+#   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8; fp8: FP8 rows, no search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -45,6 +45,8 @@ for stage in "$@"; do
               python3 scripts/profile_step.py cogvideox --compile --cdf 0.1 --fp8 ;;
     select)   python3 scripts/tune_block_select.py ;;
     cogvideox-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families cogvideox --out "$res/steps" ;;
+    fp8)      python3 -m sparsediff bench kernel --fp8 --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
+                  --out "$res/fp8" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/tune" ;;
     predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;

@@ -1,6 +1,7 @@
 """Compiled-kernel smoke check on a CUDA device: every predictor method and the attention kernel
 against their torch references on a small video-like workload, the LUT (with the programs'
-heavy-first row order, one program per head) and the token gather against their references, and the processors' sparse
+heavy-first row order, one program per head), the token gather and the FP8 channel statistics and
+quantiser against their references, and the processors' sparse
 calls replayed as CUDA graphs against the same calls launched one by one, on the four families'
 tiny transformers. Exits 1 on any mismatch."""
 import dataclasses
@@ -12,8 +13,11 @@ import torch
 from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, predict_block_mask, sparse_attention
 from sparsediff.kernels.block_sparse_attn import WORK_LEVELS, attention_from_lut, build_block_lut, tile_config
 from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
+from sparsediff.kernels.channel_stats import channel_stats_fp8
 from sparsediff.kernels.gather_tokens import gather_tokens
 from sparsediff.kernels.gather_tokens_reference import gather_tokens_reference
+from sparsediff.kernels.quantize_fp8 import quantize_fp8
+from sparsediff.kernels.quantize_fp8_reference import channel_stats, e4m3_scales, quantize_fp8_reference
 from sparsediff.kernels.row_order_reference import heavy_rows_first_reference
 from sparsediff.layout import stored_bnhd
 from sparsediff.metrics import relative_l1
@@ -66,6 +70,26 @@ for x in xs:
     failed |= not ok
     print(f"token gather {tuple(x.shape)} {'(B, N, H, D)' if stored_bnhd(x) else '(B, H, N, D)'}: "
           f"{'ok' if ok else 'FAIL'}")
+
+# FP8 channel statistics and quantisation, (B, N, H, D) storage with padded keys (kv_lens), against
+# the references on the CPU (whose divisions are IEEE-rounded, as the kernels'; CUDA torch divides
+# by a scalar through its reciprocal): means to summation order, and given the kernel's means,
+# every bit of the quantised tensors and of the scales.
+q, k, v = (torch.randn(2, 4608 + 512, 24, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) + shift
+           for shift in (0.0, 1.5, 0.0))
+lens = torch.tensor([4608 + 512, 4700], device="cuda", dtype=torch.int32)
+k_mean, v_scale, v_inverse = channel_stats_fp8(k, v, lens)
+ref_mean, ref_amax = channel_stats(k.cpu(), v.cpu(), lens.cpu())
+ok = (torch.allclose(k_mean.cpu(), ref_mean, rtol=1e-5, atol=1e-6)
+      and all(torch.equal(a.cpu(), b) for a, b in zip((v_scale, v_inverse), e4m3_scales(ref_amax))))
+out = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens)
+ref = quantize_fp8_reference(q.cpu(), k.cpu(), v.cpu(), block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens.cpu(),
+                             k_mean=out.k_mean.cpu())
+ok &= all(torch.equal(getattr(out, name).cpu().view(torch.uint8), getattr(ref, name).view(torch.uint8))
+          for name in ("q", "k", "v_t"))
+ok &= all(torch.equal(getattr(out, name).cpu(), getattr(ref, name)) for name in ("q_scale", "k_scale", "v_scale"))
+failed |= not ok
+print(f"FP8 channel statistics and quantiser {tuple(k.shape)} with kv_lens: {'ok' if ok else 'FAIL'}")
 
 
 def graphed_vs_launched(family: str, fp8: bool) -> bool:

@@ -24,7 +24,7 @@ GROUPS = (  # (group, substrings of kernel names), first match wins
     ("attention kernel", ("_block_sparse_attn_kernel",)),
     ("prediction", ("_partial_mass_kernel", "_combine_select_kernel", "_block_stats_kernel", "_select_kernel")),
     ("lookup table and row order", ("_build_lut_kernel", "_heavy_rows_first_kernel")),
-    ("FP8 quantisation", ("_quantize_fp8_kernel",)),
+    ("FP8 quantisation", ("_quantize_fp8_kernel", "_channel_partials_kernel", "_channel_finish_kernel")),
     # Inductor's fused kernels name the ops they fuse ("..._copy_mul_...", "..._cudnn_attention_..."):
     # a group of their own, before the groups those words would match.
     ("inductor fusions (norms, elementwise, copies)", ("triton_",)),

@@ -1,6 +1,9 @@
-"""Where kernels can run, log-once messages for fallbacks, and CUDA graph capture."""
+"""Where kernels can run, on which GPU they launch, log-once messages for fallbacks, and CUDA
+graph capture."""
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -25,6 +28,22 @@ def kernels_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and triton_interpreting()
+
+
+def on_tensor_device(fn: Callable[..., T]) -> Callable[..., T]:
+    """fn run with the CUDA device of its first tensor argument made current. Triton launches its
+    kernels (and torch captures graphs) on the current device, while a pipeline spread over several
+    GPUs (diffusers' device_map) hands over tensors that may live on another one."""
+
+    @functools.wraps(fn)
+    def on_device(*args, **kwargs):
+        tensor = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is None or tensor.device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return fn(*args, **kwargs)
+
+    return on_device
 
 
 def warn_once(cause: str, message: str) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsediff._runtime import on_tensor_device
 from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, BlockLut, block_sparse_attention, build_block_lut
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
@@ -162,6 +163,7 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
+@on_tensor_device
 def predict_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -184,6 +186,7 @@ def predict_block_mask(
                                kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens)[0]
 
 
+@on_tensor_device
 def predict_block_masks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -266,6 +269,7 @@ def predict_with(
     return predicted
 
 
+@on_tensor_device
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -9,9 +9,11 @@ import triton
 import triton.language as tl
 
 from sparsediff.attention import BLOCK_M, BLOCK_N, block_sparse_attention, sparse_attention
+from sparsediff.kernels import channel_stats as channel_stats_kernel
 from sparsediff.kernels.block_sparse_attn import TileConfig, attention_from_lut, build_block_lut
+from sparsediff.kernels.channel_stats import channel_stats_fp8
 from sparsediff.kernels.quantize_fp8 import quantize_fp8, to_e4m3
-from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference
+from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, channel_stats, e4m3_scales, quantize_fp8_reference
 from sparsediff.kernels.quantize_fp8_reference import to_e4m3 as to_e4m3_reference
 from sparsediff.metrics import relative_l1
 from sparsediff.processors import apply
@@ -77,6 +79,33 @@ def test_to_e4m3_rounds_as_torch_on_the_interpreter():
     assert torch.equal(_bits(y), _bits(to_e4m3_reference(x)))
 
 
+# ------------------------------------------------------------------------------ channel statistics
+
+
+@pytest.mark.parametrize("B,H,n_q,n_k,D,dtype,kv_lens", CASES + [(1, 1, 1, 1, 64, torch.bfloat16, None)],
+                         ids=CASE_IDS + ["one-key"])
+@pytest.mark.parametrize("layout", ["BHND", "BNHD"])
+@pytest.mark.parametrize("target_programs", [1024, 1], ids=["one-tile-chunks", "many-tile-chunks"])
+def test_channel_stats_kernel_matches_reference(B, H, n_q, n_k, D, dtype, kv_lens, layout, target_programs,
+                                                monkeypatch):
+    monkeypatch.setattr(channel_stats_kernel, "TARGET_PROGRAMS", target_programs)
+    _, k, v = _qkv(B, H, n_q, n_k, D, dtype, layout)
+    lens = _lens(kv_lens)
+    k_mean, v_scale, v_inverse = channel_stats_fp8(k, v, lens)
+    ref_mean, ref_amax = channel_stats(k, v, lens)
+    ref_scale, ref_inverse = e4m3_scales(ref_amax)
+    torch.testing.assert_close(k_mean, ref_mean, rtol=1e-5, atol=1e-6)  # summation order differs
+    # The maxima are exact, and so are the IEEE-rounded scale divisions.
+    torch.testing.assert_close(v_scale, ref_scale, rtol=0, atol=0)
+    torch.testing.assert_close(v_inverse, ref_inverse, rtol=0, atol=0)
+
+
+def test_channel_stats_kernel_is_deterministic():
+    _, k, v = _qkv(1, 2, 300, 3000, 64, torch.float32)
+    first = channel_stats_fp8(k, v, None)
+    assert all(torch.equal(a, b) for a, b in zip(first, channel_stats_fp8(k, v, None)))
+
+
 # ---------------------------------------------------------------------------------------- quantiser
 
 
@@ -86,7 +115,8 @@ def test_quantizer_matches_reference_bitwise(B, H, n_q, n_k, D, dtype, kv_lens, 
     q, k, v = _qkv(B, H, n_q, n_k, D, dtype, layout)
     lens = _lens(kv_lens)
     out = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens)
-    ref = quantize_fp8_reference(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens)
+    # Given the kernel's channel means (torch sums in another order), every bit matches.
+    ref = quantize_fp8_reference(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens, k_mean=out.k_mean)
     for name in ("q", "k", "v_t"):
         assert getattr(out, name).shape == getattr(ref, name).shape, name
         assert torch.equal(_bits(getattr(out, name)), _bits(getattr(ref, name))), name

@@ -1,6 +1,6 @@
 """The Triton kernels fit a Hopper SM (H100/H200: 227 KiB of shared memory a block) at the tile
 configs their launchers use, and the FP8 variant's dots are e4m3 wgmma (both operands K-major, V
-read transposed); the token gather compiles too. Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in a
+read transposed); the token gather and the FP8 channel statistics compile too. Compiled ahead of time for sm90 on the CPU (Triton's own ptxas), in a
 subprocess: the test session runs Triton as its interpreter, which does not compile."""
 import json
 import os
@@ -21,6 +21,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from sparsediff.kernels import block_select as bs
     from sparsediff.kernels import block_sparse_attn as bsa
+    from sparsediff.kernels import channel_stats as cs
     from sparsediff.kernels import gather_tokens as gt
     from sparsediff.kernels import quantize_fp8 as qf
     from sparsediff.kernels import row_order as ro
@@ -85,6 +86,15 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32"}
     shared, _ = compile_kernel(qf._quantize_fp8_kernel, consts, pointers, True, num_warps=qf.NUM_WARPS)
     rows.append(["quantize_fp8", "bf16", 128, 1, [], shared])
+    shared, _ = compile_kernel(cs._channel_partials_kernel,
+                               dict(HEAD_D=128, BLOCK_D=128, TILE_ROWS=cs.TILE_ROWS, HAS_KV_LENS=True, stride_kd=1, stride_vd=1),
+                               {"k_ptr": "*bf16", "v_ptr": "*bf16", "lens_ptr": "*i32", "k_sum_ptr": "*fp32",
+                                "v_max_ptr": "*fp32"}, True, num_warps=cs.PARTIALS_NUM_WARPS)
+    rows.append(["channel_partials", "bf16", 128, 1, [], shared])
+    shared, _ = compile_kernel(cs._channel_finish_kernel, dict(HEAD_D=128, BLOCK_D=128, HAS_KV_LENS=True),
+                               {name: "*fp32" for name in ("k_sum_ptr", "v_max_ptr", "k_mean_ptr", "v_scale_ptr",
+                                                           "v_inverse_ptr")} | {"lens_ptr": "*i32"}, True, num_warps=1)
+    rows.append(["channel_finish", "fp32", 128, 1, [], shared])
     shared, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK, HEAD_CHUNK=ro.CHUNK),
                                {"counts_ptr": "*i32", "order_ptr": "*i32"}, False, num_warps=ro.NUM_WARPS)
     rows.append(["heavy_rows_first", "i32", 0, 1, [], shared])
@@ -104,7 +114,7 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 3
+    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 5
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]

@@ -187,7 +187,12 @@ CHECK_CASES = (
     ((1, 2, 300, 517, 96), "bf16", {}),
     ((1, 2, 4608, 4608, 128), "bf16", {"pv_threshold": 1e-30}),
 )
-CHECK_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3, "fp8": 3e-2}
+# Max abs error against the fp32 reference; FP8 against the reference's FP8 arithmetic by relative
+# L1 instead (as tests/test_fp8.py): the kernel smooths K by a mean summed in another order than
+# torch's, which can move single e4m3 roundings of K, and one moved key weighs much in a row of few
+# valid keys (kv_lens).
+CHECK_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3}
+CHECK_FP8_REL_L1 = 1e-2
 
 
 def _rel_l1(out, ref) -> float | str:
@@ -203,6 +208,7 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
 
     from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, block_sparse_attention
     from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+    from sparsediff.metrics import relative_l1
 
     ok = True
     for (B, H, n_q, n_k, D), name, options in CHECK_CASES:
@@ -217,10 +223,14 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
                                                    fp8=quantized)
             out = block_sparse_attention(q, k, v, mask, kv_lens=kv_lens, pv_threshold=options.get("pv_threshold"),
                                          fp8=quantized)
-            err = (out - ref).abs().max().item()
-            good = err <= CHECK_TOLERANCE["fp8" if quantized else name]
+            if quantized:
+                err, measure = float(relative_l1(out, ref)), "rel L1 vs FP8 reference"
+                good = err <= CHECK_FP8_REL_L1  # False for NaN
+            else:
+                err, measure = (out - ref).abs().max().item(), "max abs err"
+                good = err <= CHECK_TOLERANCE[name]
             ok &= good
-            log(f"check {(B, H, n_q, n_k, D)} {name}{' fp8' if quantized else ''} {options}: max abs err {err:.2e} "
+            log(f"check {(B, H, n_q, n_k, D)} {name}{' fp8' if quantized else ''} {options}: {measure} {err:.2e} "
                 f"{'ok' if good else 'FAIL'}")
     return ok
 

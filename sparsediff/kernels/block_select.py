@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels import padded_head_dim
+from sparsediff.kernels import padded_head_dim, valid_length
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
 # Tile configs. Phase 1: query feature rows per program (>= 16 for tl.dot) by the features' element
@@ -38,6 +38,10 @@ from sparsediff.kernels.block_select_reference import block_select_reference, to
 # prediction, scripts/tune_block_select.py: Wan 0.257 vs 0.325 ms, HunyuanVideo 5.84 vs 7.68 ms;
 # CogVideoX 0.382 vs 0.373 and FLUX 0.058 vs 0.055, whose row counts leave the last program of 128
 # part empty). fp32 features (pooled queries) keep 64: 128 fp32 rows held in registers would spill.
+# A tile's key-block sums stay a reshape and sum: as a tensor-core product of p with a 0/1
+# key-to-block matrix (16 columns) they made the kernel 1.9x slower at CogVideoX's shape (26.0 vs
+# 13.9 ms over a compiled step's 42 calls), and the runs that predicted at D=128 with it stopped
+# on an illegal memory access (H200, Triton 3.6, 2026-12-02).
 QUERY_ROWS = {2: 128, 4: 64}
 KEY_ROWS = 128
 MAX_TILES_PER_PROGRAM = 8
@@ -89,9 +93,7 @@ def _partial_mass_kernel(
     KB: tl.constexpr = KT // RK
     q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh  # int64: B*H*N*D may pass 2**31
     k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    kv_len = N
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(lens_ptr + b), kv_len)
+    kv_len = valid_length(lens_ptr, b, N, HAS_LENS)
     local = tl.program_id(0) * QT + tl.arange(0, QT)  # rows of this chunk
     a_idx = row0 + local  # feature rows
     row_ok = local < n_rows

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels import padded_head_dim
+from sparsediff._runtime import kernels_available, on_tensor_device, triton_interpreting
+from sparsediff.kernels import padded_head_dim, valid_length
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
@@ -389,10 +389,7 @@ def _block_sparse_attn_kernel(
     h = bh % H
     count = tl.load(counts_ptr + row)
     lut_row = lut_ptr + row.to(tl.int64) * KB
-    if HAS_KV_LENS:
-        n_valid = tl.minimum(tl.load(kv_lens_ptr + b), n_k)
-    else:
-        n_valid = n_k
+    n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -560,6 +557,7 @@ def _validate(
     return float(scale)
 
 
+@on_tensor_device
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,

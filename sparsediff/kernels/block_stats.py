@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available
+from sparsediff.kernels import valid_length
 from sparsediff.kernels.block_stats_reference import block_stats_reference
 
 # Tile config: one program per (block, batch*head); the whole block's rows sit in registers.
@@ -25,9 +26,7 @@ def _block_stats_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    n_valid = N
-    if HAS_LENS:
-        n_valid = tl.minimum(tl.load(lens_ptr + b), N)
+    n_valid = valid_length(lens_ptr, b, N, HAS_LENS)
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, DP)
     x = tl.load(

@@ -2,9 +2,8 @@
 
 The recipe and the output layout are in `quantize_fp8_reference` (SageAttention's: smoothed K, one
 scale per query / key block, per-channel V scales, V stored transposed). The per-channel
-statistics over the whole sequence (K's mean, V's absolute maximum) are torch reductions shared with
-the reference; one program per (128-token block, b*h) then quantises its Q block and its K and V
-tokens.
+statistics over the whole sequence (K's mean, V's scales) come first (`channel_stats_fp8`); one
+program per (128-token block, b*h) then quantises its Q block and its K and V tokens.
 
 `to_e4m3` is the fp32 -> e4m3 conversion the kernels use. Under TRITON_INTERPRET=1 (Triton
 3.8/3.9) the conversion is wrong: it rounds half away from zero on the cut-off bit alone, drops the
@@ -19,14 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff.kernels import padded_head_dim
-from sparsediff.kernels.quantize_fp8_reference import (
-    E4M3_MAX,
-    V_ROW_ALIGN,
-    Fp8Operands,
-    channel_stats,
-    e4m3_scales,
-)
+from sparsediff.kernels import padded_head_dim, valid_length
+from sparsediff.kernels.channel_stats import channel_stats_fp8
+from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, V_ROW_ALIGN, Fp8Operands
 
 NUM_WARPS = 4
 
@@ -77,10 +71,7 @@ def _quantize_fp8_kernel(
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-    if HAS_KV_LENS:
-        n_valid = tl.minimum(tl.load(kv_lens_ptr + b), n_k)
-    else:
-        n_valid = n_k
+    n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
 
     if tile * BLOCK_M < n_q:
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,8 +120,7 @@ def quantize_fp8(
     n_k_padded = triton.cdiv(n_k, V_ROW_ALIGN) * V_ROW_ALIGN
     QB, KB = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
     device = q.device
-    k_mean, v_amax = channel_stats(k, v, kv_lens)
-    v_scale, v_inverse = e4m3_scales(v_amax)
+    k_mean, v_scale, v_inverse = channel_stats_fp8(k, v, kv_lens)
     fp8 = torch.float8_e4m3fn
     q8 = torch.empty(batch, heads, n_q, head_dim, dtype=fp8, device=device)
     k8 = torch.empty(batch, heads, n_k, head_dim, dtype=fp8, device=device)
@@ -138,7 +128,7 @@ def quantize_fp8(
     q_scale = torch.empty(batch, heads, QB, dtype=torch.float32, device=device)
     k_scale = torch.empty(batch, heads, KB, dtype=torch.float32, device=device)
     _quantize_fp8_kernel[(triton.cdiv(max(n_q, n_k_padded), block_m), batch * heads)](
-        q, k, v, kv_lens if kv_lens is not None else q_scale, k_mean.contiguous(), v_inverse.contiguous(),
+        q, k, v, kv_lens if kv_lens is not None else q_scale, k_mean, v_inverse,
         q8, k8, v_t, q_scale, k_scale,
         *q.stride(), *k.stride(), *v.stride(),
         heads, n_q, n_k, n_k_padded, QB, KB,

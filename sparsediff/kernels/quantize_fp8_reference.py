@@ -62,7 +62,7 @@ def channel_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean of k, absolute maximum of v) per (b, h, channel) over the valid keys, fp32 (B, H, D).
 
-    Shared by the reference and the Triton launcher (torch reductions over the whole sequence)."""
+    The reference of `kernels/channel_stats.py` (whose means differ in summation order only)."""
     if kv_lens is None:
         return k.mean(dim=2, dtype=torch.float32), torch.linalg.vector_norm(v, ord=float("inf"), dim=2, dtype=torch.float32)
     valid = valid_keys(kv_lens, k.shape[0], k.shape[2], k.device)
@@ -82,12 +82,23 @@ def _quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
 
 
 def quantize_fp8_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int, kv_lens: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    kv_lens: torch.Tensor | None = None,
+    k_mean: torch.Tensor | None = None,
 ) -> Fp8Operands:
-    """q (B, H, Nq, D), k and v (B, H, Nk, D), any float dtype; see the module docstring."""
+    """q (B, H, Nq, D), k and v (B, H, Nk, D), any float dtype; see the module docstring.
+
+    k_mean: fp32 (B, H, D), K's channel means to smooth with instead of `channel_stats`' (the
+    kernel's, which differ in summation order, to compare the quantisation bit for bit)."""
     batch, heads, n_k, head_dim = k.shape
     valid = valid_keys(kv_lens, batch, n_k, k.device)
-    k_mean, v_amax = channel_stats(k, v, kv_lens)
+    computed_mean, v_amax = channel_stats(k, v, kv_lens)
+    k_mean = computed_mean if k_mean is None else k_mean
     q8, q_scale = _quantize_blocks(q.float(), block_m)
     k8, k_scale = _quantize_blocks(torch.where(valid, k.float() - k_mean[:, :, None, :], 0.0), block_n)
     v_scale, v_inverse = e4m3_scales(v_amax)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparsediff._runtime import kernels_available, warn_once
+from sparsediff._runtime import kernels_available, on_tensor_device, warn_once
 from sparsediff.attention import HeadThresholds, head_thresholds
 from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, FP8_MIN_CAPABILITY, MAX_HEAD_DIM, fp8_unsupported
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
@@ -225,6 +225,7 @@ class AttentionController:
 
     # ------------------------------------------------------------------ the attention call
 
+    @on_tensor_device
     def attend(
         self,
         layer_name: str,
