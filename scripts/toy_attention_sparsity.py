@@ -1,14 +1,22 @@
 """How sparse can the toy model's attention be, and how much of that do the predictors find?
 
     python scripts/toy_attention_sparsity.py [--steps 2 8 14] [--budget 0.05] [--prompt "..."]
+    python scripts/toy_attention_sparsity.py --frames-cdf 0.95 0.9 0.8 [--dense-steps 4] [--prompt ...]
 
-Renders one clip with the shipped toy-shapes weights (CPU, fp32, 16 steps) and captures q, k, v
-of every self-attention call at the chosen steps, in the tile order the processors use. For each
-head and each mask source, the cdf threshold is swept and reported is the highest sparsity whose
-output error (relative L1 against all blocks) stays within the budget. Sources: the oracle (top
-cdf on the TRUE block attention mass, `bench predict`'s oracle: no predictor beats it at the same
-block size) and every predictor at sim 0. Unlike calibration, each call gets its own best
-threshold here, so these are upper bounds of what a per-head profile can reach.
+Renders with the shipped toy-shapes weights (CPU, fp32, 16 steps, seed 0), attention in the tile
+order the processors use.
+
+Per head (default): captures q, k, v of every self-attention call at the chosen steps of one clip.
+For each head and each mask source, the cdf threshold is swept and reported is the highest
+sparsity whose output error (relative L1 against all blocks) stays within the budget. Sources: the
+oracle (top cdf on the TRUE block attention mass, `bench predict`'s oracle: no predictor beats it
+at the same block size) and every predictor at sim 0. Unlike calibration, each call gets its own
+best threshold here, so these are upper bounds of what a per-head profile can reach.
+
+Frames (--frames-cdf): renders each prompt dense, then with every self-attention call after the
+dense steps computed on the oracle's blocks at each cdf (one threshold for every head), and
+reports the blocks skipped and PSNR / SSIM against the dense clip: the frame quality that masks
+from a perfect predictor would give.
 """
 from __future__ import annotations
 
@@ -21,10 +29,14 @@ from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, block_sparse_attenti
 from sparsediff.bench.predict import CDF_SWEEP, sparsity_at_budget, true_block_mass
 from sparsediff.io import atomic_write_json
 from sparsediff.kernels.block_select_reference import top_cdf
-from sparsediff.layout import choose_tile
-from sparsediff.metrics import relative_l1
+from sparsediff.layout import choose_tile, inverse_permutation, tile_permutation
+from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 from sparsediff.pipelines.toy_shapes import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH, load_pipeline
-from sparsediff.workloads import to_tile_order
+
+GRID = (DEFAULT_FRAMES, DEFAULT_HEIGHT // 4, DEFAULT_WIDTH // 4)  # the latent grid: 4x4 pixel-unshuffle
+TILE = choose_tile(GRID, BLOCK_M)
+TILE_ORDER = tile_permutation(GRID, TILE)
+N_VIDEO = GRID[0] * GRID[1] * GRID[2]
 
 
 def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float) -> dict[str, list[float]]:
@@ -47,50 +59,93 @@ def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: flo
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, nargs="+", default=[2, 8, 14], help="denoising steps (0-based) to capture")
-    p.add_argument("--budget", type=float, default=0.05)
-    p.add_argument("--prompt", default="a red circle moves left on a black background")
-    p.add_argument("--out", help="also write the table as JSON here")
-    args = p.parse_args()
-
-    grid = (DEFAULT_FRAMES, DEFAULT_HEIGHT // 4, DEFAULT_WIDTH // 4)
-    tile = choose_tile(grid, BLOCK_M)
-    n_video = grid[0] * grid[1] * grid[2]
-    pipe = load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    state = {"step": 0, "layer": 0}
-    table: list[dict] = []
+def render(pipe, prompt: str, self_attention) -> tuple:
+    """One clip of `prompt` (seed 0) with `self_attention(step, q, k, v)` computing every video
+    self-attention call: (B, H, N, D) fp32 tensors in tile order in, the output likewise out (None:
+    the stock computation). Returns the frames (F, H, W, 3) in [0, 1]."""
     stock = transformer_wan.dispatch_attention_fn
+    state = {"step": 0}
 
-    def capture(query, key, value, *a, **kw):
-        if query.shape[1] == key.shape[1] == n_video and state["step"] in args.steps:
-            # (B, N, H, D) -> the conditional half's (1, H, N, D) in tile order
-            q, k, v = (to_tile_order(x[:1].transpose(1, 2).float(), grid, tile) for x in (query, key, value))
-            table.append({"step": state["step"], "layer": state["layer"], **head_sparsity(q, k, v, args.budget)})
-            state["layer"] += 1
+    def attention(query, key, value, *a, **kw):
+        if query.shape[1] == key.shape[1] == N_VIDEO:
+            q, k, v = (x.transpose(1, 2).float()[:, :, TILE_ORDER] for x in (query, key, value))
+            out = self_attention(state["step"], q, k, v)
+            if out is not None:
+                return out[:, :, inverse_permutation(TILE_ORDER)].transpose(1, 2).to(query.dtype)
         return stock(query, key, value, *a, **kw)
 
     def next_step(pipe, i, t, kw):
-        state.update(step=i + 1, layer=0)
+        state["step"] = i + 1
         return kw
 
-    transformer_wan.dispatch_attention_fn = capture
+    transformer_wan.dispatch_attention_fn = attention
     try:
-        pipe(prompt=args.prompt, generator=torch.Generator().manual_seed(0), callback_on_step_end=next_step)
+        return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), callback_on_step_end=next_step,
+                    output_type="np").frames[0]
     finally:
         transformer_wan.dispatch_attention_fn = stock
+
+
+def per_head(pipe, args: argparse.Namespace) -> dict:
+    table: list[dict] = []
+
+    def capture(step, q, k, v):
+        if step in args.steps:  # the conditional half of the CFG batch
+            layer = sum(row["step"] == step for row in table)
+            table.append({"step": step, "layer": layer, **head_sparsity(q[:1], k[:1], v[:1], args.budget)})
+        return None
+
+    render(pipe, args.prompt[0], capture)
     sources = ["oracle", *METHODS]
-    print(f"sparsity per head at {args.budget:g} relative L1 (tiles {tile}, blocks of {BLOCK_M}x{BLOCK_N}):")
+    print(f"sparsity per head at {args.budget:g} relative L1 (tiles {TILE}, blocks of {BLOCK_M}x{BLOCK_N}):")
     for row in table:
         print(f"step {row['step']:2d} layer {row['layer']}: " +
               "  ".join(f"{name} " + " ".join(f"{s:.2f}" for s in row[name]) for name in sources))
     means = {name: sum(sum(r[name]) for r in table) / sum(len(r[name]) for r in table) for name in sources}
     print("mean over heads, layers and steps: " + ", ".join(f"{name} {m:.3f}" for name, m in means.items()))
+    return {"budget": args.budget, "tile": TILE, "prompt": args.prompt[0], "means": means, "rows": table}
+
+
+def oracle_frames(pipe, args: argparse.Namespace) -> dict:
+    dense = [render(pipe, prompt, lambda *call: None) for prompt in args.prompt]
+    rows = []
+    for cdf in args.frames_cdf:
+        skipped: list[float] = []
+
+        def oracle(step, q, k, v):
+            if step < args.dense_steps:
+                return None
+            mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
+            mask = top_cdf(mass, torch.full((q.shape[1],), cdf))
+            skipped.append(1.0 - float(mask.float().mean()))
+            return block_sparse_attention(q, k, v, mask)
+
+        for prompt, reference in zip(args.prompt, dense):
+            skipped.clear()
+            frames = render(pipe, prompt, oracle)
+            rows.append({"cdf": cdf, "prompt": prompt, "sparsity": sum(skipped) / len(skipped),
+                         "psnr": video_psnr(frames, reference), "ssim": video_ssim(frames, reference)})
+            r = rows[-1]
+            print(f"oracle cdf {cdf:g}, {args.dense_steps} dense steps: sparsity {r['sparsity']:.3f}, "
+                  f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}  ({prompt})", flush=True)
+    return {"dense_steps": args.dense_steps, "tile": TILE, "rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, nargs="+", default=[2, 8, 14], help="denoising steps (0-based) to capture")
+    p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument("--prompt", nargs="+", default=["a red circle moves left on a black background"],
+                   help="one caption per head table (the first), one or more for --frames-cdf")
+    p.add_argument("--frames-cdf", type=float, nargs="+", help="render with oracle masks at these cdf thresholds")
+    p.add_argument("--dense-steps", type=int, default=4, help="with --frames-cdf: steps left dense")
+    p.add_argument("--out", help="also write the table as JSON here")
+    args = p.parse_args()
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    result = oracle_frames(pipe, args) if args.frames_cdf else per_head(pipe, args)
     if args.out:
-        atomic_write_json(args.out, {"budget": args.budget, "tile": tile, "prompt": args.prompt, "means": means,
-                                     "rows": table}, indent=1)
+        atomic_write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":
