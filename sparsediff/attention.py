@@ -40,7 +40,6 @@ calibration.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,7 +47,14 @@ import torch
 
 from sparsediff._runtime import on_tensor_device
 from sparsediff.kernels.block_select import block_select, select_top_cdf
-from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, BlockLut, block_sparse_attention, build_block_lut
+from sparsediff.kernels.block_sparse_attn import (
+    BLOCK_M,
+    BLOCK_N,
+    BlockLut,
+    block_sparse_attention,
+    build_block_lut,
+    checked_scale,
+)
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
 from sparsediff.kernels.block_stats import block_stats
 
@@ -155,14 +161,6 @@ def sample_rows(n: int, device: torch.device = torch.device("cpu")) -> torch.Ten
     return (starts + torch.tensor(offsets)).clamp_max(n - 1).flatten().to(device)
 
 
-def _check_scale(scale: float | None, head_dim: int) -> float:
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
-    return float(scale)
-
-
 @on_tensor_device
 def predict_block_mask(
     q: torch.Tensor,
@@ -208,7 +206,7 @@ def predict_block_masks(
 def _checked_predict(q, k, cdf_thresholds, sim_threshold, *, method, scale, kv_lens, dense_tail_tokens):
     _check_inputs(q, k, kv_lens, dense_tail_tokens, method)
     thresholds = head_thresholds(cdf_thresholds, sim_threshold, q.shape[1], q.device)
-    return predict_with(q, k, thresholds, method=method, scale=_check_scale(scale, q.shape[3]),
+    return predict_with(q, k, thresholds, method=method, scale=checked_scale(scale, q.shape[3]),
                         kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens)
 
 

@@ -265,6 +265,7 @@ def _all(fn):
         ("kv_lens", lambda a: {"kv_lens": torch.tensor([3, 4])}),
         ("scale", lambda a: {"scale": 0.0}),
         ("scale", lambda a: {"scale": float("nan")}),
+        ("scale", lambda a: {"scale": True}),
         ("pv_threshold", lambda a: {"pv_threshold": 0.0}),
         ("pv_threshold", lambda a: {"pv_threshold": 2.0}),
     ],

@@ -550,9 +550,15 @@ def _validate(
         raise ValueError(f"fp8 must be a bool, got {fp8!r}")
     if fp8 and (reason := fp8_unsupported(q.device)):
         raise ValueError(f"fp8=True: {reason}")
+    return checked_scale(scale, head_dim)
+
+
+def checked_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale to use: `scale`, or 1/sqrt(head_dim) for None; ValueError unless a finite
+    number > 0 (a bool is not one)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     return float(scale)
 
