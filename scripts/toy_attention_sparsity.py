@@ -36,6 +36,7 @@ from sparsediff.pipelines.toy_shapes import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFA
 GRID = (DEFAULT_FRAMES, DEFAULT_HEIGHT // 4, DEFAULT_WIDTH // 4)  # the latent grid: 4x4 pixel-unshuffle
 TILE = choose_tile(GRID, BLOCK_M)
 TILE_ORDER = tile_permutation(GRID, TILE)
+RASTER_ORDER = inverse_permutation(TILE_ORDER)
 N_VIDEO = GRID[0] * GRID[1] * GRID[2]
 
 
@@ -71,7 +72,7 @@ def render(pipe, prompt: str, self_attention) -> tuple:
             q, k, v = (x.transpose(1, 2).float()[:, :, TILE_ORDER] for x in (query, key, value))
             out = self_attention(state["step"], q, k, v)
             if out is not None:
-                return out[:, :, inverse_permutation(TILE_ORDER)].transpose(1, 2).to(query.dtype)
+                return out[:, :, RASTER_ORDER].transpose(1, 2).to(query.dtype)
         return stock(query, key, value, *a, **kw)
 
     def next_step(pipe, i, t, kw):

@@ -17,26 +17,29 @@ from sparsediff.kernels import channel_stats
 from sparsediff.kernels.quantize_fp8_reference import channel_stats as channel_stats_torch
 from sparsediff.kernels.quantize_fp8_reference import e4m3_scales
 
-# (TILE_ROWS, PARTIALS_NUM_WARPS, TARGET_PROGRAMS, MAX_TILES_PER_CHUNK)
+CONFIG = ("TILE_ROWS", "PARTIALS_NUM_WARPS", "TARGET_PROGRAMS", "MAX_TILES_PER_CHUNK")  # a candidate's fields
+# Values of CONFIG's fields, in its order.
 CANDIDATES = ((32, 4, 1024, 64), (64, 4, 1024, 64), (64, 8, 512, 64), (32, 4, 4096, 64), (128, 8, 512, 64),
               (64, 4, 264, 256))
 SHAPES = {"flux": (1, 4608 + 512, 24, 128), "cogvideox": (1, 17776, 48, 64), "wan": (1, 32760, 12, 128)}  # (B, N, H, D)
 
 
+def _set(candidate: tuple[int, int, int, int]) -> None:
+    for name, value in zip(CONFIG, candidate):
+        setattr(channel_stats, name, value)
+
+
 def main() -> None:
-    declared = (channel_stats.TILE_ROWS, channel_stats.PARTIALS_NUM_WARPS, channel_stats.TARGET_PROGRAMS,
-                channel_stats.MAX_TILES_PER_CHUNK)
+    declared = tuple(getattr(channel_stats, name) for name in CONFIG)
     for name, shape in SHAPES.items():
         k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
         torch_ms = triton.testing.do_bench(cuda_graphed(lambda: e4m3_scales(channel_stats_torch(k, v, None)[1])))
         line = [f"{name} {shape}: torch {torch_ms * 1e3:.1f} us"]
         for candidate in CANDIDATES:
-            (channel_stats.TILE_ROWS, channel_stats.PARTIALS_NUM_WARPS, channel_stats.TARGET_PROGRAMS,
-             channel_stats.MAX_TILES_PER_CHUNK) = candidate
+            _set(candidate)
             ms = triton.testing.do_bench(cuda_graphed(lambda: channel_stats.channel_stats_fp8(k, v, None)))
             line.append(f"{candidate} {ms * 1e3:.1f} us")
-        (channel_stats.TILE_ROWS, channel_stats.PARTIALS_NUM_WARPS, channel_stats.TARGET_PROGRAMS,
-         channel_stats.MAX_TILES_PER_CHUNK) = declared
+        _set(declared)
         print("; ".join(line), flush=True)
 
 
