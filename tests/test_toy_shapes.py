@@ -211,8 +211,8 @@ def test_shipped_weights_load_and_render(shipped):
 def test_shipped_model_draws_the_named_colour_in_the_named_motion(shipped):
     # The evaluation's checks at its settings (17 frames, 16 steps, guidance 4, clip i from seed i)
     # on one held-out caption (a triple never trained on) and one trained triple; both pass in
-    # weights/eval_report.json on the GPU and in the CPU evaluation. Not every caption does: about
-    # 2 in 5 held-out and 3 in 5 seen ones pass (pipelines/toy_shapes/README.md).
+    # weights/eval_report.json on the GPU and on the CPU. Not every caption does: half the held-out
+    # and 3 in 5 seen ones pass; clips on plain black or white show no object (pipelines/toy_shapes/README.md).
     clips = [(data.eval_clips()[8], 8), (data.eval_clips("seen")[4], 4)]
     captions = [data.caption_for(objs, bg) for (objs, bg), _ in clips]
     assert captions == ["a orange triangle moves up on a checkered background",

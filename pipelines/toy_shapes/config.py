@@ -6,8 +6,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-DEFAULT_HEIGHT = 48
-DEFAULT_WIDTH = 48
+DEFAULT_HEIGHT = 64
+DEFAULT_WIDTH = 64
 DEFAULT_FRAMES = 17
 DEFAULT_STEPS = 16
 DEFAULT_GUIDANCE = 4.0

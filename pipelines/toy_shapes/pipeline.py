@@ -2,8 +2,8 @@
 
 Patch transform (fixed, no VAE): RGB frames in [0, 1] are mapped to [-1, 1] and each frame is
 pixel-unshuffled by ``PATCH`` = 4, giving ``3 * 16 = 48`` channels on an (H/4, W/4) grid; the
-transformer sees (B, 48, F, H/4, W/4) with patch_size (1, 1, 1), so a 17-frame 48x48 clip is
-17 * 12 * 12 = 2448 video tokens. Sampling is rectified flow with diffusers'
+transformer sees (B, 48, F, H/4, W/4) with patch_size (1, 1, 1), so a 17-frame 64x64 clip (the
+default) is 17 * 16 * 16 = 4352 video tokens. Sampling is rectified flow with diffusers'
 FlowMatchEulerDiscreteScheduler; the transformer predicts the velocity ``noise - x0``.
 """
 
