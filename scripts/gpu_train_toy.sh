@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Train the toy shapes model on the lent GPU, evaluate it, and leave the results in $OUT.
 #   scripts/gpu_train_toy.sh MINUTES [train flags...]     (run from the repository root)
-# The shipped weights: scripts/gpu_train_toy.sh 8 --compile true
+# The shipped weights are three runs, each from the previous one's weights copied into
+# pipelines/toy_shapes/weights (pipelines/toy_shapes/README.md):
+#   scripts/gpu_train_toy.sh 8 --compile true --height 48 --width 48
+#   scripts/gpu_train_toy.sh 7.5 --compile true --init-from pipelines/toy_shapes/weights --lr 3e-4
+#   scripts/gpu_train_toy.sh 4 --compile true --init-from pipelines/toy_shapes/weights --lr 2e-4 --foreground-weight 4
 # The device has torch but no diffusers: the wheels in .whl/ are installed to /tmp/site. The
 # package is imported as top-level `toy_shapes` (its imports are relative), so neither an
 # install of sparsediff nor the rest of the library is needed there.

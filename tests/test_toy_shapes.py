@@ -168,12 +168,39 @@ def test_a_captions_clip_does_not_depend_on_its_batch_mates():
     np.testing.assert_allclose(batch[:1], alone, atol=1e-5)
 
 
+def test_foreground_weights_cover_the_objects_tokens_and_leave_the_loss_unchanged_at_zero():
+    from sparsediff.pipelines.toy_shapes.train import flow_loss, token_weights
+
+    batch = data.batch_from_objects([([("red", "square", "moves left")], "black")], torch.Generator().manual_seed(0),
+                                    num_frames=3, height=32, width=32)
+    coverage = data.object_coverage(batch)
+    frames = data.render(batch)
+    # covered pixels are exactly those that differ from the (plain) background
+    assert torch.equal(coverage > 0, (frames - frames[..., :1, :1]).abs().amax(dim=2) > 0)
+    w = token_weights(coverage, 4.0)
+    assert w.shape == (1, 1, 3, 8, 8) and w.min() == 1.0 and w.max() == 5.0  # anti-aliased edges in between
+    assert torch.equal(w > 1, torch.nn.functional.max_pool2d(coverage, 4)[:, None] > 0)
+
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    x0 = ts.frames_to_latents(frames)
+    t, noise = torch.tensor([0.5]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = flow_loss(pipe, x0, batch.captions, t, noise)
+        ones = flow_loss(pipe, x0, batch.captions, t, noise, weights=token_weights(coverage, 0.0))
+        weighted = flow_loss(pipe, x0, batch.captions, t, noise, weights=w)
+    torch.testing.assert_close(ones, plain)
+    assert not torch.isclose(weighted, plain)
+    with pytest.raises(ValueError, match="foreground_weight"):
+        ts.TrainConfig(foreground_weight=-1.0)
+
+
 def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
     from sparsediff.pipelines.toy_shapes.train import main
 
     args = ["--out", str(tmp_path), "--steps", "2", "--compile", "true", "--bf16", "false", "--device", "cpu",
             "--num-layers", "1", "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64",
-            "--height", "32", "--width", "32", "--num-frames", "3", "--batch-size", "2", "--log-every", "1"]
+            "--height", "32", "--width", "32", "--num-frames", "3", "--batch-size", "2", "--log-every", "1",
+            "--foreground-weight", "4"]
     assert main(args) == 0
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["steps"] == 2 and len(log["history"]) == 2 and all(np.isfinite(e["loss"]) for e in log["history"])

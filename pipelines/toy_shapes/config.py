@@ -35,6 +35,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    # Loss weight of the tokens an object covers is 1 + this: objects are a few % of the pixels, and
+    # unweighted training left clips on plain black or white backgrounds without any object
+    foreground_weight: float = 0.0
     # rectified flow: t = shift(sigmoid(N(mean, std)))
     t_mean: float = 0.0
     t_std: float = 1.0
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
         if not 0.0 <= self.window_fraction <= 1.0:
             raise ValueError(f"window_fraction must be in [0, 1], got {self.window_fraction}")
+        if self.foreground_weight < 0.0:
+            raise ValueError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -313,13 +313,12 @@ def _backgrounds(batch: ClipBatch, device: torch.device) -> torch.Tensor:
     return bg.clamp(0.0, 1.0)
 
 
-def render(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Render a batch to float frames (B, F, 3, H, W) in [0, 1] on ``device``."""
-    dev = torch.device(device)
-    H, W, F = batch.height, batch.width, batch.num_frames
-    cx, cy, size, angle = (t.to(dev)[..., None, None] for t in (batch.cx, batch.cy, batch.size, batch.angle))
-    px = torch.arange(W, device=dev, dtype=torch.float32) + 0.5 - cx  # (B, K, F, 1, W)
-    py = torch.arange(H, device=dev, dtype=torch.float32)[:, None] + 0.5 - cy  # (B, K, F, H, 1)
+def _alphas(batch: ClipBatch, device: torch.device) -> torch.Tensor:
+    """Each object's coverage of each pixel, (B, K, F, H, W) in [0, 1] (0 for inactive objects)."""
+    H, W = batch.height, batch.width
+    cx, cy, size, angle = (t.to(device)[..., None, None] for t in (batch.cx, batch.cy, batch.size, batch.angle))
+    px = torch.arange(W, device=device, dtype=torch.float32) + 0.5 - cx  # (B, K, F, 1, W)
+    py = torch.arange(H, device=device, dtype=torch.float32)[:, None] + 0.5 - cy  # (B, K, F, H, 1)
     cos, sin = torch.cos(angle), torch.sin(angle)
     u = cos * px + sin * py  # coordinates in the object's own (unrotated) frame
     v = -sin * px + cos * py
@@ -328,13 +327,23 @@ def render(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor
     # Equilateral triangle, apex up: the farthest of its three edge half-planes.
     h = 0.5 * math.sqrt(3.0)
     d_tri = torch.maximum(torch.maximum(v, -h * u - 0.5 * v), h * u - 0.5 * v) - 0.5 * _TRI_R * size
-    shape = batch.shape.to(dev)[..., None, None, None]
+    shape = batch.shape.to(device)[..., None, None, None]
     dist = torch.where(shape == _CIRCLE, d_circle, torch.where(shape == _SQUARE, d_square, d_tri))
-    alpha = (0.5 - dist).clamp(0.0, 1.0) * batch.active.to(dev)[..., None, None, None]  # 1-px anti-aliasing
+    return (0.5 - dist).clamp(0.0, 1.0) * batch.active.to(device)[..., None, None, None]  # 1-px anti-aliasing
 
-    img = _backgrounds(batch, dev)[:, None, None].expand(-1, F, 3, -1, -1)  # (B, F, 3, H, W)
+
+def render(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Render a batch to float frames (B, F, 3, H, W) in [0, 1] on ``device``."""
+    dev = torch.device(device)
+    alpha = _alphas(batch, dev)
+    img = _backgrounds(batch, dev)[:, None, None].expand(-1, batch.num_frames, 3, -1, -1)  # (B, F, 3, H, W)
     rgb = batch.rgb.to(dev)
     for k in range(alpha.shape[1]):
         a = alpha[:, k, :, None]  # (B, F, 1, H, W)
         img = img * (1.0 - a) + a * rgb[:, k, None, :, None, None]
     return img.contiguous()
+
+
+def object_coverage(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixels covered by any object, (B, F, H, W) in [0, 1]: where the captions' content is."""
+    return _alphas(batch, torch.device(device)).amax(dim=1)

@@ -26,8 +26,8 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from .config import TrainConfig
-from .data import batch_from_objects, caption_words, eval_clips, render, sample_batch
-from .pipeline import ToyShapesPipeline, frames_to_latents
+from .data import batch_from_objects, caption_words, eval_clips, object_coverage, render, sample_batch
+from .pipeline import PATCH, ToyShapesPipeline, frames_to_latents
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
 
@@ -58,11 +58,21 @@ def sample_t(n: int, cfg: TrainConfig, generator: torch.Generator, device: torch
     return cfg.flow_shift * t / (1.0 + (cfg.flow_shift - 1.0) * t)
 
 
+def token_weights(coverage: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """Loss weight per token, (B, 1, F, H/4, W/4): 1 + ``foreground_weight`` times the largest object
+    coverage in the token's patch, from ``object_coverage``'s (B, F, H, W)."""
+    B, Fr, H, W = coverage.shape
+    covered = F.max_pool2d(coverage.reshape(B * Fr, 1, H, W), PATCH).reshape(B, Fr, H // PATCH, W // PATCH)
+    return (1.0 + foreground_weight * covered)[:, None]
+
+
 def flow_loss(pipe: ToyShapesPipeline, x0: torch.Tensor, captions: list[str], t: torch.Tensor,
-              noise: torch.Tensor, transformer: Callable[..., tuple] | None = None) -> torch.Tensor:
+              noise: torch.Tensor, transformer: Callable[..., tuple] | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the predicted velocity ``noise - x0`` at ``x_t = (1 - t) x0 + t noise``.
 
-    ``transformer`` runs in place of ``pipe.transformer`` (a compiled wrapper of it).
+    ``transformer`` runs in place of ``pipe.transformer`` (a compiled wrapper of it). ``weights``
+    (``token_weights``) weighs each token's error; the sum is normalised by the weights' sum.
     """
     tb = t.view(-1, 1, 1, 1, 1)
     xt = (1.0 - tb) * x0 + tb * noise
@@ -70,7 +80,10 @@ def flow_loss(pipe: ToyShapesPipeline, x0: torch.Tensor, captions: list[str], t:
     emb = pipe.text_encoder(ids.to(x0.device), mask.to(x0.device))
     model = pipe.transformer if transformer is None else transformer
     pred = model(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
-    return F.mse_loss(pred.float(), noise - x0)
+    if weights is None:
+        return F.mse_loss(pred.float(), noise - x0)
+    error = (pred.float() - (noise - x0)).square().mean(dim=1, keepdim=True)
+    return (error * weights).mean() / weights.mean()
 
 
 def _lr(cfg: TrainConfig, step: int, total: int) -> float:
@@ -146,12 +159,13 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
             start_frame = int(torch.randint(0, cfg.num_frames - cfg.window_frames + 1, (1,), generator=data_gen))
             batch = batch.window(start_frame, cfg.window_frames)
         x0 = frames_to_latents(render(batch, dev))
+        weights = token_weights(object_coverage(batch, dev), cfg.foreground_weight) if cfg.foreground_weight else None
         drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.caption_dropout
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
         t = sample_t(cfg.batch_size, cfg, noise_gen, dev)
         noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
         with autocast:
-            loss = flow_loss(pipe, x0, captions, t, noise, train_transformer)
+            loss = flow_loss(pipe, x0, captions, t, noise, train_transformer, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
