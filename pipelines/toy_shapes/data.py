@@ -334,6 +334,12 @@ def _alphas(batch: ClipBatch, device: torch.device) -> torch.Tensor:
 
 def render(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor:
     """Render a batch to float frames (B, F, 3, H, W) in [0, 1] on ``device``."""
+    return render_with_coverage(batch, device)[0]
+
+
+def render_with_coverage(batch: ClipBatch, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``render``'s frames, and the pixels any object covers, (B, F, H, W) in [0, 1]: where the
+    captions' content is (training's foreground weights), from the same object alphas."""
     dev = torch.device(device)
     alpha = _alphas(batch, dev)
     img = _backgrounds(batch, dev)[:, None, None].expand(-1, batch.num_frames, 3, -1, -1)  # (B, F, 3, H, W)
@@ -341,9 +347,4 @@ def render(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor
     for k in range(alpha.shape[1]):
         a = alpha[:, k, :, None]  # (B, F, 1, H, W)
         img = img * (1.0 - a) + a * rgb[:, k, None, :, None, None]
-    return img.contiguous()
-
-
-def object_coverage(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pixels covered by any object, (B, F, H, W) in [0, 1]: where the captions' content is."""
-    return _alphas(batch, torch.device(device)).amax(dim=1)
+    return img.contiguous(), alpha.amax(dim=1)

@@ -26,7 +26,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from .config import TrainConfig
-from .data import batch_from_objects, caption_words, eval_clips, object_coverage, render, sample_batch
+from .data import batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch
 from .pipeline import PATCH, ToyShapesPipeline, frames_to_latents
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
@@ -60,7 +60,7 @@ def sample_t(n: int, cfg: TrainConfig, generator: torch.Generator, device: torch
 
 def token_weights(coverage: torch.Tensor, foreground_weight: float) -> torch.Tensor:
     """Loss weight per token, (B, 1, F, H/4, W/4): 1 + ``foreground_weight`` times the largest object
-    coverage in the token's patch, from ``object_coverage``'s (B, F, H, W)."""
+    coverage in the token's patch, from ``render_with_coverage``'s (B, F, H, W)."""
     B, Fr, H, W = coverage.shape
     covered = F.max_pool2d(coverage.reshape(B * Fr, 1, H, W), PATCH).reshape(B, Fr, H // PATCH, W // PATCH)
     return (1.0 + foreground_weight * covered)[:, None]
@@ -158,8 +158,9 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         if cfg.window_frames is not None and step < cfg.window_fraction * total:
             start_frame = int(torch.randint(0, cfg.num_frames - cfg.window_frames + 1, (1,), generator=data_gen))
             batch = batch.window(start_frame, cfg.window_frames)
-        x0 = frames_to_latents(render(batch, dev))
-        weights = token_weights(object_coverage(batch, dev), cfg.foreground_weight) if cfg.foreground_weight else None
+        frames, coverage = render_with_coverage(batch, dev)
+        x0 = frames_to_latents(frames)
+        weights = token_weights(coverage, cfg.foreground_weight) if cfg.foreground_weight else None
         drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.caption_dropout
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
         t = sample_t(cfg.batch_size, cfg, noise_gen, dev)
