@@ -376,8 +376,9 @@ def _versions(device: torch.device) -> dict[str, str | None]:
             return None
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("sparsediff", "torch", "triton", "diffusers", "transformers", "accelerate"):
+    for dist in ("sparsediff", "triton", "diffusers", "transformers", "accelerate"):
         out[dist] = version(dist)
+    out["torch"] = torch.__version__  # with its build tag (+cu130, +cpu), which the dist metadata may omit
     out["cuda"] = torch.version.cuda
     out["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return out
@@ -515,6 +516,7 @@ class Renderer:
         # Read the stats now: --compare-dense removes the handle below.
         sparsity = _finite(self.handle.stats.mean_sparsity(after_dense_steps=True)) if self.handle else None
         per_step = [_finite(x) for x in self.handle.stats.per_step().tolist()] if self.handle else None
+        fallbacks = self.handle.stats.fallback_summary() if self.handle else None
         dense_steps = self.handle.profile.dense_steps if self.handle else None
         self._write(plan.output(item), frames)
 
@@ -555,6 +557,7 @@ class Renderer:
             "wall_time_s": wall,
             "sparsity": sparsity,
             "sparsity_per_step": per_step,
+            "dense_fallbacks": fallbacks,
             "peak_gpu_memory_bytes": peak,
             "compare_dense": comparison,
             "device": str(self.device),

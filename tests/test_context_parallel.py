@@ -122,6 +122,8 @@ def test_unsupported_context_parallel_runs_the_stock_path_and_says_so(degrees, m
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and message in messages[0] and "runs dense" in messages[0]
     assert controller.stats.mean_sparsity() == 0.0  # counted as dense calls over the full sequence
+    [fallback] = controller.stats.fallback_summary()
+    assert fallback["calls"] == 2 and message in fallback["reason"] and fallback["cause"].startswith("cp-")
 
 
 def test_apply_and_remove_hand_the_parallel_config_and_backend_on():

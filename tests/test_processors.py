@@ -19,6 +19,7 @@ from sparsediff.processors import (
     apply,
     remove,
 )
+from sparsediff.processors.controller import FALLBACK_CAUSES
 from sparsediff.processors.flux import image_grid_from_ids
 from sparsediff.profile import SparsityProfile
 from tiny_models import GRID, TEXT_TOKENS, TINY, build_wan, build_wan_pipeline, wan_inputs
@@ -185,13 +186,16 @@ def test_fallbacks_run_the_stock_computation_and_say_so_once(monkeypatch, caplog
     ref = _run(model, inputs)
     monkeypatch.setattr(_runtime, "_said", set())
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: no kernels
-    apply(model, cdf_threshold=0.3, dense_steps=0)
+    handle = apply(model, cdf_threshold=0.3, dense_steps=0)
     with caplog.at_level(logging.WARNING, logger="sparsediff"):
         assert torch.equal(_run(model, inputs), ref)
         assert torch.equal(_run(model, inputs), ref)
     assert [r.getMessage() for r in caplog.records].count(
         "sparsediff: Triton kernels unavailable on this device (CPU needs TRITON_INTERPRET=1); "
         "attention runs dense (stock SDPA)") == 1
+    # Every self-attention call of both forwards is counted with its cause, for the sidecars.
+    assert handle.stats.as_dict()["dense_fallbacks"] == [
+        {"cause": "device", "reason": FALLBACK_CAUSES["device"], "calls": 2 * len(handle.controller.layer_names)}]
     remove(model)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     handle = apply(model, cdf_threshold=0.3, dense_steps=0)
@@ -199,6 +203,7 @@ def test_fallbacks_run_the_stock_computation_and_say_so_once(monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="sparsediff"):
         assert torch.equal(_run(model, inputs), ref)
     assert any("only a few query blocks" in r.getMessage() for r in caplog.records)
+    assert dict(handle.stats.fallbacks) == {"short": len(handle.controller.layer_names)}
     remove(model)
     model64 = build_wan().double()  # fp64: unsupported dtype
     ref64 = _run(model64, wan_inputs(model64))

@@ -74,6 +74,7 @@ def test_batch_writes_videos_sidecars_and_summary(rendered: Path) -> None:
         assert SIDECAR_KEYS <= sidecar.keys() and sidecar["status"] == "ok"
         assert sidecar["output"] == video.name and sidecar["seed"] == 0
         assert sidecar["settings"]["mode"] == "dense" and sidecar["sparsity"] is None
+        assert sidecar["dense_fallbacks"] is None
         assert sidecar["peak_gpu_memory_bytes"] is None and sidecar["wall_time_s"] > 0
         assert sidecar["versions"]["torch"] == torch.__version__
     assert json.loads(videos[1].with_suffix(".json").read_text())["prompt"] == "A blue square, sliding left!"
@@ -183,6 +184,7 @@ def test_sparse_render_with_compare_dense(tmp_path: Path, fp8: bool) -> None:
     assert sidecar["sparsity"] is not None and 0.0 < sidecar["sparsity"] < 1.0
     assert sidecar["sparsity_per_step"][0] == 0.0 and sidecar["sparsity_per_step"][1] == pytest.approx(
         sidecar["sparsity"])  # step 0 dense; the mean counts the steps after it
+    assert sidecar["dense_fallbacks"] == []  # every call after the dense step ran sparse
     comparison = sidecar["compare_dense"]
     assert comparison["ssim"] <= 1.0 and comparison["relative_l1"] >= 0.0
     assert comparison["psnr_db"] is not None or comparison["frames_identical"]

@@ -249,3 +249,40 @@ def test_shipped_model_draws_the_named_colour_in_the_named_motion(shipped):
         result = metrics.check_clip(clip, objs)
         assert result["colour_ok"] and result["motion_ok"], result["objects"][0]
         assert not metrics.check_clip(clip[::-1].copy(), objs)["motion_ok"]  # the same clip played backwards
+
+
+def test_shipped_profile_fits_the_shipped_model_and_is_what_render_uses(shipped, tmp_path):
+    import argparse
+
+    import sparsediff
+    from sparsediff.metrics import video_psnr
+    from sparsediff.pipelines import render
+    from sparsediff.pipelines.recipes import get_recipe
+    from sparsediff.profile import SparsityProfile
+
+    recipe = get_recipe("toy-shapes")
+    path = recipe.shipped_profile()
+    assert path is not None and path.name == "toy-shapes.json"
+    profile = SparsityProfile.load(path)
+    profile.check_fits(shipped)
+    assert profile.model_id == "toy-shapes" and profile.dense_steps < recipe.steps
+    assert any(not layer.dense for layer in profile.layers.values())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\n")
+    parser = argparse.ArgumentParser()
+    render.add_arguments(parser)
+    plan = render.make_plan(parser.parse_args(["--prompts", str(prompts), "--out", str(tmp_path / "out")]))
+    assert (plan.recipe.name, plan.mode, plan.profile_source, plan.profile_path) == ("toy-shapes", "sparse",
+                                                                                     "shipped", path)
+    # Run as shipped, under the interpreter, on a short clip: 5 frames (1,280 tokens), one step after
+    # the profile's dense ones. Its sparse layers skip blocks and the clip stays close to dense.
+    kwargs = dict(prompt="a green circle moves up on a striped background", num_frames=5,
+                  num_inference_steps=profile.dense_steps + 1)
+    dense = shipped(**kwargs, generator=torch.Generator().manual_seed(0)).frames[0]
+    handle = sparsediff.apply(shipped, profile=profile)
+    try:
+        sparse = shipped(**kwargs, generator=torch.Generator().manual_seed(0)).frames[0]
+        assert handle.stats.fallback_summary() == [] and handle.stats.mean_sparsity() > 0.0
+    finally:
+        handle.remove()
+    assert video_psnr(sparse, dense) > 35.0

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 # Families whose diffusers transformer defines a `_cp_plan` (diffusers 0.42.1).
 CONTEXT_PARALLEL_FAMILIES = ("wan", "flux")
 
-_CAUSES = {
+# Why a call under context parallelism that was to run sparse ran dense (the controller's
+# FALLBACK_CAUSES holds them as "cp-<key>").
+CONTEXT_PARALLEL_CAUSES = {
     "ring": "ring attention (ring_degree > 1) passes the keys around a part at a time, which a block mask "
             "predicted over the whole sequence cannot follow",
     "anything": "Ulysses/ring 'anything' mode (uneven shards) is not supported by the sparse path",
@@ -145,11 +147,13 @@ def attend_ulysses(
     q, k, v = (query, key, value) if layout == "BNHD" else (x.transpose(1, 2) for x in (query, key, value))
     batch, n_local, heads, _ = q.shape
     ulysses = _ulysses_or_cause(parallel_config, heads, attention_mask)
-    if isinstance(ulysses, str):
-        warn_once(f"dense:cp-{ulysses}", f"sparsediff: {_CAUSES[ulysses]}; attention runs dense "
-                                         f"(stock diffusers context-parallel path)")
     layer = controller.profile.layers[layer_name]
-    if isinstance(ulysses, str) or layer.dense or controller.is_dense_step():
+    dense_anyway = layer.dense or controller.is_dense_step()
+    if isinstance(ulysses, str) and not dense_anyway:
+        warn_once(f"dense:cp-{ulysses}", f"sparsediff: {CONTEXT_PARALLEL_CAUSES[ulysses]}; attention runs dense "
+                                         f"(stock diffusers context-parallel path)")
+        controller.stats.record_fallback(f"cp-{ulysses}")
+    if isinstance(ulysses, str) or dense_anyway:
         cp = parallel_config.context_parallel_config
         n_full = n_local * cp.ring_degree * cp.ulysses_degree
         controller._record(layer_name, None, batch, heads, n_full, None)

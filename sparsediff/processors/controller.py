@@ -8,6 +8,7 @@ the sparsity reached and returns the output in the caller's token order and tens
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from sparsediff.kernels.gather_tokens import gather_tokens
 from sparsediff.layout import inverse_permutation, token_permutation
 from sparsediff.processors.base import ForwardInfo
 from sparsediff.processors.call_graph import SparseCallGraph
-from sparsediff.processors.context_parallel import HeadShard, attend_ulysses
+from sparsediff.processors.context_parallel import CONTEXT_PARALLEL_CAUSES, HeadShard, attend_ulysses
 from sparsediff.profile import SparsityProfile
 
 
@@ -58,6 +59,8 @@ class SparsityStats:
 
     Sparsity = skipped / total (b, h, query block, key block) pairs. Dense calls of a sparse-capable
     layer (dense steps, profile-dense layers, fallbacks) count as computing every pair.
+    `fallbacks` counts, by cause (`FALLBACK_CAUSES`), the calls that were to run sparse and ran dense:
+    a render whose sparsity is 0 says why.
     """
 
     def __init__(self, layer_names: list[str], heads: list[int], dense_steps: int) -> None:
@@ -67,6 +70,7 @@ class SparsityStats:
         self._index = {name: i for i, name in enumerate(self.layer_names)}
         self._kept: dict[tuple[int, int], torch.Tensor] = {}  # (layer, step) -> kept pairs per head
         self._total: dict[tuple[int, int], int] = {}  # (layer, step) -> pairs per head
+        self.fallbacks: Counter[str] = Counter()
 
     def record(self, layer_name: str, step: int, kept_per_head: torch.Tensor, pairs_per_head: int) -> None:
         """Add one call: `kept_per_head` (H,) computed pairs (stays on its device, no sync)."""
@@ -78,9 +82,18 @@ class SparsityStats:
         else:
             self._kept[key], self._total[key] = kept, pairs_per_head
 
+    def record_fallback(self, cause: str) -> None:
+        """Count one call that was to run sparse and ran dense for `cause` (a FALLBACK_CAUSES key)."""
+        self.fallbacks[cause] += 1
+
+    def fallback_summary(self) -> list[dict[str, Any]]:
+        """JSON-ready: one {"cause", "reason", "calls"} per cause seen, most calls first."""
+        return [{"cause": c, "reason": FALLBACK_CAUSES[c], "calls": n} for c, n in self.fallbacks.most_common()]
+
     def reset(self) -> None:
         self._kept.clear()
         self._total.clear()
+        self.fallbacks.clear()
 
     @property
     def steps(self) -> list[int]:
@@ -144,6 +157,7 @@ class SparsityStats:
             "mean_sparsity": self.mean_sparsity(),
             "per_layer_step": rows(self.per_layer_step()),
             "per_layer_head": rows(self.per_layer_head()),
+            "dense_fallbacks": self.fallback_summary(),
         }
 
 
@@ -271,9 +285,11 @@ class AttentionController:
         if cause is None and attention_mask is not None:
             padding = self._key_padding(attention_mask, batch, n_tokens)
             cause = padding.cause
-        if cause is not None:
-            warn_once(f"dense:{cause}", f"sparsediff: {_CAUSES[cause]}; attention runs dense (stock SDPA)")
-        if cause is not None or layer.dense or self.is_dense_step():
+        dense_anyway = layer.dense or self.is_dense_step()
+        if cause is not None and not dense_anyway:
+            warn_once(f"dense:{cause}", f"sparsediff: {FALLBACK_CAUSES[cause]}; attention runs dense (stock SDPA)")
+            self.stats.record_fallback(cause)
+        if cause is not None or dense_anyway:
             self._record(layer_name, None, batch, heads, n_tokens, padding, head_shard)
             return dense()
         kv_lens = None if padding is None else padding.kv_lens
@@ -461,7 +477,8 @@ class _KeyPadding:
     cause: str | None  # fallback cause when the mask cannot run sparse
 
 
-_CAUSES = {
+# Why a call that was to run sparse ran dense (SparsityStats.fallbacks, the render sidecars).
+FALLBACK_CAUSES = {
     "device": "Triton kernels unavailable on this device (CPU needs TRITON_INTERPRET=1)",
     "dtype": "unsupported dtype (fp16/bf16; fp32 only on the CPU interpreter)",
     "head_dim": f"head dim above {MAX_HEAD_DIM} is not supported by the kernel",
@@ -470,4 +487,5 @@ _CAUSES = {
     "short": "sequence of only a few query blocks",
     "mask": "attention mask is not a right-padding bool key mask",
     "fp8": f"fp8=True needs a GPU of compute capability {'.'.join(map(str, FP8_MIN_CAPABILITY))} or newer",
+    **{f"cp-{cause}": reason for cause, reason in CONTEXT_PARALLEL_CAUSES.items()},
 }
