@@ -21,11 +21,17 @@ run=/tmp/toy_run
 mkdir -p "$out"
 rm -rf "$run"
 python3 -m toy_shapes.train --out "$run" --minutes "$minutes" "$@" 2>&1 | tee "$out/run.log" || exit 1
+# Pack the weights before evaluating, and again after: a call stopped at the device's time limit
+# during the evaluation still returns the trained model.
+pack() {
+  cp "$run/transformer/diffusion_pytorch_model.safetensors" "$out/transformer.safetensors"
+  cp "$run/text_encoder/diffusion_pytorch_model.safetensors" "$out/text_encoder.safetensors"
+  tar -C "$run" -cf "$out/meta.tar" transformer/config.json text_encoder/config.json tokenizer scheduler \
+      train_config.json train_log.json "$@"
+}
+pack
 # shellcheck disable=SC2086  # EVAL_STEPS is a list of step counts
 python3 -m toy_shapes.eval --weights "$run" --out "$run/eval_report.json" --steps ${EVAL_STEPS:-16 24} \
     --png "$out/samples.png" 2>&1 | tee -a "$out/run.log" || exit 1
-cp "$run/transformer/diffusion_pytorch_model.safetensors" "$out/transformer.safetensors"
-cp "$run/text_encoder/diffusion_pytorch_model.safetensors" "$out/text_encoder.safetensors"
-tar -C "$run" -cf "$out/meta.tar" transformer/config.json text_encoder/config.json tokenizer scheduler \
-    train_config.json train_log.json eval_report.json
+pack eval_report.json
 ls -l "$out"
