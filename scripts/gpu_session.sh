@@ -53,17 +53,13 @@ for stage in "$@"; do
     e2e)      python3 -m sparsediff bench e2e --out "$res/e2e" ;;
     steps)    python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families wan,cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
-    # The toy model's sparsity-quality curve: dense steps chosen by calibration, then 4 and 6 dense warm-up
-    # steps (sweep), 8 and 10 (sweep-late).
-    sweep)    python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.05,0.1,0.2,0.3,0.5,0.7 --out "$res/sweep" &&
-              python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.05,0.1,0.2,0.3,0.5,0.7 --dense-steps 4 \
-                  --out "$res/sweep-dense4" &&
-              python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.1,0.2,0.3,0.5,0.7 --dense-steps 6 \
-                  --out "$res/sweep-dense6" ;;
-    sweep-late) for dense in 8 10; do
-                  python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.1,0.2,0.3,0.5,0.7 \
-                      --dense-steps $dense --out "$res/sweep-dense$dense" || exit 1
-                done ;;
+    # The toy model's sparsity-quality curves, one calibrate-sweep per count of dense warm-up steps
+    # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one.
+    sweep)    for dense in ${SWEEP_DENSE_STEPS:-auto 4 6 8 10}; do
+                flag=(); [ "$dense" = auto ] || flag=(--dense-steps "$dense")
+                python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.1,0.2,0.3,0.5,0.7 "${flag[@]}" \
+                    --out "$res/sweep-dense$dense" || exit 1
+              done ;;
     flux)     python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 --setting-b-cdf 0.02 \
                   --out "$res/steps" ;;
     overhead) python3 -m sparsediff.calibration.bench_overhead --steps 20 --out "$res/overhead" ;;

@@ -245,7 +245,25 @@ def test_validation_says_when_it_means_nothing(e2e):
     root, _, _ = e2e
     validation = json.loads(sidecar_paths(root / "resumed.json")[0].read_text())["validation"]
     assert len(validation["videos"]) == 1 and validation["videos"][0]["identical"]
+    assert validation["videos"][0]["timed_renders"] == [1, 1]  # CPU: each render timed once
     assert not validation["meaningful"] and "TRITON_INTERPRET" in validation["note"]
+
+
+def test_validation_times_short_gpu_renders_again_and_takes_the_median():
+    from types import SimpleNamespace
+
+    from sparsediff.calibration.driver import VALIDATE_MAX_RENDERS, _timed_render
+
+    def renderer(device: str, walls: list[float]):
+        timings = iter(walls)
+        return SimpleNamespace(device=torch.device(device), _generate=lambda item: ("frames", next(timings), None))
+
+    # GPU: renders until they add up to a second (0.3 + 0.2 + 0.9), the median of those three.
+    assert _timed_render(renderer("cuda", [0.3, 0.2, 0.9, 5.0]), None) == ("frames", 0.3, 3)
+    # At most VALIDATE_MAX_RENDERS; a long first render (or a CPU) is timed once.
+    assert _timed_render(renderer("cuda", [0.01] * 10), None)[2] == VALIDATE_MAX_RENDERS
+    assert _timed_render(renderer("cuda", [2.0, 0.1]), None) == ("frames", 2.0, 1)
+    assert _timed_render(renderer("cpu", [0.1, 0.1]), None) == ("frames", 0.1, 1)
 
 
 def test_profile_holds_its_budget_on_held_out_prompts(e2e):
