@@ -459,7 +459,8 @@ def validate(plan: CalibrationPlan, renderer: Renderer, profile: SparsityProfile
         psnr = video_psnr(sparse, dense)
         videos.append(dict(prompt.as_dict(), psnr_db=None if math.isinf(psnr) else psnr, identical=math.isinf(psnr),
                            ssim=video_ssim(sparse, dense), dense_s=dense_s, sparse_s=sparse_s,
-                           timed_renders=[dense_renders, sparse_renders], speedup=dense_s / sparse_s, sparsity=None if math.isnan(sparsity) else sparsity,
+                           timed_renders=[dense_renders, sparse_renders], speedup=dense_s / sparse_s,
+                           sparsity=None if math.isnan(sparsity) else sparsity,
                            sparsity_after_dense_steps=None if math.isnan(after_dense) else after_dense))
     handle = sparsediff.apply(renderer.pipe, profile, controller_cls=HeadErrorController)
     try:

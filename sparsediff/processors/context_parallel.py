@@ -26,7 +26,6 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.context_parallel import ContextParallelSplitHook, EquipartitionSharder, PartitionAnythingSharder
 from diffusers.models._modeling_parallel import ContextParallelInput
 
-from sparsediff._runtime import warn_once
 
 if TYPE_CHECKING:
     from sparsediff.processors.controller import AttentionController
@@ -150,9 +149,7 @@ def attend_ulysses(
     layer = controller.profile.layers[layer_name]
     dense_anyway = layer.dense or controller.is_dense_step()
     if isinstance(ulysses, str) and not dense_anyway:
-        warn_once(f"dense:cp-{ulysses}", f"sparsediff: {CONTEXT_PARALLEL_CAUSES[ulysses]}; attention runs dense "
-                                         f"(stock diffusers context-parallel path)")
-        controller.stats.record_fallback(f"cp-{ulysses}")
+        controller.fall_back(f"cp-{ulysses}", "stock diffusers context-parallel path")
     if isinstance(ulysses, str) or dense_anyway:
         cp = parallel_config.context_parallel_config
         n_full = n_local * cp.ring_degree * cp.ulysses_degree

@@ -287,8 +287,7 @@ class AttentionController:
             cause = padding.cause
         dense_anyway = layer.dense or self.is_dense_step()
         if cause is not None and not dense_anyway:
-            warn_once(f"dense:{cause}", f"sparsediff: {FALLBACK_CAUSES[cause]}; attention runs dense (stock SDPA)")
-            self.stats.record_fallback(cause)
+            self.fall_back(cause, "stock SDPA")
         if cause is not None or dense_anyway:
             self._record(layer_name, None, batch, heads, n_tokens, padding, head_shard)
             return dense()
@@ -363,6 +362,12 @@ class AttentionController:
             graph = self._graphs[signature] = SparseCallGraph(call, q)
         graph.epoch = self._graph_epoch
         return None if graph.failed else graph
+
+    def fall_back(self, cause: str, dense_path: str) -> None:
+        """A call that was to run sparse runs dense for `cause` (a FALLBACK_CAUSES key) through
+        `dense_path`: said once per cause in the log, counted every time in the stats."""
+        warn_once(f"dense:{cause}", f"sparsediff: {FALLBACK_CAUSES[cause]}; attention runs dense ({dense_path})")
+        self.stats.record_fallback(cause)
 
     def can_run_sparse(self, device: torch.device) -> bool:
         """Whether `run_sparse` can run on `device` (the Triton kernels). Calibration overrides it: it
