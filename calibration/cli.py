@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sparsediff.attention import DEFAULT_METHOD, METHODS
 from sparsediff.calibration.measure import (
     DEFAULT_CDF_GRID,
     DEFAULT_ROW_FRACTION,
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
                              "short sequences: all)")
     parser.add_argument("--token-order", choices=("tiles", "raster"), default="tiles",
                         help="token order the profile runs with (default tiles)")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                        help=f"mask predictor the profile runs with (default {DEFAULT_METHOD}; sampled8: four times "
+                             "the queries of sampled, closer masks at four times its cost)")
     if not sweep:
         parser.add_argument("--validate", action="store_true",
                             help="render held-out prompts dense and with the new profile; PSNR, SSIM, speed-up, "

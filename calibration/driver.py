@@ -93,6 +93,7 @@ class CalibrationPlan:
     step_stride: int
     row_fraction: float
     token_order: str
+    method: str
     device: str
     fresh: bool = False
     state: dict[str, Any] | None = field(default=None, repr=False)  # a resumable earlier run's state
@@ -115,7 +116,7 @@ class CalibrationPlan:
             "model": self.recipe.name, "dtype": self.recipe.dtype, "steps": self.steps, "height": self.height,
             "width": self.width, "frames": self.frames, "guidance_scale": self.guidance_scale,
             "candidates": [c.as_dict() for c in self.candidates], "measured_steps": self.measured_steps,
-            "row_fraction": self.row_fraction, "token_order": self.token_order,
+            "row_fraction": self.row_fraction, "token_order": self.token_order, "method": self.method,
         }
 
 
@@ -213,7 +214,7 @@ def make_plan(args: Any) -> CalibrationPlan:
         guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         budget=args.budget, dense_steps=args.dense_steps, min_layer_sparsity=args.min_layer_sparsity,
         candidates=candidates, lead_steps=lead, step_stride=args.step_stride, row_fraction=args.row_fraction,
-        token_order=args.token_order, device=args.device or _default_device(), fresh=args.fresh,
+        token_order=args.token_order, method=args.method, device=args.device or _default_device(), fresh=args.fresh,
     )
     plan.state = _resumable_state(plan)
     return plan
@@ -310,7 +311,7 @@ def measure(plan: CalibrationPlan, renderer: Renderer | None) -> tuple[Calibrati
     assert renderer is not None
     remove_stale_temps(plan.state_path)
     base = SparsityProfile.uniform(renderer.pipe, model_id=plan.recipe.name, dense_steps=0,
-                                   token_order=plan.token_order)
+                                   token_order=plan.token_order, method=plan.method)
     handle = sparsediff.apply(renderer.pipe, base, dense_steps=0, controller_cls=CalibrationController)
     try:
         controller: CalibrationController = handle.controller
@@ -352,7 +353,8 @@ def build_profile(plan: CalibrationPlan, stats: CalibrationStats, sel: Selection
                "dense_steps_source": sel.dense_steps_source},
     )
     return SparsityProfile(model_id=plan.recipe.name, family=PROFILE_FAMILY[plan.recipe.family], layers=layers,
-                           dense_steps=sel.dense_steps, token_order=plan.token_order, calibration=info)
+                           dense_steps=sel.dense_steps, token_order=plan.token_order, method=plan.method,
+                           calibration=info)
 
 
 def expected_sparsity(plan: CalibrationPlan, sel: Selection) -> float:

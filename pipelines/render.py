@@ -466,21 +466,26 @@ class Renderer:
                 enable_context_parallel(self.pipe, plan.context_parallel)
             except ValueError as e:
                 raise RenderError(f"--context-parallel: {e}") from None
-        self.handle = None
+        self.handle = None  # the sparse attention's handle, from the first sparse render on
+        self.sparse_on = False
         self.versions = _versions(device)
 
     def _sparse(self, on: bool) -> None:
-        """Switch the pipeline's attention to sparse (apply) or stock (remove)."""
+        """Switch the pipeline's attention to sparse or stock. The first switch applies sparsediff;
+        later ones remove and reapply the same handle, so its CUDA graphs are not captured again."""
         import sparsediff
 
-        if on and self.handle is None:
-            self.handle = sparsediff.apply(
-                self.pipe, self.plan.profile, cdf_threshold=self.plan.cdf_threshold,
-                sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps, fp8=self.plan.fp8,
-                cuda_graphs=self.plan.cuda_graphs)
-        elif not on and self.handle is not None:
+        if on and not self.sparse_on:
+            if self.handle is None:
+                self.handle = sparsediff.apply(
+                    self.pipe, self.plan.profile, cdf_threshold=self.plan.cdf_threshold,
+                    sim_threshold=self.plan.sim_threshold, dense_steps=self.plan.dense_steps, fp8=self.plan.fp8,
+                    cuda_graphs=self.plan.cuda_graphs)
+            else:
+                self.handle.reapply()
+        elif not on and self.sparse_on:
             self.handle.remove()
-            self.handle = None
+        self.sparse_on = on
 
     def _generate(self, item: Item) -> tuple[np.ndarray, float, int | None]:
         """(frames (F, H, W, 3) float in [0, 1], wall seconds, peak GPU bytes or None)."""
@@ -510,14 +515,14 @@ class Renderer:
         for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)) if self.writes else ():
             remove_stale_temps(path)  # left by a killed earlier run; this process owns the item now
         self._sparse(plan.mode == "sparse")
-        if self.handle is not None:
-            self.handle.reset()
+        handle = self.handle if self.sparse_on else None
+        if handle is not None:
+            handle.reset()
         frames, wall, peak = self._generate(item)
-        # Read the stats now: --compare-dense removes the handle below.
-        sparsity = _finite(self.handle.stats.mean_sparsity(after_dense_steps=True)) if self.handle else None
-        per_step = [_finite(x) for x in self.handle.stats.per_step().tolist()] if self.handle else None
-        fallbacks = self.handle.stats.fallback_summary() if self.handle else None
-        dense_steps = self.handle.profile.dense_steps if self.handle else None
+        sparsity = _finite(handle.stats.mean_sparsity(after_dense_steps=True)) if handle else None
+        per_step = [_finite(x) for x in handle.stats.per_step().tolist()] if handle else None
+        fallbacks = handle.stats.fallback_summary() if handle else None
+        dense_steps = handle.profile.dense_steps if handle else None
         self._write(plan.output(item), frames)
 
         comparison, dense_wall = None, None

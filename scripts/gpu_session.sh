@@ -21,6 +21,7 @@ for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
     smoke)    python3 scripts/gpu_smoke.py ;;
+    demotime) python3 scripts/demo_timing.py --repeats 4 ;;
     profile)  python3 scripts/profile_predict.py flux cogvideox wan ;;
     kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
     kernel8)  python3 -m sparsediff bench kernel --fp8 --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
@@ -54,11 +55,11 @@ for stage in "$@"; do
     steps)    python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families wan,cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
     # The toy model's sparsity-quality curves, one calibrate-sweep per count of dense warm-up steps
-    # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one.
+    # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor.
     sweep)    for dense in ${SWEEP_DENSE_STEPS:-auto 4 6 8 10}; do
                 flag=(); [ "$dense" = auto ] || flag=(--dense-steps "$dense")
                 python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.1,0.2,0.3,0.5,0.7 "${flag[@]}" \
-                    --out "$res/sweep-dense$dense" || exit 1
+                    --method "${SWEEP_METHOD:-sampled}" --out "$res/sweep-dense$dense" || exit 1
               done ;;
     flux)     python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 --setting-b-cdf 0.02 \
                   --out "$res/steps" ;;

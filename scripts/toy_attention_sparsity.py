@@ -2,6 +2,7 @@
 
     python scripts/toy_attention_sparsity.py [--steps 2 8 14] [--budget 0.05] [--prompt "..."]
     python scripts/toy_attention_sparsity.py --frames-cdf 0.95 0.9 0.8 [--dense-steps 4] [--prompt ...]
+        [--frames-source oracle|sampled|...]
 
 Renders with the shipped toy-shapes weights (CPU, fp32, 16 steps, seed 0), attention in the tile
 order the processors use.
@@ -16,7 +17,8 @@ best threshold here, so these are upper bounds of what a per-head profile can re
 Frames (--frames-cdf): renders each prompt dense, then with every self-attention call after the
 dense steps computed on the oracle's blocks at each cdf (one threshold for every head), and
 reports the blocks skipped and PSNR / SSIM against the dense clip: the frame quality that masks
-from a perfect predictor would give.
+from a perfect predictor would give. --frames-source METHOD: the same with a predictor's masks
+(sim 0), for the predictor's cost in frame quality at one uniform threshold.
 """
 from __future__ import annotations
 
@@ -107,29 +109,31 @@ def per_head(pipe, args: argparse.Namespace) -> dict:
     return {"budget": args.budget, "tile": TILE, "prompt": args.prompt[0], "means": means, "rows": table}
 
 
-def oracle_frames(pipe, args: argparse.Namespace) -> dict:
+def masked_frames(pipe, args: argparse.Namespace) -> dict:
     dense = [render(pipe, prompt, lambda *call: None) for prompt in args.prompt]
     rows = []
     for cdf in args.frames_cdf:
         skipped: list[float] = []
 
-        def oracle(step, q, k, v):
+        def masked(step, q, k, v):
             if step < args.dense_steps:
                 return None
-            mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
-            mask = top_cdf(mass, torch.full((q.shape[1],), cdf))
+            if args.frames_source == "oracle":
+                mask = top_cdf(true_block_mass(q, k, BLOCK_M, BLOCK_N), torch.full((q.shape[1],), cdf))
+            else:
+                mask = predict_block_mask(q, k, cdf, 0.0, method=args.frames_source)
             skipped.append(1.0 - float(mask.float().mean()))
             return block_sparse_attention(q, k, v, mask)
 
         for prompt, reference in zip(args.prompt, dense):
             skipped.clear()
-            frames = render(pipe, prompt, oracle)
+            frames = render(pipe, prompt, masked)
             rows.append({"cdf": cdf, "prompt": prompt, "sparsity": sum(skipped) / len(skipped),
                          "psnr": video_psnr(frames, reference), "ssim": video_ssim(frames, reference)})
             r = rows[-1]
-            print(f"oracle cdf {cdf:g}, {args.dense_steps} dense steps: sparsity {r['sparsity']:.3f}, "
+            print(f"{args.frames_source} cdf {cdf:g}, {args.dense_steps} dense steps: sparsity {r['sparsity']:.3f}, "
                   f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}  ({prompt})", flush=True)
-    return {"dense_steps": args.dense_steps, "tile": TILE, "rows": rows}
+    return {"dense_steps": args.dense_steps, "source": args.frames_source, "tile": TILE, "rows": rows}
 
 
 def main() -> None:
@@ -140,11 +144,13 @@ def main() -> None:
                    help="one caption per head table (the first), one or more for --frames-cdf")
     p.add_argument("--frames-cdf", type=float, nargs="+", help="render with oracle masks at these cdf thresholds")
     p.add_argument("--dense-steps", type=int, default=4, help="with --frames-cdf: steps left dense")
+    p.add_argument("--frames-source", choices=["oracle", *METHODS], default="oracle",
+                   help="with --frames-cdf: whose masks (the oracle's, or a predictor's at sim 0)")
     p.add_argument("--out", help="also write the table as JSON here")
     args = p.parse_args()
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    result = oracle_frames(pipe, args) if args.frames_cdf else per_head(pipe, args)
+    result = masked_frames(pipe, args) if args.frames_cdf else per_head(pipe, args)
     if args.out:
         atomic_write_json(args.out, result, indent=1)
 

@@ -33,12 +33,13 @@ def kernels_available(device: torch.device) -> bool:
 def on_tensor_device(fn: Callable[..., T]) -> Callable[..., T]:
     """fn run with the CUDA device of its first tensor argument made current. Triton launches its
     kernels (and torch captures graphs) on the current device, while a pipeline spread over several
-    GPUs (diffusers' device_map) hands over tensors that may live on another one."""
+    GPUs (diffusers' device_map) hands over tensors that may live on another one. Where that device
+    is current already (always on one GPU, and in the nested calls) nothing is switched."""
 
     @functools.wraps(fn)
     def on_device(*args, **kwargs):
         tensor = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if tensor is None or tensor.device.type != "cuda":
+        if tensor is None or tensor.device.type != "cuda" or tensor.device.index == torch.cuda.current_device():
             return fn(*args, **kwargs)
         with torch.cuda.device(tensor.device):
             return fn(*args, **kwargs)

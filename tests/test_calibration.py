@@ -293,6 +293,20 @@ def test_rerun_with_other_settings(e2e, monkeypatch, capsys):
     assert all(layer.dense for layer in profile.layers.values())  # nothing fits 1% on random weights
 
 
+def test_method_is_measured_with_and_saved(e2e, monkeypatch):
+    # --method sampled8: calibration measures the candidates with that predictor and the profile
+    # runs with it; without --method, profiles name the default predictor they were calibrated with.
+    root, common, _ = e2e
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    used = set()
+    predict = sparsediff.attention.predict_with
+    monkeypatch.setattr(sparsediff.attention, "predict_with", lambda *a, **kw: used.add(kw["method"]) or predict(*a, **kw))
+    out = root / "sampled8.json"
+    assert main(["calibrate", *common, "--out", str(out), "--max-prompts", "1", "--method", "sampled8"]) == 0
+    assert used == {"sampled8"} and SparsityProfile.load(out).method == "sampled8"
+    assert SparsityProfile.load(root / "fresh.json").method == "sampled"
+
+
 def test_profile_applies_and_errors_hold_when_rerun_sparse(e2e, monkeypatch):
     root, _, _ = e2e
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -187,3 +187,20 @@ def test_bad_requests_are_refused_before_rendering(session, change: dict, messag
     with pytest.raises(InputError, match=re.escape(message)):
         session.compare(Request(**{**fields, **change}), on_step=lambda *a: rendered.append(a))
     assert not rendered, "a refused request must not start a render"
+
+
+def test_repeated_settings_reuse_the_sparse_handle(session) -> None:
+    # Same sparse settings: the handle is reapplied, not applied anew (its CUDA graphs stay captured);
+    # each comparison keeps its own stats. Other settings get a new handle.
+    from sparsediff.apps.demo import THRESHOLDS, Request
+
+    fields = dict(prompt="a red circle", negative_prompt=None, seed=0, steps=2, height=64, width=64, frames=1,
+                  source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1)
+    first = session.compare(Request(**fields))
+    handle = session._handle
+    second = session.compare(Request(**{**fields, "seed": 1}))
+    assert session._handle is handle
+    assert first.stats is not second.stats and first.stats.steps == [0, 1] == second.stats.steps
+    session.compare(Request(**{**fields, "cdf_threshold": 0.6}))
+    assert session._handle is not handle
+    assert not any(type(p).__module__.startswith("sparsediff") for p in session.pipe.transformer.attn_processors.values())

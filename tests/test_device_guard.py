@@ -1,7 +1,7 @@
 """Triton launches on the current CUDA device: the public entry points make the device of their
 tensors current first, so that a pipeline spread over several GPUs (device_map) runs each call on
 the GPU its tensors live on. Checked on the CPU with a stand-in for a tensor on cuda:1 and a
-recording stand-in for torch.cuda.device."""
+recording stand-in for torch.cuda.device (cuda:0 current)."""
 import contextlib
 from unittest import mock
 
@@ -24,6 +24,7 @@ def entered(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return devices
 
 
@@ -41,6 +42,7 @@ def test_the_first_tensor_argument_picks_the_device(entered):
     assert entered == [torch.device("cuda", 1)]
     assert guarded(q=x) == "out" and entered[-1] == torch.device("cuda", 1)  # keyword tensors too
     assert len(seen) == 2
+    assert guarded(_cuda_tensor(0)) == "out" and len(entered) == 2  # cuda:0 is current: nothing to switch
 
 
 def test_cpu_tensors_and_no_tensors_leave_the_device_alone(entered):

@@ -287,9 +287,7 @@ def old_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
 
 
-def test_fp8_refused_on_gpus_without_e4m3_tensor_cores(old_gpu, tmp_path, monkeypatch):
-    import argparse
-
+def test_fp8_refused_on_gpus_without_e4m3_tensor_cores(old_gpu, render_plan, monkeypatch):
     from sparsediff.apps.demo import THRESHOLDS, DemoSession, InputError, Request
     from sparsediff.kernels.block_sparse_attn import fp8_unsupported
     from sparsediff.pipelines import render
@@ -299,12 +297,7 @@ def test_fp8_refused_on_gpus_without_e4m3_tensor_cores(old_gpu, tmp_path, monkey
     assert "8.9 or newer" in fp8_unsupported(cuda) and "A100-SXM4-80GB has 8.0" in fp8_unsupported(cuda)
     assert fp8_unsupported(torch.device("cpu")) is None
     # The command line and the demo refuse before loading a model (apply() would run those calls dense).
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red ball\n")
-    parser = argparse.ArgumentParser()
-    render.add_arguments(parser)
-    plan = render.make_plan(parser.parse_args(["--model", "tiny-wan", "--fp8", "--prompts", str(prompts),
-                                              "--out", str(tmp_path / "out")]))
+    plan = render_plan("--model", "tiny-wan", "--fp8")
     monkeypatch.setattr(type(plan.recipe), "load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(render.RenderError, match="--fp8: the FP8 path needs"):
         render.Renderer(plan, cuda)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparsediff.attention import (
-    BLOCK_M, BLOCK_N, METHODS, QUERY_SAMPLES, predict_block_mask, predict_block_masks, sample_rows,
+    BLOCK_M, BLOCK_N, METHODS, SAMPLED_QUERIES, predict_block_mask, predict_block_masks, sample_rows,
 )
 from sparsediff.kernels import block_select as block_select_module
 from sparsediff.kernels.block_select import block_select, select_top_cdf
@@ -43,8 +43,9 @@ def test_self_similarity_definition():
 
 
 def _features(method, q, k, lens):
-    if method == "sampled":
-        return q[:, :, sample_rows(q.shape[2])], k, dict(stride=1, q_tokens=128 // QUERY_SAMPLES, k_tokens=1)
+    if method in SAMPLED_QUERIES:
+        samples = SAMPLED_QUERIES[method]
+        return q[:, :, sample_rows(q.shape[2], samples)], k, dict(stride=1, q_tokens=128 // samples, k_tokens=1)
     if method == "qpool":
         return block_stats_reference(q, 128, 128)[0], k, dict(stride=1, q_tokens=128, k_tokens=1)
     if method == "pooled":
@@ -121,7 +122,7 @@ def test_selection_with_few_rows_per_program(monkeypatch, rows_per_program):
 def test_sampled_query_rows_are_read_in_place(monkeypatch, interpret):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     q, k = _strided(torch.randn(1, 2, 700, 64) * 2), torch.randn(1, 2, 700, 64) * 2
-    rows = sample_rows(700)
+    rows = sample_rows(700, SAMPLED_QUERIES["sampled"])
     qf, kf, geometry = _features("sampled", q, k, None)
     kw = dict(n_tokens=700, block_m=128, block_n=64, scale=0.125, **geometry)
     thr = torch.tensor([0.9, 0.6])
@@ -240,18 +241,20 @@ def test_key_resolved_estimates_beat_pooled(workload):
         [128] * (nq - 1) + [n - 128 * (nq - 1)]).view(1, 1, nq, 1)
     common = dict(n_tokens=n, block_m=128, block_n=64, scale=d**-0.5)
     tv = {}
-    for method in ("sampled", "qpool", "pooled"):
+    for method in ("sampled", "sampled8", "qpool", "pooled"):
         qf, kf, geometry = _features(method, q, k, None)
         tv[method] = (block_mass_reference(qf, kf, **geometry, **common) - true).abs().sum(-1).mean() / 2
     assert tv["sampled"] < 0.7 * tv["pooled"] and tv["qpool"] < 0.7 * tv["pooled"]
+    assert tv["sampled8"] < 0.7 * tv["sampled"]  # more samples, a closer estimate
 
 
-def test_sample_rows_cover_each_block_segment():
-    rows = sample_rows(300).view(-1, QUERY_SAMPLES)  # 3 blocks, the last one ragged
-    seg = BLOCK_M // QUERY_SAMPLES
+@pytest.mark.parametrize("samples", sorted(SAMPLED_QUERIES.values()))
+def test_sample_rows_cover_each_block_segment(samples):
+    rows = sample_rows(300, samples).view(-1, samples)  # 3 blocks, the last one ragged
+    seg = BLOCK_M // samples
     assert rows.shape[0] == 3 and int(rows.max()) == 299
     for i, block in enumerate(rows[:2]):
-        assert ((block - i * BLOCK_M) // seg).tolist() == list(range(QUERY_SAMPLES))
+        assert ((block - i * BLOCK_M) // seg).tolist() == list(range(samples))
 
 
 @pytest.mark.parametrize(

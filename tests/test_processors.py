@@ -141,6 +141,31 @@ def test_dense_steps_schedule_and_cfg_as_two_calls():
     assert not any(isinstance(p, WanSparseAttnProcessor) for p in model.attn_processors.values())
 
 
+def test_reapply_restores_the_same_sparse_attention_after_remove():
+    # render --compare-dense and the demo switch dense and sparse per render: reapply() keeps the
+    # controller (and with it the CUDA graphs it captured) where a new apply() would start over.
+    model = build_wan()
+    inputs = wan_inputs(model)
+    stock = _run(model, inputs)
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=0)
+    sparse = _run(model, inputs)
+    assert not torch.equal(sparse, stock)
+    handle.remove()
+    assert torch.equal(_run(model, inputs), stock)
+    handle.reapply()
+    processors = [p for p in model.attn_processors.values() if isinstance(p, WanSparseAttnProcessor)]
+    assert processors and all(p.controller is handle.controller for p in processors)
+    handle.reset()
+    assert torch.equal(_run(model, inputs), sparse)
+    assert handle.stats.steps == [0]
+    with pytest.raises(ValueError, match="already applied"):
+        handle.reapply()
+    with pytest.raises(ValueError, match="already applied"):
+        apply(model)
+    handle.remove()
+    assert torch.equal(_run(model, inputs), stock)
+
+
 def test_explicit_thresholds_override_the_profile():
     model = build_wan()
     profile = SparsityProfile.uniform(model, cdf_threshold=0.5, sim_threshold=0.3, dense_steps=4)

@@ -170,7 +170,8 @@ def test_two_processes_match_one(rendered: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fp8", [False, True])
 def test_sparse_render_with_compare_dense(tmp_path: Path, fp8: bool) -> None:
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red ball bouncing\n")
+    # bf16: a second item, whose sparse render reapplies the handle that the dense render removed
+    prompts.write_text("a red ball bouncing\n" + ("" if fp8 else "a blue cube spinning\n"))
     out = tmp_path / "out"
     # tiny-wan's default 256x256, 9 frames: 768 video tokens, 6 query blocks (fewer run dense);
     # 2 steps, the first dense. sim 0: the random model's blocks are not self-similar enough for
@@ -191,6 +192,10 @@ def test_sparse_render_with_compare_dense(tmp_path: Path, fp8: bool) -> None:
     assert (out / sidecar["dense_output"]).is_file()
     row = _summary(out)[0]
     assert row["mode"] == "sparse" and row["ssim"] != ""
+    if not fp8:
+        second = json.loads((out / "0001-a-blue-cube-spinning-s0.json").read_text())
+        assert 0.0 < second["sparsity"] < 1.0 and second["dense_fallbacks"] == []
+        assert second["sparsity_per_step"][0] == 0.0  # the reapplied handle started its steps over
 
 
 def test_failing_prompt_is_logged_and_batch_goes_on(tmp_path: Path, monkeypatch) -> None:

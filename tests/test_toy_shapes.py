@@ -251,12 +251,9 @@ def test_shipped_model_draws_the_named_colour_in_the_named_motion(shipped):
         assert not metrics.check_clip(clip[::-1].copy(), objs)["motion_ok"]  # the same clip played backwards
 
 
-def test_shipped_profile_fits_the_shipped_model_and_is_what_render_uses(shipped, tmp_path):
-    import argparse
-
+def test_shipped_profile_fits_the_shipped_model_and_is_what_render_uses(shipped, render_plan):
     import sparsediff
     from sparsediff.metrics import video_psnr
-    from sparsediff.pipelines import render
     from sparsediff.pipelines.recipes import get_recipe
     from sparsediff.profile import SparsityProfile
 
@@ -267,11 +264,7 @@ def test_shipped_profile_fits_the_shipped_model_and_is_what_render_uses(shipped,
     profile.check_fits(shipped)
     assert profile.model_id == "toy-shapes" and profile.dense_steps < recipe.steps
     assert any(not layer.dense for layer in profile.layers.values())
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red ball\n")
-    parser = argparse.ArgumentParser()
-    render.add_arguments(parser)
-    plan = render.make_plan(parser.parse_args(["--prompts", str(prompts), "--out", str(tmp_path / "out")]))
+    plan = render_plan()
     assert (plan.recipe.name, plan.mode, plan.profile_source, plan.profile_path) == ("toy-shapes", "sparse",
                                                                                      "shipped", path)
     # Run as shipped, under the interpreter, on a short clip: 5 frames (1,280 tokens), one step after

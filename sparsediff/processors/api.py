@@ -118,6 +118,13 @@ class SparseHandle:
         for transformer in self.transformers.values():
             _remove_one(transformer)
 
+    def reapply(self) -> None:
+        """Make the attention sparse again after `remove()`, with this handle's controller: its
+        profile, stats and captured CUDA graphs carry over, where a new `apply()` would capture every
+        graph again (for switching between dense and sparse renders, as `render --compare-dense` and
+        the demo do). ValueError if sparsediff is applied to one of the transformers now."""
+        _install(self.controller, self.transformers)
+
 
 def apply(
     pipe_or_transformer: Any,
@@ -149,13 +156,9 @@ def apply(
     launches per call, for about 4x the size of one call's q of GPU memory per shape (False: launch
     them every call).
     controller_cls: an AttentionController subclass (calibration).
-    Returns a SparseHandle (stats, reset(), remove()).
+    Returns a SparseHandle (stats, reset(), remove(), reapply()).
     """
     transformers = transformers_of(pipe_or_transformer)
-    for name, transformer in transformers.items():
-        hook = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK_NAME)
-        if hook is not None and hook.controller is not None:
-            raise ValueError(f"pipe_or_transformer: sparsediff is already applied to {name}; call remove() first")
     if profile is None:
         profile = SparsityProfile.uniform(
             pipe_or_transformer,
@@ -173,7 +176,20 @@ def apply(
     if not (isinstance(controller_cls, type) and issubclass(controller_cls, AttentionController)):
         raise ValueError(f"controller_cls must be an AttentionController subclass, got {controller_cls!r}")
     controller = controller_cls(profile, fp8=fp8, cuda_graphs=cuda_graphs)
+    _install(controller, transformers)
+    return SparseHandle(controller, transformers)
 
+
+def _check_not_applied(transformers: dict[str, torch.nn.Module]) -> None:
+    for name, transformer in transformers.items():
+        hook = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK_NAME)
+        if hook is not None and hook.controller is not None:
+            raise ValueError(f"pipe_or_transformer: sparsediff is already applied to {name}; call remove() first")
+
+
+def _install(controller: AttentionController, transformers: dict[str, torch.nn.Module]) -> None:
+    """Set `controller`'s sparse processors and step hook on every transformer."""
+    _check_not_applied(transformers)
     for component, transformer in transformers.items():
         family = family_of(transformer)
         stock = dict(transformer.attn_processors)
@@ -189,7 +205,6 @@ def apply(
         else:
             with _beneath_accelerate(transformer):
                 registry.register_hook(_StepHook(family, controller, stock), HOOK_NAME)
-    return SparseHandle(controller, transformers)
 
 
 def remove(pipe_or_transformer: Any) -> None:
