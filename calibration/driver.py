@@ -447,10 +447,15 @@ def validate(plan: CalibrationPlan, renderer: Renderer, profile: SparsityProfile
         renderer._generate(_item(plan, 0, plan.validate_prompts[0], steps=1))
         handle.remove()
     videos = []
+    handle = None  # one handle for every prompt: its CUDA graphs are captured once, not per prompt
     for index, prompt in enumerate(tqdm(plan.validate_prompts, desc="validate", unit="prompt")):
         item = _item(plan, index, prompt)
         dense, dense_s, dense_renders = _timed_render(renderer, item)
-        handle = sparsediff.apply(renderer.pipe, profile)
+        if handle is None:
+            handle = sparsediff.apply(renderer.pipe, profile)
+        else:
+            handle.reapply()
+            handle.reset()
         try:
             # Repeated renders of one item add the same counts to the stats: their ratios are one render's.
             sparse, sparse_s, sparse_renders = _timed_render(renderer, item)

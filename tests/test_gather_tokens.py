@@ -1,4 +1,5 @@
-"""The token gather (Triton interpreter) against its torch reference, over layouts, dtypes and tensor counts."""
+"""The token gather (Triton interpreter, and the CPU fallback without it) against its torch reference,
+over layouts, dtypes and tensor counts."""
 import pytest
 import torch
 
@@ -21,7 +22,9 @@ def _tensor(layout: str, shape: tuple[int, int, int, int], dtype: torch.dtype, s
 @pytest.mark.parametrize("layouts", [("BNHD",) * 3, ("BHND",) * 3, ("BHND", "BNHD", "odd"), ("odd",), ("BNHD", "BHND")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 3, 70, 64), (2, 2, 33, 24)])
-def test_kernel_equals_reference(layouts, dtype, shape):
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-interpreter", "fallback"])
+def test_kernel_equals_reference(layouts, dtype, shape, interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     xs = [_tensor(layout, shape, dtype, seed) for seed, layout in enumerate(layouts)]
     index = torch.randperm(shape[2], generator=torch.Generator().manual_seed(5))
     outs = gather_tokens(xs, index)
@@ -30,7 +33,9 @@ def test_kernel_equals_reference(layouts, dtype, shape):
         assert stored_bnhd(out) == stored_bnhd(xs[0])  # stored as the first tensor is
 
 
-def test_a_shorter_index_and_given_outputs_are_written_in_place():
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-interpreter", "fallback"])
+def test_a_shorter_index_and_given_outputs_are_written_in_place(interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     xs = [_tensor("BHND", (1, 2, 40, 16), torch.float32, seed) for seed in range(3)]
     index = torch.tensor([39, 0, 7, 7, 12])  # any int64 index, repeats included
     outs = [torch.full((1, 5, 2, 16), float("nan")).transpose(1, 2) for _ in xs]  # stored (B, N, H, D)

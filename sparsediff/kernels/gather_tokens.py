@@ -80,15 +80,20 @@ def gather_tokens(
                          f"{tuple(index.shape)} on {index.device}")
     batch, heads, _, head_dim = first.shape
     shape = (batch, heads, index.numel(), head_dim)
-    if outs is None:
-        outs = [empty_stored_like(first, index.numel()) for _ in xs]
-    elif len(outs) != len(xs) or any(o.shape != shape or o.dtype != first.dtype or o.device != first.device
-                                     or o.stride() != outs[0].stride() for o in outs):
+    if outs is not None and (len(outs) != len(xs) or any(
+            o.shape != shape or o.dtype != first.dtype or o.device != first.device or o.stride() != outs[0].stride()
+            for o in outs)):
         raise ValueError(f"outs must be {len(xs)} tensors of shape {shape}, dtype {first.dtype} and one layout")
     if not kernels_available(first.device):
-        for x, out in zip(xs, outs):
-            out.copy_(gather_tokens_reference(x, index))
+        gathered = [gather_tokens_reference(x, index) for x in xs]  # each stored as its x is
+        if outs is None and all(g.stride() == gathered[0].stride() for g in gathered):
+            return gathered  # stored as the first x is, as the default outs: no copy
+        outs = outs if outs is not None else [empty_stored_like(first, index.numel()) for _ in xs]
+        for out, values in zip(outs, gathered):
+            out.copy_(values)
         return list(outs)
+    if outs is None:
+        outs = [empty_stored_like(first, index.numel()) for _ in xs]
     padded = list(xs) + [xs[0]] * (3 - len(xs))  # unused slots: never read (grid axis 2 = len(xs))
     padded_outs = list(outs) + [outs[0]] * (3 - len(outs))
     _gather_tokens_kernel[(triton.cdiv(index.numel(), BLOCK_T), batch * heads, len(xs))](
