@@ -9,7 +9,9 @@ that as a fraction of the oracle's. Then the P·V skip (stage 2) on the default 
 kept blocks it skips and the error it adds. On CUDA also: prediction time vs cuDNN SDPA dense at
 the four model shapes, and sparse_attention (prediction included) at ~80% sparsity vs cuDNN
 dense at the CogVideoX, Wan and Hunyuan shapes, bf16 and FP8 kernel, with each one's relative L1
-error against dense. Writes predict-<device>.json and .png under --out.
+error against dense; and, per sampled predictor, sparse_attention at the sparsest cdf that keeps
+the error budget there (which predictor is faster at one quality). Writes predict-<device>.json
+and .png under --out.
 """
 from __future__ import annotations
 
@@ -170,19 +172,28 @@ def cdf_for_sparsity(q: torch.Tensor, k: torch.Tensor, sparsity: float, **predic
     return lo
 
 
-def _speed(device: torch.device, seed: int) -> list[dict]:
-    from sparsediff.attention import predict_block_mask, sparse_attention
+def _video_shapes(device: torch.device, seed: int):
+    """(name, q, k, v, predictor keywords) of the video workloads at the CogVideoX, Wan and Hunyuan
+    shapes in tile order, one at a time (the next is built after the caller is done with one)."""
     from sparsediff.bench.kernel import SHAPES
     from sparsediff.workloads import to_tile_order, video_workload
 
-    rows = []
     for name in ("cogvideox", "wan", "hunyuan"):
         s = SHAPES[name]
         w = video_workload(s.grid, heads=s.heads, head_dim=s.head_dim, text_tokens=s.text_tokens, seed=seed,
                            dtype=torch.bfloat16, device=device)
         q, k, v = (to_tile_order(x, s.grid, TILE) for x in (w.q, w.k, w.v))
         del w
-        kw = dict(dense_tail_tokens=s.text_tokens)
+        yield name, q, k, v, dict(dense_tail_tokens=s.text_tokens)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def _speed(device: torch.device, seed: int) -> list[dict]:
+    from sparsediff.attention import predict_block_mask, sparse_attention
+
+    rows = []
+    for name, q, k, v, kw in _video_shapes(device, seed):
         cdf = cdf_for_sparsity(q, k, 0.8, **kw)
         o, sparsity = sparse_attention(q, k, v, cdf, 0.0, return_sparsity=True, **kw)
         ref = cudnn_dense(q, k, v)
@@ -197,8 +208,33 @@ def _speed(device: torch.device, seed: int) -> list[dict]:
                         f"{path}speedup": dense / sparse, f"{path}sparse_attention_graph_ms": graphed * 1e3,
                         f"{path}speedup_graph": dense / graphed})
         rows.append(row)
-        del q, k, v
-        torch.cuda.empty_cache()
+    return rows
+
+
+def _equal_error(device: torch.device, seed: int, budget: float) -> list[dict]:
+    """Per sampled predictor (SAMPLED_QUERIES) at the video shapes: the lowest cdf (sim 0) whose
+    sparse_attention stays within `budget` relative L1 of dense (bisection, 10 halvings), its
+    sparsity, and its CUDA-graphed time (prediction included) against cuDNN dense. Which predictor
+    is faster at one quality: a dearer prediction may buy fewer kept blocks."""
+    from sparsediff.attention import SAMPLED_QUERIES, sparse_attention
+
+    rows = []
+    for name, q, k, v, kw in _video_shapes(device, seed):
+        ref = cudnn_dense(q, k, v)
+        dense = _timeit(lambda: cudnn_dense(q, k, v), device)
+        for method in SAMPLED_QUERIES:
+            def error(cdf: float) -> float:
+                return float(relative_l1(sparse_attention(q, k, v, cdf, 0.0, method=method, **kw), ref))
+
+            lo, hi = 0.0, 1.0  # error(hi) <= budget throughout: cdf 1 keeps every block
+            for _ in range(10):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if error(mid) <= budget else (mid, hi)
+            sparsity = sparse_attention(q, k, v, hi, 0.0, method=method, return_sparsity=True, **kw)[1]
+            graphed = _timeit(cuda_graphed(lambda: sparse_attention(q, k, v, hi, 0.0, method=method, **kw)), device)
+            rows.append({"shape": name, "method": method, "cdf_threshold": hi, "sparsity": sparsity,
+                         "error": error(hi), "cudnn_dense_ms": dense * 1e3, "sparse_attention_graph_ms": graphed * 1e3,
+                         "speedup_graph": dense / graphed})
     return rows
 
 
@@ -274,8 +310,13 @@ def run(args: argparse.Namespace) -> int:
                   f"CUDA-graphed {row['sparse_attention_graph_ms']:.2f} ms: {row['speedup_graph']:.2f}x, error {row['error']:.4f}; "
                   f"FP8 {row['fp8_sparse_attention_ms']:.2f} ms: {row['fp8_speedup']:.2f}x, CUDA-graphed "
                   f"{row['fp8_speedup_graph']:.2f}x, error {row['fp8_error']:.4f}", flush=True)
+        results["equal_error"] = _equal_error(device, args.seed, args.budget)
+        for row in results["equal_error"]:
+            print(f"[equal error] {row['shape']} {row['method']}: cdf {row['cdf_threshold']:.4f}, error {row['error']:.4f}, "
+                  f"sparsity {row['sparsity']:.3f}, sparse_attention CUDA-graphed {row['sparse_attention_graph_ms']:.2f} ms "
+                  f"vs cuDNN dense {row['cudnn_dense_ms']:.2f} ms: {row['speedup_graph']:.2f}x", flush=True)
     else:
-        results["overhead"] = results["speed"] = "skipped: timings need CUDA"
+        results["overhead"] = results["speed"] = results["equal_error"] = "skipped: timings need CUDA"
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
