@@ -146,11 +146,8 @@ def attend_ulysses(
     q, k, v = (query, key, value) if layout == "BNHD" else (x.transpose(1, 2) for x in (query, key, value))
     batch, n_local, heads, _ = q.shape
     ulysses = _ulysses_or_cause(parallel_config, heads, attention_mask)
-    layer = controller.profile.layers[layer_name]
-    dense_anyway = layer.dense or controller.is_dense_step()
-    if isinstance(ulysses, str) and not dense_anyway:
-        controller.fall_back(f"cp-{ulysses}", "stock diffusers context-parallel path")
-    if isinstance(ulysses, str) or dense_anyway:
+    cause = f"cp-{ulysses}" if isinstance(ulysses, str) else None
+    if controller.runs_dense(layer_name, cause, "stock diffusers context-parallel path"):
         cp = parallel_config.context_parallel_config
         n_full = n_local * cp.ring_degree * cp.ulysses_degree
         controller._record(layer_name, None, batch, heads, n_full, None)

@@ -285,10 +285,7 @@ class AttentionController:
         if cause is None and attention_mask is not None:
             padding = self._key_padding(attention_mask, batch, n_tokens)
             cause = padding.cause
-        dense_anyway = layer.dense or self.is_dense_step()
-        if cause is not None and not dense_anyway:
-            self.fall_back(cause, "stock SDPA")
-        if cause is not None or dense_anyway:
+        if self.runs_dense(layer_name, cause, "stock SDPA"):
             self._record(layer_name, None, batch, heads, n_tokens, padding, head_shard)
             return dense()
         kv_lens = None if padding is None else padding.kv_lens
@@ -363,11 +360,17 @@ class AttentionController:
         graph.epoch = self._graph_epoch
         return None if graph.failed else graph
 
-    def fall_back(self, cause: str, dense_path: str) -> None:
-        """A call that was to run sparse runs dense for `cause` (a FALLBACK_CAUSES key) through
-        `dense_path`: said once per cause in the log, counted every time in the stats."""
+    def runs_dense(self, layer_name: str, cause: str | None, dense_path: str) -> bool:
+        """Whether this call of `layer_name` runs dense: a dense step or a profile-dense layer, or a
+        fallback `cause` (a FALLBACK_CAUSES key). A fallback of a call that was to run sparse is said
+        once per cause in the log, naming `dense_path`, and counted every time in the stats."""
+        if self.profile.layers[layer_name].dense or self.is_dense_step():
+            return True
+        if cause is None:
+            return False
         warn_once(f"dense:{cause}", f"sparsediff: {FALLBACK_CAUSES[cause]}; attention runs dense ({dense_path})")
         self.stats.record_fallback(cause)
+        return True
 
     def can_run_sparse(self, device: torch.device) -> bool:
         """Whether `run_sparse` can run on `device` (the Triton kernels). Calibration overrides it: it
