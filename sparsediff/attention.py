@@ -243,7 +243,7 @@ def predict_with(
     view = (1, h, 1)
     q_pooled = q_trusted = k_trusted = None
     if method in ("qpool", "pooled") or thresholds.uses_sim:  # one pass over q
-        q_pooled, q_sim = block_stats(q, BLOCK_M, BLOCK_M)
+        q_pooled, q_sim = block_stats(q, BLOCK_M, pooled=method in ("qpool", "pooled"))
         q_trusted = q_sim >= thresholds.sim.view(view)
     if method in SAMPLED_QUERIES:
         samples = SAMPLED_QUERIES[method]
@@ -253,7 +253,7 @@ def predict_with(
         qf, kf = q_pooled, k
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=1)
     elif method == "pooled":
-        kf, k_sim = block_stats(k, BLOCK_N, BLOCK_N, kv_lens)
+        kf, k_sim = block_stats(k, BLOCK_N, kv_lens)
         qf, k_trusted = q_pooled, k_sim >= thresholds.sim.view(view)
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=BLOCK_N)
     else:

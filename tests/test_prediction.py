@@ -20,16 +20,20 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "shape,block,sub,lens",
-    [((1, 2, 300, 16), 128, 128, None), ((2, 1, 200, 64), 64, 16, [200, 70]), ((1, 1, 64, 40), 128, 32, None)],
+    "shape,block,lens",
+    [((1, 2, 300, 16), 128, None), ((2, 1, 200, 64), 64, [200, 70]), ((1, 1, 64, 40), 128, None),
+     ((1, 1, 70, 8), 16, [50])],  # the last: blocks shorter than a chunk of rows
 )
-def test_block_stats_matches_reference(dtype, shape, block, sub, lens):
+def test_block_stats_matches_reference(dtype, shape, block, lens):
     x = _strided(torch.randn(*shape).to(dtype))
     lens = torch.tensor(lens) if lens is not None else None
-    pooled, sim = block_stats(x, block, sub, lens)
-    ref_pooled, ref_sim = block_stats_reference(x, block, sub, lens)
+    pooled, sim = block_stats(x, block, lens)
+    ref_pooled, ref_sim = block_stats_reference(x, block, lens)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sim, ref_sim, atol=1e-5, rtol=1e-5)
+    unpooled, sim_alone = block_stats(x, block, lens, pooled=False)
+    assert unpooled is None
+    torch.testing.assert_close(sim_alone, ref_sim, atol=1e-5, rtol=1e-5)
 
 
 def test_self_similarity_definition():
@@ -37,9 +41,9 @@ def test_self_similarity_definition():
     x[0, 0, 1] = 2 * x[0, 0, 0]  # a copy (cosine 1) of token 0
     cos = torch.nn.functional.cosine_similarity
     pairs = [cos(x[0, 0, i], x[0, 0, j], dim=0) for i, j in ((0, 1), (0, 2), (1, 2))]
-    sim = block_stats_reference(x, 4, 4)[1]
+    sim = block_stats_reference(x, 4)[1]
     torch.testing.assert_close(sim, torch.stack(pairs).mean().view(1, 1, 1))
-    assert block_stats_reference(x[..., :1, :], 4, 4)[1].item() == 1.0  # one token: trusted
+    assert block_stats_reference(x[..., :1, :], 4)[1].item() == 1.0  # one token: trusted
 
 
 def _features(method, q, k, lens):
@@ -47,9 +51,9 @@ def _features(method, q, k, lens):
         samples = SAMPLED_QUERIES[method]
         return q[:, :, sample_rows(q.shape[2], samples)], k, dict(stride=1, q_tokens=128 // samples, k_tokens=1)
     if method == "qpool":
-        return block_stats_reference(q, 128, 128)[0], k, dict(stride=1, q_tokens=128, k_tokens=1)
+        return block_stats_reference(q, 128)[0], k, dict(stride=1, q_tokens=128, k_tokens=1)
     if method == "pooled":
-        qf, kf = block_stats_reference(q, 128, 128)[0], block_stats_reference(k, 64, 64, lens)[0]
+        qf, kf = block_stats_reference(q, 128)[0], block_stats_reference(k, 64, lens)[0]
         return qf, kf, dict(stride=1, q_tokens=128, k_tokens=64)
     return q, k, dict(stride=8, q_tokens=8, k_tokens=8)
 
@@ -158,7 +162,7 @@ def test_ragged_key_block_counts_by_its_valid_keys():
     q = torch.zeros(1, 1, 128, 16)
     k = torch.ones(1, 1, 128, 16)
     mass = block_mass_reference(
-        block_stats_reference(q, 128, 128)[0], block_stats_reference(k, 64, 64)[0], stride=1, q_tokens=128,
+        block_stats_reference(q, 128)[0], block_stats_reference(k, 64)[0], stride=1, q_tokens=128,
         k_tokens=64, n_tokens=128, block_m=128, block_n=64, scale=0.25, kv_lens=torch.tensor([65]),
     )
     torch.testing.assert_close(mass[0, 0, 0], torch.tensor([64 / 65, 1 / 65]))

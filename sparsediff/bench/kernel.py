@@ -257,6 +257,10 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
 # 1/0.25) and at D=64 (350/330 vs 426/404), and its FP8 build faulted; programs of 64 query rows with
 # 2 stages (80 KB of shared memory, 180 registers: two programs share an SM) reached 383/411 against
 # the 128-row programs' 484/465 (128 KB, 177 registers, one a SM), and 32-row programs at most 219.
+# The FP8 path's exponentials of P in fp16, two per special-function instruction (ex2.approx.f16x2 by
+# inline assembly, then fp16 -> e4m3), lost on the H200 (2026-12-02, kernel-fp8-half-exp-session8.log,
+# the half_exp=True rows): Wan 537/523 vs 582/564 TFLOP/s at keep 1/0.25, CogVideoX 436/417 vs
+# 490/466, at the same error; the conversions cost more than the halved exponentials saved.
 TUNE_CANDIDATES = (
     (1, 4, 3, False), (1, 8, 2, False), (1, 8, 3, False), (1, 8, 4, False),
     (2, 4, 3, False), (2, 4, 4, False), (2, 8, 3, False), (2, 8, 3, True),

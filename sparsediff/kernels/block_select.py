@@ -41,7 +41,10 @@ from sparsediff.kernels.block_select_reference import block_select_reference, to
 # A tile's key-block sums stay a reshape and sum: as a tensor-core product of p with a 0/1
 # key-to-block matrix (16 columns) they made the kernel 1.9x slower at CogVideoX's shape (26.0 vs
 # 13.9 ms over a compiled step's 42 calls), and the runs that predicted at D=128 with it stopped
-# on an illegal memory access (H200, Triton 3.6, 2026-12-02).
+# on an illegal memory access (H200, Triton 3.6, 2026-12-02). The exponentials in fp16, two per SFU
+# instruction (ex2.approx.f16x2 by inline assembly), were no faster: 0.97-1.0x at all four shapes
+# with either sampled method (H200, 2026-12-02, tune-block-select-session8.log, the ",True" rows):
+# the kernel is not bound by its exponentials.
 QUERY_ROWS = {2: 128, 4: 64}
 KEY_ROWS = 128
 MAX_TILES_PER_PROGRAM = 8
