@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
                         help="token order the profile runs with (default tiles)")
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help=f"mask predictor the profile runs with (default {DEFAULT_METHOD}; sampled8: four times "
-                             "the sampled queries, closer masks for 1.6-3.4x the prediction time)")
+                             "the sampled queries, closer masks for 1.6-3.5x the prediction time)")
     if not sweep:
         parser.add_argument("--validate", action="store_true",
                             help="render held-out prompts dense and with the new profile; PSNR, SSIM, speed-up, "
