@@ -8,6 +8,7 @@ from sparsediff.attention import (
 from sparsediff.kernels import block_select as block_select_module
 from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_select_reference import block_mass_reference, block_select_reference, top_cdf
+from sparsediff.kernels import block_stats as block_stats_module
 from sparsediff.kernels.block_stats import block_stats
 from sparsediff.kernels.block_stats_reference import block_stats_reference
 from sparsediff.workloads import video_workload
@@ -24,7 +25,10 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     [((1, 2, 300, 16), 128, None), ((2, 1, 200, 64), 64, [200, 70]), ((1, 1, 64, 40), 128, None),
      ((1, 1, 70, 8), 16, [50])],  # the last: blocks shorter than a chunk of rows
 )
-def test_block_stats_matches_reference(dtype, shape, block, lens):
+@pytest.mark.parametrize("chunked", [False, True])  # True: the GPU's row chunks, run by the interpreter
+def test_block_stats_matches_reference(dtype, shape, block, lens, chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(block_stats_module, "triton_interpreting", lambda: False)
     x = _strided(torch.randn(*shape).to(dtype))
     lens = torch.tensor(lens) if lens is not None else None
     pooled, sim = block_stats(x, block, lens)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff._runtime import kernels_available
+from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels import valid_length
 from sparsediff.kernels.block_stats_reference import block_stats_reference
 
@@ -16,7 +16,9 @@ from sparsediff.kernels.block_stats_reference import block_stats_reference
 # registers, 8 warps, its mean always computed), q's statistics at the four model shapes, CUDA-graphed
 # (H200, 2026-12-02, block-stats-chunks-session8.log): similarity alone 17.9 / 50.2 / 45.9 / 206 us
 # at FLUX / CogVideoX / Wan / HunyuanVideo, was 28.7 / 84.9 / 82.1 / 550 us; with the means 24.0 /
-# 64.7 / 55.4 / 299 us. Chunks of 16 and 64 rows and 8 warps were slower (up to 1.7x).
+# 64.7 / 55.4 / 299 us. Chunks of 16 and 64 rows and 8 warps were slower (up to 1.7x). The CPU
+# interpreter pays per operation, not per element: there the block is one chunk (a toy-model call
+# took 1.4 s so, 2.7 s in 32-row chunks).
 CHUNK_ROWS = 32
 NUM_WARPS = 4
 
@@ -79,7 +81,8 @@ def block_stats(
     lens = valid_len.to(device=x.device, dtype=torch.int32) if valid_len is not None else sim
     _block_stats_kernel[(nb, b * h)](
         x, means if pooled else sim, sim, lens, *x.stride(), h, n, nb,
-        D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=min(block, CHUNK_ROWS), POOLED=pooled,
+        D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=block if triton_interpreting() else min(block, CHUNK_ROWS),
+        POOLED=pooled,
         HAS_LENS=valid_len is not None, num_warps=NUM_WARPS,
     )
     return means, sim
