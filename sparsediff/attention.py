@@ -242,8 +242,9 @@ def predict_with(
     b, h, n, d = q.shape
     view = (1, h, 1)
     q_pooled = q_trusted = k_trusted = None
-    if method in ("qpool", "pooled") or thresholds.uses_sim:  # one pass over q
-        q_pooled, q_sim = block_stats(q, BLOCK_M, pooled=method in ("qpool", "pooled"))
+    scores_mean_query = method in ("qpool", "pooled")
+    if scores_mean_query or thresholds.uses_sim:  # one pass over q
+        q_pooled, q_sim = block_stats(q, BLOCK_M, pooled=scores_mean_query)
         q_trusted = q_sim >= thresholds.sim.view(view)
     if method in SAMPLED_QUERIES:
         samples = SAMPLED_QUERIES[method]

@@ -6,9 +6,9 @@ from sparsediff.attention import (
     BLOCK_M, BLOCK_N, METHODS, SAMPLED_QUERIES, predict_block_mask, predict_block_masks, sample_rows,
 )
 from sparsediff.kernels import block_select as block_select_module
+from sparsediff.kernels import block_stats as block_stats_module
 from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_select_reference import block_mass_reference, block_select_reference, top_cdf
-from sparsediff.kernels import block_stats as block_stats_module
 from sparsediff.kernels.block_stats import block_stats
 from sparsediff.kernels.block_stats_reference import block_stats_reference
 from sparsediff.workloads import video_workload

@@ -29,9 +29,9 @@ def block_stats_reference(
         t = torch.nn.functional.pad(t, (0, 0, 0, nb * block - n))
         return t.reshape(*t.shape[:2], nb, block, t.shape[-1]).sum(dim=3)
 
-    cnt = block_sums(valid.expand(b, 1, n, 1))
-    pooled = block_sums(xf) / cnt.clamp_min(1)
-    cnt = cnt[..., 0]
+    counts = block_sums(valid.expand(b, 1, n, 1))  # (B, 1, nb, 1)
+    pooled = block_sums(xf) / counts.clamp_min(1)
+    cnt = counts[..., 0]
     s2 = block_sums(xhat).pow(2).sum(-1)
     sim = torch.where(cnt >= 2, (s2 - cnt) / (cnt * (cnt - 1)).clamp_min(1), torch.ones_like(s2))
     return pooled, sim
