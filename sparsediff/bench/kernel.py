@@ -241,7 +241,7 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
     return ok
 
 
-# (step_blocks, num_warps, num_stages, warp_specialize). On the H100 at D=128, (2, 8, 4) and
+# (step_blocks, num_warps, num_stages, warp_specialize, tma). On the H100 at D=128, (2, 8, 4) and
 # (4, 8, 2) ran out of shared memory and warp_specialize changed nothing (2026-11-23). K/V tiles
 # loaded through TMA tensor descriptors were slower on the H200 (2026-12-01: D=128 best 473 vs 481
 # TFLOP/s score, D=64 415 vs 421), so the kernel keeps pointer loads. Programs of 64 query rows
@@ -262,8 +262,9 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
 # the half_exp=True rows): Wan 537/523 vs 582/564 TFLOP/s at keep 1/0.25, CogVideoX 436/417 vs
 # 490/466, at the same error; the conversions cost more than the halved exponentials saved.
 TUNE_CANDIDATES = (
-    (1, 4, 3, False), (1, 8, 2, False), (1, 8, 3, False), (1, 8, 4, False),
-    (2, 4, 3, False), (2, 4, 4, False), (2, 8, 3, False), (2, 8, 3, True),
+    (1, 4, 3, False, False), (1, 8, 2, False, False), (1, 8, 3, False, False), (1, 8, 4, False, False),
+    (2, 4, 3, False, False), (2, 4, 4, False, False), (2, 8, 3, False, False),
+    (1, 8, 3, False, True), (1, 4, 2, True, True), (1, 4, 3, True, True), (1, 4, 4, True, True),
 )
 
 
@@ -285,8 +286,8 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
     luts = {keep: build_block_lut(random_mask(shape, keep, "cuda"), shape.tokens) for keep in (1.0, 0.25)}
     quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N) if fp8 else None
     rows, best = [], None
-    for step_blocks, warps, stages, ws in TUNE_CANDIDATES:
-        config = TileConfig(step_blocks, warps, stages, ws)
+    for step_blocks, warps, stages, ws, tma in TUNE_CANDIDATES:
+        config = TileConfig(step_blocks, warps, stages, ws, tma=tma)
         row = {"shape": shape.name, "fp8": fp8, "config": asdict(config)}
         try:
             out = attention_from_lut(q, k, v, luts[1.0], scale, config=config, quantized=quantized)
