@@ -36,7 +36,6 @@ for stage in "$@"; do
     hunyuan-compiled-b) python3 -m sparsediff bench e2e --steps 5 --modes compiled --settings B --families hunyuan_video \
                   --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
-    tma)      python3 scripts/tune_tma.py ${TMA_CASES:-} ;;
     flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --out "$res/steps" ;;
     flux-graphs) python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 \

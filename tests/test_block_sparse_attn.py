@@ -14,7 +14,6 @@ from sparsediff.kernels.block_sparse_attn import (
     attention_from_lut,
     block_sparse_attention,
     build_block_lut,
-    tma_compatible,
 )
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
@@ -87,29 +86,6 @@ def test_step_blocks_configs(config):
     lut = build_block_lut(mask, 600, kv_lens.int())
     out = attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens.int(), config=config)
     _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
-
-
-# Keys read through TMA descriptors in one loop, masked at every step where keys can be invalid
-# (MASK_TAIL): diffusers' (B, N, H, D) layout, ragged lengths, kv_lens, a padded head dim (48), and
-# a layout TMA cannot address (a 72-byte row stride), which takes the pointer loads instead.
-@pytest.mark.parametrize("B,H,n_q,n_k,D,dtype,layout,with_kv_lens", [
-    (2, 2, 300, 300, 64, torch.float16, "bnhd", False),
-    (2, 2, 256, 300, 64, torch.bfloat16, "bnhd", True),
-    (1, 2, 200, 256, 48, torch.float32, "bhnd", True),
-    (1, 2, 256, 256, 64, torch.float16, "bhnd", False),
-    (1, 1, 200, 200, 36, torch.float16, "bhnd", False),
-])
-def test_tma_config_matches_reference(B, H, n_q, n_k, D, dtype, layout, with_kv_lens):
-    if layout == "bnhd":
-        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(B, H, n_q, n_k, D, dtype))
-    else:
-        q, k, v = _qkv(B, H, n_q, n_k, D, dtype)
-    assert tma_compatible(q, k, v) == (D != 36)
-    mask = torch.rand(_mask_shape(B, H, n_q, n_k)) < 0.5
-    kv_lens = torch.tensor([n_k, n_k - 77][:B], dtype=torch.int32) if with_kv_lens else None
-    lut = build_block_lut(mask, n_k, kv_lens)
-    out = attention_from_lut(q, k, v, lut, D**-0.5, kv_lens=kv_lens, config=TileConfig(1, 4, 2, True, tma=True))
-    _assert_close(out, _reference(q, k, v, mask, scale=D**-0.5, kv_lens=kv_lens), dtype)
 
 
 @pytest.mark.parametrize("step_blocks", [1, 2])

@@ -193,20 +193,6 @@ def test_fp8_steps_of_two_key_blocks():
     assert _rel_l1(out, _reference(q, k, v, mask, scale=0.125, kv_lens=lens)) < EXACT_REL_L1
 
 
-def test_fp8_through_tma_descriptors():
-    # The TMA path reads the transposed V through its own (D, N) descriptor; one block a step, as
-    # the reference.
-    q, k, v = _qkv(2, 2, 256, 300, 64, torch.bfloat16, "BNHD")
-    mask = torch.rand(2, 2, 2, 5) < 0.6
-    mask[..., 0] = True
-    lens = torch.tensor([300, 223], dtype=torch.int32)
-    quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=lens)
-    out = attention_from_lut(q, k, v, build_block_lut(mask, 300, lens), 0.125, kv_lens=lens,
-                             config=TileConfig(1, 4, 2, True, tma=True), quantized=quantized)
-    fp8_ref = _reference(q, k, v, mask, scale=0.125, kv_lens=lens, fp8=True)
-    torch.testing.assert_close(out.float(), fp8_ref.float(), **FP8_REF_TOL[torch.bfloat16])
-
-
 def test_fp8_pv_threshold():
     q, k, v = _qkv(1, 2, 256, 256, 64, torch.float16)
     mask = torch.rand(1, 2, 2, 4) < 0.8

@@ -42,8 +42,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                  if signature[name] in ("i32",) + tuple(pointers.values()) and int_args_aligned}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=target, options=options)
-        return compiled.metadata.shared, sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", compiled.asm["ptx"]))), \
-            compiled.metadata.num_warps
+        return compiled.metadata.shared, sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", compiled.asm["ptx"])))
 
     rows = []
     for dtype, dot_fp32, s, rk in (("bf16", False, 1, 64), ("fp32", True, 1, 64), ("fp32", True, 1, 1),
@@ -56,13 +55,13 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 consts["tiles_per_program"] = 1
             pointers = {"q_ptr": "*" + dtype, "q_rows_ptr": "*i64", "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",
                         "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
-            shared, _, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
+            shared, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
                                     num_warps=bs.PARTIAL_NUM_WARPS, num_stages=bs.PARTIAL_NUM_STAGES)
             rows.append(["partial_mass", dtype, s, rk, loop, shared])
     nkp, sr, warps = bs._select_geometry(bs.MAX_KEY_BLOCKS, 1, torch.device("cpu"))
     pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
     for rq in (1, 2, 16):
-        shared, _, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
+        shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
                                 True, num_warps=warps)
         rows.append(["combine_select", "fp32", 1, rq, False, shared])
     for (arch, head_dim, dtype), config in bsa.TILE_CONFIGS.items():
@@ -72,38 +71,35 @@ COMPILE_SCRIPT = textwrap.dedent("""
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
                       STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=True, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
-                      HEAVY_FIRST=config.heavy_rows_first, USE_TMA=config.tma, MASK_TAIL=True,
+                      HEAVY_FIRST=config.heavy_rows_first,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
                     "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
-        shared, mma, warps = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
-                                            num_warps=config.num_warps, num_stages=config.num_stages)
-        # A warp-specialised kernel runs a producer warp group beside its consumers: more warps.
-        specialised = warps > config.num_warps
-        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma,
-                     [config.warp_specialize and config.tma, specialised], shared])
+        shared, mma = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
+                                     num_warps=config.num_warps, num_stages=config.num_stages)
+        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma, shared])
     consts = dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N, HAS_KV_LENS=True, ROUND_E4M3=False,
                   stride_qd=1, stride_kd=1, stride_vd=1)
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kv_lens_ptr": "*i32", "k_mean_ptr": "*fp32",
                 "v_inv_ptr": "*fp32", "q8_ptr": "*fp8e4nv", "k8_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv",
                 "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32"}
-    shared, _, _ = compile_kernel(qf._quantize_fp8_kernel, consts, pointers, True, num_warps=qf.NUM_WARPS)
+    shared, _ = compile_kernel(qf._quantize_fp8_kernel, consts, pointers, True, num_warps=qf.NUM_WARPS)
     rows.append(["quantize_fp8", "bf16", 128, 1, [], shared])
-    shared, _, _ = compile_kernel(cs._channel_partials_kernel,
+    shared, _ = compile_kernel(cs._channel_partials_kernel,
                                dict(HEAD_D=128, BLOCK_D=128, TILE_ROWS=cs.TILE_ROWS, HAS_KV_LENS=True, stride_kd=1, stride_vd=1),
                                {"k_ptr": "*bf16", "v_ptr": "*bf16", "lens_ptr": "*i32", "k_sum_ptr": "*fp32",
                                 "v_max_ptr": "*fp32"}, True, num_warps=cs.PARTIALS_NUM_WARPS)
     rows.append(["channel_partials", "bf16", 128, 1, [], shared])
-    shared, _, _ = compile_kernel(cs._channel_finish_kernel, dict(HEAD_D=128, BLOCK_D=128, HAS_KV_LENS=True),
+    shared, _ = compile_kernel(cs._channel_finish_kernel, dict(HEAD_D=128, BLOCK_D=128, HAS_KV_LENS=True),
                                {name: "*fp32" for name in ("k_sum_ptr", "v_max_ptr", "k_mean_ptr", "v_scale_ptr",
                                                            "v_inverse_ptr")} | {"lens_ptr": "*i32"}, True, num_warps=1)
     rows.append(["channel_finish", "fp32", 128, 1, [], shared])
-    shared, _, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK, HEAD_CHUNK=ro.CHUNK),
+    shared, _ = compile_kernel(ro._heavy_rows_first_kernel, dict(LEVELS_P2=16, CHUNK=ro.CHUNK, HEAD_CHUNK=ro.CHUNK),
                                {"counts_ptr": "*i32", "order_ptr": "*i32"}, False, num_warps=ro.NUM_WARPS)
     rows.append(["heavy_rows_first", "i32", 0, 1, [], shared])
     pointers = {name: "*bf16" for name in ("src0", "src1", "src2", "dst0", "dst1", "dst2")}
-    shared, _, _ = compile_kernel(gt._gather_tokens_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_T=gt.BLOCK_T),
+    shared, _ = compile_kernel(gt._gather_tokens_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_T=gt.BLOCK_T),
                                {"index_ptr": "*i64", **pointers}, True, num_warps=gt.NUM_WARPS)
     rows.append(["gather_tokens", "bf16", 128, 1, [], shared])
     print(json.dumps(rows))
@@ -121,10 +117,6 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 5
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
-    attention = [row for row in rows if row[0] == "block_sparse_attn"]
-    # Configs asking for warp specialisation through TMA get it (Triton's Hopper pass splits the
-    # program into a TMA producer and two consumer warp groups); the others do not.
-    assert all(row[5][0] == row[5][1] for row in attention), attention
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]
     assert fp8, "no FP8 tile config declared for sm90"
     for row in fp8:  # Q·K (n = 64 keys a block) and P·V (n = head dim), both in e4m3

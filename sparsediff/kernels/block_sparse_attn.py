@@ -72,13 +72,6 @@ class TileConfig:
     with equal rows it cost 0-2% (H200, 2026-12-02, scripts/tune_row_order.py,
     bench-results/h200-2026-12-02/row-order-per-head.log). The order is built with the LUT either
     way (`build_block_lut`), 4-66 us at the model shapes.
-    tma: q, k and v tiles through TMA descriptors made on the device (one step block only; tensors
-    whose strides TMA cannot address take pointer loads). With warp_specialize and 4 warps, Triton's
-    Hopper pass then splits each program into a producer warp group that issues the TMA loads and
-    two consumer warp groups of 64 query rows each (FlashAttention-3's layout, 12 warps); that pass
-    wants every dot inside the one loop, so this path has no peeled last step and masks the keys at
-    every step where some can be invalid (ragged Nk or kv_lens). With pointer loads or 8 warps the
-    warp_specialize flag changes nothing.
     """
 
     step_blocks: int
@@ -86,7 +79,6 @@ class TileConfig:
     num_stages: int
     warp_specialize: bool = False
     heavy_rows_first: bool = True
-    tma: bool = False
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`
@@ -282,9 +274,9 @@ def build_block_lut(
 
 @triton.jit
 def _softmax_pv(
-    acc, l_i, m_i, s, m_step, V_bh, V_desc, key0, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-    qk_scale, MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr, USE_TMA: tl.constexpr,
+    acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
+    MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
+    ROUND_E4M3: tl.constexpr,
 ):
     m_new = tl.maximum(m_i, m_step)
     if FP8:  # P scaled by 448 through its exponent: it fills e4m3's range; l_i carries the 448 too
@@ -293,20 +285,13 @@ def _softmax_pv(
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_TMA:
-        # Keys past the valid ones arrive as finite data or TMA's zeros, and p == 0 there.
-        if FP8:  # V is stored transposed, (D, N) a slice
-            v = tl.trans(V_desc.load([0, key0]))
-        else:
-            v = V_desc.load([key0, 0])
+    v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if MASK_KEYS:
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     else:
-        v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASK_KEYS:
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        elif PAD_D:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None]
     if FP8:
         # Hopper's fp8 MMA accumulates with fewer bits than fp32: each step's P·V gets a fresh
@@ -321,19 +306,17 @@ def _softmax_pv(
 
 @triton.jit
 def _attn_step(
-    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, k_scale_bh, lut_row, count, step, n_valid,
+    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
     offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
     BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK_KEYS: tl.constexpr,
     PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr, USE_TMA: tl.constexpr,
+    ROUND_E4M3: tl.constexpr,
 ):
     """One step over STEP_BLOCKS kept key blocks; MASK_KEYS for the row's last step only."""
     offs_n = tl.arange(0, BLOCK_N * STEP_BLOCKS)
-    key0 = 0  # the step's first key where it is one block (STEP_BLOCKS == 1): TMA loads start there
     if STEP_BLOCKS == 1:
         block = tl.load(lut_row + step).to(tl.int32)
-        key0 = block * BLOCK_N
-        keys = key0 + offs_n
+        keys = block * BLOCK_N + offs_n
         key_ok = keys < n_valid
         step_blocks = 1
     else:
@@ -348,16 +331,13 @@ def _attn_step(
             key_ok = entry >= 0
             step_blocks = STEP_BLOCKS
         keys = block * BLOCK_N + offs_n % BLOCK_N
-    if USE_TMA:  # STEP_BLOCKS == 1: the step's keys are one contiguous block
-        k = K_desc.load([key0, 0])
+    k_ptrs = K_bh + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    if MASK_KEYS:
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+    elif PAD_D:
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
     else:
-        k_ptrs = K_bh + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        if MASK_KEYS:
-            k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs)
     if DOT_FP32:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k))
@@ -375,13 +355,13 @@ def _attn_step(
             n_skipped += step_blocks
         else:
             acc, l_i, m_i = _softmax_pv(
-                acc, l_i, m_i, s, m_step, V_bh, V_desc, key0, keys, key_ok, offs_d, d_ok, stride_vn,
-                stride_vd, step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, USE_TMA,
+                acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
+                step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3,
             )
     else:
         acc, l_i, m_i = _softmax_pv(
-            acc, l_i, m_i, s, m_step, V_bh, V_desc, key0, keys, key_ok, offs_d, d_ok, stride_vn,
-            stride_vd, step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, USE_TMA,
+            acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
+            step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3,
         )
     return acc, l_i, m_i, n_skipped
 
@@ -397,8 +377,7 @@ def _block_sparse_attn_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, USE_TMA: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
+    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
     row = tl.program_id(0)
@@ -417,29 +396,13 @@ def _block_sparse_attn_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     row_ok = offs_m < n_q
-    K_bh = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V_bh = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    K_desc = K_bh  # the TMA descriptors, where USE_TMA makes them
-    V_desc = V_bh
-    if USE_TMA:
-        # Made on the device, one per (b, h) slice, 2-D: rows past the slice's end arrive as zeros,
-        # and Hopper's warp specialisation can split the query tile by rows between its two consumer
-        # warp groups (it splits the first dimension of a descriptor's tile).
-        Q_desc = tl.make_tensor_descriptor(
-            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, shape=[n_q, HEAD_D],
-            strides=[stride_qn, 1], block_shape=[BLOCK_M, BLOCK_D])
-        K_desc = tl.make_tensor_descriptor(K_bh, shape=[n_k, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-        if FP8:  # V stored transposed, (D, N) a slice
-            V_desc = tl.make_tensor_descriptor(V_bh, shape=[HEAD_D, n_k], strides=[stride_vd, 1], block_shape=[BLOCK_D, BLOCK_N])
-        else:
-            V_desc = tl.make_tensor_descriptor(V_bh, shape=[n_k, HEAD_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
-        q = Q_desc.load([qb * BLOCK_M, 0])
-    else:
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
-            + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+        + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
+    K_bh = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V_bh = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     k_scale_bh = k_scale_ptr + bh.to(tl.int64) * KB
     if FP8:
         qk_scale = qk_scale * tl.load(q_scale_ptr + row)
@@ -449,32 +412,21 @@ def _block_sparse_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_skipped = 0
     n_steps = tl.cdiv(count, STEP_BLOCKS)
-    if USE_TMA:
-        # Hopper's warp specialisation (a TMA producer warp group, two consumer warp groups) needs
-        # every dot of the kernel inside its one loop, without branches: no peeled last step, the
-        # keys masked at every step where any can be invalid (MASK_TAIL).
-        for step in tl.range(0, n_steps, warp_specialize=WARP_SPECIALIZE):
-            acc, l_i, m_i, n_skipped = _attn_step(
-                acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, k_scale_bh, lut_row, count, step,
-                n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-                BLOCK_N, STEP_BLOCKS, MASK_TAIL, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, USE_TMA,
-            )
-    else:
-        # Only the row's last step can hold a partial key block (ragged Nk or kv_lens: the LUT drops
-        # blocks past the valid keys and lists the rest in ascending order) or a partial step, so every
-        # other step runs without masks.
-        for step in tl.range(0, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
-            acc, l_i, m_i, n_skipped = _attn_step(
-                acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, k_scale_bh, lut_row, count, step,
-                n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-                BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, USE_TMA,
-            )
-        if n_steps > 0:
-            acc, l_i, m_i, n_skipped = _attn_step(
-                acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, k_scale_bh, lut_row, count,
-                n_steps - 1, n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                log2_pv_threshold, BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, USE_TMA,
-            )
+    # Only the row's last step can hold a partial key block (ragged Nk or kv_lens: the LUT drops
+    # blocks past the valid keys and lists the rest in ascending order) or a partial step, so every
+    # other step runs without masks.
+    for step in tl.range(0, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
+        acc, l_i, m_i, n_skipped = _attn_step(
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
+            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3,
+        )
+    if n_steps > 0:
+        acc, l_i, m_i, n_skipped = _attn_step(
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps - 1, n_valid,
+            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3,
+        )
     # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if FP8:
@@ -484,29 +436,6 @@ def _block_sparse_attn_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if COUNT_SKIPS:
         tl.store(skips_ptr + row, n_skipped)
-
-
-def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can address these 4-D tensors: unit innermost stride, the other strides and the
-    base 16-byte aligned (TMA's rules)."""
-    def ok(t: torch.Tensor) -> bool:
-        size = t.element_size()
-        return t.stride(3) == 1 and all(st * size % 16 == 0 for st in t.stride()[:3]) and t.data_ptr() % 16 == 0
-    return all(ok(t) for t in tensors)
-
-
-def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_descriptor_allocator() -> None:
-    """Give Triton the global scratch its on-device TMA descriptors are written to, unless the
-    caller set an allocator of their own. Triton keeps it in a ContextVar, so each thread (a
-    Gradio worker, say) needs it set: checked at every launch."""
-    from triton.runtime import _allocation  # the current allocator is not public API
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_descriptor_scratch)
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -548,25 +477,19 @@ def attention_from_lut(
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    block_d = padded_head_dim(head_dim)
-    v_stored = quantized.v_t if fp8 else v_in
-    use_tma = config.tma and config.step_blocks == 1 and tma_compatible(q_in, k_in, v_stored)
-    if use_tma:
-        _ensure_descriptor_allocator()
     _block_sparse_attn_kernel[(B * H * QB,)](
         q_in, k_in, v_in, out, counts, indices, lut.order,
         kv_lens if kv_lens is not None else counts, skips, *scales,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
         H, n_q, n_k, QB, KB, scale * math.log2(math.e),
         math.log2(pv_threshold) if pv_threshold is not None else 0.0,
-        HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
         PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
         # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
-        HEAVY_FIRST=config.heavy_rows_first, USE_TMA=use_tma,
-        MASK_TAIL=kv_lens is not None or n_k % BLOCK_N != 0,
+        HEAVY_FIRST=config.heavy_rows_first,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out
