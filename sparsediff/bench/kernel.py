@@ -243,21 +243,20 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
 
 # (step_blocks, num_warps, num_stages, warp_specialize). On the H100 at D=128, (2, 8, 4) and
 # (4, 8, 2) ran out of shared memory and warp_specialize changed nothing (2026-11-23): with pointer
-# loads, or with 8 warps, Triton's Hopper pass leaves the loop alone. With q, k, v through TMA
-# descriptors made on the device (2-D, one per (b, h) slice), 4 warps and warp_specialize, Triton
-# 3.6 does split a program into a TMA producer and two 64-row consumer warp groups (12 warps,
-# setmaxnreg 232/40; the pass wants every dot in one branch-free loop: no peeled last step, keys
-# masked at every step). Tried on the H200 on 2026-12-03 and dropped (commit cf1fc09,
-# scripts/tune_tma.py there; bench-results/h200-2026-12-03/tma-ws-session9.log): its outputs were
-# wrong on the GPU (NaN, or max abs err 1.0 with kv_lens, bf16 and FP8) where the interpreter matched
-# the reference, and even so it gained little: Wan 0.867/0.846 of cuDNN at keep 1/0.25 against the
-# declared config's 0.860/0.825 in the same run, CogVideoX 0.833/0.771 against 1.025/0.969, Wan FP8
-# 1.024/0.975 against 1.047/1.014. With host-side 4-D descriptors the pass split the query tile
-# along the batch dimension and the kernel hung the GPU. K/V tiles
-# loaded through TMA tensor descriptors were slower on the H200 (2026-12-01: D=128 best 473 vs 481
-# TFLOP/s score, D=64 415 vs 421), so the kernel keeps pointer loads. Programs of 64 query rows
-# (4 warps, two programs per 128-row mask block, so that two share an SM) matched but did not
-# beat the 128-row programs (H200, 2026-12-01: Wan 485/468 vs 481/473 TFLOP/s at keep 1/0.25;
+# loads, or with 8 warps, Triton's Hopper pass leaves the loop alone. K/V tiles loaded through TMA
+# tensor descriptors were slower on the H200 (2026-12-01: D=128 best 473 vs 481 TFLOP/s score, D=64
+# 415 vs 421), so the kernel keeps pointer loads. With q, k, v through TMA descriptors made on the
+# device (2-D, one per (b, h) slice), 4 warps and warp_specialize, Triton 3.6 does split a program
+# into a TMA producer and two 64-row consumer warp groups (12 warps, setmaxnreg 232/40; the pass
+# wants every dot in one branch-free loop: no peeled last step, keys masked at every step). Tried on
+# the H200 on 2026-12-03 and dropped (commit cf1fc09, scripts/tune_tma.py there;
+# bench-results/h200-2026-12-03/tma-ws-session9.log): its outputs were wrong on the GPU (NaN, or max
+# abs err 1.0 with kv_lens, bf16 and FP8) where the interpreter matched the reference, and even so it
+# gained little: Wan 0.867/0.846 of cuDNN at keep 1/0.25 against the declared config's 0.860/0.825 in
+# the same run, CogVideoX 0.833/0.771 against 1.025/0.969, Wan FP8 1.024/0.975 against 1.047/1.014.
+# With host-side 4-D descriptors the pass split the query tile along the batch dimension and the
+# kernel hung the GPU. Programs of 64 query rows (4 warps, two programs per 128-row mask block, so
+# that two share an SM) matched but did not beat the 128-row programs (H200, 2026-12-01: Wan 485/468 vs 481/473 TFLOP/s at keep 1/0.25;
 # CogVideoX 404/391 vs 424/404), so programs keep one mask block. Computing half of the softmax
 # exponentials by a cubic polynomial on the FMA units (FlashAttention-4's trick, to offload the
 # special-function unit) was slower in Triton (H200, 2026-12-01: Wan 426 vs 495 TFLOP/s at keep 1,
