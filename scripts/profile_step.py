@@ -1,6 +1,6 @@
 """Where one sparse denoising step of a real-config transformer spends its time (a diagnostic).
 
-    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--fp8] [--frames N]
+    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--fp8] [--frames N] [--python]
 
 Builds the family's transformer as `sparsediff bench e2e` does (random bf16 weights, real
 resolution), applies sparsediff with one dense step, runs the dense step and two sparse warm-up
@@ -8,8 +8,13 @@ steps (compilation), then profiles one sparse step: wall time, the GPU's busy ti
 summed; one stream, so the rest of the wall time is the GPU waiting for the host), kernel time
 grouped by what it is for, the top kernels, the host calls that wait for the device, and the
 host's costliest calls (a step whose GPU busy time is well under its wall time waits for them).
+With --python, one more sparse step runs under cProfile: when the host returned from the forward
+against when the GPU finished, and the Python functions of sparsediff, Triton and torch's op
+dispatch that took the host longest, per attention call.
 """
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -51,11 +56,12 @@ def main() -> None:
     parser.add_argument("--cdf", type=float, default=0.15)
     parser.add_argument("--fp8", action="store_true", help="the FP8 path (setting B)")
     parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--python", action="store_true", help="also profile one sparse step's Python (cProfile)")
     args = parser.parse_args()
     case = CASES[args.family]
     model, inputs = _build(case, args.frames or case.frames)
     t0 = float(inputs["timestep"].max()) * 2
-    timesteps = [torch.full_like(inputs["timestep"], t0 * (8 - i) / 8) for i in range(5)]
+    timesteps = [torch.full_like(inputs["timestep"], t0 * (8 - i) / 8) for i in range(6)]
     if args.compile:
         if getattr(model, "_repeated_blocks", None):
             model.compile_repeated_blocks(fullgraph=True)
@@ -89,6 +95,34 @@ def main() -> None:
     host = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
     for e in host[:12]:
         print(f"      host {e.self_cpu_time_total / 1e3:8.2f} ms  x{e.count:<5d} {e.key[:90]}")
+    if args.python:
+        _python_profile(model, dict(inputs, timestep=timesteps[5]))
+
+
+def _python_profile(model, inputs: dict) -> None:
+    """One sparse step under cProfile: host return vs GPU end, and the costliest Python per call."""
+    profiler = cProfile.Profile()
+    with torch.no_grad(), sdpa_kernel(_sdpa_priority(), set_priority=True):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        profiler.enable()
+        model(**inputs)
+        profiler.disable()
+        returned = time.perf_counter() - started
+        torch.cuda.synchronize()
+        finished = time.perf_counter() - started
+    stats = pstats.Stats(profiler)
+    attend_calls = next((v[1] for (path, _, name), v in stats.stats.items()
+                         if name == "attend" and path.endswith("controller.py")), 0)
+    print(f"python-profiled step: host returned after {returned * 1e3:.1f} ms, GPU done after {finished * 1e3:.1f} ms "
+          f"(cProfile slows the host), {attend_calls} controller.attend calls")
+    rows = [(v[2], v[3], v[1], f"{path.rsplit('site-packages/', 1)[-1].rsplit('/work/', 1)[-1]}:{line} {name}")
+            for (path, line, name), v in stats.stats.items()
+            if any(key in path for key in ("sparsediff", "triton", "torch/_ops", "torch/_library"))]
+    per = max(attend_calls, 1)
+    print("  tottime per call | cumtime per call | calls | function (sparsediff, Triton, torch op dispatch)")
+    for tottime, cumtime, count, where in sorted(rows, key=lambda r: -r[1])[:30]:
+        print(f"  {tottime / per * 1e6:8.1f} us | {cumtime / per * 1e6:8.1f} us | {count:6d} | {where}")
 
 
 if __name__ == "__main__":

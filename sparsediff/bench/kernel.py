@@ -271,6 +271,15 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
 # inline assembly, then fp16 -> e4m3), lost on the H200 (2026-12-02, kernel-fp8-half-exp-session8.log,
 # the half_exp=True rows): Wan 537/523 vs 582/564 TFLOP/s at keep 1/0.25, CogVideoX 436/417 vs
 # 490/466, at the same error; the conversions cost more than the halved exponentials saved.
+# Lazy rescaling (FlashAttention-4's: the running maximum moves, and the accumulator is rescaled,
+# only when some row's maximum grows by more than 2**8; one branch per step on the whole tile) lost
+# on the H200 (2026-12-03, bench-results/h200-2026-12-03/lazy-rescale-tune-predict-session10.log):
+# Wan 374/366 TFLOP/s at keep 1/0.25 against 486/465 for (1, 8, 4), CogVideoX 410/393 against
+# 424/401 for (2, 4, 3); the tile-wide maximum is a reduction across warps through shared memory
+# and a barrier at every step, which costs more than the skipped rescales save. Tuned at FLUX's
+# short sequence (same day, kernel-tune-flux-session10.log), (2, 8, 3) led with 461/359 against
+# (1, 8, 3)'s 438/355, where at Wan's it loses 9%: too little for a config per sequence length;
+# 4 warps with 2-4 stages reached 295-371 there.
 TUNE_CANDIDATES = (
     (1, 4, 3, False), (1, 8, 2, False), (1, 8, 3, False), (1, 8, 4, False),
     (2, 4, 3, False), (2, 4, 4, False), (2, 8, 3, False), (2, 8, 3, True),
@@ -294,6 +303,11 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     luts = {keep: build_block_lut(random_mask(shape, keep, "cuda"), shape.tokens) for keep in (1.0, 0.25)}
     quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N) if fp8 else None
+    # Keys growing along the sequence: the rows' maxima rise step after step, which random keys
+    # hardly do after a row's first steps, so that every candidate's rescaling is checked too.
+    k_rising = (k.float() * torch.linspace(0.5, 4.0, shape.tokens, device="cuda")[:, None]).to(dtype)
+    dense_rising = torch.nn.functional.scaled_dot_product_attention(q, k_rising, v)
+    quantized_rising = quantize_fp8(q, k_rising, v, block_m=BLOCK_M, block_n=BLOCK_N) if fp8 else None
     rows, best = [], None
     for step_blocks, warps, stages, ws in TUNE_CANDIDATES:
         config = TileConfig(step_blocks, warps, stages, ws)
@@ -304,6 +318,10 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
             row["max_abs_err"], row["rel_l1"] = _finite(err), _rel_l1(out, dense)
             if not (row["rel_l1"] <= FP8_TUNE_MAX_REL_L1 if fp8 else err <= 2e-2):
                 raise RuntimeError(f"wrong result, max abs err {err}, rel L1 {row['rel_l1']}")
+            rising = attention_from_lut(q, k_rising, v, luts[1.0], scale, config=config, quantized=quantized_rising)
+            row["rel_l1_rising_keys"] = _rel_l1(rising, dense_rising)
+            if not row["rel_l1_rising_keys"] <= (FP8_TUNE_MAX_REL_L1 if fp8 else 1e-2):
+                raise RuntimeError(f"wrong result on rising keys, rel L1 {row['rel_l1_rising_keys']}")
             for keep, lut in luts.items():
                 ms = timer(lambda: attention_from_lut(q, k, v, lut, scale, config=config, quantized=quantized))
                 row[f"tflops_keep{keep}"] = _tflops(shape, keep, ms)
@@ -316,7 +334,7 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
             f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
             for key, val in row.items() if key not in ("shape", "fp8", "config")))
         rows.append(row)
-    del q, k, v, dense, quantized
+    del q, k, v, dense, quantized, k_rising, dense_rising, quantized_rising
     torch.cuda.empty_cache()
     if best is None:
         raise RuntimeError(f"no tile config ran correctly on {shape.name}")
