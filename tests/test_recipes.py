@@ -248,3 +248,34 @@ def test_bench_e2e_times_the_chosen_modes_and_settings():
     e2e._parse(args)
     assert {name: s["dense_steps"] for name, s in e2e._settings(args).items()} == {"setting_a": 2, "setting_b": 1}
     assert e2e._items(args.modes) == ["eager"]
+
+
+def _steps_report(time: str, speedup: float, with_labels: bool = True) -> dict:
+    settings = {"setting_a": {"fp8": False}, "setting_b": {"fp8": True}}
+    if with_labels:
+        settings = {name: {**s, "label": name[-1].upper()} for name, s in settings.items()}
+    row = {"setting_a_speedup": speedup, "setting_a_bound_speedup": 2.0,
+           "setting_b_speedup": 2.2, "setting_b_bound_speedup": 2.5}
+    return {"bench": "e2e-steps", "time": time, "device": "GPU", "versions": {"torch": "t", "triton": "tr"},
+            "results": [{"family": "wan", "frames": 81, "steps": 10, **settings, "runs": {"compiled": row}}]}
+
+
+def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monkeypatch) -> None:
+    from sparsediff.bench import e2e
+
+    from matplotlib.axes import Axes
+
+    drawn, real_bar = [], Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        drawn.append(round(height, 3))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", bar)
+    older = _steps_report("2026-12-01T00:00:00+00:00", 1.5, with_labels=False)  # pre-label report format
+    newer = _steps_report("2026-12-02T00:00:00+00:00", 1.8)
+    e2e.plot_steps([newer, older], tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+    assert drawn == [1.8, 2.0, 2.2, 2.5]  # A achieved / bound from the newer report, then B (FP8)
+    with pytest.raises(ValueError, match="bench e2e --steps"):
+        e2e.plot_steps([{**newer, "bench": "e2e"}], tmp_path / "x.png")

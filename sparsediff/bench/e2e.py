@@ -41,7 +41,9 @@ dense attention time x (kernel time at the measured keep fraction / cuDNN dense 
 timed in the same run on the family's self-attention shape with a random mask of that keep
 fraction (setting B: the FP8 path, quantisation included), CUDA-graphed on a lookup table built
 beforehand (GPU time: no index building, no launches); dense steps cost a dense step.
-Achieved / bound says what prediction, token reordering, index building and launches cost.
+Achieved / bound says what prediction, token reordering, index building and launches cost. Beside
+the JSON, `plot_steps` draws each setting's speed-up with its bound (PNG); `scripts/plot_e2e.py`
+draws several saved reports in one plot.
 """
 from __future__ import annotations
 
@@ -502,6 +504,57 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
     return {"steps": args.steps, **settings, "modes": _items(args.modes)}, results
 
 
+def plot_steps(reports: list[dict], path: Path) -> None:
+    """One bar per (family, mode, sparse setting) of `--steps` reports: the speed-up achieved, the
+    attainable bound drawn around it and the fraction of the bound above it. Where several reports
+    hold the same bar, the latest one (by its "time") is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparsediff.io import atomic_output
+
+    bars: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    for report in sorted(reports, key=lambda r: r["time"]):
+        if report["bench"] != "e2e-steps":
+            raise ValueError(f"plot_steps takes `bench e2e --steps` reports, got a {report['bench']!r} report")
+        for result in report["results"]:
+            # Reports before 2026-12-02 name their settings by key alone ("setting_a": A).
+            labels = {name: value.get("label", name.removeprefix("setting_").upper()) + (" (FP8)" if value["fp8"] else "")
+                      for name, value in result.items() if name.startswith("setting_") and isinstance(value, dict)}
+            size = f"{result['frames']}f, " if result["frames"] > 1 else ""
+            for mode, row in result["runs"].items():
+                group = bars.setdefault((result["family"], f"{size}{mode}, {result['steps']} steps"), {})
+                for name, label in labels.items():
+                    if f"{name}_speedup" in row:
+                        group[label] = (row[f"{name}_speedup"], row[f"{name}_bound_speedup"])
+    if not bars:
+        raise ValueError("no `bench e2e --steps` results to plot")
+    colours = {label: f"C{j}" for j, label in enumerate(sorted({label for group in bars.values() for label in group}))}
+    width = 0.8 / max(len(group) for group in bars.values())
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(bars)), 4.4))
+    for i, group in enumerate(bars.values()):
+        for j, (label, (achieved, bound)) in enumerate(sorted(group.items())):
+            x = i + (j + 0.5 - len(group) / 2) * width
+            ax.bar(x, achieved, width * 0.9, color=colours[label], label=label)
+            ax.bar(x, bound, width * 0.9, fill=False, edgecolor="black", linewidth=0.8)
+            ax.text(x, max(achieved, bound) + 0.03, f"{achieved / bound:.2f}", ha="center", fontsize=7)
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(bars)), [f"{family}\n{how}" for family, how in bars], fontsize=7)
+    ax.set_ylabel("speed-up over dense (black outline: attainable bound)")
+    ax.set_title("whole denoising loop, sparse vs dense; number: achieved / bound", fontsize=9)
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.suptitle(" · ".join(sorted({f"{r['device']} · torch {r['versions']['torch']} · triton "
+                                    f"{r['versions']['triton']} · {r['time'][:10]}" for r in reports})), fontsize=7)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     import diffusers
     import torch
@@ -529,4 +582,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.out / f"{stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(path, report)
     print(f"wrote {path}")
+    if args.steps:
+        plot_steps([report], path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
     return 0
