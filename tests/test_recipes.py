@@ -279,3 +279,16 @@ def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monk
     assert drawn == [1.8, 2.0, 2.2, 2.5]  # A achieved / bound from the newer report, then B (FP8)
     with pytest.raises(ValueError, match="bench e2e --steps"):
         e2e.plot_steps([{**newer, "bench": "e2e"}], tmp_path / "x.png")
+
+
+def test_bench_kernel_plot_draws_kernel_and_whole_call(tmp_path: Path) -> None:
+    from sparsediff.bench.kernel import _plot
+
+    base = {"shape": "wan", "B": 1, "H": 12, "N": 32760, "D": 128}
+    rows = [{**base, "impl": "cudnn", "mask": "dense", "keep": 1.0, "ms": 10.0, "tflops": 500.0}]
+    for keep in (1.0, 0.25):
+        rows.append({**base, "impl": "ours", "mask": "random", "keep": keep, "ms": 12.0 * keep, "kernel_ms": 11.0 * keep,
+                     "tflops": 400.0, "flex_tflops": 350.0})
+        rows.append({**base, "impl": "ours-fp8", "mask": "random", "keep": keep, "ms": 10.0 * keep, "tflops": 480.0})
+    _plot(rows, tmp_path / "kernel.png", "title")
+    assert (tmp_path / "kernel.png").stat().st_size > 0
