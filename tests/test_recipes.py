@@ -292,3 +292,33 @@ def test_bench_kernel_plot_draws_kernel_and_whole_call(tmp_path: Path) -> None:
         rows.append({**base, "impl": "ours-fp8", "mask": "random", "keep": keep, "ms": 10.0 * keep, "tflops": 480.0})
     _plot(rows, tmp_path / "kernel.png", "title")
     assert (tmp_path / "kernel.png").stat().st_size > 0
+
+
+def test_bench_e2e_attention_free_keeps_key_and_value_under_compile() -> None:
+    # The attention-free loop stands for "everything but attention": under torch.compile the key and
+    # value projections must still run, as they do before a real attention call (a stub returning
+    # the query let the compiler drop them as dead code, and overstated attention's share).
+    import torch.nn.functional as F
+    from torch._dynamo.backends.common import aot_autograd
+
+    from sparsediff.bench import e2e
+
+    matmuls = []
+
+    def count_matmuls(gm, example_inputs):
+        matmuls.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "mm" in str(n.target)))
+        return gm
+
+    wq, wk, wv = (torch.randn(16, 16) for _ in range(3))
+
+    def block(x):
+        q, k, v = (x @ w for w in (wq, wk, wv))
+        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0] @ wq
+
+    x = torch.randn(8, 16)
+    with e2e._attention_free(None):
+        torch._dynamo.reset()
+        out = torch.compile(block, backend=aot_autograd(fw_compiler=count_matmuls))(x)
+    torch._dynamo.reset()
+    assert matmuls == [4]  # q, k, v and the output projection
+    torch.testing.assert_close(out, (x @ wq) @ wq)

@@ -24,7 +24,10 @@ timesteps, one video's transformer work without CFG), eager and/or (`--modes`) c
 `compile_repeated_blocks(fullgraph=True)` where the family has repeated blocks, else `torch.compile`:
 - dense: the stock processors as above;
 - attention-free: the same, with every self-attention SDPA call (query and key of equal length)
-  returning its query, so 1 - time / dense time is the share of a dense step spent in attention;
+  returning a copy of its query, so 1 - time / dense time is the share of a dense step spent in
+  attention. The copy is made by a custom op that takes key and value too, opaque to torch.compile:
+  a plain `return query` left key and value unused, and Inductor dropped their projections as dead
+  code, so the compiled runs' attention shares and bounds before 2026-12-03 are too high;
 - setting A: sparse with `dense_steps` = 20% of S and cdf `--setting-a-cdf` on every head (random
   weights attend almost uniformly: 0.15 keeps ~12-15% of the blocks on Wan and CogVideoX, the
   reference setting's "85% sparsity"; FLUX needs a lower one; the sparsity actually reached is
@@ -48,6 +51,7 @@ draws several saved reports in one plot.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import platform
@@ -305,21 +309,42 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
     return result
 
 
+@functools.cache
+def _query_copy_op() -> Callable[..., Any]:
+    """A custom op (query, key, value) -> a copy of query. Opaque to torch.compile, so that key and
+    value, and what computes them, stay in the graph as they do before a real attention call."""
+    import torch
+
+    # The schema spelled out: this module's annotations are strings (`from __future__ import
+    # annotations`) naming a torch imported here only.
+    @torch.library.custom_op("sparsediff_bench::query_copy", mutates_args=(),
+                             schema="(Tensor query, Tensor key, Tensor value) -> Tensor")
+    def query_copy(query, key, value):
+        return query.clone()
+
+    @query_copy.register_fake
+    def _(query, key, value):
+        return torch.empty_like(query)
+
+    return query_copy
+
+
 @contextmanager
 def _attention_free(shapes: list[tuple[int, ...]] | None) -> Iterator[None]:
-    """Every self-attention SDPA call (query and key of equal length) returns its query at once;
-    their (B, H, N, D) shapes are appended to `shapes` unless it is None. The timed loops pass None:
-    under torch.compile a growing list read by traced code would be guarded on, and recompile at
-    every call; one eager forward beforehand records the shapes."""
+    """Every self-attention SDPA call (query and key of equal length) returns a copy of its query at
+    once (`_query_copy_op`); their (B, H, N, D) shapes are appended to `shapes` unless it is None.
+    The timed loops pass None: under torch.compile a growing list read by traced code would be
+    guarded on, and recompile at every call; one eager forward beforehand records the shapes."""
     import torch.nn.functional as F
 
     sdpa = F.scaled_dot_product_attention
+    query_copy = _query_copy_op()
 
     def query_only(query, key, value, *args, **kwargs):
         if query.shape[-2] == key.shape[-2]:
             if shapes is not None:
                 shapes.append(tuple(query.shape))
-            return query
+            return query_copy(query, key, value)
         return sdpa(query, key, value, *args, **kwargs)
 
     F.scaled_dot_product_attention = query_only
