@@ -261,9 +261,9 @@ def _steps_report(time: str, speedup: float, with_labels: bool = True) -> dict:
 
 
 def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monkeypatch) -> None:
-    from sparsediff.bench import e2e
-
     from matplotlib.axes import Axes
+
+    from sparsediff.bench import e2e
 
     drawn, real_bar = [], Axes.bar
 
