@@ -4,6 +4,7 @@
 
 Each bar is one family, mode and sparse setting: the speed-up achieved over dense, the attainable
 bound outlined around it, achieved / bound above it; where reports overlap, the latest one counts.
+--settings A,B draws only those settings (by label; default: all).
 """
 import argparse
 import json
@@ -16,8 +17,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("reports", nargs="+", type=Path)
+    p.add_argument("--settings", type=lambda s: s.split(","), default=None, help="comma-separated labels, e.g. A,B")
     args = p.parse_args()
-    plot_steps([json.loads(path.read_text()) for path in args.reports], args.out)
+    plot_steps([json.loads(path.read_text()) for path in args.reports], args.out, args.settings)
     print(f"wrote {args.out}")
 
 

@@ -277,6 +277,9 @@ def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monk
     e2e.plot_steps([newer, older], tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").stat().st_size > 0
     assert drawn == [1.8, 2.0, 2.2, 2.5]  # A achieved / bound from the newer report, then B (FP8)
+    drawn.clear()
+    e2e.plot_steps([newer, older], tmp_path / "b.png", settings=["B"])
+    assert drawn == [2.2, 2.5]
     with pytest.raises(ValueError, match="bench e2e --steps"):
         e2e.plot_steps([{**newer, "bench": "e2e"}], tmp_path / "x.png")
 

@@ -60,7 +60,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from sparsediff.pipelines import configs
 
@@ -529,10 +529,11 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
     return {"steps": args.steps, **settings, "modes": _items(args.modes)}, results
 
 
-def plot_steps(reports: list[dict], path: Path) -> None:
+def plot_steps(reports: list[dict], path: Path, settings: Collection[str] | None = None) -> None:
     """One bar per (family, mode, sparse setting) of `--steps` reports: the speed-up achieved, the
     attainable bound drawn around it and the fraction of the bound above it. Where several reports
-    hold the same bar, the latest one (by its "time") is drawn."""
+    hold the same bar, the latest one (by its "time") is drawn. settings: draw only these (by label:
+    "A", "B", "A no graphs", ...); None draws all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -546,8 +547,10 @@ def plot_steps(reports: list[dict], path: Path) -> None:
             raise ValueError(f"plot_steps takes `bench e2e --steps` reports, got a {report['bench']!r} report")
         for result in report["results"]:
             # Reports before 2026-12-02 name their settings by key alone ("setting_a": A).
-            labels = {name: value.get("label", name.removeprefix("setting_").upper()) + (" (FP8)" if value["fp8"] else "")
-                      for name, value in result.items() if name.startswith("setting_") and isinstance(value, dict)}
+            named = {name: (value.get("label", name.removeprefix("setting_").upper()), value["fp8"])
+                     for name, value in result.items() if name.startswith("setting_") and isinstance(value, dict)}
+            labels = {name: label + (" (FP8)" if fp8 else "") for name, (label, fp8) in named.items()
+                      if settings is None or label in settings}
             size = f"{result['frames']}f, " if result["frames"] > 1 else ""
             for mode, row in result["runs"].items():
                 group = bars.setdefault((result["family"], f"{size}{mode}, {result['steps']} steps"), {})
