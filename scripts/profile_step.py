@@ -1,6 +1,6 @@
 """Where one sparse denoising step of a real-config transformer spends its time (a diagnostic).
 
-    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--fp8] [--frames N] [--python]
+    python scripts/profile_step.py FAMILY [--compile] [--cdf 0.15] [--fp8] [--frames N] [--python] [--attention-free]
 
 Builds the family's transformer as `sparsediff bench e2e` does (random bf16 weights, real
 resolution), applies sparsediff with one dense step, runs the dense step and two sparse warm-up
@@ -11,19 +11,24 @@ host's costliest calls (a step whose GPU busy time is well under its wall time w
 With --python, one more sparse step runs under cProfile: when the host returned from the forward
 against when the GPU finished, and the Python functions of sparsediff, Triton and torch's op
 dispatch that took the host longest, per attention call.
+With --attention-free, the profiled step is instead `bench e2e`'s attention-free step (self-attention
+replaced by a copy of the query, no sparsediff), whose time the attainable bound counts as the part
+of a step that is not attention: its GPU busy time against a sparse step's non-attention groups
+shows whether that stand-in costs what the rest of a real step costs.
 """
 import argparse
 import cProfile
 import pstats
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 from torch.nn.attention import sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import sparsediff
-from sparsediff.bench.e2e import CASES, _build, _sdpa_priority
+from sparsediff.bench.e2e import CASES, _attention_free, _build, _sdpa_priority
 
 GROUPS = (  # (group, substrings of kernel names), first match wins
     ("attention kernel", ("_block_sparse_attn_kernel",)),
@@ -57,6 +62,8 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="the FP8 path (setting B)")
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--python", action="store_true", help="also profile one sparse step's Python (cProfile)")
+    parser.add_argument("--attention-free", action="store_true",
+                        help="profile bench e2e's attention-free step instead of a sparse one")
     args = parser.parse_args()
     case = CASES[args.family]
     model, inputs = _build(case, args.frames or case.frames)
@@ -67,10 +74,14 @@ def main() -> None:
             model.compile_repeated_blocks(fullgraph=True)
         else:
             model = torch.compile(model)
-    handle = sparsediff.apply(model, cdf_threshold=args.cdf, sim_threshold=0.0, dense_steps=1, token_order="tiles",
-                              fp8=args.fp8)
-    with torch.no_grad(), sdpa_kernel(_sdpa_priority(), set_priority=True):
-        for t in timesteps[:4]:  # one dense step, then sparse warm-up steps
+    handle = None if args.attention_free else sparsediff.apply(
+        model, cdf_threshold=args.cdf, sim_threshold=0.0, dense_steps=1, token_order="tiles", fp8=args.fp8)
+
+    def stand_in():  # a fresh context each time: a generator context manager is entered once
+        return _attention_free(None) if args.attention_free else nullcontext()
+
+    with torch.no_grad(), sdpa_kernel(_sdpa_priority(), set_priority=True), stand_in():
+        for t in timesteps[:4]:  # one dense step, then sparse warm-up steps (or attention-free ones)
             model(**dict(inputs, timestep=t))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -85,9 +96,10 @@ def main() -> None:
     for e in kernels:
         by_group[_group(e.key)] += e.device_time_total / 1e6
     waits = {e.key: e.count for e in events if any(e.key.startswith(w) for w in WAITS)}
-    print(f"{args.family} {'compiled' if args.compile else 'eager'}{' FP8' if args.fp8 else ''} sparse step: wall {wall * 1e3:.1f} ms "
-          f"(profiled), GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), sparsity {handle.stats.mean_sparsity():.3f}, "
-          f"device waits {waits or 'none'}")
+    what = "attention-free step" if handle is None else \
+        f"{'FP8 ' if args.fp8 else ''}sparse step (sparsity {handle.stats.mean_sparsity():.3f})"
+    print(f"{args.family} {'compiled' if args.compile else 'eager'} {what}: wall {wall * 1e3:.1f} ms (profiled), "
+          f"GPU busy {busy * 1e3:.1f} ms ({busy / wall:.0%}), device waits {waits or 'none'}")
     for group, seconds in sorted(by_group.items(), key=lambda item: -item[1]):
         print(f"  {seconds * 1e3:8.2f} ms  {seconds / busy:5.1%}  {group}")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
@@ -96,7 +108,8 @@ def main() -> None:
     for e in host[:12]:
         print(f"      host {e.self_cpu_time_total / 1e3:8.2f} ms  x{e.count:<5d} {e.key[:90]}")
     if args.python:
-        _python_profile(model, dict(inputs, timestep=timesteps[5]))
+        with stand_in():
+            _python_profile(model, dict(inputs, timestep=timesteps[5]))
 
 
 def _python_profile(model, inputs: dict) -> None:
