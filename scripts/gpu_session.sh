@@ -42,10 +42,10 @@ for stage in "$@"; do
                   --setting-b-cdf 0.02 --cuda-graphs on,off --out "$res/steps" ;;
     wan-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families wan --out "$res/steps" ;;
     fluxprof) python3 scripts/profile_step.py flux --compile --cdf 0.04 && python3 scripts/profile_step.py flux --compile --cdf 0.02 --fp8 ;;
-    # The attention-free step that bench e2e's bound counts as a step's non-attention part (CogVideoX's
-    # against cogprof's sparse step), then Wan's attention-free and sparse steps.
-    freeprof) python3 scripts/profile_step.py cogvideox --compile --attention-free --python &&
-              python3 scripts/profile_step.py wan --compile --attention-free && python3 scripts/profile_step.py wan --compile ;;
+    # The attention-free step that bench e2e's bound counts as a step's non-attention part: Wan's beside
+    # its sparse step, then CogVideoX's (against cogprof's sparse step).
+    freeprof) python3 scripts/profile_step.py wan --compile --attention-free && python3 scripts/profile_step.py wan --compile &&
+              python3 scripts/profile_step.py cogvideox --compile --attention-free ;;
     cogprof)  python3 scripts/profile_step.py cogvideox --compile --cdf 0.15 &&
               python3 scripts/profile_step.py cogvideox --compile --cdf 0.1 --fp8 ;;
     select)   python3 scripts/tune_block_select.py ;;
