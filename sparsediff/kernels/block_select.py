@@ -45,6 +45,14 @@ from sparsediff.kernels.block_select_reference import block_select_reference, to
 # instruction (ex2.approx.f16x2 by inline assembly), were no faster: 0.97-1.0x at all four shapes
 # with either sampled method (H200, 2026-12-02, tune-block-select-session8.log, the ",True" rows):
 # the kernel is not bound by its exponentials.
+# One launch for a short sequence's whole sampled prediction (these two kernels, q's self-similarity
+# and the lookup table; each (row group, head)'s last program to finish, counted on an atomic,
+# combining and selecting) lost at FLUX's shape (H200, 2026-12-03, GPU time of the CUDA-graphed
+# prediction with its table and row order, sampled, sim 0 / 0.2): 53.6-65.3 / 76.2-86.5 us with 16-
+# or 32-row groups, 75.9-128.6 / 98.7-147.1 us with 64- or 128-row groups, against these five
+# launches' 51.8 / 70.0 us (tune-fused-predict-*-session12.log). The combination's registers
+# (176-255 a thread by ptxas) became the whole kernel's, and a group's last program ran it after
+# the group's scoring; 16-row groups each read all of a head's keys.
 QUERY_ROWS = {2: 128, 4: 64}
 KEY_ROWS = 128
 MAX_TILES_PER_PROGRAM = 8
