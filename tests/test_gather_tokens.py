@@ -3,6 +3,7 @@ over layouts, dtypes and tensor counts."""
 import pytest
 import torch
 
+from sparsediff.kernels import gather_tokens as gather_tokens_module
 from sparsediff.kernels.gather_tokens import gather_tokens
 from sparsediff.kernels.gather_tokens_reference import gather_tokens_reference
 from sparsediff.layout import stored_bnhd
@@ -31,6 +32,17 @@ def test_kernel_equals_reference(layouts, dtype, shape, interpret, monkeypatch):
     for x, out in zip(xs, outs):
         assert torch.equal(out, gather_tokens_reference(x, index)) and torch.equal(out, x[:, :, index])
         assert stored_bnhd(out) == stored_bnhd(xs[0])  # stored as the first tensor is
+
+
+@pytest.mark.parametrize("layouts", [("BNHD",) * 3, ("BHND", "odd")])
+def test_the_gpus_token_blocks_equal_reference(layouts, monkeypatch):
+    # The interpreter copies up to INTERPRETER_BLOCK_T tokens a program; the GPU's BLOCK_T-token
+    # programs (70 tokens: three, the last ragged), run by the interpreter, give the same copy.
+    monkeypatch.setattr(gather_tokens_module, "triton_interpreting", lambda: False)
+    xs = [_tensor(layout, (2, 3, 70, 24), torch.bfloat16, seed) for seed, layout in enumerate(layouts)]
+    index = torch.randperm(70, generator=torch.Generator().manual_seed(5))
+    for x, out in zip(xs, gather_tokens(xs, index)):
+        assert torch.equal(out, x[:, :, index])
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-interpreter", "fallback"])

@@ -15,13 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff._runtime import kernels_available
+from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels import padded_head_dim
 from sparsediff.kernels.gather_tokens_reference import gather_tokens_reference
 from sparsediff.layout import empty_stored_like
 
 # Tile config: one program per (BLOCK_T output tokens, b * h, tensor); 8 KB of bf16 at D = 128.
+# The CPU interpreter pays per program and operation, not per element: there a program copies
+# INTERPRETER_BLOCK_T tokens (the toy model's sparse step under the interpreter, 5 frames: the
+# gathers took most of its 199 s in 32-token programs).
 BLOCK_T = 32
+INTERPRETER_BLOCK_T = 1024
 NUM_WARPS = 4
 
 
@@ -96,9 +100,10 @@ def gather_tokens(
         outs = [empty_stored_like(first, index.numel()) for _ in xs]
     padded = list(xs) + [xs[0]] * (3 - len(xs))  # unused slots: never read (grid axis 2 = len(xs))
     padded_outs = list(outs) + [outs[0]] * (3 - len(outs))
-    _gather_tokens_kernel[(triton.cdiv(index.numel(), BLOCK_T), batch * heads, len(xs))](
+    block_t = INTERPRETER_BLOCK_T if triton_interpreting() else BLOCK_T
+    _gather_tokens_kernel[(triton.cdiv(index.numel(), block_t), batch * heads, len(xs))](
         index, *padded, *padded_outs, *(s for x in padded for s in x.stride()), *outs[0].stride(),
         heads, index.numel(),
-        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_T=BLOCK_T, num_warps=NUM_WARPS,
+        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_T=block_t, num_warps=NUM_WARPS,
     )
     return list(outs)
