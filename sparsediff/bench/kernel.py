@@ -261,9 +261,8 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
 # mask block. Computing half of the softmax exponentials by a cubic polynomial on the FMA units
 # (FlashAttention-4's trick, to offload the special-function unit) was slower in Triton (H200,
 # 2026-12-01: Wan 426 vs 495 TFLOP/s at keep 1, CogVideoX 346 vs 435), so the kernel keeps exp2.
-# Tried on the H200 on 2026-12-02 and dropped
-# (bench-results/h200-2026-12-02/kernel-tune-prefetch-scores*.log, kernel-tune-program-rows-occupancy.log):
-# issuing each step's Q·K before the previous step's softmax (the loop rotated by hand, so that the
+# Tried on the H200 on 2026-12-02 and dropped (bench-results/h200-2026-12-02/
+# kernel-tune-prefetch-scores*.log, kernel-tune-program-rows-occupancy.log): issuing each step's Q·K before the previous step's softmax (the loop rotated by hand, so that the
 # tensor cores could work during the softmax) lost at D=128 (best 469/446 vs 486/467 TFLOP/s at keep
 # 1/0.25) and at D=64 (350/330 vs 426/404), and its FP8 build faulted; programs of 64 query rows with
 # 2 stages (80 KB of shared memory, 180 registers: two programs share an SM) reached 383/411 against
