@@ -4,7 +4,7 @@
 
 For each model shape (`sparsediff.bench.kernel.SHAPES`):
 - each candidate (query feature rows per program for 16-bit features, warps, target program
-  count, which sets the key tiles a program walks): the processors' prediction (`predict_with`,
+  count, which sets the key tiles a program walks, key rows per tile, pipeline stages): the processors' prediction (`predict_with`,
   each sampled method, sim 0, its lookup table included) captured in a CUDA graph and its replay
   timed (GPU time alone), next to cuDNN dense; masks are compared with the first candidate's;
 - the declared config's kernels one by one (torch.profiler, GPU time per call), with sim 0 and
@@ -22,14 +22,17 @@ from sparsediff.bench.kernel import SHAPES, _make_qkv
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.kernels import block_select
 
-# (query rows per program, warps, target programs); the first is the declared config.
-CANDIDATES = ((128, 4, 2048), (64, 4, 2048), (32, 4, 2048), (128, 8, 2048), (128, 4, 512), (128, 4, 256),
-              (64, 4, 512), (64, 8, 512), (128, 4, 8192))
+# (query rows per program, warps, target programs, key rows per tile, pipeline stages); the first is
+# the declared config.
+CANDIDATES = ((128, 4, 2048, 128, 2), (128, 4, 2048, 128, 3), (128, 4, 2048, 64, 2), (128, 4, 2048, 64, 3),
+              (128, 8, 2048, 256, 2), (128, 8, 2048, 128, 3), (64, 4, 2048, 128, 2), (64, 4, 2048, 64, 3),
+              (128, 4, 512, 128, 2), (128, 4, 512, 64, 3), (256, 8, 2048, 128, 2), (256, 8, 2048, 64, 3))
 PROFILED_CALLS = 20
 
 
-def _set(rows: int, warps: int, programs: int) -> None:
+def _set(rows: int, warps: int, programs: int, key_rows: int, stages: int) -> None:
     block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS = rows, warps, programs
+    block_select.KEY_ROWS, block_select.PARTIAL_NUM_STAGES = key_rows, stages
 
 
 def _kernel_times(predict) -> str:
@@ -45,7 +48,8 @@ def _kernel_times(predict) -> str:
 
 
 def main(names: list[str]) -> None:
-    declared = (block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS)
+    declared = (block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS,
+                block_select.KEY_ROWS, block_select.PARTIAL_NUM_STAGES)
     for name in names or ["flux", "cogvideox", "wan", "hunyuan"]:
         s = SHAPES[name]
         q, k, v = _make_qkv(s, torch.bfloat16, "cuda")  # (B, N, H, D) viewed as (B, H, N, D)

@@ -107,6 +107,36 @@ def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     _assert_close(exact, _reference(q, k, v, mask, scale=0.125), torch.float16)
 
 
+@pytest.mark.parametrize("step_blocks", [1, 2])
+def test_fixed_max_equals_running_max(step_blocks):
+    # Keys growing along the sequence: every row's later steps score above its first step's maxima.
+    q, k, v = _qkv(2, 2, 300, 700, 64, torch.bfloat16)
+    k = (k.float() * torch.linspace(0.5, 4.0, 700)[:, None]).to(torch.bfloat16)
+    mask = torch.rand(_mask_shape(2, 2, 300, 700)) < 0.6
+    kv_lens = torch.tensor([700, 555], dtype=torch.int32)
+    lut = build_block_lut(mask, 700, kv_lens)
+    fixed, running = (attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, config=TileConfig(step_blocks, 4, 2, fixed_max=f))
+                      for f in (True, False))
+    ref = _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens)
+    _assert_close(fixed, ref, torch.bfloat16)
+    _assert_close(running, ref, torch.bfloat16)
+
+
+def test_fixed_max_overflow_falls_back_to_running_max():
+    # Key block 2 scores ~300 (natural log units) above key block 0, the rows' first step: against
+    # block 0's maxima its exponentials overflow fp32, so the rows are computed again.
+    n, D = 256, 64
+    q = torch.randn(1, 1, n, D).abs()
+    k = torch.randn(1, 1, n, D) * 0.05
+    k[:, :, 2 * BLOCK_N:3 * BLOCK_N] = 47.0
+    v = torch.randn(1, 1, n, D)
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    mask = torch.ones(_mask_shape(1, 1, n, n), dtype=torch.bool)
+    out = attention_from_lut(q, k, v, build_block_lut(mask, n), 0.125, config=TileConfig(1, 4, 2, fixed_max=True))
+    assert torch.isfinite(out).all()
+    _assert_close(out, _reference(q, k, v, mask, scale=0.125), torch.float16)
+
+
 def test_kv_lens():
     B, H, N, D = 4, 2, 200, 64
     q, k, v = _qkv(B, H, N, N, D, torch.float16)
@@ -139,7 +169,8 @@ def _dominant_first_block(n=256, D=64, dtype=torch.float16):
 def test_pv_threshold_tiny_equals_exact():
     q, k, v = _qkv(1, 2, 256, 256, 64, torch.float16)
     mask = torch.rand(_mask_shape(1, 2, 256, 256)) < 0.8
-    exact = block_sparse_attention(q, k, v, mask)
+    # P·V skipping runs with the running maximum: compare with that kernel without skips.
+    exact = attention_from_lut(q, k, v, build_block_lut(mask, 256), 0.125, config=TileConfig(1, 4, 2, fixed_max=False))
     out, skips = block_sparse_attention(q, k, v, mask, pv_threshold=1e-30, return_pv_skips=True)
     assert skips.shape == (1, 2, 2) and skips.dtype == torch.int32
     assert int(skips.sum()) == 0

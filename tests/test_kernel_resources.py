@@ -69,9 +69,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
         fp8 = name == "fp8e4nv"
         # FP8 reads V transposed, (B, H, D, N): its key stride is 1.
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
-                      STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=True, COUNT_SKIPS=False,
+                      STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=False, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
-                      HEAVY_FIRST=config.heavy_rows_first,
+                      HEAVY_FIRST=config.heavy_rows_first, FIXED_MAX=config.fixed_max and not fp8,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",

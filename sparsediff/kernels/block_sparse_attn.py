@@ -16,6 +16,18 @@ programs running together read the same head's keys and share them in L2; a sort
 would mix the heads, and so did an order appended with atomics by the LUT kernel (tried: at Wan's
 and CogVideoX's shapes it lost 5% against row order where the exact order gained 1-3%).
 
+Fixed reference maximum (`TileConfig.fixed_max`, on in bf16/fp16 without `pv_threshold`): a row's
+first step sets each query row's reference maximum, and the later steps keep it: they neither
+reduce their scores' maxima nor rescale l_i and the accumulator, which FlashAttention's online
+softmax does at every step. A later score above the reference only makes its exponential exceed 1;
+acc / l_i is the same quotient whatever factor both carry, and P in bf16 keeps its relative
+precision at any magnitude (same error against fp32 attention: 0.0023 relative L1 either way on
+random inputs, CPU emulation). Should a later step's scores lie so far above the reference that l_i
+reaches 2**64 (overflow risk), the program computes its row again with the running maximum. The
+saved reductions and multiplies made the kernel 8% faster at Wan's shape and 18% at CogVideoX's
+(H200, 2026-12-03, with their best tile configs; TILE_CONFIGS). The FP8 path keeps the running
+maximum: its P must stay within e4m3's range.
+
 `pv_threshold` (SpargeAttn's second stage): a step whose score row maxima are all negligible
 against the running row maxima, i.e. exp(m_step[r] - m_running[r]) < pv_threshold for every query
 row r of the block (scores already scaled), is dropped from the softmax: its exponentials, its V
@@ -57,6 +69,7 @@ MAX_HEAD_DIM = 128
 WORK_LEVELS = 8  # bands of a row's kept fraction that order the programs (heavy_rows_first)
 _INT32_MAX = 2**31 - 1
 _LOG2_E4M3_MAX = tl.constexpr(math.log2(E4M3_MAX))
+_FIXED_MAX_LIMIT = tl.constexpr(2.0**64)  # l_i at or above it: the row is computed with the running maximum
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core MMA: Ada and Hopper on
 
 
@@ -72,6 +85,8 @@ class TileConfig:
     with equal rows it cost 0-2% (H200, 2026-12-02, scripts/tune_row_order.py,
     bench-results/h200-2026-12-02/row-order-per-head.log). The order is built with the LUT either
     way (`build_block_lut`), 4-66 us at the model shapes.
+    fixed_max: after a row's first step, keep that step's row maxima as the softmax's reference
+    (module docstring); bf16/fp16 without pv_threshold only (the FP8 path's P needs the true maximum).
     """
 
     step_blocks: int
@@ -79,26 +94,32 @@ class TileConfig:
     num_stages: int
     warp_specialize: bool = False
     heavy_rows_first: bool = True
+    fixed_max: bool = True
 
 
-# Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`
-# (bench-results/kernel-cuda-bf16-h100-run1.*: H100 80GB HBM3, torch 2.11, Triton 3.6, 2026-11-23).
-# At D=128 one 64-key block per step with 8 warps beat two blocks per step (511 vs 450 TFLOP/s on
-# the Wan shape, all kept); at D=64 two blocks per step with 4 warps won (445 vs 417-447).
-# fp16 uses the same tiles and MMA rate as bf16 on Hopper; its entries repeat the bf16 measurement.
+# Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`.
+# With the running maximum (H100 80GB HBM3, torch 2.11, Triton 3.6, 2026-11-23,
+# bench-results/kernel-cuda-bf16-h100-run1.*) one 64-key block per step with 8 warps led at D=128
+# (511 vs 450 TFLOP/s for two blocks, Wan shape, all kept) and two blocks with 4 warps at D=64. With
+# the fixed reference maximum (H200, 2026-12-03, bench-results/h200-2026-12-03/kernel-tune-fixed-max-
+# session13.log; TFLOP/s at keep 1 / 0.25, same run): Wan (D=128) two blocks per step, 8 warps, 3
+# stages 524 / 500, against 481 / 465 for the running maximum's best (one block, 8 warps) and 442 /
+# 436 for that config with the fixed maximum; CogVideoX (D=64) one block, 8 warps, 3 stages 499 /
+# 473, against 421 / 403 for the running maximum's best (two blocks, 4 warps). cuDNN dense: 563 and
+# 415. fp16 uses the same tiles and MMA rate as bf16 on Hopper; its entries repeat the bf16 measurement.
 TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
-    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
-    ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
-    ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
-    ("sm90", 64, torch.float16): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
+    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=2, num_warps=8, num_stages=3),
+    ("sm90", 128, torch.float16): TileConfig(step_blocks=2, num_warps=8, num_stages=3),
+    ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
+    ("sm90", 64, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
 }
 # The FP8 path (operands in e4m3), measured with `bench kernel --fp8 --tune` (H200, torch 2.11,
 # Triton 3.6, 2026-12-01; bench-results/h200-2026-12-01/kernel-fp8.log): at D=128 one block per step
 # with 8 warps (584 TFLOP/s at keep 1 on the Wan shape; 4 stages 588, within noise); at D=64 two
 # blocks per step with 4 warps (506 vs 469 for one block, CogVideoX shape).
 TILE_CONFIGS.update({
-    ("sm90", 128, torch.float8_e4m3fn): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
-    ("sm90", 64, torch.float8_e4m3fn): TileConfig(step_blocks=2, num_warps=4, num_stages=3),
+    ("sm90", 128, torch.float8_e4m3fn): TileConfig(step_blocks=1, num_warps=8, num_stages=3, fixed_max=False),
+    ("sm90", 64, torch.float8_e4m3fn): TileConfig(step_blocks=2, num_warps=4, num_stages=3, fixed_max=False),
 })
 # Unmeasured GPUs, other head dims, and the CPU interpreter: small enough for any GPU's shared memory.
 DEFAULT_TILE_CONFIG = TileConfig(step_blocks=1, num_warps=4, num_stages=2)
@@ -276,15 +297,20 @@ def build_block_lut(
 def _softmax_pv(
     acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
     MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr,
 ):
-    m_new = tl.maximum(m_i, m_step)
-    if FP8:  # P scaled by 448 through its exponent: it fills e4m3's range; l_i carries the 448 too
-        p = tl.math.exp2(s * qk_scale - (m_new - _LOG2_E4M3_MAX)[:, None])
-    else:
+    if FIXED_MAX:  # the reference maximum stays: no rescaling of l_i and acc
+        m_new = m_i
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        m_new = tl.maximum(m_i, m_step)
+        if FP8:  # P scaled by 448 through its exponent: it fills e4m3's range; l_i carries the 448 too
+            p = tl.math.exp2(s * qk_scale - (m_new - _LOG2_E4M3_MAX)[:, None])
+        else:
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
     v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if MASK_KEYS:
         v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
@@ -292,7 +318,8 @@ def _softmax_pv(
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None]
+    if not FIXED_MAX:
+        acc = acc * alpha[:, None]
     if FP8:
         # Hopper's fp8 MMA accumulates with fewer bits than fp32: each step's P·V gets a fresh
         # accumulator (BLOCK_N * STEP_BLOCKS products) and is added to acc in fp32, as SageAttention2.
@@ -310,9 +337,9 @@ def _attn_step(
     offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
     BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK_KEYS: tl.constexpr,
     PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr,
 ):
-    """One step over STEP_BLOCKS kept key blocks; MASK_KEYS for the row's last step only."""
+    """One step over STEP_BLOCKS kept key blocks; MASK_KEYS where the step may hold masked keys."""
     offs_n = tl.arange(0, BLOCK_N * STEP_BLOCKS)
     if STEP_BLOCKS == 1:
         block = tl.load(lut_row + step).to(tl.int32)
@@ -349,21 +376,67 @@ def _attn_step(
             s = s * tl.load(k_scale_bh + block)[None, :]
     if MASK_KEYS:
         s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_step = tl.max(s, 1) * step_scale
+    if FIXED_MAX:
+        m_step = m_i  # not needed: the reference maximum stays
+    else:
+        m_step = tl.max(s, 1) * step_scale
     if PV_SKIP:
         if tl.max(m_step - m_i, 0) < log2_pv_threshold:
             n_skipped += step_blocks
         else:
             acc, l_i, m_i = _softmax_pv(
                 acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-                step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3,
+                step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, False,
             )
     else:
         acc, l_i, m_i = _softmax_pv(
             acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-            step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3,
+            step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX,
         )
     return acc, l_i, m_i, n_skipped
+
+
+@triton.jit
+def _attend_row(
+    q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
+    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr,
+    PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FIXED_MAX: tl.constexpr,
+):
+    """A row's softmax over its kept key blocks: (acc, l_i, P·V skips). FIXED_MAX (bf16/fp16, no
+    P·V skip): the first step's maxima stay the reference (module docstring); l_i >= 1 for every
+    row that sees a key (its first step's maximum contributes exp2(0)), and the caller checks l_i
+    for overflow. Otherwise the running maximum."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_skipped = 0
+    first = 0
+    if FIXED_MAX:  # the first step, with masks (it may be the row's only one), sets the reference
+        first = 1
+        if n_steps > 0:
+            acc, l_i, m_i, n_skipped = _attn_step(
+                acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, 0, n_valid,
+                offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+                BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, False,
+            )
+    # Only the row's last step can hold a partial key block (ragged Nk or kv_lens: the LUT drops
+    # blocks past the valid keys and lists the rest in ascending order) or a partial step, so every
+    # other step runs without masks.
+    for step in tl.range(first, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
+        acc, l_i, m_i, n_skipped = _attn_step(
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
+            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX,
+        )
+    if n_steps > first:
+        acc, l_i, m_i, n_skipped = _attn_step(
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps - 1, n_valid,
+            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX,
+        )
+    return acc, l_i, n_skipped
 
 
 @triton.jit
@@ -377,7 +450,7 @@ def _block_sparse_attn_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
 ):
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
     row = tl.program_id(0)
@@ -407,26 +480,22 @@ def _block_sparse_attn_kernel(
     if FP8:
         qk_scale = qk_scale * tl.load(q_scale_ptr + row)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_skipped = 0
     n_steps = tl.cdiv(count, STEP_BLOCKS)
-    # Only the row's last step can hold a partial key block (ragged Nk or kv_lens: the LUT drops
-    # blocks past the valid keys and lists the rest in ascending order) or a partial step, so every
-    # other step runs without masks.
-    for step in tl.range(0, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
-        acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
-            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3,
-        )
-    if n_steps > 0:
-        acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps - 1, n_valid,
-            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3,
-        )
+    acc, l_i, n_skipped = _attend_row(
+        q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+        BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE, FIXED_MAX,
+    )
+    if FIXED_MAX:
+        # A later step whose scores lie far above the first step's maxima (2**64 times its term)
+        # could overflow: the row is computed again with the running maximum.
+        if tl.max(l_i, 0) >= _FIXED_MAX_LIMIT:
+            acc, l_i, n_skipped = _attend_row(
+                q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
+                stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+                BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE,
+                False,
+            )
     # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if FP8:
@@ -490,6 +559,7 @@ def attention_from_lut(
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         HEAVY_FIRST=config.heavy_rows_first,
+        FIXED_MAX=config.fixed_max and not fp8 and pv_threshold is None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out
