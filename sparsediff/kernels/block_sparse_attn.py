@@ -24,9 +24,10 @@ acc / l_i is the same quotient whatever factor both carry, and P in bf16 keeps i
 precision at any magnitude (same error against fp32 attention: 0.0023 relative L1 either way on
 random inputs, CPU emulation). Should a later step's scores lie so far above the reference that l_i
 reaches 2**64 (overflow risk), the program computes its row again with the running maximum. The
-saved reductions and multiplies made the kernel 8% faster at Wan's shape and 18% at CogVideoX's
-(H200, 2026-12-03, with their best tile configs; TILE_CONFIGS). The FP8 path keeps the running
-maximum: its P must stay within e4m3's range.
+saved reductions and multiplies made the kernel 8% faster at Wan's shape and 18% at CogVideoX's in
+the tuning run (H200, 2026-12-03, each with its best tile config; TILE_CONFIGS), and 2-6% at Wan's and
+HunyuanVideo's shapes, 15-17% at CogVideoX's against the tenth session's table in a later run. The
+FP8 path keeps the running maximum: its P must stay within e4m3's range.
 
 `pv_threshold` (SpargeAttn's second stage): a step whose score row maxima are all negligible
 against the running row maxima, i.e. exp(m_step[r] - m_running[r]) < pv_threshold for every query
