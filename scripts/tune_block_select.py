@@ -4,9 +4,10 @@
 
 For each model shape (`sparsediff.bench.kernel.SHAPES`):
 - each candidate (query feature rows per program for 16-bit features, warps, target program
-  count, which sets the key tiles a program walks, key rows per tile, pipeline stages): the processors' prediction (`predict_with`,
-  each sampled method, sim 0, its lookup table included) captured in a CUDA graph and its replay
-  timed (GPU time alone), next to cuDNN dense; masks are compared with the first candidate's;
+  count, which sets the key tiles a program walks, key rows per tile, pipeline stages): the
+  processors' prediction (`predict_with`, each sampled method, sim 0, its lookup table included)
+  captured in a CUDA graph and its replay timed (GPU time alone), next to cuDNN dense; masks are
+  compared with the first candidate's;
 - the declared config's kernels one by one (torch.profiler, GPU time per call), with sim 0 and
   with the default sim threshold (which adds the self-similarity pass over q).
 The declared config lives in `sparsediff/kernels/block_select.py`.

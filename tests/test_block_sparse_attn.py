@@ -115,8 +115,8 @@ def test_fixed_max_equals_running_max(step_blocks):
     mask = torch.rand(_mask_shape(2, 2, 300, 700)) < 0.6
     kv_lens = torch.tensor([700, 555], dtype=torch.int32)
     lut = build_block_lut(mask, 700, kv_lens)
-    fixed, running = (attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, config=TileConfig(step_blocks, 4, 2, fixed_max=f))
-                      for f in (True, False))
+    fixed, running = (attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens,
+                                         config=TileConfig(step_blocks, 4, 2, fixed_max=f)) for f in (True, False))
     ref = _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens)
     _assert_close(fixed, ref, torch.bfloat16)
     _assert_close(running, ref, torch.bfloat16)
