@@ -71,7 +71,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
                       STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=False, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
-                      HEAVY_FIRST=config.heavy_rows_first, FIXED_MAX=config.fixed_max and not fp8,
+                      HEAVY_FIRST=config.heavy_rows_first, FIXED_MAX=bsa.uses_fixed_max(config, fp8, None),
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",

@@ -18,7 +18,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -296,7 +296,14 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
     """Time the candidate tile configs at keep 1 and 0.25 (random masks); return the fastest."""
     import torch
 
-    from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N, TileConfig, attention_from_lut, build_block_lut
+    from sparsediff.kernels.block_sparse_attn import (
+        BLOCK_M,
+        BLOCK_N,
+        TileConfig,
+        attention_from_lut,
+        build_block_lut,
+        uses_fixed_max,
+    )
     from sparsediff.kernels.quantize_fp8 import quantize_fp8
 
     q, k, v = _make_qkv(shape, dtype, "cuda")
@@ -311,8 +318,8 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
     quantized_rising = quantize_fp8(q, k_rising, v, block_m=BLOCK_M, block_n=BLOCK_N) if fp8 else None
     rows, best = [], None
     # The FP8 path always keeps the running maximum: its candidates differ in the tiles alone.
-    candidates = dict.fromkeys(TileConfig(step_blocks, warps, stages, ws, fixed_max=fixed_max and not fp8)
-                               for step_blocks, warps, stages, ws, fixed_max in TUNE_CANDIDATES)
+    configs = (TileConfig(*candidate[:4], fixed_max=candidate[4]) for candidate in TUNE_CANDIDATES)
+    candidates = dict.fromkeys(replace(c, fixed_max=uses_fixed_max(c, fp8, None)) for c in configs)
     for config in candidates:
         row = {"shape": shape.name, "fp8": fp8, "config": asdict(config)}
         try:

@@ -149,6 +149,13 @@ def gpu_arch(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
+def uses_fixed_max(config: TileConfig, fp8: bool, pv_threshold: float | None) -> bool:
+    """Whether the kernel keeps a fixed reference maximum: the config asks for it, and neither the
+    FP8 path (its P must stay within e4m3's range) nor pv_threshold (its skip test compares with the
+    running maximum) is on."""
+    return config.fixed_max and not fp8 and pv_threshold is None
+
+
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
     """The declared tile configuration for this head dim, dtype and device."""
     return TILE_CONFIGS.get((gpu_arch(device), padded_head_dim(head_dim), dtype), DEFAULT_TILE_CONFIG)
@@ -560,7 +567,7 @@ def attention_from_lut(
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         HEAVY_FIRST=config.heavy_rows_first,
-        FIXED_MAX=config.fixed_max and not fp8 and pv_threshold is None,
+        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return (out, skips) if return_pv_skips else out
