@@ -40,6 +40,8 @@ for stage in "$@"; do
     order)    python3 scripts/tune_row_order.py ;;
     flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --out "$res/steps" ;;
+    flux-compiled-a) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings A --families flux \
+                  --setting-a-cdf 0.04 --out "$res/steps" ;;
     flux-graphs) python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --cuda-graphs on,off --out "$res/steps" ;;
     wan-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families wan --out "$res/steps" ;;
@@ -52,6 +54,8 @@ for stage in "$@"; do
               python3 scripts/profile_step.py cogvideox --compile --cdf 0.1 --fp8 ;;
     select)   python3 scripts/tune_block_select.py ;;
     cogvideox-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families cogvideox --out "$res/steps" ;;
+    cogvideox-compiled-a) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings A --families cogvideox \
+                  --out "$res/steps" ;;
     fp8)      python3 -m sparsediff bench kernel --fp8 --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/fp8" ;;
     tune)     python3 -m sparsediff bench kernel --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \

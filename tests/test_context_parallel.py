@@ -51,7 +51,7 @@ def _two_steps(family: str, world: int, apply_first: bool = True) -> dict:
         enable_context_parallel(model, world)
     seen = []
     begin = handle.controller.begin_forward
-    handle.controller.begin_forward = lambda info: (seen.append((info.grid, info.text_tokens)), begin(info))
+    handle.controller.begin_forward = lambda info, *rest: (seen.append((info.grid, info.text_tokens)), begin(info, *rest))
     with torch.no_grad():
         outputs = [model(**make_inputs(model, timestep=t))[0].clone() for t in TIMESTEPS]
     return {"outputs": outputs, "per_step": handle.stats.per_step(),

@@ -3,11 +3,13 @@
 Sparse calls run the real Triton kernels under the interpreter (a few seconds each): tests keep
 to one forward per claim, with one attention layer per block type.
 """
+import dataclasses
 import json
 import logging
 
 import pytest
 import torch
+from diffusers.hooks import HookRegistry
 
 from sparsediff import _runtime
 from sparsediff.processors import (
@@ -19,6 +21,8 @@ from sparsediff.processors import (
     apply,
     remove,
 )
+from sparsediff.processors import controller as controller_module
+from sparsediff.processors import families, wan
 from sparsediff.processors.controller import FALLBACK_CAUSES
 from sparsediff.processors.flux import image_grid_from_ids
 from sparsediff.profile import SparsityProfile
@@ -99,6 +103,74 @@ def test_tile_and_raster_orders_both_exact():
         apply(model, cdf_threshold=1.0, dense_steps=0, token_order=order)
         torch.testing.assert_close(_run(model, inputs), ref, atol=2e-5, rtol=1e-4)
         remove(model)
+
+
+def _wan_steps(model, timesteps):
+    """One forward per timestep (a denoising step each); the outputs and the token gathers per step."""
+    outputs, gathers = [], []
+    for timestep in timesteps:
+        before = controller_module.gather_tokens.calls
+        outputs.append(_run(model, wan_inputs(model, timestep=timestep) if not isinstance(timestep, torch.Tensor)
+                            else {**wan_inputs(model), "timestep": timestep}))
+        gathers.append(controller_module.gather_tokens.calls - before)
+    return outputs, gathers
+
+
+@pytest.fixture
+def counted_gathers(monkeypatch):
+    gather = controller_module.gather_tokens
+
+    def counting(*args, **kwargs):
+        counting.calls += 1
+        return gather(*args, **kwargs)
+
+    counting.calls = 0
+    monkeypatch.setattr(controller_module, "gather_tokens", counting)
+
+
+def _without_token_order_sites(monkeypatch):
+    monkeypatch.setitem(families.FAMILY_SPECS, "wan", dataclasses.replace(wan.FAMILY, token_order_sites=()))
+
+
+# Per-token timesteps (Wan 2.2 TI2V): the first latent frame (a conditioning image) at 0.
+_PER_TOKEN = torch.cat([torch.zeros(GRID[1] * GRID[2]), torch.full((GRID[1] * GRID[2],), 700.0)])[None]
+
+
+@pytest.mark.parametrize("timesteps", [(900.0, 800.0), (900.0, _PER_TOKEN)], ids=["timestep", "per-token"])
+def test_wan_forward_holds_tokens_in_attention_order(monkeypatch, counted_gathers, timesteps):
+    # A sparse step's forward puts its tokens in tile order at the patch embedding and the rotary
+    # tables and back at the output projection: its sparse calls gather nothing, and the outputs and
+    # masks are those of per-call reordering. The dense warm-up step keeps raster order (the stock
+    # output bit for bit: test_dense_steps_schedule_and_cfg_as_two_calls).
+    model = build_wan(num_layers=2)
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    ordered, ordered_gathers = _wan_steps(model, timesteps)
+    ordered_sparsity = handle.stats.per_layer_step()
+    remove(model)
+    assert all(HookRegistry.check_if_exists_or_initialize(model.get_submodule(site.module)).hooks == {}
+               for site in wan.FAMILY.token_order_sites)
+    _without_token_order_sites(monkeypatch)
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    per_call, per_call_gathers = _wan_steps(model, timesteps)
+    assert ordered_gathers == [0, 0] and per_call_gathers == [0, 2 * 2]  # q, k, v in and the output back, 2 layers
+    torch.testing.assert_close(handle.stats.per_layer_step(), ordered_sparsity, rtol=0, atol=0)
+    assert (ordered_sparsity[:, 1] > 0).all()
+    for out, ref in zip(ordered, per_call):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    remove(model)
+
+
+def test_wan_with_a_diffusers_cache_reorders_per_call(counted_gathers):
+    # A diffusers cache carries tensors from step to step: the forwards keep raster order throughout.
+    from diffusers import FirstBlockCacheConfig
+
+    model = build_wan(num_layers=2)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips a block
+    apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    with model.cache_context("cond"):
+        _, gathers = _wan_steps(model, (900.0, 800.0))
+    assert gathers == [0, 2 * 2]
+    remove(model)
 
 
 def test_bf16_all_kept_matches_stock():

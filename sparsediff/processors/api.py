@@ -5,12 +5,12 @@ import dataclasses
 import inspect
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from sparsediff.processors.base import FamilySpec
+from sparsediff.processors.base import FamilySpec, TokenOrderSite
 from sparsediff.processors.context_parallel import unsharded_arguments
 from sparsediff.processors.controller import AttentionController, SparsityStats
 from sparsediff.processors.families import family_of, transformers_of
@@ -24,6 +24,7 @@ from sparsediff.profile import (
 )
 
 HOOK_NAME = "sparsediff"
+TOKEN_ORDER_HOOK_NAME = "sparsediff.token_order"
 
 
 class _StepHook(ModelHook):
@@ -35,8 +36,9 @@ class _StepHook(ModelHook):
     Its work runs inside the `sparsediff::begin_forward` / `end_forward` ops (ops.py): compiling the
     whole transformer (`torch.compile(transformer, fullgraph=True)`) traces this hook as part of
     the forward, and reading the timestep as a Python float there would be a graph break. The
-    forward continues with the ops' copies of the timestep and of its output sample, which keeps
-    the ops in a compiled graph, before every attention call and after all of them.
+    forward continues with the ops' copies of the timestep, of its latent hidden states and of its
+    output sample, which keeps the ops in a compiled graph, before everything else the forward
+    computes and after all of it.
     """
 
     def __init__(self, family: FamilySpec, controller: AttentionController, stock_processors: dict[str, Any]) -> None:
@@ -44,6 +46,7 @@ class _StepHook(ModelHook):
         self.family = family
         self.controller: AttentionController | None = controller
         self.stock_processors = stock_processors
+        self.orders_tokens = False  # the family's token-order hooks are installed (`_install`)
         self._transformer: weakref.ref[torch.nn.Module] | None = None
         self._parameter_names: list[str] = []  # of the transformer's forward, without `self`
         self._op_key = register_owner(self)
@@ -60,12 +63,14 @@ class _StepHook(ModelHook):
         arguments.update(kwargs)
         values = [arguments.get(name) for name in self._parameter_names]
         tensors = [value if isinstance(value, torch.Tensor) else None for value in values]
-        timestep = torch.ops.sparsediff.begin_forward(self._op_key, arguments["timestep"], tensors)
-        if "timestep" in kwargs:
-            kwargs["timestep"] = timestep
-        else:
-            index = self._parameter_names.index("timestep")
-            args = (*args[:index], timestep, *args[index + 1:])
+        timestep, hidden_states = torch.ops.sparsediff.begin_forward(
+            self._op_key, arguments["timestep"], arguments["hidden_states"], tensors)
+        for name, value in (("timestep", timestep), ("hidden_states", hidden_states)):
+            if name in kwargs:
+                kwargs[name] = value
+            else:
+                index = self._parameter_names.index(name)
+                args = (*args[:index], value, *args[index + 1:])
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -82,11 +87,41 @@ class _StepHook(ModelHook):
         transformer = self._transformer()
         # Under context parallelism: the grid and text length of the full sequence, not of a shard.
         tensors = unsharded_arguments(transformer, tensors, HOOK_NAME)
-        self.controller.begin_forward(self.family.read_forward(transformer, tensors))
+        # Under context (or tensor) parallelism diffusers' hooks split the tokens at the same sites.
+        # A diffusers cache (`enable_cache`) carries tensors from step to step, and the token order
+        # changes from the dense steps to the sparse ones: with one, each sparse call reorders.
+        orderable = (self.orders_tokens and getattr(transformer, "_parallel_config", None) is None
+                     and not getattr(transformer, "is_cache_enabled", False))
+        self.controller.begin_forward(self.family.read_forward(transformer, tensors),
+                                      tensors["hidden_states"] if orderable else None)
 
     def end_forward(self) -> None:
         """Body of the end_forward op."""
         self.controller.end_forward()
+
+
+class _TokenOrderHook(ModelHook):
+    """On a `TokenOrderSite` module: its output tensors, their video tokens put in the attention
+    order (or back in raster order) by the `sparsediff::order_tokens` op, which copies them where
+    the forward keeps raster order. `controller` None makes it inert."""
+
+    def __init__(self, site: TokenOrderSite, controller: AttentionController) -> None:
+        super().__init__()
+        self.site = site
+        self.controller: AttentionController | None = controller
+        self._op_key = register_owner(self)
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.controller is None:
+            return output
+        if isinstance(output, tuple):
+            return tuple(self._order(x) if isinstance(x, torch.Tensor) else x for x in output)
+        return self._order(output)
+
+    def _order(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.site.token_dim
+        tokens = x.flatten(first, first + self.site.token_dims - 1)
+        return torch.ops.sparsediff.order_tokens(self._op_key, tokens, first, self.site.restore).view(x.shape)
 
 
 class SparseHandle:
@@ -154,7 +189,8 @@ def apply(
     cuda_graphs: on CUDA, replay each call shape's sparse computation (prediction, lookup table,
     kernel) as one CUDA graph, captured at its second call: it frees the host from a dozen
     launches per call, for about 4x the size of one call's q of GPU memory per shape (False: launch
-    them every call).
+    them every call). Wan's sparse steps hold their tokens in tile order in the forward; their calls
+    need no reordering, and long ones run without a graph (its static inputs would be one more copy).
     controller_cls: an AttentionController subclass (calibration).
     Returns a SparseHandle (stats, reset(), remove(), reapply()).
     """
@@ -198,13 +234,37 @@ def _install(controller: AttentionController, transformers: dict[str, torch.nn.M
             for key, proc in stock.items()
         }
         _set_processors(transformer, processors)
-        registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        inert = registry.get_hook(HOOK_NAME)
-        if inert is not None:  # left in a foreign forward chain by an earlier remove(): revive it
-            inert.controller, inert.stock_processors = controller, stock
-        else:
-            with _beneath_accelerate(transformer):
-                registry.register_hook(_StepHook(family, controller, stock), HOOK_NAME)
+        step_hook = _attach(transformer, HOOK_NAME, lambda: _StepHook(family, controller, stock), controller)
+        step_hook.stock_processors = stock
+        sites = _token_order_sites(transformer, family)
+        for site, module in sites:
+            _attach(module, TOKEN_ORDER_HOOK_NAME, lambda: _TokenOrderHook(site, controller), controller)
+        step_hook.orders_tokens = bool(sites)
+
+
+def _token_order_sites(transformer: torch.nn.Module,
+                       family: FamilySpec) -> list[tuple[TokenOrderSite, torch.nn.Module]]:
+    """The family's token-order sites with their modules; none if the transformer lacks one of them
+    (a subclass built differently): its sparse calls then reorder their own tokens."""
+    names = {name for name, _ in transformer.named_modules()}
+    if not all(site.module in names for site in family.token_order_sites):
+        return []
+    return [(site, transformer.get_submodule(site.module)) for site in family.token_order_sites]
+
+
+def _attach(module: torch.nn.Module, name: str, make_hook: Callable[[], ModelHook],
+            controller: AttentionController) -> ModelHook:
+    """Register the hook `make_hook()` on `module` as `name`, or revive the inert one an earlier
+    remove() left in a foreign forward chain (`_detach`) with `controller`."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    hook = registry.get_hook(name)
+    if hook is not None:
+        hook.controller = controller
+        return hook
+    hook = make_hook()
+    with _beneath_accelerate(module):
+        registry.register_hook(hook, name)
+    return hook
 
 
 def remove(pipe_or_transformer: Any) -> None:
@@ -214,18 +274,28 @@ def remove(pipe_or_transformer: Any) -> None:
 
 
 def _remove_one(transformer: torch.nn.Module) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    hook = registry.get_hook(HOOK_NAME)
+    hook = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK_NAME)
     if hook is None or hook.controller is None:
         return
     _set_processors(transformer, hook.stock_processors)
+    _detach(transformer, HOOK_NAME)
+    for _, module in _token_order_sites(transformer, hook.family):
+        _detach(module, TOKEN_ORDER_HOOK_NAME)
+
+
+def _detach(module: torch.nn.Module, name: str) -> None:
+    """Make `module`'s hook `name` inert and remove it."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    hook = registry.get_hook(name)
+    if hook is None:
+        return
     hook.controller = None
-    with _beneath_accelerate(transformer):
+    with _beneath_accelerate(module):
         # HookRegistry.remove_hook re-sets `forward` to what it was when we registered. If something
         # other than diffusers hooks wrapped it since, that would drop their wrapper: leave our hook,
         # now inert, in the chain then (apply() revives it).
-        if _is_registry_forward(transformer.forward):
-            registry.remove_hook(HOOK_NAME, recurse=False)
+        if _is_registry_forward(module.forward):
+            registry.remove_hook(name, recurse=False)
 
 
 def _set_processors(transformer: torch.nn.Module, processors: dict[str, Any]) -> None:

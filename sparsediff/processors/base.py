@@ -29,6 +29,19 @@ class ForwardInfo:
 
 
 @dataclass(frozen=True)
+class TokenOrderSite:
+    """A submodule whose output tensors carry the video tokens, in raster order, along `token_dim`
+    (and the `token_dims` - 1 dims after it, flattened: a patch embedding's (B, C, T, H, W) output
+    holds its tokens in T, H, W). The token-order hooks (api.py) put them in the attention order
+    there, or back in raster order (`restore`) where the forward leaves token space."""
+
+    module: str
+    token_dim: int = 1
+    token_dims: int = 1
+    restore: bool = False
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """How sparsediff plugs into one model family.
 
@@ -36,6 +49,10 @@ class FamilySpec:
     processor_cls: our processor, used for the layers `is_sparse_layer` accepts (keys of
     `model.attn_processors`); all other layers keep their stock processor.
     read_forward: (transformer, the forward's tensor arguments by name) -> ForwardInfo.
+    token_order_sites: where a forward can hold its video tokens in the attention order from the
+    patch embedding to the output projection, so that its sparse calls reorder nothing (every
+    per-token tensor the blocks read passes one of the sites). Empty: each sparse call reorders its
+    q, k, v and output (families whose joint attention puts the text first need that anyway).
     """
 
     name: str
@@ -43,6 +60,7 @@ class FamilySpec:
     processor_cls: type[SparseAttnProcessorBase]
     is_sparse_layer: Callable[[str], bool]
     read_forward: Callable[[torch.nn.Module, dict[str, Any]], ForwardInfo]
+    token_order_sites: tuple[TokenOrderSite, ...] = ()
 
 
 class SparseAttnProcessorBase:

@@ -10,9 +10,10 @@ How: one graph per signature (see `SparseCallGraph.signature`: shapes, dtype, me
 every value `run_sparse` turns into a launch argument). It reads static q, k, v, threshold and
 kv_lens buffers. A call writes its tokens into the static q, k, v (the token reordering gathers
 straight into them, so that costs nothing where tokens are reordered and one copy where they are
-not) and its layer's thresholds and key lengths into theirs. The first call of a signature runs
-eagerly on those buffers (it compiles and warms up the Triton kernels), the second is captured,
-every later one replays. The outputs live in the graph's memory and the next replay rewrites
+not; long calls whose forward already holds their tokens in the attention order take no graph,
+see `ORDERED_GRAPH_MAX_TOKENS`) and its layer's thresholds and key lengths into theirs. The first
+call of a signature runs eagerly on those buffers (it compiles and warms up the Triton kernels),
+the second is captured, every later one replays. The outputs live in the graph's memory and the next replay rewrites
 them: the caller copies them out (its inverse reordering) at once. A graph no call used during a
 whole generation is freed when the next one starts (`AttentionController._next_graph_epoch`).
 

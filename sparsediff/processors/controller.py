@@ -161,6 +161,13 @@ class SparsityStats:
         }
 
 
+# Calls of at least this many tokens whose forward holds them in the attention order run without a
+# CUDA graph. Wan 1.3B at 480p (32,760 tokens, GPU-bound) gained from dropping the graph's input copy
+# (H200, 2026-12-03: compiled setting A 1.77x -> 1.80x, with its per-call gathers gone); short
+# sequences (FLUX's 5,120, the toy model's) are launch-bound, where graphs gained most (README).
+ORDERED_GRAPH_MAX_TOKENS = 16384
+
+
 class AttentionController:
     """Decides, per attention call, dense or sparse; owns the step count, layout and stats.
 
@@ -173,7 +180,8 @@ class AttentionController:
     fp8: sparse calls run the attention kernel's FP8 path (dense calls stay stock).
     cuda_graphs: on CUDA, each call signature's sparse computation is captured once as a CUDA graph
     and replayed (call_graph.py): one launch instead of a dozen, for about 4x the size of q of GPU
-    memory per signature.
+    memory per signature. Long calls whose tokens the forward already holds in the attention order
+    (`begin_forward`) run without one (ORDERED_GRAPH_MAX_TOKENS).
     """
 
     def __init__(self, profile: SparsityProfile, *, min_query_blocks: int = 4, fp8: bool = False,
@@ -203,11 +211,22 @@ class AttentionController:
         self._thresholds: dict[tuple[str, torch.device], tuple] = {}
         self._perms: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._padding: _KeyPadding | None = None  # the last attention mask seen and what it means
+        self._forward_ordered = False  # the current forward holds its video tokens in the attention order
 
     # ------------------------------------------------------------------ step schedule
 
-    def begin_forward(self, info: ForwardInfo) -> None:
-        """Called by the hook before each transformer forward: advances the step, stores the grid."""
+    def begin_forward(self, info: ForwardInfo, orderable_latents: torch.Tensor | None = None) -> None:
+        """Called by the hook before each transformer forward: advances the step, stores the grid.
+
+        orderable_latents: the forward's latent hidden states, where the transformer has token-order
+        hooks (`FamilySpec.token_order_sites`), no context parallelism and no diffusers cache (see
+        `_StepHook.begin_forward`). Then a forward of a sparse step whose grid is known holds its
+        video tokens in the attention order between the sites (`order_tokens`): its sparse calls
+        gather nothing, where each would otherwise reorder q, k, v and its output (for Wan 1.3B at
+        480p, 6 of a compiled sparse step's 237 ms on the H200). Forwards whose calls all run dense
+        (dense steps, every layer profile-dense, a device, dtype or length the kernels do not take)
+        keep raster order: their results stay the stock ones bit for bit.
+        """
         t = info.timestep
         if self._last_timestep is not None:
             if t < self._last_timestep:
@@ -218,11 +237,37 @@ class AttentionController:
                 self._next_graph_epoch()
         self._last_timestep = t
         self.forward_info = info
+        x = orderable_latents
+        self._forward_ordered = (
+            x is not None and info.grid is not None and not self.is_dense_step()
+            and self.profile.token_order != "raster" and not all(layer.dense for layer in self.profile.layers.values())
+            and self.can_run_sparse(x.device) and x.dtype in _sparse_dtypes(x.device)
+            and math.ceil(math.prod(info.grid) / BLOCK_M) >= self.min_query_blocks)
 
     def end_forward(self) -> None:
         """Called by the hook after each transformer forward: the grid is only valid inside it."""
         self.forward_info = None
         self._padding = None
+        self._forward_ordered = False
+
+    def order_tokens(self, x: torch.Tensor, token_dim: int, restore: bool) -> torch.Tensor:
+        """A contiguous copy of `x`, whose dim `token_dim` holds the forward's video tokens: put in
+        the attention order, or back in raster order (`restore`), where the forward holds its tokens
+        in the attention order (`begin_forward`); else unchanged."""
+        if not self._forward_ordered:
+            return x.clone(memory_format=torch.contiguous_format)
+        grid = self.forward_info.grid
+        if x.shape[token_dim] != math.prod(grid):
+            raise RuntimeError(f"sparsediff: a token-order site holds {x.shape[token_dim]} tokens along dim "
+                               f"{token_dim}, the forward's latent grid {grid} has {math.prod(grid)}")
+        perm, inverse = self._permutation(grid, self.profile.token_order, 0, False, x.device)
+        return x.index_select(token_dim, inverse if restore else perm)
+
+    def order_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """A copy of the forward's timestep; one per token (B, N) (Wan 2.2 TI2V) in the forward's token order."""
+        if timestep.dim() == 2:
+            return self.order_tokens(timestep, 1, False)
+        return timestep.clone()
 
     def reset(self) -> None:
         """Forget the step state (the next forward is step 0 of a new run) and the stats."""
@@ -231,6 +276,7 @@ class AttentionController:
         self._last_timestep = None
         self.forward_info = None
         self._padding = None
+        self._forward_ordered = False
         self.stats.reset()
         self._next_graph_epoch()
 
@@ -292,7 +338,10 @@ class AttentionController:
 
         n_text = self._text_tokens(text_tokens)
         grid, order = self._video_layout(n_tokens - n_text)
-        perms = self._permutation(grid if grid is not None else n_tokens - n_text, order, n_text, text_first, q.device)
+        # Video tokens the forward already holds in the attention order leave at most the text to move.
+        ordered = self._forward_ordered and grid is not None
+        perms = self._permutation(n_tokens - n_text if ordered else grid if grid is not None else n_tokens - n_text,
+                                  "raster" if ordered else order, n_text, text_first, q.device)
         thresholds, pv = self._layer_thresholds(layer_name, q.device)
         if head_shard is not None:
             thresholds = thresholds.heads(slice(head_shard.start, head_shard.stop))
@@ -301,7 +350,10 @@ class AttentionController:
             text_tokens=n_text, kv_lens=kv_lens, grid=grid, token_order=order, tile=self.profile.tile,
             thresholds=thresholds, pv_threshold=pv, method=self.profile.method, fp8=self.fp8,
         )
-        graph = self._call_graph(call, q)
+        # A graph reads its own static q, k, v: tokens that need no reordering would be copied in.
+        # For a long call that copy costs more than the launches the graph saves.
+        long_ordered = ordered and perms is None and n_tokens >= ORDERED_GRAPH_MAX_TOKENS
+        graph = None if long_ordered else self._call_graph(call, q)
         if graph is None:
             if perms is not None:
                 q, k, v = gather_tokens((q, k, v), perms[0])
@@ -380,8 +432,7 @@ class AttentionController:
     def _fallback_cause(self, q: torch.Tensor, k: torch.Tensor, profile_heads: int) -> str | None:
         if not self.can_run_sparse(q.device):
             return "device"
-        allowed = (torch.float16, torch.bfloat16) + ((torch.float32,) if q.device.type == "cpu" else ())
-        if q.dtype not in allowed:
+        if q.dtype not in _sparse_dtypes(q.device):
             return "dtype"
         if self.fp8 and fp8_unsupported(q.device):
             return "fp8"
@@ -475,6 +526,11 @@ class AttentionController:
             if head_shard is not None:
                 kept = head_shard.gather(kept)
         self.stats.record(layer_name, self.step, kept, pairs)
+
+
+def _sparse_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes a sparse call takes on `device` (fp32 only through the CPU interpreter)."""
+    return (torch.float16, torch.bfloat16) + ((torch.float32,) if device.type == "cpu" else ())
 
 
 @dataclass

@@ -17,9 +17,10 @@ The ops are tagged `cudagraph_unsafe`: a CUDA graph replay would skip their Pyth
 step, the mask prediction, the stats), so Inductor keeps them out of CUDA graphs.
 
 The op outputs are new tensors (a custom op may not return a view of an input): `attend` returns
-a contiguous tensor of the query's shape; `begin_forward` / `end_forward` return a copy of the
-timestep / of the transformer's output sample, which the rest of the forward then uses, so that a
-compiler keeps them and keeps them in order (before every attention call / after all of them).
+a contiguous tensor of the query's shape; `begin_forward` returns copies of the timestep and of the
+latent hidden states, `end_forward` a copy of the transformer's output sample, which the rest of
+the forward then uses, so that a compiler keeps them and keeps them in order (before everything
+the forward computes / after all of it); `order_tokens` returns its input reordered (or a copy).
 """
 from __future__ import annotations
 
@@ -75,17 +76,34 @@ def _attend_fake(processor_key, query, key, value, attention_mask, layout, text_
 
 
 @torch.library.custom_op("sparsediff::begin_forward", mutates_args=(), tags=_TAGS)
-def begin_forward(hook_key: torch.Tensor, timestep: torch.Tensor, arguments: list[torch.Tensor | None]) -> torch.Tensor:
+def begin_forward(
+    hook_key: torch.Tensor, timestep: torch.Tensor, hidden_states: torch.Tensor, arguments: list[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The step hook's work before a transformer forward; `arguments`: the forward's arguments in its
-    signature's order, None where not given or not a tensor. Returns a copy of `timestep`, for the
-    forward to use in its place."""
-    _owner(hook_key).begin_forward(arguments)
-    return timestep.clone()
+    signature's order, None where not given or not a tensor. Returns copies of `timestep` (a
+    per-token one reordered with the tokens) and of the latent `hidden_states`, for the forward to
+    use in their place: all it computes then follows this op, the token-order sites included."""
+    hook = _owner(hook_key)
+    hook.begin_forward(arguments)
+    return hook.controller.order_timestep(timestep), hidden_states.clone()
 
 
 @begin_forward.register_fake
-def _begin_forward_fake(hook_key, timestep, arguments):
-    return torch.empty_like(timestep)
+def _begin_forward_fake(hook_key, timestep, hidden_states, arguments):
+    return torch.empty_like(timestep), torch.empty_like(hidden_states)
+
+
+@torch.library.custom_op("sparsediff::order_tokens", mutates_args=(), tags=_TAGS)
+def order_tokens(hook_key: torch.Tensor, x: torch.Tensor, token_dim: int, restore: bool) -> torch.Tensor:
+    """A copy of `x` with its tokens (dim `token_dim`) in the attention order, or back in raster
+    order (`restore`), where the current forward holds its tokens in the attention order
+    (`AttentionController.order_tokens`); else a plain copy. For the token-order hooks (api.py)."""
+    return _owner(hook_key).controller.order_tokens(x, token_dim, restore)
+
+
+@order_tokens.register_fake
+def _order_tokens_fake(hook_key, x, token_dim, restore):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("sparsediff::end_forward", mutates_args=(), tags=_TAGS)

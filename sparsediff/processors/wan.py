@@ -11,7 +11,7 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 
-from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, timestep_value
+from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, TokenOrderSite, timestep_value
 
 
 class WanSparseAttnProcessor(SparseAttnProcessorBase):
@@ -109,4 +109,10 @@ FAMILY = FamilySpec(
     processor_cls=WanSparseAttnProcessor,
     is_sparse_layer=lambda name: name.startswith("blocks.") and name.endswith(".attn1.processor"),
     read_forward=_read_forward,
+    # The points where diffusers' context-parallel plan (`WanTransformer3DModel._cp_plan`) splits and
+    # gathers the tokens: the rotary tables, the patch embedding (whose output the forward flattens
+    # into the blocks' hidden states) and the output projection; a per-token timestep (Wan 2.2
+    # TI2V) is reordered by the step hook.
+    token_order_sites=(TokenOrderSite("rope"), TokenOrderSite("patch_embedding", token_dim=2, token_dims=3),
+                       TokenOrderSite("proj_out", restore=True)),
 )
