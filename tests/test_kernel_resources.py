@@ -14,7 +14,7 @@ import pytest
 HOPPER_SHARED_BYTES = 232448
 
 COMPILE_SCRIPT = textwrap.dedent("""
-    import json, re, sys
+    import itertools, json, re, sys
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -64,14 +64,16 @@ COMPILE_SCRIPT = textwrap.dedent("""
         shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
                                 True, num_warps=warps)
         rows.append(["combine_select", "fp32", 1, rq, False, shared])
-    for (arch, head_dim, dtype), config in bsa.TILE_CONFIGS.items():
+    # Each declared config with and without the P·V skip (pv_threshold; it keeps the running maximum).
+    for ((arch, head_dim, dtype), config), pv_skip in itertools.product(bsa.TILE_CONFIGS.items(), (False, True)):
         name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "fp8e4nv"}[str(dtype)]
         fp8 = name == "fp8e4nv"
         # FP8 reads V transposed, (B, H, D, N): its key stride is 1.
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
-                      STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=False, COUNT_SKIPS=False,
+                      STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=pv_skip, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
-                      HEAVY_FIRST=config.heavy_rows_first, FIXED_MAX=bsa.uses_fixed_max(config, fp8, None),
+                      HEAVY_FIRST=config.heavy_rows_first,
+                      FIXED_MAX=bsa.uses_fixed_max(config, fp8, 0.01 if pv_skip else None),
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
@@ -114,7 +116,7 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 10 + 3 + len(TILE_CONFIGS) + 5
+    assert len(rows) == 10 + 3 + 2 * len(TILE_CONFIGS) + 5
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]
