@@ -241,8 +241,7 @@ class AttentionController:
         self._forward_ordered = (
             x is not None and info.grid is not None and not self.is_dense_step()
             and self.profile.token_order != "raster" and not all(layer.dense for layer in self.profile.layers.values())
-            and self.can_run_sparse(x.device) and x.dtype in _sparse_dtypes(x.device)
-            and math.ceil(math.prod(info.grid) / BLOCK_M) >= self.min_query_blocks)
+            and self._kernel_cause(x.device, x.dtype) is None and not self._too_short(math.prod(info.grid)))
 
     def end_forward(self) -> None:
         """Called by the hook after each transformer forward: the grid is only valid inside it."""
@@ -340,8 +339,8 @@ class AttentionController:
         grid, order = self._video_layout(n_tokens - n_text)
         # Video tokens the forward already holds in the attention order leave at most the text to move.
         ordered = self._forward_ordered and grid is not None
-        perms = self._permutation(n_tokens - n_text if ordered else grid if grid is not None else n_tokens - n_text,
-                                  "raster" if ordered else order, n_text, text_first, q.device)
+        video, video_order = (n_tokens - n_text, "raster") if ordered or grid is None else (grid, order)
+        perms = self._permutation(video, video_order, n_text, text_first, q.device)
         thresholds, pv = self._layer_thresholds(layer_name, q.device)
         if head_shard is not None:
             thresholds = thresholds.heads(slice(head_shard.start, head_shard.stop))
@@ -429,11 +428,22 @@ class AttentionController:
         computes through the public functions, whose torch references also serve a CPU."""
         return kernels_available(device)
 
-    def _fallback_cause(self, q: torch.Tensor, k: torch.Tensor, profile_heads: int) -> str | None:
-        if not self.can_run_sparse(q.device):
+    def _kernel_cause(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """"device" or "dtype" where sparse calls cannot take tensors of `dtype` on `device`, else None
+        (fp32 only on the CPU, through the interpreter)."""
+        if not self.can_run_sparse(device):
             return "device"
-        if q.dtype not in _sparse_dtypes(q.device):
+        if dtype not in (torch.float16, torch.bfloat16) + ((torch.float32,) if device.type == "cpu" else ()):
             return "dtype"
+        return None
+
+    def _too_short(self, n_tokens: int) -> bool:
+        return math.ceil(n_tokens / BLOCK_M) < self.min_query_blocks
+
+    def _fallback_cause(self, q: torch.Tensor, k: torch.Tensor, profile_heads: int) -> str | None:
+        cause = self._kernel_cause(q.device, q.dtype)
+        if cause is not None:
+            return cause
         if self.fp8 and fp8_unsupported(q.device):
             return "fp8"
         if q.shape[-1] > MAX_HEAD_DIM:
@@ -442,7 +452,7 @@ class AttentionController:
             return "cross"
         if q.shape[1] != profile_heads:
             return "heads"
-        if math.ceil(q.shape[2] / BLOCK_M) < self.min_query_blocks:
+        if self._too_short(q.shape[2]):
             return "short"
         return None
 
@@ -526,11 +536,6 @@ class AttentionController:
             if head_shard is not None:
                 kept = head_shard.gather(kept)
         self.stats.record(layer_name, self.step, kept, pairs)
-
-
-def _sparse_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
-    """The dtypes a sparse call takes on `device` (fp32 only through the CPU interpreter)."""
-    return (torch.float16, torch.bfloat16) + ((torch.float32,) if device.type == "cpu" else ())
 
 
 @dataclass
