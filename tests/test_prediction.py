@@ -109,14 +109,13 @@ def test_select_top_cdf_matches_reference():
     assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
 
 
-@pytest.mark.parametrize("rows_per_program", [1, 2, 4])
-def test_selection_with_few_rows_per_program(monkeypatch, rows_per_program):
-    # A GPU with many SMs splits a short sequence's selection into programs of 1-4 rows (and fewer
-    # warps): the same blocks come out.
+@pytest.mark.parametrize("elements_per_warp,warps", [(2048, 1), (64, 2), (16, 4)])
+def test_selection_with_one_or_several_warps_per_row(monkeypatch, elements_per_warp, warps):
+    # A row of masses is selected by one warp, or by several when it is wide: the same blocks come out.
     mass = torch.rand(2, 3, 9, 70) ** 4
     thr = torch.tensor([0.5, 0.95, 1.0])
-    monkeypatch.setattr(block_select_module, "_sm_count", lambda device: 2 * 3 * 9 // (rows_per_program * block_select_module.SELECT_PROGRAMS_PER_SM))
-    assert block_select_module._select_geometry(70, 2 * 3 * 9, mass.device)[1] == rows_per_program
+    monkeypatch.setattr(block_select_module, "SELECT_ELEMENTS_PER_WARP", elements_per_warp)
+    assert block_select_module._select_geometry(70) == (128, warps)
     assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
     q, k = torch.randn(2, 3, 1100, 32) * 2, torch.randn(2, 3, 1100, 32) * 2
     qf, kf, geometry = _features("sampled", q, k, None)
