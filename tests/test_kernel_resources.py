@@ -58,10 +58,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
             shared, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
                                     num_warps=bs.PARTIAL_NUM_WARPS, num_stages=bs.PARTIAL_NUM_STAGES)
             rows.append(["partial_mass", dtype, s, rk, loop, shared])
-    nkp, warps = bs._select_geometry(bs.MAX_KEY_BLOCKS)
+    nkp, sr, warps = bs._select_geometry(bs.MAX_KEY_BLOCKS)
     pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
     for rq in (1, 2, 16):
-        shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SELECT=True), pointers,
+        shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
                                 True, num_warps=warps)
         rows.append(["combine_select", "fp32", 1, rq, False, shared])
     # Each declared config with and without the P·V skip (pv_threshold; it keeps the running maximum).

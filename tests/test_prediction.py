@@ -109,13 +109,17 @@ def test_select_top_cdf_matches_reference():
     assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
 
 
-@pytest.mark.parametrize("elements_per_warp,warps", [(2048, 1), (64, 2), (16, 4)])
-def test_selection_with_one_or_several_warps_per_row(monkeypatch, elements_per_warp, warps):
-    # A row of masses is selected by one warp, or by several when it is wide: the same blocks come out.
+@pytest.mark.parametrize("gpu_geometry,elements_per_warp,warps", [(True, 2048, 1), (True, 16, 4), (False, 64, 2)])
+def test_selection_geometries_agree(monkeypatch, gpu_geometry, elements_per_warp, warps):
+    # A GPU's selection takes one row a program, with one warp or several for a wide row; the
+    # interpreter's takes many rows a program: the same blocks come out.
     mass = torch.rand(2, 3, 9, 70) ** 4
     thr = torch.tensor([0.5, 0.95, 1.0])
     monkeypatch.setattr(block_select_module, "SELECT_ELEMENTS_PER_WARP", elements_per_warp)
-    assert block_select_module._select_geometry(70) == (128, warps)
+    if gpu_geometry:
+        monkeypatch.setattr(block_select_module, "triton_interpreting", lambda: False)
+    rows = 1 if gpu_geometry else block_select_module.INTERPRETED_SELECT_ELEMENTS // 128
+    assert block_select_module._select_geometry(70) == (128, rows, warps)
     assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
     q, k = torch.randn(2, 3, 1100, 32) * 2, torch.randn(2, 3, 1100, 32) * 2
     qf, kf, geometry = _features("sampled", q, k, None)

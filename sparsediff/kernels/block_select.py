@@ -8,7 +8,7 @@ few query rows, a long one many keys):
    of its key tiles, the scores of its query rows, their maximum over the tile, and
    exp(score - tile maximum) summed per key block. No state crosses tiles, so one pass over the
    keys suffices and every tile is a separate unit of parallel work.
-2. `_combine_select_kernel`, one program per query block of one (batch, head): rescales each
+2. `_combine_select_kernel`, one program per SR query blocks of one (batch, head): rescales each
    row's tile sums to the row's global maximum, normalises them, averages a query block's rows
    (weighted by their valid query tokens), writes the block masses and, optionally, keeps the
    fewest blocks whose mass reaches the head's `cdf_threshold` (bisection on the float bit pattern
@@ -59,17 +59,19 @@ PARTIAL_NUM_WARPS = 4
 # Two stages: at three, fp32 features (pooled, or fp32 q/k) with several tiles per program ask
 # for 256 KiB of shared memory on sm90 (the H100/H200 have 227 KiB); at two, 192 KiB at most.
 PARTIAL_NUM_STAGES = 2
-# Phase 2: one row of masses a program, held in registers; the widest key-block row the in-register
-# bisection handles, and one warp per SELECT_ELEMENTS_PER_WARP masses of the padded row. One row and
-# one warp a program took the combine-and-select kernel from 31.3 to 18.1 us at Wan's shape (512-wide
-# rows), 57.6 to 33.5 at CogVideoX's (512), 690 to 484 at HunyuanVideo's (2048) and 6.7 to 5.3 at
-# FLUX's (128), against 8 rows a program (4096 masses) with one warp per 512 masses; 2-16 rows a
-# program with one warp, or one row with 2 or 4 warps, were slower (H200, 2026-12-03, bench-results/
-# h200-2026-12-03/tune-select-geometry-session15.log, select-geometry-check-session15.log). Rows
-# wider than 2048 (above about 131,000 tokens) were not measured.
+# Phase 2: one row of masses a program on a GPU, held in registers; the widest key-block row the
+# in-register bisection handles, and one warp per SELECT_ELEMENTS_PER_WARP masses of the padded row.
+# One row and one warp a program took the combine-and-select kernel from 31.3 to 18.1 us at Wan's
+# shape (512-wide rows), 57.6 to 33.5 at CogVideoX's (512), 690 to 484 at HunyuanVideo's (2048) and
+# 6.7 to 5.3 at FLUX's (128), against 8 rows a program (4096 masses) with one warp per 512 masses;
+# 2-16 rows a program with one warp, or one row with 2 or 4 warps, were slower (H200, 2026-12-03,
+# bench-results/h200-2026-12-03/tune-select-geometry-session15.log, select-geometry-check-session15.log).
+# Rows wider than 2048 (above about 131,000 tokens) were not measured. The interpreter runs programs
+# one after another, each at a fixed cost: there a program takes INTERPRETED_SELECT_ELEMENTS masses.
 MAX_KEY_BLOCKS = 8192
-SELECT_NUM_WARPS = 4  # MAX_KEY_BLOCKS // SELECT_ELEMENTS_PER_WARP
 SELECT_ELEMENTS_PER_WARP = 2048
+SELECT_NUM_WARPS = MAX_KEY_BLOCKS // SELECT_ELEMENTS_PER_WARP  # the widest row's
+INTERPRETED_SELECT_ELEMENTS = 4096
 PARTIAL_ELEMENTS = 2**27  # fp32 scratch of the per-tile sums: 512 MiB at most
 
 
@@ -150,44 +152,45 @@ def _partial_mass_kernel(
 
 @triton.jit
 def _top_cdf_keep(m, thr):
-    # Keep, of one row's (NKP,) masses `m` (>= 0), every block at least as heavy as the largest
+    # Keep, per row of the (R, NKP) masses `m` (>= 0), every block at least as heavy as the largest
     # cutoff c with sum(m >= c) >= thr * total; thr >= 1 keeps every block.
     bits = m.to(tl.int32, bitcast=True)
-    target = tl.sum(m, axis=0) * thr
-    hi = tl.max(bits, axis=0) + 1
-    lo = hi * 0
+    target = tl.sum(m, axis=1) * thr
+    lo = tl.zeros((m.shape[0],), dtype=tl.int32)
+    hi = tl.max(bits, axis=1) + 1
     for _ in range(32):
         mid = lo + (hi - lo) // 2
-        reach = tl.sum(tl.where(bits >= mid, m, 0.0), axis=0) >= target
+        reach = tl.sum(tl.where(bits >= mid[:, None], m, 0.0), axis=1) >= target
         lo = tl.where(reach, mid, lo)
         hi = tl.where(reach, hi, mid)
     lo = tl.where(thr >= 1.0, 0, lo)  # masses are >= 0: cutoff 0 keeps every block
-    return bits >= lo
+    return bits >= lo[:, None]
 
 
 @triton.jit
 def _combine_select_kernel(
     part_ptr, tmax_ptr, thr_ptr, mass_ptr, mask_ptr,
     H, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SELECT: tl.constexpr,
+    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr, SELECT: tl.constexpr,
 ):
     bh = tl.program_id(1)
-    local_qb = tl.program_id(0)  # query block of this chunk
+    local_qb = tl.program_id(0) * SR + tl.arange(0, SR)  # query blocks of this chunk
     kcols = tl.arange(0, NKP)
-    ok = kcols < nk
-    acc = tl.zeros((NKP,), dtype=tl.float32)
-    wsum = tl.sum(acc, axis=0)
+    ok = (local_qb[:, None] < n_qb) & (kcols[None, :] < nk)
+    acc = tl.zeros((SR, NKP), dtype=tl.float32)
+    wsum = tl.zeros((SR,), dtype=tl.float32)
     for r in range(RQ):
-        local_row = bh * n_qb * RQ + local_qb * RQ + r
-        part = tl.load(part_ptr + local_row * nk + kcols, mask=ok, other=0.0)
-        tmax = tl.load(tmax_ptr + local_row * n_tiles + kcols // KB, mask=ok, other=-1.0e30)
-        scaled = part * tl.exp(tmax - tl.max(tmax, axis=0))
-        total = tl.sum(scaled, axis=0)
+        local_row = local_qb * RQ + r
+        part = tl.load(part_ptr + (bh * n_qb * RQ + local_row)[:, None] * nk + kcols[None, :], mask=ok, other=0.0)
+        tmax = tl.load(tmax_ptr + (bh * n_qb * RQ + local_row)[:, None] * n_tiles + kcols[None, :] // KB,
+                       mask=ok, other=-1.0e30)
+        scaled = part * tl.exp(tmax - tl.max(tmax, axis=1)[:, None])
+        total = tl.sum(scaled, axis=1)
         wq = tl.minimum(tl.maximum(n_tokens - ((qb0 + local_qb) * RQ + r) * q_tokens, 0), q_tokens).to(tl.float32)
-        acc += scaled * (wq / tl.where(total > 0, total, 1.0))  # a row with no valid key adds 0
+        acc += scaled * (wq / tl.where(total > 0, total, 1.0))[:, None]  # rows with no valid key add 0
         wsum += wq
-    mass = acc / tl.where(wsum > 0, wsum, 1.0)
-    offs = (bh * nq + qb0 + local_qb) * nk + kcols
+    mass = acc / tl.where(wsum > 0, wsum, 1.0)[:, None]
+    offs = (bh * nq + qb0 + local_qb)[:, None] * nk + kcols[None, :]
     tl.store(mass_ptr + offs, mass, mask=ok)
     if SELECT:
         keep = _top_cdf_keep(mass, tl.load(thr_ptr + bh % H))
@@ -195,22 +198,24 @@ def _combine_select_kernel(
 
 
 @triton.jit
-def _select_kernel(mass_ptr, thr_ptr, mask_ptr, H, nq, nk, NKP: tl.constexpr):
+def _select_kernel(mass_ptr, thr_ptr, mask_ptr, H, nq, nk, NKP: tl.constexpr, SR: tl.constexpr):
     bh = tl.program_id(1)
+    rows = tl.program_id(0) * SR + tl.arange(0, SR)
     kcols = tl.arange(0, NKP)
-    ok = kcols < nk
-    offs = (bh * nq + tl.program_id(0)) * nk + kcols
+    ok = (rows[:, None] < nq) & (kcols[None, :] < nk)
+    offs = (bh * nq + rows)[:, None] * nk + kcols[None, :]
     keep = _top_cdf_keep(tl.load(mass_ptr + offs, mask=ok, other=0.0), tl.load(thr_ptr + bh % H))
     tl.store(mask_ptr + offs, keep.to(tl.int8), mask=ok)
 
 
-def _select_geometry(nk: int) -> tuple[int, int]:
-    """(padded row width, warps) of the in-register selection of one row of `nk` masses a program.
-    The bisection is a chain of 32 row reductions, whose latency sets the kernel's time: one row
-    a program and one warp per SELECT_ELEMENTS_PER_WARP masses keep each reduction within few
-    warps (one warp: shuffles, no shared memory), and the many rows fill the GPU with programs."""
+def _select_geometry(nk: int) -> tuple[int, int, int]:
+    """(padded row width, rows per program, warps) of the in-register selection of rows of `nk`
+    masses. The bisection is a chain of 32 row reductions, whose latency sets the kernel's time on a
+    GPU: one row a program and one warp per SELECT_ELEMENTS_PER_WARP masses keep each reduction
+    within few warps (one warp: shuffles, no shared memory), and the many rows fill the GPU."""
     nkp = max(16, triton.next_power_of_2(nk))
-    return nkp, max(1, min(SELECT_NUM_WARPS, nkp // SELECT_ELEMENTS_PER_WARP))
+    rows = max(1, INTERPRETED_SELECT_ELEMENTS // nkp) if triton_interpreting() else 1
+    return nkp, rows, max(1, min(SELECT_NUM_WARPS, nkp // SELECT_ELEMENTS_PER_WARP))
 
 
 def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Tensor:
@@ -223,8 +228,8 @@ def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Ten
         return top_cdf(mass, thr)
     mass = mass.contiguous()
     mask = torch.empty(b, h, nq, nk, device=mass.device, dtype=torch.int8)
-    nkp, warps = _select_geometry(nk)
-    _select_kernel[(nq, b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, num_warps=warps)
+    nkp, sr, warps = _select_geometry(nk)
+    _select_kernel[(triton.cdiv(nq, sr), b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, SR=sr, num_warps=warps)
     return mask.view(torch.bool)
 
 
@@ -271,7 +276,7 @@ def block_select(
     mass = torch.empty(b, h, nq, nk, device=device, dtype=torch.float32)
     mask = torch.empty(b, h, nq, nk, device=device, dtype=torch.int8)
     select = nk <= MAX_KEY_BLOCKS  # wider rows: torch's sort-based selection below
-    nkp, select_warps = _select_geometry(nk)
+    nkp, sr, select_warps = _select_geometry(nk)
     n_tiles = triton.cdiv(nk * rk, KEY_ROWS)
     chunk_qb = max(1, min(nq, PARTIAL_ELEMENTS // (b * h * rq * max(nk, n_tiles))))
     part = torch.empty(b * h * chunk_qb * rq * nk, device=device, dtype=torch.float32)
@@ -292,9 +297,9 @@ def block_select(
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
             HAS_Q_ROWS=q_rows is not None, num_warps=PARTIAL_NUM_WARPS, num_stages=PARTIAL_NUM_STAGES,
         )
-        _combine_select_kernel[(n_qb, b * h)](
+        _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SELECT=select, num_warps=select_warps,
+            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=select_warps,
         )
     if not select:
         return top_cdf(mass, thr), mass
