@@ -61,11 +61,12 @@ PARTIAL_NUM_WARPS = 4
 PARTIAL_NUM_STAGES = 2
 # Phase 2: one row of masses a program on a GPU, held in registers; the widest key-block row the
 # in-register bisection handles, and one warp per SELECT_ELEMENTS_PER_WARP masses of the padded row.
-# One row and one warp a program took the combine-and-select kernel from 31.3 to 18.1 us at Wan's
-# shape (512-wide rows), 57.6 to 33.5 at CogVideoX's (512), 690 to 484 at HunyuanVideo's (2048) and
-# 6.7 to 5.3 at FLUX's (128), against 8 rows a program (4096 masses) with one warp per 512 masses;
-# 2-16 rows a program with one warp, or one row with 2 or 4 warps, were slower (H200, 2026-12-03,
-# bench-results/h200-2026-12-03/tune-select-geometry-session15.log, select-geometry-check-session15.log).
+# One row and one warp a program took the combine-and-select kernel from 31.3 to 17.7 us at Wan's
+# shape (512-wide rows), 57.6 to 33.1 at CogVideoX's (512) and 690 to 480 at HunyuanVideo's (2048),
+# against 8 rows a program (4096 masses) with one warp per 512 masses; 2-16 rows a program with one
+# warp, or one row with 2 or 4 warps, were slower (H200, 2026-12-03, bench-results/h200-2026-12-03/
+# tune-select-geometry-session15.log; FLUX's 128-wide rows were timed at 2 rows a program, 6.7 us,
+# and at one row only in a one-row rewrite of these kernels, 5.3 us: select-geometry-check-session15.log).
 # Rows wider than 2048 (above about 131,000 tokens) were not measured. The interpreter runs programs
 # one after another, each at a fixed cost: there a program takes INTERPRETED_SELECT_ELEMENTS masses.
 MAX_KEY_BLOCKS = 8192
