@@ -23,17 +23,24 @@ from sparsediff.bench.kernel import SHAPES, _make_qkv
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.kernels import block_select
 
-# (query rows per program, warps, target programs, key rows per tile, pipeline stages); the first is
-# the declared config.
-CANDIDATES = ((128, 4, 2048, 128, 2), (128, 4, 2048, 128, 3), (128, 4, 2048, 64, 2), (128, 4, 2048, 64, 3),
-              (128, 8, 2048, 256, 2), (128, 8, 2048, 128, 3), (64, 4, 2048, 128, 2), (64, 4, 2048, 64, 3),
-              (128, 4, 512, 128, 2), (128, 4, 512, 64, 3), (256, 8, 2048, 128, 2), (256, 8, 2048, 64, 3))
+# (query rows per program, warps, target programs, key rows per tile, pipeline stages) for 16-bit
+# features, short and long sequences alike; the first is the declared config for short sequences.
+CANDIDATES = ((64, 4, 2048, 128, 3), (128, 8, 2048, 128, 2), (128, 4, 2048, 128, 2), (64, 4, 2048, 128, 4),
+              (128, 8, 2048, 128, 3), (128, 8, 2048, 64, 3), (64, 4, 2048, 64, 3), (64, 8, 2048, 128, 3),
+              (128, 4, 2048, 64, 2), (256, 8, 2048, 64, 3))
 PROFILED_CALLS = 20
 
 
 def _set(rows: int, warps: int, programs: int, key_rows: int, stages: int) -> None:
-    block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS = rows, warps, programs
-    block_select.KEY_ROWS, block_select.PARTIAL_NUM_STAGES = key_rows, stages
+    for long_keys in (False, True):
+        block_select.PARTIAL_CONFIGS[2, long_keys] = block_select.PartialMassConfig(rows, warps, stages, 8)
+    block_select.TARGET_PROGRAMS, block_select.KEY_ROWS = programs, key_rows
+
+
+def _restore(declared: tuple) -> None:
+    configs, programs, key_rows = declared
+    block_select.PARTIAL_CONFIGS.update(configs)
+    block_select.TARGET_PROGRAMS, block_select.KEY_ROWS = programs, key_rows
 
 
 def _kernel_times(predict) -> str:
@@ -49,8 +56,7 @@ def _kernel_times(predict) -> str:
 
 
 def main(names: list[str]) -> None:
-    declared = (block_select.QUERY_ROWS[2], block_select.PARTIAL_NUM_WARPS, block_select.TARGET_PROGRAMS,
-                block_select.KEY_ROWS, block_select.PARTIAL_NUM_STAGES)
+    declared = dict(block_select.PARTIAL_CONFIGS), block_select.TARGET_PROGRAMS, block_select.KEY_ROWS
     for name in names or ["flux", "cogvideox", "wan", "hunyuan"]:
         s = SHAPES[name]
         q, k, v = _make_qkv(s, torch.bfloat16, "cuda")  # (B, N, H, D) viewed as (B, H, N, D)
@@ -77,7 +83,7 @@ def main(names: list[str]) -> None:
                 except Exception as error:  # a candidate that fails to compile is reported
                     line.append(f"({label}) {type(error).__name__}: {str(error)[:80]}")
             print(f"  {method}: " + "; ".join(line), flush=True)
-        _set(*declared)
+        _restore(declared)
         for sim in (0.0, DEFAULT_SIM_THRESHOLD):
             graphed = triton.testing.do_bench(cuda_graphed(predictor(sim)))
             print(f"  declared, sim {sim}: graphed {graphed * 1e3:.1f} us ({graphed / dense:.1%} of dense); kernels: "

@@ -39,7 +39,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 signature[name] = "fp32" if "scale" in name or "threshold" in name else "i32"
         # Every runtime int 16-divisible: the specialisation that vectorises loads and pipelines most.
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if signature[name] in ("i32",) + tuple(pointers.values()) and int_args_aligned}
+                 if (signature[name] == "i32" or signature[name].startswith("*")) and int_args_aligned}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=target, options=options)
         return compiled.metadata.shared, sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", compiled.asm["ptx"])))
@@ -47,17 +47,20 @@ COMPILE_SCRIPT = textwrap.dedent("""
     rows = []
     for dtype, dot_fp32, s, rk in (("bf16", False, 1, 64), ("fp32", True, 1, 64), ("fp32", True, 1, 1),
                                    ("bf16", False, 8, 8), ("fp32", True, 8, 8)):
-        for loop in (True, False):
-            consts = dict(D=128, DP=128, S=s, RK=rk, QT=bs.QUERY_ROWS[2 if dtype == "bf16" else 4], KT=bs.KEY_ROWS,
+        for long_keys, loop in itertools.product((False, True), (True, False)):
+            config = bs.PARTIAL_CONFIGS[2 if dtype == "bf16" else 4, long_keys]
+            consts = dict(D=128, DP=128, S=s, RK=rk, K_TOKENS=64 // rk, QT=config.query_rows, KT=bs.KEY_ROWS,
                           HAS_LENS=True, HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, HAS_Q_ROWS=s == 1,
                           sqd=1, skd=1)
             if not loop:
                 consts["tiles_per_program"] = 1
-            pointers = {"q_ptr": "*" + dtype, "q_rows_ptr": "*i64", "k_ptr": "*" + dtype, "lens_ptr": "*i32", "trust_ptr": "*i8",
-                        "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
+            # S == 1 reads its key tiles through a tensor descriptor, strided rows through a pointer.
+            keys = f"tensordesc<{dtype}[1,1,{bs.KEY_ROWS},128]>" if s == 1 else "*" + dtype
+            pointers = {"q_ptr": "*" + dtype, "q_rows_ptr": "*i64", "k_src": keys, "lens_ptr": "*i32",
+                        "trust_ptr": "*i8", "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
             shared, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
-                                    num_warps=bs.PARTIAL_NUM_WARPS, num_stages=bs.PARTIAL_NUM_STAGES)
-            rows.append(["partial_mass", dtype, s, rk, loop, shared])
+                                       num_warps=config.num_warps, num_stages=config.num_stages)
+            rows.append(["partial_mass", dtype, s, rk, long_keys, loop, shared])
     nkp, sr, warps = bs._select_geometry(bs.MAX_KEY_BLOCKS)
     pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
     for rq in (1, 2, 16):
@@ -116,7 +119,7 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 10 + 3 + 2 * len(TILE_CONFIGS) + 5
+    assert len(rows) == 20 + 3 + 2 * len(TILE_CONFIGS) + 5
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]

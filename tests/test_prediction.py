@@ -66,7 +66,8 @@ def _features(method, q, k, lens):
 @pytest.mark.parametrize(
     "shape,dtype,lens,trust",
     [((1, 2, 300, 32), torch.float32, None, False), ((2, 2, 520, 64), torch.bfloat16, [520, 300], True),
-     ((1, 1, 130, 16), torch.float16, None, True)],
+     ((1, 1, 130, 16), torch.float16, None, True),
+     ((1, 1, 200, 20), torch.bfloat16, None, False)],  # rows of 40 bytes: copied for TMA, head dim padded
 )
 def test_block_select_matches_reference(method, shape, dtype, lens, trust):
     b, h, n, d = shape
@@ -96,11 +97,25 @@ def test_block_select_chunks_and_tile_groups_agree(monkeypatch, method):
     monkeypatch.setattr(block_select_module, "PARTIAL_ELEMENTS", 1)  # one query block a chunk
     monkeypatch.setattr(block_select_module, "KEY_ROWS", 64 if method == "sampled" else 16)
     monkeypatch.setattr(block_select_module, "TARGET_PROGRAMS", 1)  # as many key tiles a program as allowed
-    monkeypatch.setattr(block_select_module, "MAX_TILES_PER_PROGRAM", 3)  # not dividing the tile count
+    configs = {key: config._replace(max_tiles=3) for key, config in block_select_module.PARTIAL_CONFIGS.items()}
+    monkeypatch.setattr(block_select_module, "PARTIAL_CONFIGS", configs)  # 3 tiles: not dividing the tile count
     parts = block_select(qf, kf, thr, **kw)
     torch.testing.assert_close(parts[1], whole[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(parts[1], block_mass_reference(qf, kf, **kw), atol=1e-5, rtol=1e-4)
     assert (parts[0] != whole[0]).float().mean() <= 0.01
+
+
+def test_long_sequence_config_matches_reference(monkeypatch):
+    # Sequences of at least LONG_KEYS keys take another tile config (more query rows a program).
+    q, k = _strided(torch.randn(1, 2, 700, 32).bfloat16() * 2), torch.randn(1, 2, 700, 32).bfloat16() * 2
+    qf, kf, geometry = _features("sampled", q, k, None)
+    kw = dict(n_tokens=700, block_m=128, block_n=64, scale=32**-0.5, **geometry)
+    thr = torch.tensor([0.9, 0.7])
+    monkeypatch.setattr(block_select_module, "LONG_KEYS", 700)
+    mask, mass = block_select(qf, kf, thr, **kw)
+    ref_mask, ref_mass = block_select_reference(qf, kf, thr, **kw)
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
+    assert (mask != ref_mask).float().mean() <= 0.01
 
 
 def test_select_top_cdf_matches_reference():

@@ -5,9 +5,10 @@ block. It runs in two launches so that the work spreads over the whole GPU (a sh
 few query rows, a long one many keys):
 
 1. `_partial_mass_kernel`, one program per (query-row group, key-tile group, batch*head): for each
-   of its key tiles, the scores of its query rows, their maximum over the tile, and
-   exp(score - tile maximum) summed per key block. No state crosses tiles, so one pass over the
-   keys suffices and every tile is a separate unit of parallel work.
+   of its key tiles (read by TMA, but for the anti-diagonal method's strided rows), the scores of
+   its query rows, their maximum over the tile, and exp(score - tile maximum) summed per key block.
+   No state crosses tiles, so one pass over the keys suffices and every tile is a separate unit of
+   parallel work.
 2. `_combine_select_kernel`, one program per SR query blocks of one (batch, head): rescales each
    row's tile sums to the row's global maximum, normalises them, averages a query block's rows
    (weighted by their valid query tokens), writes the block masses and, optionally, keeps the
@@ -21,28 +22,40 @@ PARTIAL_ELEMENTS; longer problems are processed in chunks of query blocks.
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels import padded_head_dim, valid_length
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
-# Tile configs. Phase 1: query feature rows per program (>= 16 for tl.dot) by the features' element
-# size, key feature rows per tile, and at most this many tiles per program (fewer when that leaves
-# the GPU underfilled). Each program reads every key of its tiles, so more query rows per program
-# read the keys fewer times: with 16-bit features 128 rows beat 64 (H200, 2026-12-01, GPU time of a
-# prediction, scripts/tune_block_select.py: Wan 0.257 vs 0.325 ms, HunyuanVideo 5.84 vs 7.68 ms;
-# CogVideoX 0.382 vs 0.373 and FLUX 0.058 vs 0.055, whose row counts leave the last program of 128
-# part empty). fp32 features (pooled queries) keep 64: 128 fp32 rows held in registers would spill.
+# Tile configs. Phase 1: key feature rows per tile; per features' element size, and for fewer or at
+# least LONG_KEYS key feature rows, the query feature rows per program (>= 16 for tl.dot), warps,
+# pipeline stages and key tiles per program. The key tiles arrive by TMA (a tensor descriptor),
+# which leaves the warps' issue slots to the scores. GPU time of the CUDA-graphed sampled prediction
+# with its lookup table, sim 0 (H200, 2026-12-03/04,
+# bench-results/h200-2026-12-04/tune-partial-mass-*-session16.log), FLUX / CogVideoX / Wan /
+# HunyuanVideo: 64 query rows, 4 warps, 3 stages, 8 tiles 43.1 / 212.4 / 187.0 / 4,635 us; 128 rows,
+# 8 warps, 2 stages, 8 tiles 46.4 / 270.1 / 193.3 / 4,367 us; the previous kernel (128 rows, 4
+# warps, 2 stages, pointer loads, a log per key column) 50.6 / 363.3 / 248.2 / 5,744 us. At the
+# declared configs, with the per-column key weights applied in edge tiles only: 42.6 / 198.9 / 178.2
+# / 4,153 us, against 42.4 / 212.4 / 188.7 / 4,366 us in the same run without that
+# (tune-partial-mass-edge-session16.log). A program reads every key of its tiles once, so 128 rows a
+# program read a long sequence's keys half as often: the two configs were within 0.4% of each other
+# at 67,576 and 75,600 keys, 3% apart at 47,056 (64 rows ahead) and at 119,056 (128 rows ahead),
+# where 16 tiles a program beat 8 by 1.2% (4,471 vs 4,525 us;
+# tune-partial-mass-lengths-session16.log). fp32 features (pooled queries) keep 64 rows and 2
+# stages: 128 fp32 rows held in registers would spill, and 3 stages of fp32 key tiles overflow
+# shared memory.
 # A tile's key-block sums stay a reshape and sum: as a tensor-core product of p with a 0/1
 # key-to-block matrix (16 columns) they made the kernel 1.9x slower at CogVideoX's shape (26.0 vs
 # 13.9 ms over a compiled step's 42 calls), and the runs that predicted at D=128 with it stopped
-# on an illegal memory access (H200, Triton 3.6, 2026-12-02). The exponentials in fp16, two per SFU
-# instruction (ex2.approx.f16x2 by inline assembly), were no faster: 0.97-1.0x at all four shapes
-# with either sampled method (H200, 2026-12-02, tune-block-select-session8.log, the ",True" rows):
-# the kernel is not bound by its exponentials.
+# on an illegal memory access (H200, Triton 3.6, 2026-12-02).
 # One launch for a short sequence's whole sampled prediction (these two kernels, q's self-similarity
 # and the lookup table; each (row group, head)'s last program to finish, counted on an atomic,
 # combining and selecting) lost at FLUX's shape (H200, 2026-12-03, GPU time of the CUDA-graphed
@@ -51,14 +64,24 @@ from sparsediff.kernels.block_select_reference import block_select_reference, to
 # launches' 51.8 / 70.0 us (tune-fused-predict-*-session12.log). The combination's registers
 # (176-255 a thread by ptxas) became the whole kernel's, and a group's last program ran it after
 # the group's scoring; 16-row groups each read all of a head's keys.
-QUERY_ROWS = {2: 128, 4: 64}
+
+
+class PartialMassConfig(NamedTuple):
+    query_rows: int
+    num_warps: int
+    num_stages: int
+    max_tiles: int  # key tiles a program walks at most: fewer when that leaves the GPU underfilled
+
+
+PARTIAL_CONFIGS: dict[tuple[int, bool], PartialMassConfig] = {  # (element size, at least LONG_KEYS keys)
+    (2, False): PartialMassConfig(64, 4, 3, 8),
+    (2, True): PartialMassConfig(128, 8, 2, 16),
+    (4, False): PartialMassConfig(64, 4, 2, 8),
+    (4, True): PartialMassConfig(64, 4, 2, 8),
+}
+LONG_KEYS = 65536
 KEY_ROWS = 128
-MAX_TILES_PER_PROGRAM = 8
 TARGET_PROGRAMS = 2048  # enough programs to fill 132 SMs many times over, tails included
-PARTIAL_NUM_WARPS = 4
-# Two stages: at three, fp32 features (pooled, or fp32 q/k) with several tiles per program ask
-# for 256 KiB of shared memory on sm90 (the H100/H200 have 227 KiB); at two, 192 KiB at most.
-PARTIAL_NUM_STAGES = 2
 # Phase 2: one row of masses a program on a GPU, held in registers; the widest key-block row the
 # in-register bisection handles, and one warp per SELECT_ELEMENTS_PER_WARP masses of the padded row.
 # One row and one warp a program took the combine-and-select kernel from 31.3 to 17.7 us at Wan's
@@ -74,16 +97,22 @@ SELECT_ELEMENTS_PER_WARP = 2048
 SELECT_NUM_WARPS = MAX_KEY_BLOCKS // SELECT_ELEMENTS_PER_WARP  # the widest row's
 INTERPRETED_SELECT_ELEMENTS = 4096
 PARTIAL_ELEMENTS = 2**27  # fp32 scratch of the per-tile sums: 512 MiB at most
+LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
-def _key_logw(b_idx, kv_len, k_tokens, trust_ptr, RK: tl.constexpr, HAS_TRUST: tl.constexpr):
-    # log(#valid keys the feature row covers); -inf for none or for an untrusted key block.
-    cnt = tl.minimum(tl.maximum(kv_len - b_idx * k_tokens, 0), k_tokens).to(tl.float32)
+def _key_weights(b_idx, kv_len, trust_ptr, K_TOKENS: tl.constexpr, RK: tl.constexpr, HAS_TRUST: tl.constexpr):
+    # (bias, weight) of each key feature row: bias 0, or -inf for a row of no valid key or of an
+    # untrusted key block (kept out of the tile maximum), and weight the number of valid keys the row
+    # covers. The weight multiplies the exponential instead of entering it as log(weight): a
+    # per-column log (libdevice's logf, about ten instructions) in every tile cost more than the
+    # tile's exponentials.
+    cnt = tl.minimum(tl.maximum(kv_len - b_idx * K_TOKENS, 0), K_TOKENS)
     ok = cnt > 0
     if HAS_TRUST:
         ok = ok & (tl.load(trust_ptr + b_idx // RK) != 0)
-    return tl.where(ok, tl.log(tl.maximum(cnt, 1.0)), float("-inf"))
+    return tl.where(ok, 0.0, float("-inf")), cnt.to(tl.float32)
 
 
 @triton.jit
@@ -95,11 +124,11 @@ def _dot_rows(qt, kt, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _partial_mass_kernel(
-    q_ptr, q_rows_ptr, k_ptr, lens_ptr, trust_ptr, part_ptr, tmax_ptr,
+    q_ptr, q_rows_ptr, k_src, lens_ptr, trust_ptr, part_ptr, tmax_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, k_tokens, scale,
-    D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RK: tl.constexpr, QT: tl.constexpr,
-    KT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr,
+    H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, scale,
+    D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RK: tl.constexpr, K_TOKENS: tl.constexpr,
+    QT: tl.constexpr, KT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr,
     HAS_Q_ROWS: tl.constexpr,
 ):
     # Program ids: query-row group fastest, so programs running together share their key tiles in L2.
@@ -108,12 +137,12 @@ def _partial_mass_kernel(
     h = bh % H
     KB: tl.constexpr = KT // RK
     q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh  # int64: B*H*N*D may pass 2**31
-    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     kv_len = valid_length(lens_ptr, b, N, HAS_LENS)
     local = tl.program_id(0) * QT + tl.arange(0, QT)  # rows of this chunk
     a_idx = row0 + local  # feature rows
     row_ok = local < n_rows
     cols = tl.arange(0, DP)
+    # k_src: for S == 1 a tensor descriptor of kf, (1, 1, KT, DP) blocks; else a pointer to kf.
     if S == 1:  # plain dot products: the query rows stay in registers for every tile
         q_row = a_idx
         if HAS_Q_ROWS:  # feature rows picked out of q (sampled queries), read in place
@@ -126,13 +155,13 @@ def _partial_mass_kernel(
         tile = tl.program_id(1) * tiles_per_program + t
         b_idx = tile * KT + tl.arange(0, KT)
         if S == 1:
-            kt = tl.load(k_base + b_idx[:, None] * skn + cols[None, :] * skd,
-                         mask=(b_idx[:, None] < nk_src) & (cols[None, :] < D), other=0.0)
+            kt = k_src.load([b, h, tile * KT, 0]).reshape(KT, DP)  # rows past the end read as 0
             s = _dot_rows(qt, kt, DOT_FP32)
         else:
             # Anti-diagonal sums (XAttention): sum_s q[a*S + S-1-s] . k[b*S + s]. A loop, not
             # unrolled: unrolled, the S tile pairs' loads all stay in flight and overflow shared memory.
             s = tl.zeros((QT, KT), dtype=tl.float32)
+            k_base = k_src + b.to(tl.int64) * skb + h.to(tl.int64) * skh
             for j in range(S):
                 qr = a_idx * S + (S - 1 - j)
                 kr = b_idx * S + j
@@ -141,14 +170,24 @@ def _partial_mass_kernel(
                 kj = tl.load(k_base + kr[:, None] * skn + cols[None, :] * skd,
                              mask=(kr[:, None] < nk_src) & (cols[None, :] < D), other=0.0)
                 s += _dot_rows(qj, kj, DOT_FP32)
-        s = s * scale + _key_logw(b_idx, kv_len, k_tokens, trust_ptr + bh * nk, RK, HAS_TRUST)[None, :]
+        # Per-column weights for pooled rows (their valid keys), untrusted key blocks and keys past
+        # the valid length; a tile of one-key rows wholly within the valid keys skips them.
+        if K_TOKENS > 1 or HAS_TRUST or (tile + 1) * KT > kv_len:
+            bias, weight = _key_weights(b_idx, kv_len, trust_ptr + bh * nk, K_TOKENS, RK, HAS_TRUST)
+            s = s + bias[None, :]
         m = tl.maximum(tl.max(s, axis=1), -1.0e30)  # finite: a tile of no valid key sums to 0
-        p = tl.exp(s - m[:, None])
+        # The maximum of the unscaled scores (scale > 0), and one FMA and one MUFU.EX2 (flush-to-
+        # zero) an element: scale carries log2(e), where exp would add a multiply and denormal
+        # handling to every element.
+        m = m * scale
+        p = tl.math.exp2(s * scale - m[:, None])
+        if K_TOKENS > 1:
+            p = p * weight[None, :]
         blk = tl.sum(tl.reshape(p, (QT, KB, RK)), axis=2)
         kblk = tile * KB + tl.arange(0, KB)
         # A tile past the last (the last program's spare iterations) has kblk >= nk: nothing stored.
         tl.store(part_base + kblk[None, :], blk, mask=row_ok[:, None] & (kblk[None, :] < nk))
-        tl.store(tmax_base + tile, m, mask=row_ok & (tile + 0 * local < n_tiles))
+        tl.store(tmax_base + tile, m * LN2, mask=row_ok & (tile + 0 * local < n_tiles))  # natural log units
 
 
 @triton.jit
@@ -219,6 +258,18 @@ def _select_geometry(nk: int) -> tuple[int, int, int]:
     return nkp, rows, max(1, min(SELECT_NUM_WARPS, nkp // SELECT_ELEMENTS_PER_WARP))
 
 
+def _key_tiles(kf: torch.Tensor, dp: int) -> TensorDescriptor:
+    """A tensor descriptor of kf's (1, 1, KEY_ROWS, dp) tiles. TMA wants a 16-byte aligned base and
+    strides and a contiguous last dimension: kf in another layout is copied once, its head dim
+    zero-padded to a multiple of 16 bytes."""
+    align = 16 // kf.element_size()
+    if kf.stride(-1) != 1 or kf.data_ptr() % 16 or any(st % align for st in kf.stride()[:-1]):
+        padded = kf.new_zeros(*kf.shape[:-1], kf.shape[-1] + (-kf.shape[-1] % align))
+        padded[..., :kf.shape[-1]] = kf
+        kf = padded
+    return TensorDescriptor(kf, list(kf.shape), list(kf.stride()), [1, 1, KEY_ROWS, dp])
+
+
 def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Tensor:
     """`top_cdf` of contiguous fp32 (B, H, nq, nk) masses for an fp32 (H,) threshold: bool mask.
 
@@ -261,10 +312,10 @@ def block_select(
     b, h = qf.shape[:2]
     nq, nk = -(-n_tokens // block_m), -(-n_tokens // block_n)
     rq, rk = block_m // q_tokens, block_n // k_tokens
-    query_rows = QUERY_ROWS[qf.element_size()]
+    config = PARTIAL_CONFIGS[qf.element_size(), kf.shape[-2] >= LONG_KEYS]
     if qf.dim() != 4 or kf.dim() != 4 or kf.shape[:2] != (b, h) or qf.shape[-1] != kf.shape[-1]:
         raise ValueError(f"qf and kf must be (B, H, M, D) alike, got {tuple(qf.shape)}, {tuple(kf.shape)}")
-    if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > query_rows:
+    if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > config.query_rows:
         raise ValueError(f"q_tokens={q_tokens}, k_tokens={k_tokens} must divide the blocks {block_m}x{block_n}")
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
               block_n=block_n, scale=scale, kv_lens=kv_lens, k_trusted=k_trusted)
@@ -283,20 +334,22 @@ def block_select(
     part = torch.empty(b * h * chunk_qb * rq * nk, device=device, dtype=torch.float32)
     tmax = torch.empty(b * h * chunk_qb * rq * n_tiles, device=device, dtype=torch.float32)
     interp = triton_interpreting()
+    dp = padded_head_dim(qf.shape[-1])
+    keys = _key_tiles(kf, dp) if stride == 1 else kf
     n_feature_rows = q_rows.numel() if q_rows is not None else qf.shape[-2]
     for qb0 in range(0, nq, chunk_qb):
         n_qb = min(chunk_qb, nq - qb0)
-        row_groups = triton.cdiv(n_qb * rq, query_rows)
-        per_program = max(1, min(MAX_TILES_PER_PROGRAM, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
+        row_groups = triton.cdiv(n_qb * rq, config.query_rows)
+        per_program = max(1, min(config.max_tiles, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
         _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
-            qf, q_rows if q_rows is not None else thr, kf, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
-            h, n_tokens, qb0 * rq, n_qb * rq, n_feature_rows, kf.shape[-2], nk, n_tiles, per_program, k_tokens,
-            scale / stride,
-            D=qf.shape[-1], DP=padded_head_dim(qf.shape[-1]), S=stride, RK=rk, QT=query_rows,
+            qf, q_rows if q_rows is not None else thr, keys, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
+            h, n_tokens, qb0 * rq, n_qb * rq, n_feature_rows, kf.shape[-2], nk, n_tiles, per_program,
+            scale / stride * LOG2E,
+            D=qf.shape[-1], DP=dp, S=stride, RK=rk, K_TOKENS=k_tokens, QT=config.query_rows,
             KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
-            HAS_Q_ROWS=q_rows is not None, num_warps=PARTIAL_NUM_WARPS, num_stages=PARTIAL_NUM_STAGES,
+            HAS_Q_ROWS=q_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages,
         )
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
