@@ -24,7 +24,8 @@ from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.kernels import block_select
 
 # (query rows per program, warps, target programs, key rows per tile, pipeline stages) for 16-bit
-# features, short and long sequences alike; the first is the declared config for short sequences.
+# features, short and long sequences alike, at most 8 key tiles a program; the first is the declared
+# config for short sequences.
 CANDIDATES = ((64, 4, 2048, 128, 3), (128, 8, 2048, 128, 2), (128, 4, 2048, 128, 2), (64, 4, 2048, 128, 4),
               (128, 8, 2048, 128, 3), (128, 8, 2048, 64, 3), (64, 4, 2048, 64, 3), (64, 8, 2048, 128, 3),
               (128, 4, 2048, 64, 2), (256, 8, 2048, 64, 3))

@@ -118,6 +118,13 @@ def test_long_sequence_config_matches_reference(monkeypatch):
     assert (mask != ref_mask).float().mean() <= 0.01
 
 
+def test_block_select_rejects_non_positive_scale():
+    q, k = torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
+    qf, kf, geometry = _features("sampled", q, k, None)
+    with pytest.raises(ValueError, match="scale"):
+        block_select(qf, kf, torch.tensor([0.9]), n_tokens=64, block_m=128, block_n=64, scale=-1.0, **geometry)
+
+
 def test_select_top_cdf_matches_reference():
     mass = torch.rand(2, 3, 5, 70) ** 4
     thr = torch.tensor([0.5, 0.95, 1.0])

@@ -306,6 +306,8 @@ def block_select(
     (cdf_threshold: fp32 (H,)); q_rows: int64 (M,) indices of qf's rows that are the query
     feature rows (stride 1 only), read in place instead of gathered first. Runs the Triton
     kernels where kernels are available."""
+    if not scale > 0:  # the kernel takes each tile's maximum before scaling
+        raise ValueError(f"scale must be positive, got {scale}")
     if q_rows is not None and (stride != 1 or q_rows.dim() != 1 or q_rows.dtype != torch.int64):
         raise ValueError(f"q_rows must be int64 (M,) and stride 1, got {q_rows.dtype} "
                          f"{tuple(q_rows.shape)}, stride {stride}")
