@@ -314,9 +314,9 @@ def block_select(
     b, h = qf.shape[:2]
     nq, nk = -(-n_tokens // block_m), -(-n_tokens // block_n)
     rq, rk = block_m // q_tokens, block_n // k_tokens
-    config = PARTIAL_CONFIGS[qf.element_size(), kf.shape[-2] >= LONG_KEYS]
     if qf.dim() != 4 or kf.dim() != 4 or kf.shape[:2] != (b, h) or qf.shape[-1] != kf.shape[-1]:
         raise ValueError(f"qf and kf must be (B, H, M, D) alike, got {tuple(qf.shape)}, {tuple(kf.shape)}")
+    config = PARTIAL_CONFIGS[qf.element_size(), kf.shape[-2] >= LONG_KEYS]
     if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > config.query_rows:
         raise ValueError(f"q_tokens={q_tokens}, k_tokens={k_tokens} must divide the blocks {block_m}x{block_n}")
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
