@@ -213,6 +213,18 @@ def test_lut_builder_matches_reference(KB, n_keys):
         _assert_lut_is(build_block_lut(mask, n_keys, lens), mask, n_keys, lens)
 
 
+def test_lut_builder_gpu_geometry(monkeypatch):
+    # A GPU's LUT kernel takes one row a program with warps by row width; the interpreter's takes
+    # many rows a program: the same table comes out.
+    from sparsediff.kernels import block_sparse_attn
+
+    monkeypatch.setattr(block_sparse_attn, "triton_interpreting", lambda: False)
+    assert [block_sparse_attn._lut_geometry(kb) for kb in (16, 128, 512, 2048, 8192)] == [(1, 1), (1, 1), (1, 2), (1, 8), (1, 8)]
+    mask = torch.rand(2, 3, 4, 72) < 0.3
+    kv_lens = torch.tensor([4538, 2304], dtype=torch.int32)
+    _assert_lut_is(build_block_lut(mask, 4608, kv_lens), mask, 4608, kv_lens)
+
+
 def test_lut_builder_strided_mask():
     # stride-0 batch and head dims, stride-2 key-block dim
     mask = (torch.rand(1, 1, 3, 18) < 0.5).expand(2, 4, 3, 18)[..., ::2]

@@ -125,9 +125,15 @@ def test_block_select_rejects_non_positive_scale():
         block_select(qf, kf, torch.tensor([0.9]), n_tokens=64, block_m=128, block_n=64, scale=-1.0, **geometry)
 
 
-def test_select_top_cdf_matches_reference():
+@pytest.mark.parametrize("thr", [[0.5, 0.95, 1.0], [0.0, 0.999, 0.3]])
+def test_select_top_cdf_matches_reference(thr):
+    # The bisection starts from a cutoff bound by the threshold: thresholds at both ends, a row of
+    # zeros, a row of ties and rows spanning many binades give the sort-based reference's blocks.
     mass = torch.rand(2, 3, 5, 70) ** 4
-    thr = torch.tensor([0.5, 0.95, 1.0])
+    mass[0, 0, 0] = 0.0
+    mass[0, 1, 1] = 0.25
+    mass[1, :, 2] = torch.logspace(-30, 0, 70)
+    thr = torch.tensor(thr)
     assert torch.equal(select_top_cdf(mass, thr), top_cdf(mass, thr))
 
 

@@ -221,6 +221,26 @@ def _build_lut_kernel(
     tl.store(counts_ptr + rows, tl.sum(keep_i, axis=1), mask=row_ok)
 
 
+# The LUT kernel's geometry: one row (b, h, query block) a program and one warp per
+# LUT_ELEMENTS_PER_WARP key blocks of the padded row (1 to 8 warps). The GPU time of the kernel
+# alone, CUDA-graphed, on predicted masks (H200, 2026-12-04, bench-results/h200-2026-12-04/
+# tune-lut-session17.log): FLUX 5.8 us (128-wide rows), CogVideoX 14.6 (512), Wan 9.6 (512),
+# HunyuanVideo 156 (2048), against 12.2 / 24.5 / 12.3 / 187 us for the earlier 4,096 mask entries
+# and 4 warps a program; more rows a program were no faster (best at Wan: 2 rows, 2 warps, 9.5 us).
+# The interpreter runs programs one after another at a fixed cost each: there a program keeps 4,096
+# entries.
+LUT_ELEMENTS_PER_WARP = 256
+LUT_MAX_WARPS = 8
+INTERPRETED_LUT_ELEMENTS = 4096
+
+
+def _lut_geometry(kb_p2: int) -> tuple[int, int]:
+    """(rows a program, warps) of the LUT kernel for rows of kb_p2 (a power of 2) key blocks."""
+    if triton_interpreting():
+        return max(1, min(64, INTERPRETED_LUT_ELEMENTS // kb_p2)), 4
+    return 1, max(1, min(LUT_MAX_WARPS, kb_p2 // LUT_ELEMENTS_PER_WARP))
+
+
 def _lut_index_dtype(n_key_blocks: int) -> torch.dtype:
     # int16 halves the LUT's footprint (hunyuan-720p: 83 MB instead of 166 MB at keep 1).
     return torch.int16 if n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
@@ -280,7 +300,7 @@ def build_block_lut(
     indices = torch.empty((B, H, QB, KB), dtype=_lut_index_dtype(KB), device=device)
     n_rows = B * H * QB
     kb_p2 = triton.next_power_of_2(KB)
-    rows = max(1, min(64, 4096 // kb_p2))
+    rows, warps = _lut_geometry(kb_p2)
     mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
     _build_lut_kernel[(triton.cdiv(n_rows, rows),)](
         mask_bytes, *mask_bytes.stride(),
@@ -291,7 +311,7 @@ def build_block_lut(
         n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
         BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=kv_lens is not None,
         HAS_DENSE_ROWS=dense_rows is not None, HAS_DENSE_COLS=dense_cols is not None,
-        WRITE_MASK=out_mask is not None, num_warps=4,
+        WRITE_MASK=out_mask is not None, num_warps=warps,
     )
     return BlockLut(counts, indices, heavy_rows_first(counts, KB, WORK_LEVELS))
 
