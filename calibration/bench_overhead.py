@@ -142,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import triton
 
-    from sparsediff.io import atomic_write_json
+    from sparsediff.io import atomic_write_json, writable_dir
 
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (a full-size transformer in bf16)")
+    try:
+        writable_dir(args.out)
+    except ValueError as e:
+        parser.error(str(e))
     result = bench(args.family, args.steps, args.frames)
     result.update(device=torch.cuda.get_device_name(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   versions={"torch": torch.__version__, "triton": triton.__version__,
                             "diffusers": diffusers.__version__, "python": platform.python_version()})
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"calibration-overhead-{args.family}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(path, result)
     print(json.dumps({k: result[k] for k in ("family", "steps", "dense_s", "calibrating_s", "time_ratio",

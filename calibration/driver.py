@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparsediff.calibration.measure import Candidate, default_lead_steps, measured_steps, step_weights
+from sparsediff.io import writable_dir
 from sparsediff.pipelines.prompts import PromptSpec, load_prompts, slugify
 from sparsediff.pipelines.recipes import PROFILE_FAMILY, Recipe, get_recipe
 
@@ -142,11 +142,9 @@ def _check_writable(out: Path) -> None:
     if out.suffix != ".json":
         raise CalibrationError(f"--out: a profile is JSON; the name must end in .json, got {out.name!r}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        raise CalibrationError(f"--out: cannot write to {out.parent} ({e.strerror or e})") from None
+        writable_dir(out.parent)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
 
 
 def _parse_grid(text: str, name: str) -> tuple[float, ...]:

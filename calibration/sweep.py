@@ -86,14 +86,12 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparsediff.calibration.driver import calibrate, make_plan, sidecar_paths
-    from sparsediff.io import atomic_write_json
+    from sparsediff.io import atomic_write_json, writable_dir
 
     try:
         budgets = _budgets(args.budgets)
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out must be a folder, got the file {args.out}")
-        args.out.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as e:
+        writable_dir(args.out)
+    except ValueError as e:
         print(f"sparsediff calibrate-sweep: error: {e}", file=sys.stderr)
         return 2
     work = args.out / "calibration.json"  # one statistics state, re-selected per budget

@@ -120,11 +120,11 @@ READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
 def load_prompts(path: str | Path) -> list[PromptSpec]:
     """Read a prompt file; raise `PromptFileError` if it is missing, empty or malformed."""
     path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}; use one of {', '.join(READERS)}")
-    if not path.is_file():
-        raise PromptFileError(f"{path}: prompt file not found")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

@@ -35,7 +35,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -213,17 +212,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise RenderError(f"--out: {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        raise RenderError(f"--out: cannot write to {out} ({e.strerror or e})") from None
-
-
 def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
     """Read a profile and refuse it when it names another family or model (full check after load)."""
     from sparsediff.profile import SparsityProfile
@@ -246,6 +234,9 @@ def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate every input and resolve every setting; raise RenderError/PromptFileError on bad input."""
+    from sparsediff.io import writable_dir
+    from sparsediff.profile import check_overrides
+
     if args.num_processes < 1:
         raise RenderError(f"--num-processes: must be >= 1, got {args.num_processes}")
     if args.context_parallel < 1:
@@ -264,6 +255,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise RenderError(f"--{name}: must be >= 1, got {value}")
     if args.seed < 0:
         raise RenderError(f"--seed: must be >= 0, got {args.seed}")
+    for flag, override in (("--cdf-threshold", dict(cdf_threshold=args.cdf_threshold)),
+                           ("--sim-threshold", dict(sim_threshold=args.sim_threshold)),
+                           ("--dense-steps", dict(dense_steps=args.dense_steps))):
+        try:
+            check_overrides(**override)
+        except ValueError as e:
+            raise RenderError(f"{flag}: {e}") from None
     try:
         recipe = get_recipe(args.model or default_recipe_name())
     except ValueError as e:
@@ -281,7 +279,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise RenderError(f"--{e}") from None
     specs = load_prompts(args.prompts)
     items = [_item(i, spec, args, recipe) for i, spec in enumerate(specs)]
-    _check_out_dir(args.out)
+    try:
+        writable_dir(args.out)
+    except ValueError as e:
+        raise RenderError(str(e)) from None
 
     mode = "dense" if args.dense else "sparse"
     profile_path, profile_source, profile = None, None, None

@@ -56,6 +56,22 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output folder `path` if needed and check that a file can be written in it; raise
+    ValueError naming `flag` otherwise. Commands call it before their work, so that a bad folder is
+    refused at once and not after a long run."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag}: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write to {out} ({e.strerror or e})") from None
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (fsynced before the rename)."""
     with atomic_output(path) as tmp:

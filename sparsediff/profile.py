@@ -36,6 +36,29 @@ def _check_range(name: str, values: list[float], low: float, high: float, low_op
             raise ValueError(f"{name} values must be numbers in {bound}, got {v!r}")
 
 
+def _check_dense_steps(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"dense_steps must be a non-negative int, got {value!r}")
+
+
+def check_overrides(
+    *,
+    cdf_threshold: float | None = None,
+    sim_threshold: float | None = None,
+    pv_threshold: float | None = None,
+    dense_steps: int | None = None,
+) -> None:
+    """Raise ValueError naming the first given value that no profile may hold (the ranges
+    `SparsityProfile.validate` checks): callers that override a profile check their values before
+    loading a model."""
+    for name, value, low_open in (("cdf_threshold", cdf_threshold, True), ("sim_threshold", sim_threshold, False),
+                                  ("pv_threshold", pv_threshold, False)):
+        if value is not None:
+            _check_range(name, [value], 0.0, 1.0, low_open=low_open)
+    if dense_steps is not None:
+        _check_dense_steps(dense_steps)
+
+
 @dataclass
 class LayerProfile:
     """Thresholds of one attention layer: lists of one value per head."""
@@ -107,8 +130,7 @@ class SparsityProfile:
             if not isinstance(layer, LayerProfile):
                 raise ValueError(f"layers[{name!r}] must be a LayerProfile")
             layer.validate(name)
-        if not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 0:
-            raise ValueError(f"dense_steps must be a non-negative int, got {self.dense_steps!r}")
+        _check_dense_steps(self.dense_steps)
         if self.token_order not in TOKEN_ORDERS:
             raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
         if self.tile is not None and (
@@ -170,6 +192,8 @@ class SparsityProfile:
         method: str | None = None,
     ) -> SparsityProfile:
         """A copy where every given (non-None) value replaces the profile's, on every head of every layer."""
+        check_overrides(cdf_threshold=cdf_threshold, sim_threshold=sim_threshold, pv_threshold=pv_threshold,
+                        dense_steps=dense_steps)
         layers = {}
         for name, layer in self.layers.items():
             layers[name] = replace(

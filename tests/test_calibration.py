@@ -74,7 +74,8 @@ def test_bad_files_fail_before_loading(tmp_path, monkeypatch, capsys):
         (["--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "p.json")], "prompt file not found"),
         (["--prompts", str(empty), "--out", str(tmp_path / "p.json")], "no prompts in the file"),
         (["--prompts", str(sized), "--out", str(tmp_path / "p.json")], "sets height"),
-        (["--prompts", str(good), "--out", str(blocker / "p.json")], "--out: cannot write"),
+        (["--prompts", str(good), "--out", str(blocker / "p.json")], f"--out: {blocker} exists and is not a directory"),
+        (["--prompts", str(good), "--out", str(blocker / "sub" / "p.json")], f"--out: cannot write to {blocker / 'sub'}"),
         (["--prompts", str(good), "--out", str(tmp_path)], "is a directory"),
         (["--prompts", str(good), "--out", str(tmp_path / "p.txt")], "must end in .json"),
     ]

@@ -56,6 +56,13 @@ def test_overrides_replace_every_head():
     assert all(layer.cdf_threshold == [0.5, 0.5] for layer in profile.layers.values())
     assert profile.layers["transformer.blocks.0.attn1.processor"].sim_threshold == [0.1, 0.2]
     assert (profile.dense_steps, profile.token_order) == (0, "tiles")
+    # An override out of range is named as given, not as the first layer's list of heads.
+    for override, match in ((dict(cdf_threshold=1.5), r"^cdf_threshold values must be numbers in \(0.0, 1.0\], got 1.5"),
+                            (dict(sim_threshold=-1.0), r"^sim_threshold values"),
+                            (dict(pv_threshold=2.0), r"^pv_threshold values"),
+                            (dict(dense_steps=-2), r"^dense_steps must be a non-negative int, got -2")):
+        with pytest.raises(ValueError, match=match):
+            _profile().with_overrides(**override)
 
 
 def test_profile_that_does_not_fit_is_refused_with_what_differs():

@@ -224,12 +224,24 @@ def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None
     (["bench", "e2e", "--steps", "2", "--modes", "jit"], "--modes"),
     (["bench", "e2e", "--steps", "2", "--settings", "A,C"], "--settings"),
     (["bench", "kernel", "--keeps", "0,0.5"], "--keeps"),
+    (["bench", "kernel", "--shapes", "wan,sd3"], "--shapes must be a comma list of flux, cogvideox, wan, hunyuan, small,"),
+    (["bench", "kernel", "--masks", "banded"], "--masks must be a comma list of random, local,"),
     (["bench", "predict", "--budget", "1.5"], "--budget"),
 ])
 def test_cli_names_a_bad_argument_instead_of_a_traceback(argv, name, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparsediff: error:") and name in err and "Traceback" not in err
+
+
+def test_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    for argv in (["bench", "predict"], ["bench", "kernel"], ["calibrate-sweep", "--model", "toy-shapes"]):
+        assert main([*argv, "--out", str(not_dir)]) == 2
+        assert f"error: --out: {not_dir} exists and is not a directory" in capsys.readouterr().err
+    assert main(["bench", "kernel", "--out", str(not_dir / "sub")]) == 2
+    assert f"--out: cannot write to {not_dir / 'sub'}" in capsys.readouterr().err
 
 
 def test_bench_e2e_times_the_chosen_modes_and_settings():

@@ -254,6 +254,7 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     base = ["render", "--prompts", str(prompts)]
     out = ["--out", str(tmp_path / "o")]
     assert "prompt file not found" in _error(capsys, ["render", "--prompts", str(tmp_path / "nope.txt"), *out])
+    assert "nope: prompt file not found" in _error(capsys, ["render", "--prompts", str(tmp_path / "nope"), *out])
     err = _error(capsys, [*base, *out, "--model", "no-such-model"])
     assert "unknown recipe 'no-such-model'" in err and "tiny-wan" in err
     not_dir = tmp_path / "file"
@@ -269,6 +270,13 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     assert "--fp8/--no-cuda-graphs have no effect with --dense" in _error(
         capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--fp8"])
     assert "have no effect with --dense" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--no-cuda-graphs"])
+    # Threshold overrides out of a profile's ranges: refused here, not by every item after the model loads.
+    for flag, value, needle in (("--cdf-threshold", "1.5", "numbers in (0.0, 1.0], got 1.5"),
+                                ("--cdf-threshold", "0", "numbers in (0.0, 1.0], got 0.0"),
+                                ("--sim-threshold", "-0.1", "numbers in [0.0, 1.0], got -0.1"),
+                                ("--dense-steps", "-1", "dense_steps must be a non-negative int, got -1")):
+        assert f"{flag}: " in (err := _error(capsys, [*base, *out, "--model", "tiny-wan", flag, value])) and needle in err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):  # argparse: the two are mutually exclusive
         main([*base, *out, "--model", "tiny-wan", "--dense", "--profile", str(tmp_path / "p.json")])
     assert "not allowed with" in capsys.readouterr().err

@@ -589,11 +589,12 @@ def run(args: argparse.Namespace) -> int:
     import triton
 
     from sparsediff.attention import DEFAULT_METHOD
-    from sparsediff.io import atomic_write_json
+    from sparsediff.io import atomic_write_json, writable_dir
 
     families, frames = _parse(args)
     if not torch.cuda.is_available():
         raise SystemExit("sparsediff bench e2e needs a CUDA GPU (real-size models in bf16)")
+    writable_dir(args.out)
     setting, results = (_run_steps if args.steps else _run_forward)(families, frames, args)
     report = {
         "bench": "e2e-steps" if args.steps else "e2e",
@@ -605,7 +606,6 @@ def run(args: argparse.Namespace) -> int:
                     "dense_sdpa_priority": [name.lower() for name in SDPA_PRIORITY_NAMES]},
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "e2e-steps" if args.steps else "e2e"
     path = args.out / f"{stem}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(path, report)

@@ -74,7 +74,8 @@ def _parse_list(text: str, name: str, convert, allowed=None) -> list:
     except ValueError as error:
         raise ValueError(f"--{name}: {error}") from None
     if not values or (allowed is not None and any(v not in allowed for v in values)):
-        raise ValueError(f"--{name} must be a comma list of {allowed or 'values'}, got {text!r}")
+        choices = ", ".join(allowed) if allowed is not None else "values"
+        raise ValueError(f"--{name} must be a comma list of {choices}, got {text!r}")
     return values
 
 
@@ -537,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
     import triton
 
     from sparsediff._runtime import triton_interpreting
-    from sparsediff.io import atomic_write_json
+    from sparsediff.io import atomic_write_json, writable_dir
     from sparsediff.kernels import block_sparse_attn, padded_head_dim
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -548,6 +549,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not 0.0 < keep <= 1.0 for keep in keeps):
         raise ValueError(f"--keeps must lie in (0, 1], got {args.keeps!r}")
     mask_kinds = _parse_list(args.masks, "masks", str, MASK_KINDS)
+    writable_dir(args.out)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     flex = _flex_runner() if device == "cuda" and not args.no_flex else None
     timer = _Timer(device, args.warmup_ms, args.rep_ms)
@@ -602,7 +604,6 @@ def run(args: argparse.Namespace) -> int:
     result = {"env": env, "tile_configs": {f"{d} {str(t).removeprefix('torch.')}": asdict(c) for (d, t), c in chosen.items()},
               "tuning": tuning, "rows": rows}
     stem = f"kernel-{device}-{args.dtype}" + ("-fp8" if args.fp8 else "")
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{stem}.json", result, indent=1)
     _plot(rows, args.out / f"{stem}.png", f"{env['device']} · torch {env['torch']} · triton {env['triton']} · {env['date']}")
     log(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")

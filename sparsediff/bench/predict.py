@@ -264,7 +264,7 @@ def _plot(results: dict, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sparsediff.attention import METHODS
-    from sparsediff.io import atomic_write_json
+    from sparsediff.io import atomic_write_json, writable_dir
     from sparsediff.workloads import video_workload
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -280,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--grid must look like 8x16x16, got {args.grid!r}") from None
     size["heads"] = args.heads or size["heads"]
     size["head_dim"] = args.head_dim or size["head_dim"]
+    out = writable_dir(args.out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     w = video_workload(size["grid"], size["heads"], size["head_dim"], seed=args.seed, dtype=dtype, device=device)
@@ -318,8 +319,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         results["overhead"] = results["speed"] = results["equal_error"] = "skipped: timings need CUDA"
     results["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"predict-{device.type}.json", results)
     _plot(results, out / f"predict-{device.type}.png")
     print(f"wrote {out / f'predict-{device.type}.json'} and .png ({results['seconds']:.0f} s)")
