@@ -36,6 +36,11 @@ def _check_range(name: str, values: list[float], low: float, high: float, low_op
             raise ValueError(f"{name} values must be numbers in {bound}, got {v!r}")
 
 
+# Each per-head threshold lies in [0, 1], and whether 0 is excluded (cdf: a threshold of 0 keeps no
+# block); LayerProfile.validate and check_overrides both read the ranges from here.
+THRESHOLD_OPEN_AT_ZERO = {"cdf_threshold": True, "sim_threshold": False, "pv_threshold": False}
+
+
 def _check_dense_steps(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"dense_steps must be a non-negative int, got {value!r}")
@@ -51,10 +56,10 @@ def check_overrides(
     """Raise ValueError naming the first given value that no profile may hold (the ranges
     `SparsityProfile.validate` checks): callers that override a profile check their values before
     loading a model."""
-    for name, value, low_open in (("cdf_threshold", cdf_threshold, True), ("sim_threshold", sim_threshold, False),
-                                  ("pv_threshold", pv_threshold, False)):
-        if value is not None:
-            _check_range(name, [value], 0.0, 1.0, low_open=low_open)
+    given = {"cdf_threshold": cdf_threshold, "sim_threshold": sim_threshold, "pv_threshold": pv_threshold}
+    for name, low_open in THRESHOLD_OPEN_AT_ZERO.items():
+        if given[name] is not None:
+            _check_range(name, [given[name]], 0.0, 1.0, low_open=low_open)
     if dense_steps is not None:
         _check_dense_steps(dense_steps)
 
@@ -72,16 +77,15 @@ class LayerProfile:
     def validate(self, name: str) -> None:
         if not isinstance(self.heads, int) or isinstance(self.heads, bool) or self.heads < 1:
             raise ValueError(f"layers[{name!r}].heads must be a positive int, got {self.heads!r}")
-        for key in ("cdf_threshold", "sim_threshold", "pv_threshold"):
+        for key in THRESHOLD_OPEN_AT_ZERO:
             values = getattr(self, key)
             if values is None and key == "pv_threshold":
                 continue
             if not isinstance(values, list) or len(values) != self.heads:
                 raise ValueError(f"layers[{name!r}].{key} must be a list of {self.heads} numbers (one per head)")
-        _check_range(f"layers[{name!r}].cdf_threshold", self.cdf_threshold, 0.0, 1.0, low_open=True)
-        _check_range(f"layers[{name!r}].sim_threshold", self.sim_threshold, 0.0, 1.0)
-        if self.pv_threshold is not None:
-            _check_range(f"layers[{name!r}].pv_threshold", self.pv_threshold, 0.0, 1.0)
+        for key, low_open in THRESHOLD_OPEN_AT_ZERO.items():
+            if getattr(self, key) is not None:
+                _check_range(f"layers[{name!r}].{key}", getattr(self, key), 0.0, 1.0, low_open=low_open)
         if not isinstance(self.dense, bool):
             raise ValueError(f"layers[{name!r}].dense must be a bool")
 

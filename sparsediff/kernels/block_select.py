@@ -190,6 +190,12 @@ def _partial_mass_kernel(
 
 
 @triton.jit
+def _reaches(bits, m, cutoff, target):
+    # Per row: whether the masses at or above `cutoff` (compared as int32 bit patterns) reach `target`.
+    return tl.sum(tl.where(bits >= cutoff[:, None], m, 0.0), axis=1) >= target
+
+
+@triton.jit
 def _top_cdf_keep(m, thr, nk):
     # Keep, per row of the (R, NKP) masses `m` (>= 0; nk of them real, the rest 0), every block at
     # least as heavy as the largest cutoff c with sum(m >= c) >= thr * total; thr >= 1 keeps every
@@ -203,11 +209,11 @@ def _top_cdf_keep(m, thr, nk):
     total = tl.sum(m, axis=1)
     target = total * thr
     lo = tl.maximum((0.5 * (1.0 - thr) * total / nk).to(tl.int32, bitcast=True), 0)
-    lo = tl.where(tl.sum(tl.where(bits >= lo[:, None], m, 0.0), axis=1) >= target, lo, 0)
+    lo = tl.where(_reaches(bits, m, lo, target), lo, 0)
     hi = tl.max(bits, axis=1) + 1
     while tl.max(hi - lo, axis=0) > 1:
         mid = lo + (hi - lo) // 2
-        reach = tl.sum(tl.where(bits >= mid[:, None], m, 0.0), axis=1) >= target
+        reach = _reaches(bits, m, mid, target)
         lo = tl.where(reach, mid, lo)
         hi = tl.where(reach, hi, mid)
     lo = tl.where(thr >= 1.0, 0, lo)  # masses are >= 0: cutoff 0 keeps every block
