@@ -26,6 +26,8 @@ for stage in "$@"; do
     kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
     kernelall) python3 -m sparsediff bench kernel --fp8 --shapes flux,cogvideox,wan,hunyuan --keeps 1,0.5,0.25,0.1 \
                   --masks random --out "$res/kernelall" ;;
+    kernelbf16) python3 -m sparsediff bench kernel --shapes flux,cogvideox,wan,hunyuan --keeps 1,0.25,0.1 --masks random \
+                  --out "$res/kernelbf16" ;;
     kernel8)  python3 -m sparsediff bench kernel --fp8 --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/kernel8" ;;
     stepprof) python3 scripts/profile_step.py cogvideox --compile && python3 scripts/profile_step.py wan --compile &&

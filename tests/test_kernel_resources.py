@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 
-HOPPER_SHARED_BYTES = 232448
+HOPPER_SHARED_BYTES = 232448  # a block's limit
+HOPPER_SM_SHARED_BYTES = 233472  # an SM's
+HOPPER_SM_REGISTERS = 65536
 
 COMPILE_SCRIPT = textwrap.dedent("""
     import itertools, json, re, sys
@@ -82,8 +84,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
                     "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
         shared, mma = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
-                                     num_warps=config.num_warps, num_stages=config.num_stages)
-        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma, shared])
+                                     num_warps=config.num_warps, num_stages=config.num_stages,
+                                     maxnreg=config.max_registers)
+        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma, config.num_warps,
+                     config.max_registers, shared])
     consts = dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N, HAS_KV_LENS=True, ROUND_E4M3=False,
                   stride_qd=1, stride_kd=1, stride_vd=1)
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kv_lens_ptr": "*i32", "k_mean_ptr": "*fp32",
@@ -122,6 +126,13 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     assert len(rows) == 20 + 3 + 2 * len(TILE_CONFIGS) + 5
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
+    # A config that caps its registers does so to run two programs an SM: registers and shared
+    # memory (each block's plus the 1 KiB the driver reserves) must allow it.
+    capped = [row for row in rows if row[0] == "block_sparse_attn" and row[6] is not None]
+    assert capped, "no attention tile config caps its registers"
+    for row in capped:
+        warps, registers, shared = row[5:]
+        assert 2 * warps * 32 * registers <= HOPPER_SM_REGISTERS and 2 * (shared + 1024) <= HOPPER_SM_SHARED_BYTES, row
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]
     assert fp8, "no FP8 tile config declared for sm90"
     for row in fp8:  # Q·K (n = 64 keys a block) and P·V (n = head dim), both in e4m3

@@ -105,19 +105,6 @@ def test_block_select_chunks_and_tile_groups_agree(monkeypatch, method):
     assert (parts[0] != whole[0]).float().mean() <= 0.01
 
 
-def test_long_sequence_config_matches_reference(monkeypatch):
-    # Sequences of at least LONG_KEYS keys take another tile config (more query rows a program).
-    q, k = _strided(torch.randn(1, 2, 700, 32).bfloat16() * 2), torch.randn(1, 2, 700, 32).bfloat16() * 2
-    qf, kf, geometry = _features("sampled", q, k, None)
-    kw = dict(n_tokens=700, block_m=128, block_n=64, scale=32**-0.5, **geometry)
-    thr = torch.tensor([0.9, 0.7])
-    monkeypatch.setattr(block_select_module, "LONG_KEYS", 700)
-    mask, mass = block_select(qf, kf, thr, **kw)
-    ref_mask, ref_mass = block_select_reference(qf, kf, thr, **kw)
-    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
-    assert (mask != ref_mask).float().mean() <= 0.01
-
-
 def test_block_select_rejects_non_positive_scale():
     q, k = torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
     qf, kf, geometry = _features("sampled", q, k, None)

@@ -52,6 +52,18 @@ from sparsediff.kernels.block_select_reference import block_select_reference, to
 # tune-partial-mass-lengths-session16.log). fp32 features (pooled queries) keep 64 rows and 2
 # stages: 128 fp32 rows held in registers would spill, and 3 stages of fp32 key tiles overflow
 # shared memory.
+# One pipeline stage for 16-bit features (2026-12-04, tune-partial-mass-stages-session18.log): the
+# kernel waits on latency, not on a unit (Nsight Compute at HunyuanVideo's shape, 128 rows, 8 warps,
+# 2 stages: tensor pipe 43.5%, issue slots 33%, no eligible warp in 66% of cycles, 2 programs an SM
+# held by 93 registers and 99 KB of shared memory; ncu-hunyuan-predict-attention-session18.txt).
+# With one stage a 64-row program takes 49 KB, so 4 share an SM and cover each other's TMA waits:
+# the graphed prediction above, two timings each, sampled / sampled8: CogVideoX 187.9, 187.0 ->
+# 185.4, 185.4 / 525.7, 531.1 -> 509.3, 509.5 us; Wan 174.3, 174.2 -> 167.7, 166.7 / 599.7, 604.4 ->
+# 562.5, 567.2; HunyuanVideo (16 tiles; 128 rows and 2 stages before) 4,059, 4,105 -> 3,990, 4,041 /
+# 15,065, 15,503 -> 14,555, 15,181; FLUX 36.0, 35.9 -> 36.3 (tune-partial-mass-registers-
+# session18.log). Key tiles of 64 rows (less shared memory, more programs an SM) lost 6-30%, and a
+# register cap of 80 does not compile (ptxas: too few registers for the MMA). The long sequences'
+# config now differs from the short ones' in the key tiles a program walks only.
 # A tile's key-block sums stay a reshape and sum: as a tensor-core product of p with a 0/1
 # key-to-block matrix (16 columns) they made the kernel 1.9x slower at CogVideoX's shape (26.0 vs
 # 13.9 ms over a compiled step's 42 calls), and the runs that predicted at D=128 with it stopped
@@ -74,8 +86,8 @@ class PartialMassConfig(NamedTuple):
 
 
 PARTIAL_CONFIGS: dict[tuple[int, bool], PartialMassConfig] = {  # (element size, at least LONG_KEYS keys)
-    (2, False): PartialMassConfig(64, 4, 3, 8),
-    (2, True): PartialMassConfig(128, 8, 2, 16),
+    (2, False): PartialMassConfig(64, 4, 1, 8),
+    (2, True): PartialMassConfig(64, 4, 1, 16),
     (4, False): PartialMassConfig(64, 4, 2, 8),
     (4, True): PartialMassConfig(64, 4, 2, 8),
 }

@@ -88,6 +88,10 @@ class TileConfig:
     way (`build_block_lut`), 4-66 us at the model shapes.
     fixed_max: after a row's first step, keep that step's row maxima as the softmax's reference
     (module docstring); bf16/fp16 without pv_threshold only (the FP8 path's P needs the true maximum).
+    max_registers: registers a thread at most (ptxas' maxnreg), None for the compiler's choice. 128
+    with 8 warps lets two programs share an SM's 64K registers, so that one program's softmax runs
+    while the other's products keep the tensor cores busy (the kernel's steps are otherwise serial:
+    product, exponentials, product).
     """
 
     step_blocks: int
@@ -96,6 +100,7 @@ class TileConfig:
     warp_specialize: bool = False
     heavy_rows_first: bool = True
     fixed_max: bool = True
+    max_registers: int | None = None
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`.
@@ -108,9 +113,18 @@ class TileConfig:
 # 436 for that config with the fixed maximum; CogVideoX (D=64) one block, 8 warps, 3 stages 499 /
 # 473, against 421 / 403 for the running maximum's best (two blocks, 4 warps). cuDNN dense: 563 and
 # 415. fp16 uses the same tiles and MMA rate as bf16 on Hopper; its entries repeat the bf16 measurement.
+# Two programs an SM at D=128 (H200, 2026-12-04, bench-results/h200-2026-12-04/attention-two-programs-
+# an-sm-session18.log, kernel alone on random masks, keep 1 / 0.2, of cuDNN dense): two key blocks a
+# step with 3 stages, one program an SM (246 / 224 registers, 224 KiB of shared memory), Wan 0.909 /
+# 0.848, HunyuanVideo 0.897 / 0.855; one block a step with 2 stages (96 KiB) and 128 registers (8
+# spilled), two programs an SM, 0.968 / 0.950 and 0.941 / 0.933. Uncapped, that tile takes 159
+# registers and one SM each: 0.569 / 0.690 and 0.594 / 0.734; one stage with 128 registers 0.78 / 0.76.
+# `bench kernel`, four shapes (kernel-bf16-four-shapes-session18.*), kernel time at keep 1 / 0.25 /
+# 0.1: Wan 11.86 / 2.98 / 1.25 ms, HunyuanVideo 327.1 / 80.0 / 33.5, FLUX 0.549 / 0.154 / 0.083; the
+# two-block tile at FLUX in the next call 0.587 / 0.184 / 0.112 (kernel-bf16-flux-two-blocks-session18.*).
 TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
-    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=2, num_warps=8, num_stages=3),
-    ("sm90", 128, torch.float16): TileConfig(step_blocks=2, num_warps=8, num_stages=3),
+    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128),
+    ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128),
     ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
     ("sm90", 64, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
 }
@@ -588,7 +602,7 @@ def attention_from_lut(
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         HEAVY_FIRST=config.heavy_rows_first,
         FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
     )
     return (out, skips) if return_pv_skips else out
 
