@@ -296,17 +296,32 @@ def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monk
         e2e.plot_steps([{**newer, "bench": "e2e"}], tmp_path / "x.png")
 
 
-def test_bench_kernel_plot_draws_kernel_and_whole_call(tmp_path: Path) -> None:
-    from sparsediff.bench.kernel import _plot
+def test_bench_kernel_plot_and_table_show_kernel_whole_call_and_graphed_call(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.axes
+
+    from sparsediff.bench.kernel import _plot, _table
 
     base = {"shape": "wan", "B": 1, "H": 12, "N": 32760, "D": 128}
-    rows = [{**base, "impl": "cudnn", "mask": "dense", "keep": 1.0, "ms": 10.0, "tflops": 500.0}]
+    rows = [{**base, "impl": "cudnn", "mask": "dense", "keep": 1.0, "ms": 10.0, "tflops": 500.0, "graph_ms": 9.875}]
     for keep in (1.0, 0.25):
         rows.append({**base, "impl": "ours", "mask": "random", "keep": keep, "ms": 12.0 * keep, "kernel_ms": 11.0 * keep,
-                     "tflops": 400.0, "flex_tflops": 350.0})
-        rows.append({**base, "impl": "ours-fp8", "mask": "random", "keep": keep, "ms": 10.0 * keep, "tflops": 480.0})
+                     "tflops": 400.0, "vs_dense_baseline": 0.8, "rel_l1_vs_dense": 0.001, "flex_tflops": 350.0,
+                     "vs_flex": 1.14, "graph_ms": 11.5 * keep, "vs_dense_graphed": 0.86, "vs_flex_graphed": 1.21})
+        rows.append({**base, "impl": "ours-fp8", "mask": "random", "keep": keep, "ms": 10.0 * keep, "tflops": 480.0,
+                     "vs_dense_baseline": 1.0, "rel_l1_vs_dense": 0.05})
+    labels = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: labels.append(kw.get("label")) or plot(self, *a, **kw))
     _plot(rows, tmp_path / "kernel.png", "title")
     assert (tmp_path / "kernel.png").stat().st_size > 0
+    assert labels == ["ours fp8 random, whole call", "ours random, whole call", "ours random, kernel",
+                      "ours random, whole call graphed", "flex random"]
+    lines = _table(rows).splitlines()
+    assert lines[0].split()[-6:] == ["graph", "ms", "xdense", "g", "xflex", "g"]
+    assert lines[2].split()[-1] == "9.875"  # cuDNN's graphed time
+    assert lines[3].split()[-3:] == ["11.500", "0.86", "1.21"]  # ours: graphed time and both graphed ratios
+    assert lines[4].split()[-3:] == ["-", "-", "-"]  # FP8 row without graphed timings
 
 
 def test_bench_e2e_attention_free_keeps_key_and_value_under_compile() -> None:

@@ -288,7 +288,8 @@ TUNE_CANDIDATES = (
     (1, 8, 4, False, False, None), (1, 8, 2, False, True, None), (2, 8, 3, False, True, None),
     (2, 8, 2, False, True, None), (1, 4, 3, False, True, None), (2, 4, 3, False, True, None),
     (2, 4, 3, False, False, None), (2, 4, 4, False, True, None), (2, 4, 4, False, False, None),
-    (1, 8, 2, False, True, 128), (1, 8, 2, False, False, 128),
+    (1, 8, 2, False, True, 128), (1, 8, 2, False, False, 128), (1, 8, 3, False, True, 128),
+    (1, 8, 4, False, True, 128), (2, 8, 2, False, True, 128), (2, 8, 3, False, True, 128),
 )
 
 
@@ -386,6 +387,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
     import torch.nn.functional as F
 
     from sparsediff._runtime import kernels_available
+    from sparsediff.bench.timing import cuda_graphed
     from sparsediff.kernels.block_sparse_attn import (
         BLOCK_M,
         BLOCK_N,
@@ -400,11 +402,16 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
     with_kernels = kernels_available(torch.device(device))
     rows: list[dict] = []
     base = {"shape": shape.name, "B": shape.batch, "H": shape.heads, "N": shape.tokens, "D": shape.head_dim}
+    # On CUDA every call is also timed as a CUDA-graph replay (`graph_ms`): the GPU's time alone, as
+    # in a graphed or compiled pipeline, where the host's launches cost nothing. At FLUX's length the
+    # host takes longer than the GPU work, so the plain call times measure Python, not kernels.
+    graph_ms: dict[str, float] = {}
     if device == "cuda":
         dense_ms = {}
         for name, backend in _sdpa_backends().items():
             try:
                 dense_ms[name] = timer(lambda b=backend: _dense(q, k, v, b))
+                graph_ms[name] = timer(cuda_graphed(lambda b=backend: _dense(q, k, v, b)))
             except RuntimeError as error:  # a backend that does not take this shape is reported
                 log(f"{shape.name} {name} dense: unavailable ({str(error)[:200]})")
         try:
@@ -415,13 +422,22 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
         dense_ms = {"sdpa": timer(lambda: F.scaled_dot_product_attention(q, k, v))}
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
     for name, ms in dense_ms.items():
-        rows.append({**base, "impl": name, "mask": "dense", "keep": 1.0, "ms": ms, "tflops": _tflops(shape, 1.0, ms)})
-        log(f"{shape.name} {name} dense: {ms:.3f} ms, {rows[-1]['tflops']:.3g} TFLOP/s")
+        rows.append({**base, "impl": name, "mask": "dense", "keep": 1.0, "ms": ms, "tflops": _tflops(shape, 1.0, ms),
+                     **({"graph_ms": graph_ms[name]} if name in graph_ms else {})})
+        log(f"{shape.name} {name} dense: {ms:.3f} ms" + (f" (graphed {graph_ms[name]:.3f})" if name in graph_ms else "")
+            + f", {rows[-1]['tflops']:.3g} TFLOP/s")
     all_kept = torch.ones(shape.batch, shape.heads, math.ceil(shape.tokens / BLOCK_M), math.ceil(shape.tokens / BLOCK_N),
                           dtype=torch.bool, device=device)
     dense_err = (block_sparse_attention(q, k, v, all_kept) - reference).abs().max().item()
     log(f"{shape.name} all kept vs {'cuDNN' if device == 'cuda' else 'fp32'} SDPA: max abs err {dense_err:.2e}")
     baseline = dense_ms.get("cudnn", next(iter(dense_ms.values())))
+    graphed_baseline = graph_ms.get("cudnn")
+
+    def time_graphed(row: dict, call) -> None:
+        # The whole call (mask to table, quantisation, launches) as a CUDA-graph replay, against cuDNN's.
+        if graphed_baseline is not None:
+            row["graph_ms"] = timer(cuda_graphed(call))
+            row["vs_dense_graphed"] = graphed_baseline * row["keep"] / row["graph_ms"]
     for kind in mask_kinds:
         for keep in keeps:
             mask = (random_mask if kind == "random" else local_mask)(shape, keep, device)
@@ -435,6 +451,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             if with_kernels:  # else block_sparse_attention ran the torch reference: no LUT, no kernel
                 row["lut_ms"] = timer(lambda: build_block_lut(mask, shape.tokens))
                 row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, lut, scale, config=config))
+                time_graphed(row, lambda: block_sparse_attention(q, k, v, mask))
             if keep == 1.0:
                 row["max_abs_err_vs_dense"] = _finite(dense_err)
             if flex is not None:
@@ -443,13 +460,18 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
                     row["max_abs_err_vs_flex"] = _finite((flex[1](q, k, v, block_mask) - ours_out).abs().max().item())
                     flex_ms = timer(lambda: flex[1](q, k, v, block_mask))
                     row.update(flex_ms=flex_ms, flex_tflops=_tflops(shape, kept, flex_ms), vs_flex=flex_ms / ours_ms)
+                    if "graph_ms" in row:
+                        row["flex_graph_ms"] = timer(cuda_graphed(lambda: flex[1](q, k, v, block_mask)))
+                        row["vs_flex_graphed"] = row["flex_graph_ms"] / row["graph_ms"]
                 except Exception as error:  # FlexAttention failing is a finding, not the end of the run
                     row["flex_error"] = f"{type(error).__name__}: {str(error)[:300]}"
                     log(f"{shape.name} flex failed: {row['flex_error']}")
             rows.append(row)
             log(f"{shape.name} {kind} keep {kept:.3f}: ours {ours_ms:.3f} ms (kernel {row.get('kernel_ms', 0):.3f}, "
                 f"lut {row.get('lut_ms', 0):.3f}) {row['tflops']:.3g} TFLOP/s, x{row['vs_dense_baseline']:.2f} dense"
-                + (f", x{row['vs_flex']:.2f} flex (err {row['max_abs_err_vs_flex']})" if "vs_flex" in row else ""))
+                + (f", x{row['vs_flex']:.2f} flex (err {row['max_abs_err_vs_flex']})" if "vs_flex" in row else "")
+                + (f"; graphed {row['graph_ms']:.3f} ms, x{row['vs_dense_graphed']:.2f} dense" if "graph_ms" in row else "")
+                + (f", x{row['vs_flex_graphed']:.2f} flex" if "vs_flex_graphed" in row else ""))
             if fp8_config is not None:
                 fp8_ms = timer(lambda: block_sparse_attention(q, k, v, mask, fp8=True))
                 fp8_out = block_sparse_attention(q, k, v, mask, fp8=True)
@@ -462,10 +484,12 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
                     row["kernel_ms"] = timer(
                         lambda: attention_from_lut(q, k, v, lut, scale, config=fp8_config, quantized=quantized))
                     del quantized
+                    time_graphed(row, lambda: block_sparse_attention(q, k, v, mask, fp8=True))
                 rows.append(row)
                 log(f"{shape.name} {kind} keep {kept:.3f} fp8: {fp8_ms:.3f} ms (kernel {row.get('kernel_ms', 0):.3f}, "
                     f"quant {row.get('quant_ms', 0):.3f}) {row['tflops']:.3g} TFLOP/s, x{row['vs_dense_baseline']:.2f} "
-                    f"dense, rel L1 {row['rel_l1_vs_dense']} vs dense, {row['rel_l1_vs_bf16_same_mask']} vs bf16")
+                    + (f"dense (graphed {row['graph_ms']:.3f} ms, x{row['vs_dense_graphed']:.2f}), " if "graph_ms" in row
+                       else "dense, ") + f"rel L1 {row['rel_l1_vs_dense']} vs dense, {row['rel_l1_vs_bf16_same_mask']} vs bf16")
                 del fp8_out
             del mask, ours_out
     del q, k, v, reference
@@ -476,20 +500,24 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
 
 def _table(rows: list[dict]) -> str:
     head = (f"{'shape':<10} {'impl':<8} {'mask':<7} {'keep':>5} {'ms':>9} {'lut ms':>7} {'quant ms':>8} {'TFLOP/s':>8} "
-            f"{'xdense':>7} {'relL1':>7} {'xflex':>6} {'flexTF':>7}")
+            f"{'xdense':>7} {'relL1':>7} {'xflex':>6} {'flexTF':>7} {'graph ms':>9} {'xdense g':>8} {'xflex g':>7}")
     lines = [head, "-" * len(head)]
+
+    def cell(r: dict, key: str, width: int, spec: str) -> str:
+        return f"{r[key]:>{width}{spec}}" if key in r else f"{'-':>{width}}"
+
     for r in rows:
+        graphed = f"{cell(r, 'graph_ms', 9, '.3f')} {cell(r, 'vs_dense_graphed', 8, '.2f')} {cell(r, 'vs_flex_graphed', 7, '.2f')}"
         if r["mask"] == "dense":
             lines.append(f"{r['shape']:<10} {r['impl']:<8} {'dense':<7} {1.0:>5.2f} {r['ms']:>9.3f} {'':>7} {'':>8} "
-                         f"{r['tflops']:>8.3g}")
+                         f"{r['tflops']:>8.3g} {'':>7} {'':>7} {'':>6} {'':>7} {cell(r, 'graph_ms', 9, '.3f')}")
             continue
-        flex = f"{r['vs_flex']:>6.2f} {r['flex_tflops']:>7.0f}" if "vs_flex" in r else ""
-        lut = f"{r['lut_ms']:>7.3f}" if "lut_ms" in r else f"{'-':>7}"
-        quant = f"{r['quant_ms']:>8.3f}" if "quant_ms" in r else f"{'-':>8}"
+        flex = f"{cell(r, 'vs_flex', 6, '.2f')} {cell(r, 'flex_tflops', 7, '.0f')}"
         err = r["rel_l1_vs_dense"]
-        lines.append(f"{r['shape']:<10} {r['impl']:<8} {r['mask']:<7} {r['keep']:>5.2f} {r['ms']:>9.3f} {lut} {quant} "
+        lines.append(f"{r['shape']:<10} {r['impl']:<8} {r['mask']:<7} {r['keep']:>5.2f} {r['ms']:>9.3f} "
+                     f"{cell(r, 'lut_ms', 7, '.3f')} {cell(r, 'quant_ms', 8, '.3f')} "
                      f"{r['tflops']:>8.3g} {r['vs_dense_baseline']:>7.2f} "
-                     f"{err if isinstance(err, str) else format(err, '.4f'):>7} {flex}")
+                     f"{err if isinstance(err, str) else format(err, '.4f'):>7} {flex} {graphed}")
     return "\n".join(lines)
 
 
@@ -517,13 +545,14 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
                     continue
                 keeps = [r["keep"] for r in rows_]
                 # The kernel on a lookup table (and FP8 operands) built beforehand, where timed; the
-                # whole call (mask to table, quantisation, launches) thin: at short sequences the
-                # host's launches can take longer than the GPU work.
+                # whole call (mask to table, quantisation, launches) thin, and dashed as a CUDA-graph
+                # replay: at short sequences the host's launches can take longer than the GPU work.
                 line, = ax.plot(keeps, [r["tflops"] for r in rows_], marker + ":", linewidth=0.8, markersize=3,
                                 label=f"{label}, whole call")
-                if "kernel_ms" in rows_[0]:
-                    kernel_tflops = [r["tflops"] * r["ms"] / r["kernel_ms"] for r in rows_]
-                    ax.plot(keeps, kernel_tflops, marker + "-", color=line.get_color(), label=f"{label}, kernel")
+                for key, style, what in (("kernel_ms", "-", "kernel"), ("graph_ms", "--", "whole call graphed")):
+                    if key in rows_[0]:
+                        ax.plot(keeps, [r["tflops"] * r["ms"] / r[key] for r in rows_], marker + style,
+                                color=line.get_color(), label=f"{label}, {what}")
             if ours and "flex_tflops" in ours[0]:
                 ax.plot([r["keep"] for r in ours], [r["flex_tflops"] for r in ours], "x--", label=f"flex {kind}")
         ax.set_title(f"{name} {mine[0]['B']}x{mine[0]['H']}x{mine[0]['N']}x{mine[0]['D']}")
