@@ -575,8 +575,12 @@ def plot_steps(reports: list[dict], path: Path, settings: Collection[str] | None
     ax.set_ylabel("speed-up over dense (black outline: attainable bound)")
     ax.set_title("whole denoising loop, sparse vs dense; number: achieved / bound", fontsize=9)
     ax.legend(unique.values(), unique.keys(), fontsize=7)
-    fig.suptitle(" · ".join(sorted({f"{r['device']} · torch {r['versions']['torch']} · triton "
-                                    f"{r['versions']['triton']} · {r['time'][:10]}" for r in reports})), fontsize=7)
+    # One line however many reports: each setup once, with the dates of its runs.
+    dates: dict[str, set[str]] = {}
+    for r in reports:
+        setup = f"{r['device']} · torch {r['versions']['torch']} · triton {r['versions']['triton']}"
+        dates.setdefault(setup, set()).add(r["time"][:10])
+    fig.suptitle(" | ".join(f"{setup} · {', '.join(sorted(days))}" for setup, days in sorted(dates.items())), fontsize=7)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110)

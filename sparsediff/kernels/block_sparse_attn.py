@@ -122,6 +122,9 @@ class TileConfig:
 # `bench kernel`, four shapes (kernel-bf16-four-shapes-session18.*), kernel time at keep 1 / 0.25 /
 # 0.1: Wan 11.86 / 2.98 / 1.25 ms, HunyuanVideo 327.1 / 80.0 / 33.5, FLUX 0.549 / 0.154 / 0.083; the
 # two-block tile at FLUX in the next call 0.587 / 0.184 / 0.112 (kernel-bf16-flux-two-blocks-session18.*).
+# At D=64 the declared tile already runs two programs an SM uncapped (125-127 registers); capping two
+# blocks a step at 128 registers (3 stages) gave 1.202 / 1.131 of cuDNN at keep 1 / 0.25 on
+# CogVideoX's shape against 1.187 / 1.128, within the runs' noise, so it stays (tune-capped-d64-fp8-session19.log).
 TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
     ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128),
     ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128),
@@ -131,7 +134,10 @@ TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
 # The FP8 path (operands in e4m3), measured with `bench kernel --fp8 --tune` (H200, torch 2.11,
 # Triton 3.6, 2026-12-01; bench-results/h200-2026-12-01/kernel-fp8.log): at D=128 one block per step
 # with 8 warps (584 TFLOP/s at keep 1 on the Wan shape; 4 stages 588, within noise); at D=64 two
-# blocks per step with 4 warps (506 vs 469 for one block, CogVideoX shape).
+# blocks per step with 4 warps (506 vs 469 for one block, CogVideoX shape). Capping the FP8 tiles'
+# registers at 128 (two programs an SM; 224 uncapped at D=128) spills and loses: Wan 0.63-0.80 of
+# cuDNN at keep 1 against 1.05, FLUX 0.49-0.50 against 0.87, CogVideoX 1.02-1.11 against 1.18 (H200,
+# 2026-12-04, bench-results/h200-2026-12-04/tune-capped-d64-fp8-session19.log).
 TILE_CONFIGS.update({
     ("sm90", 128, torch.float8_e4m3fn): TileConfig(step_blocks=1, num_warps=8, num_stages=3, fixed_max=False),
     ("sm90", 64, torch.float8_e4m3fn): TileConfig(step_blocks=2, num_warps=4, num_stages=3, fixed_max=False),
