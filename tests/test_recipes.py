@@ -306,17 +306,23 @@ def test_bench_kernel_plot_and_table_show_kernel_whole_call_and_graphed_call(tmp
     for keep in (1.0, 0.25):
         rows.append({**base, "impl": "ours", "mask": "random", "keep": keep, "ms": 12.0 * keep, "kernel_ms": 11.0 * keep,
                      "tflops": 400.0, "vs_dense_baseline": 0.8, "rel_l1_vs_dense": 0.001, "flex_tflops": 350.0,
-                     "vs_flex": 1.14, "graph_ms": 11.5 * keep, "vs_dense_graphed": 0.86, "vs_flex_graphed": 1.21})
+                     "vs_flex": 1.14, "flex_ms": 13.0 * keep, "flex_graph_ms": 12.5 * keep, "graph_ms": 11.5 * keep,
+                     "vs_dense_graphed": 0.86, "vs_flex_graphed": 1.21})
         rows.append({**base, "impl": "ours-fp8", "mask": "random", "keep": keep, "ms": 10.0 * keep, "tflops": 480.0,
                      "vs_dense_baseline": 1.0, "rel_l1_vs_dense": 0.05})
-    labels = []
-    plot = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda self, *a, **kw: labels.append(kw.get("label")) or plot(self, *a, **kw))
+    labels, lines_drawn, levels = [], [], []
+    plot, axhline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: labels.append(kw.get("label"))
+                        or lines_drawn.append(list(a[1])) or plot(self, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, **kw: levels.append((y, kw.get("label")))
+                        or axhline(self, y, **kw))
     _plot(rows, tmp_path / "kernel.png", "title")
     assert (tmp_path / "kernel.png").stat().st_size > 0
     assert labels == ["ours fp8 random, whole call", "ours random, whole call", "ours random, kernel",
-                      "ours random, whole call graphed", "flex random"]
+                      "ours random, whole call graphed", "flex random, graphed"]
+    # Dense and Flex at their graphed times where timed so: the ratios' yardsticks.
+    assert levels == [(500.0 * 10.0 / 9.875, "cudnn dense, graphed")]
+    assert lines_drawn[-1] == [350.0 * 13.0 / 12.5] * 2
     lines = _table(rows).splitlines()
     assert lines[0].split()[-6:] == ["graph", "ms", "xdense", "g", "xflex", "g"]
     assert lines[2].split()[-1] == "9.875"  # cuDNN's graphed time

@@ -534,9 +534,11 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, name in zip(axes[0], shapes):
         mine = [r for r in rows if r["shape"] == name]
         for r in mine:
-            if r["mask"] == "dense":
-                ax.axhline(r["tflops"], linestyle="--", color="gray" if r["impl"] != "cudnn" else "black",
-                           label=f"{r['impl']} dense")
+            if r["mask"] == "dense":  # graphed where timed so, as the ratios are
+                graphed = "graph_ms" in r
+                ax.axhline(r["tflops"] * r["ms"] / r["graph_ms"] if graphed else r["tflops"], linestyle="--",
+                           color="gray" if r["impl"] != "cudnn" else "black",
+                           label=f"{r['impl']} dense{', graphed' if graphed else ''}")
         for kind in MASK_KINDS:
             ours = sorted((r for r in mine if r["impl"] == "ours" and r["mask"] == kind), key=lambda r: r["keep"])
             fp8 = sorted((r for r in mine if r["impl"] == "ours-fp8" and r["mask"] == kind), key=lambda r: r["keep"])
@@ -554,7 +556,10 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
                         ax.plot(keeps, [r["tflops"] * r["ms"] / r[key] for r in rows_], marker + style,
                                 color=line.get_color(), label=f"{label}, {what}")
             if ours and "flex_tflops" in ours[0]:
-                ax.plot([r["keep"] for r in ours], [r["flex_tflops"] for r in ours], "x--", label=f"flex {kind}")
+                graphed = "flex_graph_ms" in ours[0]
+                ax.plot([r["keep"] for r in ours],
+                        [r["flex_tflops"] * r["flex_ms"] / r["flex_graph_ms"] if graphed else r["flex_tflops"] for r in ours],
+                        "x--", label=f"flex {kind}{', graphed' if graphed else ''}")
         ax.set_title(f"{name} {mine[0]['B']}x{mine[0]['H']}x{mine[0]['N']}x{mine[0]['D']}")
         ax.set_xlabel("kept fraction")
         ax.set_ylabel("dense-equivalent TFLOP/s")
