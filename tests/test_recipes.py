@@ -358,3 +358,37 @@ def test_bench_e2e_attention_free_keeps_key_and_value_under_compile() -> None:
     torch._dynamo.reset()
     assert matmuls == [4]  # q, k, v and the output projection
     torch.testing.assert_close(out, (x @ wq) @ wq)
+
+
+def test_bench_predict_takes_graphed_times_against_cudnns_graphed_call(monkeypatch) -> None:
+    # Plain timings against cuDNN's plain call, CUDA-graph replays against its replay: at FLUX's
+    # length the plain call carries the host's launch, which flattered the graphed ratios.
+    from sparsediff.bench import kernel as bench_kernel
+    from sparsediff.bench import predict
+
+    tiny = bench_kernel.BenchShape("tiny", 1, 2, 256, 64, (2, 8, 16), 0)
+    monkeypatch.setattr(bench_kernel, "GPU_SHAPES", ("tiny",))
+    monkeypatch.setattr(bench_kernel, "SHAPES", {**bench_kernel.SHAPES, "tiny": tiny,
+                                                 **{name: tiny for name in ("cogvideox", "wan", "hunyuan")}})
+
+    class Graphed:
+        def __init__(self, fn):
+            self.fn = fn
+
+    def timeit(fn, device, reps=10):  # seconds: cuDNN 10 ms plain / 8 ms graphed, ours 2 / 1
+        dense = "cudnn_dense" in (fn.fn if isinstance(fn, Graphed) else fn).__code__.co_names
+        return {(True, False): 0.010, (True, True): 0.008, (False, False): 0.002, (False, True): 0.001}[
+            dense, isinstance(fn, Graphed)]
+
+    monkeypatch.setattr(predict, "cuda_graphed", Graphed)
+    monkeypatch.setattr(predict, "_timeit", timeit)
+    monkeypatch.setattr(predict, "cudnn_dense", lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    cpu = torch.device("cpu")
+    (row,) = predict._overhead(cpu)
+    assert (row["cudnn_dense_ms"], row["cudnn_dense_graph_ms"]) == (10.0, 8.0)
+    assert row["sampled_fraction_of_dense"] == pytest.approx(0.2)
+    assert row["sampled_graph_fraction_of_dense"] == pytest.approx(0.125)
+    rows = predict._speed(cpu, seed=0)
+    assert [r["shape"] for r in rows] == ["cogvideox", "wan", "hunyuan"]
+    for r in rows:
+        assert (r["speedup"], r["speedup_graph"], r["fp8_speedup"], r["fp8_speedup_graph"]) == pytest.approx((5, 8, 5, 8))
