@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff.kernels.block_sparse_attn import (
     BLOCK_M,
@@ -88,6 +89,43 @@ def test_step_blocks_configs(config):
     _assert_close(out, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
 
 
+@pytest.mark.parametrize("B,H,n,D,dtype", [(2, 2, 600, 64, torch.float16), (1, 3, 330, 48, torch.bfloat16)])
+def test_tma_tiles_equal_pointer_tiles(B, H, n, D, dtype):
+    # Diffusers' (B, N, H, D) layout, rows of several steps (TMA serves the unmasked ones), a padded
+    # head dim (48: the descriptor reads columns past D as 0), ragged kv_lens.
+    q, k, v = (torch.randn(B, n, H, D, dtype=dtype).transpose(1, 2) for _ in range(3))
+    mask = torch.rand(_mask_shape(B, H, n, n)) < 0.7
+    mask[0, 0, 0] = True
+    kv_lens = torch.tensor([n - 70] + [n] * (B - 1), dtype=torch.int32)
+    lut = build_block_lut(mask, n, kv_lens)
+    pointer, tma = (attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, config=TileConfig(1, 4, 2, tma=t))
+                    for t in (False, True))
+    torch.testing.assert_close(tma, pointer, rtol=0, atol=0)
+    _assert_close(tma, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), dtype)
+
+
+def test_tma_falls_back_to_pointers_where_the_layout_does_not_suit_it(monkeypatch):
+    import sparsediff.kernels.block_sparse_attn as bsa
+
+    made = []
+    monkeypatch.setattr(bsa, "TensorDescriptor", lambda *args: made.append(args) or TensorDescriptor(*args))
+    q, k, v = _qkv(1, 1, 300, 300, 64, torch.float16)
+    mask = torch.ones(_mask_shape(1, 1, 300, 300), dtype=torch.bool)
+    lut = build_block_lut(mask, 300)
+    config = TileConfig(1, 4, 2, tma=True)
+    ref = _reference(q, k, v, mask, scale=0.125)
+    _assert_close(attention_from_lut(q, k, v, lut, 0.125, config=config), ref, torch.float16)
+    assert len(made) == 2  # K and V
+    # Rows 100 bytes apart (50 fp16 channels, 40 used): TMA wants 16-byte aligned strides.
+    k_odd = torch.zeros(1, 1, 300, 50, dtype=torch.float16)[..., :40]
+    v_odd = torch.zeros(1, 1, 300, 50, dtype=torch.float16)[..., :40]
+    k_odd.copy_(k[..., :40])
+    v_odd.copy_(v[..., :40])
+    out = attention_from_lut(q[..., :40].contiguous(), k_odd, v_odd, lut, 0.125, config=config)
+    assert len(made) == 2
+    _assert_close(out, _reference(q[..., :40], k[..., :40], v[..., :40], mask, scale=0.125), torch.float16)
+
+
 @pytest.mark.parametrize("step_blocks", [1, 2])
 def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     # Rows of very different work, as a text segment kept densely makes them: every output row and
@@ -124,13 +162,15 @@ def test_fixed_max_equals_running_max(step_blocks):
 
 # The first pass overflows on purpose: the interpreter's numpy warns of the infinities it multiplies.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_fixed_max_overflow_falls_back_to_running_max():
-    # Key block 2 scores ~300 (natural log units) above key block 0, the rows' first step: against
-    # block 0's maxima its exponentials overflow fp32, so the rows are computed again.
+@pytest.mark.parametrize("nats", [300.0, 15.0])
+def test_fixed_max_overflow_falls_back_to_running_max(nats):
+    # Key block 2 scores `nats` above key block 0, the rows' first step. 300: against block 0's
+    # maxima l_i overflows fp32. 15: P overflows fp16 (65504 = e^11.1) while l_i stays far below
+    # 2**64, and the non-finite accumulator says so. Either way the rows are computed again.
     n, D = 256, 64
     q = torch.randn(1, 1, n, D).abs()
     k = torch.randn(1, 1, n, D) * 0.05
-    k[:, :, 2 * BLOCK_N:3 * BLOCK_N] = 47.0
+    k[:, :, 2 * BLOCK_N:3 * BLOCK_N] = nats / (0.125 * q.sum(-1).mean())
     v = torch.randn(1, 1, n, D)
     q, k, v = (t.to(torch.float16) for t in (q, k, v))
     mask = torch.ones(_mask_shape(1, 1, n, n), dtype=torch.bool)

@@ -73,20 +73,24 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for ((arch, head_dim, dtype), config), pv_skip in itertools.product(bsa.TILE_CONFIGS.items(), (False, True)):
         name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "fp8e4nv"}[str(dtype)]
         fp8 = name == "fp8e4nv"
+        tma = bsa.uses_tma(config, fp8)
         # FP8 reads V transposed, (B, H, D, N): its key stride is 1.
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
                       STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=pv_skip, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
                       HEAVY_FIRST=config.heavy_rows_first,
-                      FIXED_MAX=bsa.uses_fixed_max(config, fp8, 0.01 if pv_skip else None),
+                      FIXED_MAX=bsa.uses_fixed_max(config, fp8, 0.01 if pv_skip else None), TMA=tma,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
-        pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "O": "*" + ("bf16" if fp8 else name),
+        # With TMA the unmasked steps read key and value tiles through descriptors of one key block.
+        tiles = f"tensordesc<{name}[1,1,{bsa.BLOCK_N},{head_dim}]>" if tma else "*" + name
+        pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "K_desc": tiles, "V_desc": tiles,
+                    "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
                     "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
         shared, mma = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
                                      num_warps=config.num_warps, num_stages=config.num_stages,
                                      maxnreg=config.max_registers)
-        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma, config.num_warps,
+        rows.append(["block_sparse_attn", name, head_dim, config.step_blocks, mma, tma, config.num_warps,
                      config.max_registers, shared])
     consts = dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N, HAS_KV_LENS=True, ROUND_E4M3=False,
                   stride_qd=1, stride_kd=1, stride_vd=1)
@@ -128,10 +132,11 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     # A config that caps its registers does so to run two programs an SM: registers and shared
     # memory (each block's plus the 1 KiB the driver reserves) must allow it.
-    capped = [row for row in rows if row[0] == "block_sparse_attn" and row[6] is not None]
+    capped = [row for row in rows if row[0] == "block_sparse_attn" and row[7] is not None]
     assert capped, "no attention tile config caps its registers"
+    assert any(row[5] for row in capped), "no attention tile config reads its key tiles through TMA"
     for row in capped:
-        warps, registers, shared = row[5:]
+        warps, registers, shared = row[6:]
         assert 2 * warps * 32 * registers <= HOPPER_SM_REGISTERS and 2 * (shared + 1024) <= HOPPER_SM_SHARED_BYTES, row
     fp8 = [row for row in rows if row[:2] == ["block_sparse_attn", "fp8e4nv"]]
     assert fp8, "no FP8 tile config declared for sm90"

@@ -1,4 +1,5 @@
 """Triton kernels, each with a plain-torch reference beside it."""
+import torch
 import triton
 import triton.language as tl
 
@@ -14,3 +15,10 @@ def valid_length(lens_ptr, b, n, HAS_LENS: tl.constexpr):
     if HAS_LENS:
         return tl.minimum(tl.load(lens_ptr + b), n)
     return n
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether a TMA tensor descriptor can cover `t` as it is: a contiguous last dimension, and a
+    16-byte aligned base and other strides."""
+    align = 16 // t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % align == 0 for st in t.stride()[:-1])

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels import padded_head_dim, valid_length
+from sparsediff.kernels import padded_head_dim, tma_compatible, valid_length
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
 # Tile configs. Phase 1: key feature rows per tile; per features' element size, and for fewer or at
@@ -287,9 +287,8 @@ def _key_tiles(kf: torch.Tensor, dp: int) -> TensorDescriptor:
     """A tensor descriptor of kf's (1, 1, KEY_ROWS, dp) tiles. TMA wants a 16-byte aligned base and
     strides and a contiguous last dimension: kf in another layout is copied once, its head dim
     zero-padded to a multiple of 16 bytes."""
-    align = 16 // kf.element_size()
-    if kf.stride(-1) != 1 or kf.data_ptr() % 16 or any(st % align for st in kf.stride()[:-1]):
-        padded = kf.new_zeros(*kf.shape[:-1], kf.shape[-1] + (-kf.shape[-1] % align))
+    if not tma_compatible(kf):
+        padded = kf.new_zeros(*kf.shape[:-1], kf.shape[-1] + (-kf.shape[-1] % (16 // kf.element_size())))
         padded[..., :kf.shape[-1]] = kf
         kf = padded
     return TensorDescriptor(kf, list(kf.shape), list(kf.stride()), [1, 1, KEY_ROWS, dp])

@@ -16,14 +16,16 @@ programs running together read the same head's keys and share them in L2; a sort
 would mix the heads, and so did an order appended with atomics by the LUT kernel (tried: at Wan's
 and CogVideoX's shapes it lost 5% against row order where the exact order gained 1-3%).
 
-Fixed reference maximum (`TileConfig.fixed_max`, on in bf16/fp16 without `pv_threshold`): a row's
+Fixed reference maximum (`TileConfig.fixed_max`, on in bf16 without `pv_threshold`): a row's
 first step sets each query row's reference maximum, and the later steps keep it: they neither
 reduce their scores' maxima nor rescale l_i and the accumulator, which FlashAttention's online
 softmax does at every step. A later score above the reference only makes its exponential exceed 1;
 acc / l_i is the same quotient whatever factor both carry, and P in bf16 keeps its relative
 precision at any magnitude (same error against fp32 attention: 0.0023 relative L1 either way on
 random inputs, CPU emulation). Should a later step's scores lie so far above the reference that l_i
-reaches 2**64 (overflow risk), the program computes its row again with the running maximum. The
+reaches 2**64 (overflow risk), the program computes its row again with the running maximum; so
+does an fp16 row whose P overflowed fp16's 65504 (its accumulator is then not finite). That happens
+on most rows of video-like inputs, so the declared fp16 tiles keep the running maximum. The
 saved reductions and multiplies made the kernel 8% faster at Wan's shape and 18% at CogVideoX's in
 the tuning run (H200, 2026-12-03, each with its best tile config; TILE_CONFIGS), and 2-6% at Wan's and
 HunyuanVideo's shapes, 15-17% at CogVideoX's against the tenth session's table in a later run. The
@@ -52,9 +54,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import kernels_available, on_tensor_device, triton_interpreting
-from sparsediff.kernels import padded_head_dim, valid_length
+from sparsediff.kernels import padded_head_dim, tma_compatible, valid_length
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
@@ -87,11 +90,15 @@ class TileConfig:
     bench-results/h200-2026-12-02/row-order-per-head.log). The order is built with the LUT either
     way (`build_block_lut`), 4-66 us at the model shapes.
     fixed_max: after a row's first step, keep that step's row maxima as the softmax's reference
-    (module docstring); bf16/fp16 without pv_threshold only (the FP8 path's P needs the true maximum).
+    (module docstring); bf16/fp16 without pv_threshold only (the FP8 path's P needs the true maximum),
+    and declared for bf16 (fp16 rows whose P overflows are computed twice: TILE_CONFIGS' notes).
     max_registers: registers a thread at most (ptxas' maxnreg), None for the compiler's choice. 128
     with 8 warps lets two programs share an SM's 64K registers, so that one program's softmax runs
     while the other's products keep the tensor cores busy (the kernel's steps are otherwise serial:
     product, exponentials, product).
+    tma: the unmasked steps load their key and value tiles through TMA tensor descriptors (one
+    instruction a tile, no per-thread addresses) instead of per-thread pointers; one block a step,
+    bf16/fp16 only, and only where the layouts suit TMA (16-byte aligned base and strides).
     """
 
     step_blocks: int
@@ -101,6 +108,7 @@ class TileConfig:
     heavy_rows_first: bool = True
     fixed_max: bool = True
     max_registers: int | None = None
+    tma: bool = False
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`.
@@ -112,7 +120,8 @@ class TileConfig:
 # stages 524 / 500, against 481 / 465 for the running maximum's best (one block, 8 warps) and 442 /
 # 436 for that config with the fixed maximum; CogVideoX (D=64) one block, 8 warps, 3 stages 499 /
 # 473, against 421 / 403 for the running maximum's best (two blocks, 4 warps). cuDNN dense: 563 and
-# 415. fp16 uses the same tiles and MMA rate as bf16 on Hopper; its entries repeat the bf16 measurement.
+# 415. fp16 uses the same tiles and MMA rate as bf16 on Hopper; its entries repeat the bf16 tiles, with the
+# running maximum (below).
 # Two programs an SM at D=128 (H200, 2026-12-04, bench-results/h200-2026-12-04/attention-two-programs-
 # an-sm-session18.log, kernel alone on random masks, keep 1 / 0.2, of cuDNN dense): two key blocks a
 # step with 3 stages, one program an SM (246 / 224 registers, 224 KiB of shared memory), Wan 0.909 /
@@ -125,11 +134,25 @@ class TileConfig:
 # At D=64 the declared tile already runs two programs an SM uncapped (125-127 registers); capping two
 # blocks a step at 128 registers (3 stages) gave 1.202 / 1.131 of cuDNN at keep 1 / 0.25 on
 # CogVideoX's shape against 1.187 / 1.128, within the runs' noise, so it stays (tune-capped-d64-fp8-session19.log).
+# TMA key and value tiles (H200, 2026-12-04, bench-results/h200-2026-12-04/tma-tiles-session20-run{1,2}.json,
+# kernel alone CUDA-graphed on random masks, of cuDNN's graphed call, pointer -> TMA, two runs): Wan keep
+# 1 / 0.25 / 0.1 0.964 -> 0.964, 0.980 -> 1.012, 0.937 -> 0.953 and 0.981 -> 0.980, 0.982 -> 1.003,
+# 0.932 -> 0.949; HunyuanVideo keep 0.25 / 0.1 0.956 -> 0.974, 0.899 -> 0.915 and 0.954 -> 0.993, 0.906
+# -> 0.922; FLUX 0.781 -> 0.757, 0.700 -> 0.707, 0.514 -> 0.522 and 0.795 -> 0.776, 0.712 -> 0.718, 0.525
+# -> 0.532 (keep 1 loses 2-3% there). Spilled registers 8 -> 6 (Wan's build). At D=64 TMA lost 1-2%
+# (CogVideoX 1.218 / 1.151 / 1.044 -> 1.194 / 1.132 / 1.035), so that tile keeps pointer loads.
+# fp16 keeps the running maximum: its P overflows at 65504, e^11 above the fixed reference, and such a
+# row is computed twice (the kernel's overflow check). On video-like inputs (`video_workload`, Wan's
+# grid, fp16, H200, 2026-12-04, bench-results/h200-2026-12-04/fp16-fixed-max-session20.json) nearly
+# every row overflowed: the fixed maximum took 24.3 ms against the running maximum's 13.0 at keep 1,
+# 1.99 against 1.11 ms at a predicted keep of 0.076. On random inputs (no overflow) the fixed maximum
+# is faster: 0.979 / 1.005 / 0.950 of cuDNN at keep 1 / 0.25 / 0.1 against 0.904 / 0.843 / 0.849.
 TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
-    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128),
-    ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128),
+    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128, tma=True),
+    ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128, tma=True,
+                                             fixed_max=False),
     ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
-    ("sm90", 64, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
+    ("sm90", 64, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3, fixed_max=False),
 }
 # The FP8 path (operands in e4m3), measured with `bench kernel --fp8 --tune` (H200, torch 2.11,
 # Triton 3.6, 2026-12-01; bench-results/h200-2026-12-01/kernel-fp8.log): at D=128 one block per step
@@ -174,6 +197,13 @@ def uses_fixed_max(config: TileConfig, fp8: bool, pv_threshold: float | None) ->
     FP8 path (its P must stay within e4m3's range) nor pv_threshold (its skip test compares with the
     running maximum) is on."""
     return config.fixed_max and not fp8 and pv_threshold is None
+
+
+def uses_tma(config: TileConfig, fp8: bool) -> bool:
+    """Whether the kernel's unmasked steps may read their tiles through TMA: the config asks for it,
+    one key block a step (a descriptor tile is contiguous keys), and not the FP8 path (its V is read
+    transposed). The launcher also needs layouts that suit TMA (`tma_compatible`)."""
+    return config.tma and not fp8 and config.step_blocks == 1
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
@@ -343,9 +373,9 @@ def build_block_lut(
 
 @triton.jit
 def _softmax_pv(
-    acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
+    acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, key0, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
     MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
     if FIXED_MAX:  # the reference maximum stays: no rescaling of l_i and acc
         m_new = m_i
@@ -360,7 +390,9 @@ def _softmax_pv(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
     v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASK_KEYS:
+    if TMA and not MASK_KEYS:  # one block: its keys are contiguous; columns past D read as 0
+        v = V_desc.load([b, h, key0, 0]).reshape(keys.shape[0], offs_d.shape[0])
+    elif MASK_KEYS:
         v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
     elif PAD_D:
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
@@ -381,11 +413,11 @@ def _softmax_pv(
 
 @triton.jit
 def _attn_step(
-    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
+    acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, step, n_valid,
     offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
     BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr, MASK_KEYS: tl.constexpr,
     PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
     """One step over STEP_BLOCKS kept key blocks; MASK_KEYS where the step may hold masked keys."""
     offs_n = tl.arange(0, BLOCK_N * STEP_BLOCKS)
@@ -407,7 +439,9 @@ def _attn_step(
             step_blocks = STEP_BLOCKS
         keys = block * BLOCK_N + offs_n % BLOCK_N
     k_ptrs = K_bh + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    if MASK_KEYS:
+    if TMA and not MASK_KEYS:  # STEP_BLOCKS == 1 (the launcher's condition)
+        k = K_desc.load([b, h, block * BLOCK_N, 0]).reshape(BLOCK_N, offs_d.shape[0])
+    elif MASK_KEYS:
         k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
     elif PAD_D:
         k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
@@ -433,24 +467,24 @@ def _attn_step(
             n_skipped += step_blocks
         else:
             acc, l_i, m_i = _softmax_pv(
-                acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-                step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, False,
+                acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, block * BLOCK_N, keys, key_ok, offs_d, d_ok,
+                stride_vn, stride_vd, step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, False, TMA,
             )
     else:
         acc, l_i, m_i = _softmax_pv(
-            acc, l_i, m_i, s, m_step, V_bh, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd,
-            step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX,
+            acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, block * BLOCK_N, keys, key_ok, offs_d, d_ok,
+            stride_vn, stride_vd, step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX, TMA,
         )
     return acc, l_i, m_i, n_skipped
 
 
 @triton.jit
 def _attend_row(
-    q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
+    q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STEP_BLOCKS: tl.constexpr,
     PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FIXED_MAX: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
     """A row's softmax over its kept key blocks: (acc, l_i, P·V skips). FIXED_MAX (bf16/fp16, no
     P·V skip): the first step's maxima stay the reference (module docstring); l_i >= 1 for every
@@ -465,31 +499,31 @@ def _attend_row(
         first = 1
         if n_steps > 0:
             acc, l_i, m_i, n_skipped = _attn_step(
-                acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, 0, n_valid,
+                acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, 0, n_valid,
                 offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-                BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, False,
+                BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, False, TMA,
             )
     # Only the row's last step can hold a partial key block (ragged Nk or kv_lens: the LUT drops
     # blocks past the valid keys and lists the rest in ascending order) or a partial step, so every
     # other step runs without masks.
     for step in tl.range(first, n_steps - 1, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, step, n_valid,
-            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX,
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, step,
+            n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, False, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX, TMA,
         )
     if n_steps > first:
         acc, l_i, m_i, n_skipped = _attn_step(
-            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps - 1, n_valid,
-            offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
-            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX,
+            acc, l_i, m_i, n_skipped, q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps - 1,
+            n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
+            BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX, TMA,
         )
     return acc, l_i, n_skipped
 
 
 @triton.jit
 def _block_sparse_attn_kernel(
-    Q, K, V, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+    Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -499,6 +533,7 @@ def _block_sparse_attn_kernel(
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
     row = tl.program_id(0)
@@ -530,19 +565,24 @@ def _block_sparse_attn_kernel(
 
     n_steps = tl.cdiv(count, STEP_BLOCKS)
     acc, l_i, n_skipped = _attend_row(
-        q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
+        q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
         BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE, FIXED_MAX,
+        TMA,
     )
     if FIXED_MAX:
         # A later step whose scores lie far above the first step's maxima (2**64 times its term)
-        # could overflow: the row is computed again with the running maximum.
-        if tl.max(l_i, 0) >= _FIXED_MAX_LIMIT:
+        # could overflow: the row is computed again with the running maximum. In fp16 P itself
+        # overflows from 65504 (e^11 above the reference) and turns the accumulator non-finite.
+        overflow = tl.max(l_i, 0) >= _FIXED_MAX_LIMIT
+        if Q.dtype.element_ty == tl.float16 and not DOT_FP32:
+            overflow = overflow | (tl.min((tl.abs(acc) < float("inf")).to(tl.int32)) == 0)
+        if overflow:
             acc, l_i, n_skipped = _attend_row(
-                q, K_bh, V_bh, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
+                q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
                 stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
                 BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE,
-                False,
+                False, TMA,
             )
     # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -593,9 +633,13 @@ def attention_from_lut(
     out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
+    tma = uses_tma(config, fp8) and tma_compatible(k) and tma_compatible(v)
+    # The descriptors' tiles are one key block, the head dim padded: columns past D read as 0.
+    k_desc, v_desc = ((TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, padded_head_dim(head_dim)])
+                       for t in (k, v)) if tma else (k_in, v_in))
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
     _block_sparse_attn_kernel[(B * H * QB,)](
-        q_in, k_in, v_in, out, counts, indices, lut.order,
+        q_in, k_in, v_in, k_desc, v_desc, out, counts, indices, lut.order,
         kv_lens if kv_lens is not None else counts, skips, *scales,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
         H, n_q, n_k, QB, KB, scale * math.log2(math.e),
@@ -607,7 +651,7 @@ def attention_from_lut(
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         HEAVY_FIRST=config.heavy_rows_first,
-        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold),
+        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
     )
     return (out, skips) if return_pv_skips else out
