@@ -68,12 +68,21 @@ def _worker(rank: int, world: int, port: int, family: str, apply_first: bool, ou
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread here, as in the workers, so that both sides sum in the same order; restored
+    after, or every later test of the session would run on one core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("family,apply_first", [("wan", False), ("flux", True)],
                          ids=["wan-enable-then-apply", "flux-apply-then-enable"])
-def test_ulysses_two_processes_match_one(family, apply_first, tmp_path):
+def test_ulysses_two_processes_match_one(family, apply_first, tmp_path, one_thread):
     # Wan: our hook outside diffusers' split hooks; FLUX: inside them, so it must gather the inputs back.
     mp.spawn(_worker, args=(2, _free_port(), family, apply_first, str(tmp_path)), nprocs=2)
-    torch.set_num_threads(1)
     single = _two_steps(family, 1)
     build, make_inputs = TINY[family]
     stock = build()
