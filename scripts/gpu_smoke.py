@@ -11,7 +11,7 @@ import sys
 import torch
 
 from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, predict_block_mask, sparse_attention
-from sparsediff.kernels.block_sparse_attn import WORK_LEVELS, attention_from_lut, build_block_lut, tile_config
+from sparsediff.kernels.block_sparse_attn import TMA_MIN_PAIRS, WORK_LEVELS, attention_from_lut, build_block_lut, tile_config
 from sparsediff.kernels.block_sparse_attn_reference import block_lut_reference, block_sparse_attention_reference
 from sparsediff.kernels.channel_stats import channel_stats_fp8
 from sparsediff.kernels.gather_tokens import gather_tokens
@@ -53,12 +53,20 @@ for heads, q_blocks, key_blocks in ((24, 931, 1861), (12, 256, 512)):
 q, k, v = (torch.randn(1, 12, 256 * BLOCK_M, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 mask = torch.rand(1, 12, 256, 512, device="cuda") < torch.rand(1, 12, 256, 1, device="cuda")
 lut = build_block_lut(mask, 512 * BLOCK_N)
-config = tile_config(64, torch.bfloat16, q.device)
+config = tile_config(64, torch.bfloat16, q.device, q.shape[0] * q.shape[1] * q.shape[2] ** 2)
 outs = [attention_from_lut(q, k, v, lut, 0.125, config=dataclasses.replace(config, heavy_rows_first=first))
         for first in (False, True)]
 ok = torch.equal(outs[0], outs[1])
 failed |= not ok
 print(f"heavy rows first vs row order: identical outputs {'ok' if ok else 'FAIL'}")
+# TMA key and value tiles against pointer loads (D=128, (B, N, H, D) storage; the declared tile takes
+# TMA on long calls only).
+q, k, v = (torch.randn(1, 256 * BLOCK_M, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+config = tile_config(128, torch.bfloat16, q.device, TMA_MIN_PAIRS)
+outs = [attention_from_lut(q, k, v, lut, 128**-0.5, config=dataclasses.replace(config, tma=tma)) for tma in (False, True)]
+ok = config.tma and torch.equal(outs[0], outs[1])
+failed |= not ok
+print(f"TMA tiles vs pointer loads: identical outputs {'ok' if ok else 'FAIL'}")
 
 # The token gather in both storage layouts, against torch's.
 index = torch.randperm(4608 + 512, device="cuda")

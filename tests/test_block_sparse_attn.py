@@ -126,6 +126,24 @@ def test_tma_falls_back_to_pointers_where_the_layout_does_not_suit_it(monkeypatc
     _assert_close(out, _reference(q[..., :40], k[..., :40], v[..., :40], mask, scale=0.125), torch.float16)
 
 
+def test_declared_tile_reads_through_tma_on_long_calls_only(monkeypatch):
+    import sparsediff.kernels.block_sparse_attn as bsa
+
+    made = []
+    monkeypatch.setattr(bsa, "TensorDescriptor", lambda *args: made.append(args) or TensorDescriptor(*args))
+    monkeypatch.setattr(bsa, "gpu_arch", lambda device: "sm90")  # the Hopper tiles, D=128 with TMA
+    q, k, v = _qkv(1, 2, 256, 256, 128, torch.float16)
+    mask = torch.ones(_mask_shape(1, 2, 256, 256), dtype=torch.bool)
+    lut = build_block_lut(mask, 256)
+    ref = _reference(q, k, v, mask, scale=0.125)
+    pairs = 2 * 256 * 256
+    for min_pairs, descriptors in ((pairs + 1, 0), (pairs, 2)):
+        monkeypatch.setattr(bsa, "TMA_MIN_PAIRS", min_pairs)
+        made.clear()
+        _assert_close(attention_from_lut(q, k, v, lut, 0.125), ref, torch.float16)
+        assert len(made) == descriptors
+
+
 @pytest.mark.parametrize("step_blocks", [1, 2])
 def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     # Rows of very different work, as a text segment kept densely makes them: every output row and

@@ -231,7 +231,7 @@ def check_kernel(device: str, log, fp8: bool = False) -> bool:
                                          fp8=quantized)
             if quantized:
                 err, measure = float(relative_l1(out, ref)), "rel L1 vs FP8 reference"
-                one_block = tile_config(D, torch.float8_e4m3fn, q.device).step_blocks == 1
+                one_block = tile_config(D, torch.float8_e4m3fn, q.device, B * H * n_q * n_k).step_blocks == 1
                 good = err <= (CHECK_FP8_REL_L1 if one_block else CHECK_FP8_STEPS_REL_L1)  # False for NaN
             else:
                 err, measure = (out - ref).abs().max().item(), "max abs err"
@@ -630,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
         configs = []
         for kernel_dtype in kernel_dtypes:
             config = chosen.get((shape.head_dim, kernel_dtype)) or block_sparse_attn.tile_config(
-                shape.head_dim, kernel_dtype, torch.device(device))
+                shape.head_dim, kernel_dtype, torch.device(device), shape.batch * shape.heads * shape.tokens**2)
             if device == "cuda" and chosen:
                 # block_sparse_attention reads the declared table: declare the tuned config for this run.
                 block_sparse_attn.TILE_CONFIGS[(block_sparse_attn.gpu_arch(torch.device("cuda")),

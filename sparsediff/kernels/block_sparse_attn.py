@@ -48,7 +48,7 @@ acc / l; P·V runs in e4m3 and the per-channel V scales are applied once, at the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -165,6 +165,15 @@ TILE_CONFIGS.update({
     ("sm90", 128, torch.float8_e4m3fn): TileConfig(step_blocks=1, num_warps=8, num_stages=3, fixed_max=False),
     ("sm90", 64, torch.float8_e4m3fn): TileConfig(step_blocks=2, num_warps=4, num_stages=3, fixed_max=False),
 })
+# Calls of fewer query-key pairs (B * H * Nq * Nk) take the declared tile without TMA: Triton encodes
+# the descriptors on the host at every launch that a CUDA graph does not replay. At FLUX's shape (5.1e8
+# pairs, predicted keep 0.086; H200, 2026-12-04, bench-results/h200-2026-12-04/host-overhead-session21-
+# run{1,2}.json) a launch loop took 107.5 against 91.0 us a launch with and without TMA on one lease's
+# host, 75.9 against 48.5 on another's, for a kernel of 77.9 against 79.1 us graphed; graphed on random
+# masks TMA lost 2-3% there at keep 1 and gained 0.5-1.3% at 0.25 and 0.1 (above). At Wan's shape
+# (1.3e10 pairs, kernel >= 1.2 ms) TMA gains 1.5-3%. Nothing was measured between the two; the cut lies
+# between them.
+TMA_MIN_PAIRS = 4 * 10**9
 # Unmeasured GPUs, other head dims, and the CPU interpreter: small enough for any GPU's shared memory.
 DEFAULT_TILE_CONFIG = TileConfig(step_blocks=1, num_warps=4, num_stages=2)
 
@@ -206,9 +215,11 @@ def uses_tma(config: TileConfig, fp8: bool) -> bool:
     return config.tma and not fp8 and config.step_blocks == 1
 
 
-def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """The declared tile configuration for this head dim, dtype and device."""
-    return TILE_CONFIGS.get((gpu_arch(device), padded_head_dim(head_dim), dtype), DEFAULT_TILE_CONFIG)
+def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, pairs: int) -> TileConfig:
+    """The declared tile configuration for this head dim, dtype and device, for a call of `pairs`
+    query-key pairs (B * H * Nq * Nk): below TMA_MIN_PAIRS without TMA."""
+    config = TILE_CONFIGS.get((gpu_arch(device), padded_head_dim(head_dim), dtype), DEFAULT_TILE_CONFIG)
+    return replace(config, tma=False) if config.tma and pairs < TMA_MIN_PAIRS else config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,7 +640,7 @@ def attention_from_lut(
     if max(_max_offset(t) for t in (q_in, k_in, v_in)) > _INT32_MAX:
         raise ValueError("q: a (b, h) slice spans more than 2**31 elements; not supported")
     if config is None:
-        config = tile_config(head_dim, q_in.dtype, q.device)
+        config = tile_config(head_dim, q_in.dtype, q.device, B * H * n_q * n_k)
     out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
