@@ -126,33 +126,6 @@ def test_tma_falls_back_to_pointers_where_the_layout_does_not_suit_it(monkeypatc
     _assert_close(out, _reference(q[..., :40], k[..., :40], v[..., :40], mask, scale=0.125), torch.float16)
 
 
-@pytest.mark.parametrize("config", [TileConfig(1, 4, 2), TileConfig(2, 4, 2, fixed_max=False), TileConfig(1, 4, 2, tma=True)])
-@pytest.mark.parametrize("B,H,n_q,n_k,D,dtype", [(2, 2, 256, 700, 64, torch.float16), (1, 2, 300, 640, 48, torch.bfloat16)])
-def test_key_halves_merge_to_the_whole_rows(monkeypatch, config, B, H, n_q, n_k, D, dtype):
-    import sparsediff.kernels.block_sparse_attn as bsa
-
-    q, k, v = (torch.randn(B, n, H, D, dtype=dtype).transpose(1, 2) for n in (n_q, n_k, n_k))
-    mask = torch.rand(_mask_shape(B, H, n_q, n_k)) < 0.5
-    half = math.ceil(mask.shape[-1] / 2)
-    mask[0, 0, 0] = False  # no key at all
-    mask[0, 0, 1] = False
-    mask[0, 0, 1, :2] = True  # keys in the first half only
-    mask[0, 1, 0] = False
-    mask[0, 1, 0, -1] = True  # the ragged last key block only (second half)
-    mask[-1, -1, -1] = True  # every key
-    kv_lens = torch.tensor([n_k] * (B - 1) + [n_k - 90], dtype=torch.int32)
-    lut = build_block_lut(mask, n_k, kv_lens)
-    whole = attention_from_lut(q, k, v, lut, 0.2, kv_lens=kv_lens, config=config)
-    monkeypatch.setattr(bsa, "l2_cache_bytes", lambda device: 0)  # every call splits its keys
-    assert bsa.splits_keys(k, False, None) and not bsa.splits_keys(k, True, None) and not bsa.splits_keys(k, False, 0.01)
-    halves = attention_from_lut(q, k, v, lut, 0.2, kv_lens=kv_lens, config=config)
-    ref = _reference(q, k, v, mask, scale=0.2, kv_lens=kv_lens)
-    _assert_close(halves, ref, dtype)
-    _assert_close(halves, whole, dtype)
-    assert torch.count_nonzero(halves[0, 0, :BLOCK_M]) == 0
-    assert mask[0, 0, 1, half:].sum() == 0 and mask[0, 1, 0, :half].sum() == 0
-
-
 def test_declared_tile_reads_through_tma_on_long_calls_only(monkeypatch):
     import sparsediff.kernels.block_sparse_attn as bsa
 

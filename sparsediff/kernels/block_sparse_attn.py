@@ -38,17 +38,6 @@ loads and its P·V product are skipped. Each dropped block holds at most BLOCK_N
 the row's softmax mass relative to the running maximum's term, so the relative error stays below
 (number of dropped blocks) * BLOCK_N * pv_threshold. The first step of a row is never dropped.
 
-Key halves (`splits_keys`): where one head's keys and values exceed half the GPU's L2 cache
-(HunyuanVideo: 61 MB a head in bf16), the programs running together, all on one head, read its
-whole K and V at random offsets and miss L2. The kernel then runs twice over every row: first over
-the row's kept blocks in the first half of the keys, writing its output and each query row's
-log-sum-exp, then over those in the second half, merging with the first launch's output in its
-epilogue. Each launch reads half of a head's keys (measured: random masks restricted to the first
-half of the keys took 30.2 against 33.5 ms at HunyuanVideo's shape, keep 0.1; TILE_CONFIGS' notes).
-The first half's output is rounded to the output dtype before the merge (one more rounding, at most
-one ulp of it). Not with pv_threshold (the skip test needs the whole row's running maximum) nor on
-the FP8 path (e4m3 halves the bytes; a head fits then).
-
 FP8 (`fp8=True`, the FP8 constexpr): q, k, v are first quantised to e4m3 (`quantize_fp8`: per
 query-block / key-block / V-channel scales, K smoothed, V transposed). Q·K runs in e4m3 with fp32
 accumulation and is dequantised by the program's q scale (folded into qk_scale) times each key
@@ -224,19 +213,6 @@ def uses_tma(config: TileConfig, fp8: bool) -> bool:
     one key block a step (a descriptor tile is contiguous keys), and not the FP8 path (its V is read
     transposed). The launcher also needs layouts that suit TMA (`tma_compatible`)."""
     return config.tma and not fp8 and config.step_blocks == 1
-
-
-def l2_cache_bytes(device: torch.device) -> int | None:
-    """The GPU's L2 cache size; None on the CPU (the interpreter has no cache to fit)."""
-    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else None
-
-
-def splits_keys(k: torch.Tensor, fp8: bool, pv_threshold: float | None) -> bool:
-    """Whether the kernel runs over the first and then the second half of the keys (module
-    docstring): one head's keys and values take more than half the L2 cache, in bf16/fp16 without
-    pv_threshold."""
-    l2 = l2_cache_bytes(k.device)
-    return l2 is not None and not fp8 and pv_threshold is None and 2 * k[0, 0].numel() * k.element_size() > l2 // 2
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, pairs: int) -> TileConfig:
@@ -521,8 +497,7 @@ def _attend_row(
     PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
     ROUND_E4M3: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
-    """A row's softmax over its kept key blocks: (acc, l_i, m_i, P·V skips); m_i is the maximum that
-    acc and l_i are relative to (log2 units of the scaled scores; -inf for a row that saw no key). FIXED_MAX (bf16/fp16, no
+    """A row's softmax over its kept key blocks: (acc, l_i, P·V skips). FIXED_MAX (bf16/fp16, no
     P·V skip): the first step's maxima stay the reference (module docstring); l_i >= 1 for every
     row that sees a key (its first step's maximum contributes exp2(0)), and the caller checks l_i
     for overflow. Otherwise the running maximum."""
@@ -554,24 +529,12 @@ def _attend_row(
             n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
             BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX, TMA,
         )
-    return acc, l_i, m_i, n_skipped
-
-
-@triton.jit
-def _entries_below(lut_row, count, limit, CHUNK: tl.constexpr):
-    """How many of a LUT row's `count` entries (ascending key-block indices) are below `limit`."""
-    n = 0
-    for start in range(0, count, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        entries = tl.load(lut_row + offs, mask=offs < count, other=limit)
-        n += tl.sum((entries < limit).to(tl.int32))
-    return n
+    return acc, l_i, n_skipped
 
 
 @triton.jit
 def _block_sparse_attn_kernel(
     Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-    lse_ptr, kb_split,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -581,11 +544,9 @@ def _block_sparse_attn_kernel(
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
-    TMA: tl.constexpr, KEY_HALF: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
-    # KEY_HALF 0: the row's kept blocks; 1: those below kb_split (writes O and the log-sum-exp);
-    # 2: those from kb_split on, merged with the first half's O and log-sum-exp.
     row = tl.program_id(0)
     if HEAVY_FIRST:
         row = tl.load(order_ptr + row)
@@ -595,13 +556,6 @@ def _block_sparse_attn_kernel(
     h = bh % H
     count = tl.load(counts_ptr + row)
     lut_row = lut_ptr + row.to(tl.int64) * KB
-    if KEY_HALF != 0:
-        first_half = _entries_below(lut_row, count, kb_split, 256)
-        if KEY_HALF == 1:
-            count = first_half
-        else:
-            lut_row += first_half
-            count -= first_half
     n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
 
@@ -621,7 +575,7 @@ def _block_sparse_attn_kernel(
         qk_scale = qk_scale * tl.load(q_scale_ptr + row)
 
     n_steps = tl.cdiv(count, STEP_BLOCKS)
-    acc, l_i, m_i, n_skipped = _attend_row(
+    acc, l_i, n_skipped = _attend_row(
         q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
         BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE, FIXED_MAX,
@@ -635,31 +589,18 @@ def _block_sparse_attn_kernel(
         if Q.dtype.element_ty == tl.float16:
             overflow = overflow | (tl.min((tl.abs(acc) < float("inf")).to(tl.int32)) == 0)
         if overflow:
-            acc, l_i, m_i, n_skipped = _attend_row(
+            acc, l_i, n_skipped = _attend_row(
                 q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
                 stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
                 BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE,
                 False, TMA,
             )
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
-        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    lse_ptrs = lse_ptr + row.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if KEY_HALF == 2:
-        # The first half's (O, log-sum-exp) and this half's (acc, l_i, m_i), over a common maximum.
-        lse_first = tl.load(lse_ptrs)
-        m = tl.maximum(m_i, lse_first)
-        m = tl.where(m == float("-inf"), 0.0, m)  # neither half saw a key: both weights 0
-        w_first = tl.math.exp2(lse_first - m)
-        w_here = tl.math.exp2(m_i - m)
-        l_i = w_first + l_i * w_here
-        first = tl.load(o_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        acc = first * w_first[:, None] + acc * w_here[:, None]
-    elif KEY_HALF == 1:
-        tl.store(lse_ptrs, tl.where(l_i > 0.0, m_i + tl.math.log2(tl.maximum(l_i, 1.0)), float("-inf")))
     # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if FP8:
         out = out * tl.load(v_scale_ptr + bh * HEAD_D + offs_d, mask=d_ok, other=0.0)[None, :]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
+        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if COUNT_SKIPS:
         tl.store(skips_ptr + row, n_skipped)
@@ -708,25 +649,22 @@ def attention_from_lut(
     k_desc, v_desc = ((TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, padded_head_dim(head_dim)])
                        for t in (k, v)) if tma else (k_in, v_in))
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    halves = (1, 2) if splits_keys(k, fp8, pv_threshold) else (0,)
-    lse = torch.empty(B * H * QB * BLOCK_M, dtype=torch.float32, device=q.device) if halves != (0,) else counts
-    for half in halves:  # one launch, or the first half's keys then the second's (stream order)
-        _block_sparse_attn_kernel[(B * H * QB,)](
-            q_in, k_in, v_in, k_desc, v_desc, out, counts, indices, lut.order,
-            kv_lens if kv_lens is not None else counts, skips, *scales, lse, triton.cdiv(KB, 2),
-            *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
-            H, n_q, n_k, QB, KB, scale * math.log2(math.e),
-            math.log2(pv_threshold) if pv_threshold is not None else 0.0,
-            HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
-            PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
-            # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
-            DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
-            WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
-            HEAVY_FIRST=config.heavy_rows_first,
-            FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma, KEY_HALF=half,
-            num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
-        )
+    _block_sparse_attn_kernel[(B * H * QB,)](
+        q_in, k_in, v_in, k_desc, v_desc, out, counts, indices, lut.order,
+        kv_lens if kv_lens is not None else counts, skips, *scales,
+        *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
+        H, n_q, n_k, QB, KB, scale * math.log2(math.e),
+        math.log2(pv_threshold) if pv_threshold is not None else 0.0,
+        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
+        PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
+        # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
+        DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
+        WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
+        HEAVY_FIRST=config.heavy_rows_first,
+        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma,
+        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
+    )
     return (out, skips) if return_pv_skips else out
 
 
