@@ -288,7 +288,10 @@ def test_sample_rows_cover_each_block_segment(samples):
     [
         (dict(cdf_threshold=1.5), "cdf_threshold"),
         (dict(cdf_threshold=-0.1), "cdf_threshold"),
+        (dict(sim_threshold=float("nan")), "sim_threshold"),
+        (dict(sim_threshold=True), "sim_threshold"),
         (dict(sim_threshold=torch.tensor([0.5, 0.5, 0.5])), "sim_threshold"),
+        (dict(sim_threshold=torch.tensor([0.5, float("nan")])), "sim_threshold"),
         (dict(cdf_threshold=torch.tensor([0.5, 2.0])), "cdf_threshold"),
         (dict(cdf_threshold="high"), "cdf_threshold"),
         (dict(method="topk"), "method"),
