@@ -241,12 +241,10 @@ def predict_with(
     no host-device sync, so callers that validate once (the processors) keep the GPU queue full.
     One mask (with its lookup table) per cdf threshold."""
     b, h, n, d = q.shape
-    view = (1, h, 1)
-    q_pooled = q_trusted = k_trusted = None
+    q_pooled = q_untrusted = k_untrusted = k_trusted = None
     scores_mean_query = method in ("qpool", "pooled")
     if scores_mean_query or thresholds.uses_sim:  # one pass over q
-        q_pooled, q_sim = block_stats(q, BLOCK_M, pooled=scores_mean_query)
-        q_trusted = q_sim >= thresholds.sim.view(view)
+        q_pooled, _, q_untrusted = block_stats(q, BLOCK_M, pooled=scores_mean_query, sim_below=thresholds.sim)
     if method in SAMPLED_QUERIES:
         samples = SAMPLED_QUERIES[method]
         qf, kf = q, k
@@ -255,8 +253,8 @@ def predict_with(
         qf, kf = q_pooled, k
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=1)
     elif method == "pooled":
-        kf, k_sim = block_stats(k, BLOCK_N, kv_lens)
-        qf, k_trusted = q_pooled, k_sim >= thresholds.sim.view(view)
+        kf, _, k_untrusted = block_stats(k, BLOCK_N, kv_lens, sim_below=thresholds.sim)
+        qf, k_trusted = q_pooled, ~k_untrusted
         geometry = dict(stride=1, q_tokens=BLOCK_M, k_tokens=BLOCK_N)
     else:
         qf, kf = q, k
@@ -267,9 +265,7 @@ def predict_with(
     )
     # Untrusted query blocks attend to every key block, untrusted key blocks are always kept, and so
     # is the text tail; the lookup-table kernel adds them to each selection and drops invalid keys.
-    dense = dict(dense_rows=None if q_trusted is None else ~q_trusted.expand(b, h, -1),
-                 dense_cols=None if k_trusted is None else ~k_trusted.expand(b, h, -1),
-                 dense_tail_tokens=dense_tail_tokens)
+    dense = dict(dense_rows=q_untrusted, dense_cols=k_untrusted, dense_tail_tokens=dense_tail_tokens)
     predicted = []
     for mask in [first] + [select_top_cdf(mass, cdf) for cdf in thresholds.cdf[1:]]:
         mask = mask.contiguous()

@@ -31,13 +31,20 @@ def test_block_stats_matches_reference(dtype, shape, block, lens, chunked, monke
         monkeypatch.setattr(block_stats_module, "triton_interpreting", lambda: False)
     x = _strided(torch.randn(*shape).to(dtype))
     lens = torch.tensor(lens) if lens is not None else None
-    pooled, sim = block_stats(x, block, lens)
+    pooled, sim, below = block_stats(x, block, lens)
     ref_pooled, ref_sim = block_stats_reference(x, block, lens)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sim, ref_sim, atol=1e-5, rtol=1e-5)
-    unpooled, sim_alone = block_stats(x, block, lens, pooled=False)
-    assert unpooled is None
-    torch.testing.assert_close(sim_alone, ref_sim, atol=1e-5, rtol=1e-5)
+    assert below is None
+    # Per-head thresholds at the blocks' own similarities (ties count as not below) and beside them.
+    heads = shape[1]
+    for thresholds in (ref_sim[0, :, 0], ref_sim[0, :, 0] + 1e-3, torch.full((heads,), float("nan"))):
+        unpooled, sim_alone, below = block_stats(x, block, lens, pooled=False, sim_below=thresholds.float().contiguous())
+        assert unpooled is None
+        torch.testing.assert_close(sim_alone, ref_sim, atol=1e-5, rtol=1e-5)
+        assert torch.equal(below, ~(sim_alone >= thresholds.view(1, -1, 1)))
+    with pytest.raises(ValueError, match="sim_below"):
+        block_stats(x, block, lens, sim_below=torch.zeros(heads + 1))
 
 
 def test_self_similarity_definition():

@@ -25,11 +25,11 @@ NUM_WARPS = 4
 
 @triton.jit
 def _block_stats_kernel(
-    x_ptr, pooled_ptr, sim_ptr, lens_ptr,
+    x_ptr, pooled_ptr, sim_ptr, lens_ptr, thr_ptr, below_ptr,
     sxb, sxh, sxn, sxd,
     H, N, n_blocks,
     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, POOLED: tl.constexpr,
-    HAS_LENS: tl.constexpr,
+    HAS_LENS: tl.constexpr, BELOW: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -57,32 +57,43 @@ def _block_stats_kernel(
     s2 = tl.sum(s * s, axis=0)
     sim = tl.where(n >= 2.0, (s2 - n) / tl.maximum(n * (n - 1.0), 1.0), 1.0)
     tl.store(sim_ptr + bh * n_blocks + blk, sim)
+    if BELOW:  # not (sim >= threshold): a NaN similarity counts as below
+        tl.store(below_ptr + bh * n_blocks + blk, (sim >= tl.load(thr_ptr + h)) == 0)
 
 
 def block_stats(
-    x: torch.Tensor, block: int, valid_len: torch.Tensor | None = None, *, pooled: bool = True
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Per-block mean token (B, H, ceil(N/block), D) fp32 (None with pooled=False, which skips it)
-    and self-similarity (B, H, ceil(N/block)) fp32 of (B, H, N, D) `x`; see `block_stats_reference`
-    for the definitions. Runs the Triton kernel where kernels are available, else the reference."""
+    x: torch.Tensor, block: int, valid_len: torch.Tensor | None = None, *, pooled: bool = True,
+    sim_below: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Per-block mean token (B, H, ceil(N/block), D) fp32 (None with pooled=False, which skips it),
+    self-similarity (B, H, ceil(N/block)) fp32 of (B, H, N, D) `x` (see `block_stats_reference` for
+    the definitions) and, given fp32 (H,) thresholds `sim_below`, bool (B, H, ceil(N/block)):
+    whether a block's similarity is not at least its head's threshold (else None). The predictors
+    take the last from the same pass, not from comparison kernels of their own. Runs the Triton
+    kernel where kernels are available, else the reference."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, N, D), got shape {tuple(x.shape)}")
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     if valid_len is not None and (valid_len.shape != (x.shape[0],) or valid_len.is_floating_point()):
         raise ValueError(f"valid_len must be an int tensor of shape ({x.shape[0]},)")
+    if sim_below is not None and (sim_below.shape != (x.shape[1],) or sim_below.dtype != torch.float32):
+        raise ValueError(f"sim_below must be an fp32 tensor of shape ({x.shape[1]},)")
     if not kernels_available(x.device):
         means, sim = block_stats_reference(x, block, valid_len)
-        return (means if pooled else None), sim
+        below = None if sim_below is None else ~(sim >= sim_below.to(sim.device).view(1, -1, 1))
+        return (means if pooled else None), sim, below
     b, h, n, d = x.shape
     nb = -(-n // block)
     means = torch.empty(b, h, nb, d, device=x.device, dtype=torch.float32) if pooled else None
     sim = torch.empty(b, h, nb, device=x.device, dtype=torch.float32)
     lens = valid_len.to(device=x.device, dtype=torch.int32) if valid_len is not None else sim
+    below = torch.empty(b, h, nb, device=x.device, dtype=torch.bool) if sim_below is not None else None
     _block_stats_kernel[(nb, b * h)](
-        x, means if pooled else sim, sim, lens, *x.stride(), h, n, nb,
+        x, means if pooled else sim, sim, lens, sim_below.to(x.device) if below is not None else sim,
+        below.view(torch.int8) if below is not None else sim, *x.stride(), h, n, nb,
         D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=block if triton_interpreting() else min(block, CHUNK_ROWS),
         POOLED=pooled,
-        HAS_LENS=valid_len is not None, num_warps=NUM_WARPS,
+        HAS_LENS=valid_len is not None, BELOW=below is not None, num_warps=NUM_WARPS,
     )
-    return means, sim
+    return means, sim, below
