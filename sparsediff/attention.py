@@ -240,7 +240,7 @@ def predict_with(
     """The prediction itself, on arguments already checked (`head_thresholds`, `predict_block_masks`):
     no host-device sync, so callers that validate once (the processors) keep the GPU queue full.
     One mask (with its lookup table) per cdf threshold."""
-    b, h, n, d = q.shape
+    n = q.shape[2]
     q_pooled = q_untrusted = k_untrusted = k_trusted = None
     scores_mean_query = method in ("qpool", "pooled")
     if scores_mean_query or thresholds.uses_sim:  # one pass over q
