@@ -44,7 +44,7 @@ def kernel_alone(name: str) -> None:
             line = []
             for path, quant, dtype in (("bf16", None, q.dtype), ("fp8", quantized, torch.float8_e4m3fn)):
                 times = {}
-                for order, config in _orders(bsa.tile_config(s.head_dim, dtype, q.device, s.batch * s.heads * s.tokens**2)).items():
+                for order, config in _orders(bsa.tile_config(s.head_dim, dtype, q.device, s.pairs)).items():
                     times[order] = triton.testing.do_bench(lambda: bsa.attention_from_lut(
                         q, k, v, lut, s.head_dim**-0.5, config=config, quantized=quant))
                 line.append(f"{path} row {times['row']:.3f} ms (x{dense * kept / times['row']:.2f} cuDNN) heavy "

@@ -104,11 +104,18 @@ def test_tma_tiles_equal_pointer_tiles(B, H, n, D, dtype):
     _assert_close(tma, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), dtype)
 
 
-def test_tma_falls_back_to_pointers_where_the_layout_does_not_suit_it(monkeypatch):
+@pytest.fixture
+def descriptors_made(monkeypatch):
+    """The arguments of every TMA descriptor the attention launcher makes, in order."""
     import sparsediff.kernels.block_sparse_attn as bsa
 
     made = []
     monkeypatch.setattr(bsa, "TensorDescriptor", lambda *args: made.append(args) or TensorDescriptor(*args))
+    return made
+
+
+def test_tma_falls_back_to_pointers_where_the_layout_does_not_suit_it(descriptors_made):
+    made = descriptors_made
     q, k, v = _qkv(1, 1, 300, 300, 64, torch.float16)
     mask = torch.ones(_mask_shape(1, 1, 300, 300), dtype=torch.bool)
     lut = build_block_lut(mask, 300)
@@ -126,11 +133,10 @@ def test_tma_falls_back_to_pointers_where_the_layout_does_not_suit_it(monkeypatc
     _assert_close(out, _reference(q[..., :40], k[..., :40], v[..., :40], mask, scale=0.125), torch.float16)
 
 
-def test_declared_tile_reads_through_tma_on_long_calls_only(monkeypatch):
+def test_declared_tile_reads_through_tma_on_long_calls_only(monkeypatch, descriptors_made):
     import sparsediff.kernels.block_sparse_attn as bsa
 
-    made = []
-    monkeypatch.setattr(bsa, "TensorDescriptor", lambda *args: made.append(args) or TensorDescriptor(*args))
+    made = descriptors_made
     monkeypatch.setattr(bsa, "gpu_arch", lambda device: "sm90")  # the Hopper tiles, D=128 with TMA
     q, k, v = _qkv(1, 2, 256, 256, 128, torch.float16)
     mask = torch.ones(_mask_shape(1, 2, 256, 256), dtype=torch.bool)

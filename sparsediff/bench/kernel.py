@@ -33,6 +33,11 @@ class BenchShape:
     grid: tuple[int, int, int]  # latent (frames, height, width) of the video/image tokens, first
     text_tokens: int  # tokens after the grid (processors place text last), attended densely
 
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs of one dense call: B * H * N * N."""
+        return self.batch * self.heads * self.tokens**2
+
 
 # Latent grids: Wan 81f 480x832 -> 21x30x52; CogVideoX 49f 480x720 -> 13x30x45 + 226 text;
 # HunyuanVideo 129f 720x1280 -> 33x45x80 + 256 text; FLUX 1024px -> 64x64 + 512 text.
@@ -151,7 +156,7 @@ class _Timer:
 
 
 def _tflops(shape: BenchShape, keep: float, ms: float) -> float:
-    return 4 * shape.batch * shape.heads * shape.tokens**2 * shape.head_dim * keep / (ms * 1e-3) / 1e12
+    return 4 * shape.pairs * shape.head_dim * keep / (ms * 1e-3) / 1e12
 
 
 def _make_qkv(shape: BenchShape, dtype, device):
@@ -630,7 +635,7 @@ def run(args: argparse.Namespace) -> int:
         configs = []
         for kernel_dtype in kernel_dtypes:
             config = chosen.get((shape.head_dim, kernel_dtype)) or block_sparse_attn.tile_config(
-                shape.head_dim, kernel_dtype, torch.device(device), shape.batch * shape.heads * shape.tokens**2)
+                shape.head_dim, kernel_dtype, torch.device(device), shape.pairs)
             if device == "cuda" and chosen:
                 # block_sparse_attention reads the declared table: declare the tuned config for this run.
                 block_sparse_attn.TILE_CONFIGS[(block_sparse_attn.gpu_arch(torch.device("cuda")),
