@@ -15,7 +15,6 @@ from sparsediff.kernels.block_sparse_attn import (
     attention_from_lut,
     block_sparse_attention,
     build_block_lut,
-    tail_split_rows,
 )
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
@@ -385,45 +384,3 @@ def test_bad_arguments_raise(name, change):
     args.update(change(args))
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         block_sparse_attention(**args)
-
-
-@pytest.mark.parametrize("step_blocks,fixed_max", [(1, True), (2, True), (1, False)])
-def test_split_rows_equal_whole_rows(step_blocks, fixed_max):
-    # Rows of 0, 1 and many kept blocks, ragged keys and kv_lens: split into halves (the last rows of
-    # the heavy-first order, or all of them) they give the whole rows' outputs and P·V skip counts.
-    B, H, n_q, n_k, D = 2, 2, 300, 700, 64
-    q, k, v = _qkv(B, H, n_q, n_k, D, torch.float16)
-    k = (k.float() * torch.linspace(0.5, 3.0, n_k)[:, None]).to(torch.float16)
-    mask = torch.rand(_mask_shape(B, H, n_q, n_k)) < 0.5
-    mask[0, 0, 0] = False  # a row without keys
-    mask[0, 1, 1] = False
-    mask[0, 1, 1, 3] = True  # a row of one block
-    mask[1, 1, 2] = True  # a full row
-    kv_lens = torch.tensor([700, 555], dtype=torch.int32)
-    lut = build_block_lut(mask, n_k, kv_lens)
-    config = TileConfig(step_blocks, 4, 2, fixed_max=fixed_max)
-    pv = None if fixed_max else 1e-2
-    whole = attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, pv_threshold=pv, return_pv_skips=True,
-                               config=config, split_rows=0)
-    n_rows = lut.counts.numel()
-    for split_rows in (1, 5, n_rows):
-        split = attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, pv_threshold=pv, return_pv_skips=True,
-                                   config=config, split_rows=split_rows)
-        _assert_close(split[0], whole[0], torch.float16)
-        assert torch.equal(split[1], whole[1])
-    _assert_close(whole[0], _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens) if fixed_max else whole[0],
-                  torch.float16)
-
-
-def test_tail_split_rows_fill_the_last_wave():
-    assert tail_split_rows(864, 264) == 192  # FLUX on an H200, two programs an SM: 4 whole waves
-    assert tail_split_rows(792, 264) == 0
-    assert tail_split_rows(100, 264) == 100  # under one wave: every row in halves
-    assert tail_split_rows(864, 0) == 0  # programs an SM unknown
-
-
-def test_split_rows_out_of_range_raise():
-    q, k, v = _qkv(1, 1, 128, 128, 64, torch.float16)
-    lut = build_block_lut(torch.ones(_mask_shape(1, 1, 128, 128), dtype=torch.bool), 128)
-    with pytest.raises(ValueError, match="split_rows"):
-        attention_from_lut(q, k, v, lut, 0.125, split_rows=2)

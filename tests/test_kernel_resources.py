@@ -80,15 +80,13 @@ COMPILE_SCRIPT = textwrap.dedent("""
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
                       HEAVY_FIRST=config.heavy_rows_first,
                       FIXED_MAX=bsa.uses_fixed_max(config, fp8, 0.01 if pv_skip else None), TMA=tma,
-                      SPLIT=config.programs_per_sm > 0,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         # With TMA the unmasked steps read key and value tiles through descriptors of one key block.
         tiles = f"tensordesc<{name}[1,1,{bsa.BLOCK_N},{head_dim}]>" if tma else "*" + name
         pointers = {"Q": "*" + name, "K": "*" + name, "V": "*" + name, "K_desc": tiles, "V_desc": tiles,
                     "O": "*" + ("bf16" if fp8 else name),
                     "counts_ptr": "*i32", "lut_ptr": "*i16", "order_ptr": "*i32", "kv_lens_ptr": "*i32", "skips_ptr": "*i32",
-                    "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
-                    "half_acc_ptr": "*fp32", "half_stats_ptr": "*fp32", "half_count_ptr": "*i32"}
+                    "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
         shared, mma = compile_kernel(bsa._block_sparse_attn_kernel, consts, pointers, True,
                                      num_warps=config.num_warps, num_stages=config.num_stages,
                                      maxnreg=config.max_registers)

@@ -71,7 +71,6 @@ BLOCK_N = 64  # key rows per mask block
 
 MAX_HEAD_DIM = 128
 WORK_LEVELS = 8  # bands of a row's kept fraction that order the programs (heavy_rows_first)
-MERGE_ROWS = tl.constexpr(32)  # query rows the second half of a split row combines at a time (_join_halves)
 _INT32_MAX = 2**31 - 1
 _LOG2_E4M3_MAX = tl.constexpr(math.log2(E4M3_MAX))
 _FIXED_MAX_LIMIT = tl.constexpr(2.0**64)  # l_i at or above it: the row is computed with the running maximum
@@ -100,9 +99,6 @@ class TileConfig:
     tma: the unmasked steps load their key and value tiles through TMA tensor descriptors (one
     instruction a tile, no per-thread addresses) instead of per-thread pointers; one block a step,
     bf16/fp16 only, and only where the layouts suit TMA (16-byte aligned base and strides).
-    programs_per_sm: programs of this tile an SM runs at once (its registers and shared memory
-    decide), so that the launcher can split rows to fill the grid's last wave (`tail_split_rows`);
-    0 where unknown: no split.
     """
 
     step_blocks: int
@@ -113,7 +109,6 @@ class TileConfig:
     fixed_max: bool = True
     max_registers: int | None = None
     tma: bool = False
-    programs_per_sm: int = 0
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`.
@@ -225,21 +220,6 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, pairs: 
     query-key pairs (B * H * Nq * Nk): below TMA_MIN_PAIRS without TMA."""
     config = TILE_CONFIGS.get((gpu_arch(device), padded_head_dim(head_dim), dtype), DEFAULT_TILE_CONFIG)
     return replace(config, tma=False) if config.tma and pairs < TMA_MIN_PAIRS else config
-
-
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 0 elsewhere."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
-def tail_split_rows(n_rows: int, slots: int) -> int:
-    """How many of `n_rows` rows to compute as two halves so that the programs fill whole waves of
-    `slots` programs running at once (0 slots: unknown, none). The GPU starts programs in grid
-    order, and FLUX's 864 rows at two programs an SM fill 3.27 waves of the H200's 264: without a
-    split the last 0.27 of a wave runs while most SMs idle."""
-    if slots <= 0:
-        return 0
-    return min(n_rows, -(-n_rows // slots) * slots - n_rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,11 +497,10 @@ def _attend_row(
     PAD_D: tl.constexpr, PV_SKIP: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
     ROUND_E4M3: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
-    """A row's softmax over the `count` kept key blocks listed from `lut_row` (a whole row, or one
-    half of a split one): (acc, l_i, m_i, P·V skips), acc and l_i relative to exp2(m_i). FIXED_MAX
-    (bf16/fp16, no P·V skip): the first step's maxima stay the reference (module docstring); l_i >= 1
-    for every row that sees a key (its first step's maximum contributes exp2(0)), and the caller
-    checks l_i for overflow. Otherwise the running maximum."""
+    """A row's softmax over its kept key blocks: (acc, l_i, P·V skips). FIXED_MAX (bf16/fp16, no
+    P·V skip): the first step's maxima stay the reference (module docstring); l_i >= 1 for every
+    row that sees a key (its first step's maximum contributes exp2(0)), and the caller checks l_i
+    for overflow. Otherwise the running maximum."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -550,48 +529,33 @@ def _attend_row(
             n_valid, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
             BLOCK_N, STEP_BLOCKS, True, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX, TMA,
         )
-    return acc, l_i, m_i, n_skipped
+    return acc, l_i, n_skipped
 
 
 @triton.jit
 def _block_sparse_attn_kernel(
     Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-    half_acc_ptr, half_stats_ptr, half_count_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, n_q, n_k, QB, KB, n_whole, qk_scale, log2_pv_threshold,
+    H, n_q, n_k, QB, KB, qk_scale, log2_pv_threshold,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
-    TMA: tl.constexpr, SPLIT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
-    # With SPLIT, the rows of that order from n_whole on are each computed by two programs, one per
-    # half of the row's steps (`tail_split_rows`).
-    slot = tl.program_id(0)
-    if SPLIT:
-        split_program = slot - n_whole  # >= 0: a half of the split row n_whole + split_program // 2
-        pair = tl.where(split_program >= 0, split_program // 2, -1)
-        half = tl.where(split_program >= 0, split_program % 2, 0)
-        slot = tl.where(pair >= 0, n_whole + pair, slot)
-    row = slot
+    row = tl.program_id(0)
     if HEAVY_FIRST:
-        row = tl.load(order_ptr + slot)
+        row = tl.load(order_ptr + row)
     qb = row % QB
     bh = row // QB
     b = bh // H
     h = bh % H
     count = tl.load(counts_ptr + row)
     lut_row = lut_ptr + row.to(tl.int64) * KB
-    n_steps = tl.cdiv(count, STEP_BLOCKS)
-    if SPLIT:  # a half takes whole steps: the first half the first n_steps // 2
-        first_half_blocks = (n_steps // 2) * STEP_BLOCKS
-        lut_row = lut_row + tl.where(half == 1, first_half_blocks, 0)
-        count = tl.where(pair < 0, count, tl.where(half == 1, count - first_half_blocks, first_half_blocks))
-        n_steps = tl.cdiv(count, STEP_BLOCKS)
     n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D
 
@@ -610,7 +574,8 @@ def _block_sparse_attn_kernel(
     if FP8:
         qk_scale = qk_scale * tl.load(q_scale_ptr + row)
 
-    acc, l_i, m_i, n_skipped = _attend_row(
+    n_steps = tl.cdiv(count, STEP_BLOCKS)
+    acc, l_i, n_skipped = _attend_row(
         q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
         BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE, FIXED_MAX,
@@ -624,76 +589,21 @@ def _block_sparse_attn_kernel(
         if Q.dtype.element_ty == tl.float16:
             overflow = overflow | (tl.min((tl.abs(acc) < float("inf")).to(tl.int32)) == 0)
         if overflow:
-            acc, l_i, m_i, n_skipped = _attend_row(
+            acc, l_i, n_skipped = _attend_row(
                 q, K_bh, V_bh, K_desc, V_desc, b, h, k_scale_bh, lut_row, count, n_steps, n_valid, offs_d, d_ok,
                 stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, log2_pv_threshold,
                 BLOCK_M, BLOCK_D, BLOCK_N, STEP_BLOCKS, PAD_D, PV_SKIP, DOT_FP32, FP8, ROUND_E4M3, WARP_SPECIALIZE,
                 False, TMA,
             )
-    O_bh = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    v_scale_bh = v_scale_ptr + bh * HEAD_D
-    if COUNT_SKIPS:  # the two halves of a split row both add theirs
-        tl.atomic_add(skips_ptr + row, n_skipped)
-    if SPLIT:
-        if pair >= 0:
-            _join_halves(acc, l_i, m_i, half_acc_ptr, half_stats_ptr, half_count_ptr, pair, half, O_bh, v_scale_bh,
-                         qb * BLOCK_M, n_q, stride_on, stride_od, HEAD_D, BLOCK_M, BLOCK_D, FP8)
-        else:
-            _write_rows(O_bh, v_scale_bh, acc, l_i, offs_m, offs_d, n_q, stride_on, stride_od, HEAD_D, FP8)
-    else:
-        _write_rows(O_bh, v_scale_bh, acc, l_i, offs_m, offs_d, n_q, stride_on, stride_od, HEAD_D, FP8)
-
-
-@triton.jit
-def _write_rows(O_bh, v_scale_bh, acc, l_i, offs_m, offs_d, n_q, stride_on, stride_od,
-                HEAD_D: tl.constexpr, FP8: tl.constexpr):
-    """Normalise rows offs_m of a row's accumulator by their sums and store them. Rows that saw no
-    key keep l_i == 0 and acc == 0: they return zeros."""
-    d_ok = offs_d < HEAD_D
+    # Rows that saw no key keep l_i == 0 and acc == 0: they return zeros.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if FP8:
-        out = out * tl.load(v_scale_bh + offs_d, mask=d_ok, other=0.0)[None, :]
-    o_ptrs = O_bh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O_bh.dtype.element_ty), mask=(offs_m < n_q)[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _join_halves(acc, l_i, m_i, half_acc_ptr, half_stats_ptr, half_count_ptr, pair, half, O_bh, v_scale_bh,
-                 row0, n_q, stride_on, stride_od,
-                 HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr):
-    """Each half of a split row leaves (acc, l_i, m_i) in its slot of the half buffers and counts
-    itself (half_count_ptr[pair], an atomic whose release follows the stores); the second to arrive
-    (its acquire sees the first's stores) combines the two slots, MERGE_ROWS query rows at a time so
-    that it never holds two accumulators in registers, writes the row and resets the count to 0,
-    which leaves the buffers ready for the next launch and for CUDA-graph replays."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    slot_acc = half_acc_ptr + pair.to(tl.int64) * (2 * BLOCK_M * BLOCK_D)
-    slot_stats = half_stats_ptr + pair.to(tl.int64) * (4 * BLOCK_M)
-    tl.store(slot_acc + half * (BLOCK_M * BLOCK_D) + rows[:, None] * BLOCK_D + cols[None, :], acc)
-    tl.store(slot_stats + half * (2 * BLOCK_M) + rows, l_i)
-    tl.store(slot_stats + half * (2 * BLOCK_M) + BLOCK_M + rows, m_i)
-    tl.debug_barrier()  # every thread's stores precede the count's release
-    if tl.atomic_add(half_count_ptr + pair, 1) == 1:
-        tl.debug_barrier()  # every thread's loads follow the count's acquire
-        for chunk in tl.static_range(BLOCK_M // MERGE_ROWS):
-            r = chunk * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
-            # .cg: read through L2, where the other SM's stores are, not a stale L1 line
-            m0 = tl.load(slot_stats + BLOCK_M + r, cache_modifier=".cg")
-            m1 = tl.load(slot_stats + 3 * BLOCK_M + r, cache_modifier=".cg")
-            # A half that saw no key has m = -inf (and acc = l = 0): its factor exp2(-inf) is 0, also
-            # where neither half saw one (then the reference is 0, not the -inf that would make nan).
-            m_new = tl.maximum(m0, m1)
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            f0 = tl.math.exp2(m0 - m_new)
-            f1 = tl.math.exp2(m1 - m_new)
-            l_new = tl.load(slot_stats + r, cache_modifier=".cg") * f0 \
-                + tl.load(slot_stats + 2 * BLOCK_M + r, cache_modifier=".cg") * f1
-            chunk_ptrs = slot_acc + r[:, None] * BLOCK_D + cols[None, :]
-            acc_new = tl.load(chunk_ptrs, cache_modifier=".cg") * f0[:, None] \
-                + tl.load(chunk_ptrs + BLOCK_M * BLOCK_D, cache_modifier=".cg") * f1[:, None]
-            _write_rows(O_bh, v_scale_bh, acc_new, l_new, row0 + r, cols, n_q, stride_on, stride_od, HEAD_D, FP8)
-        tl.atomic_xchg(half_count_ptr + pair, 0)
+        out = out * tl.load(v_scale_ptr + bh * HEAD_D + offs_d, mask=d_ok, other=0.0)[None, :]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
+        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if COUNT_SKIPS:
+        tl.store(skips_ptr + row, n_skipped)
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -713,16 +623,13 @@ def attention_from_lut(
     return_pv_skips: bool = False,
     config: TileConfig | None = None,
     quantized: Fp8Operands | None = None,
-    split_rows: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the attention kernel on a LUT from `build_block_lut` (arguments already validated).
 
     For callers that reuse one LUT, and for tuning (`config` overrides the declared tile config).
     With return_pv_skips, also returns int32 (B, H, QB): kept key blocks whose P·V was skipped.
     quantized: `quantize_fp8(q, k, v, ...)` of these q, k, v: runs the FP8 kernel on it (q still
-    gives the output's dtype and layout). split_rows: how many rows, the last in program order,
-    two programs compute, one per half of the row; None: as many as fill the grid's last wave
-    (`tail_split_rows`; none where the config does not know its programs an SM).
+    gives the output's dtype and layout).
     """
     B, H, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -734,11 +641,6 @@ def attention_from_lut(
         raise ValueError("q: a (b, h) slice spans more than 2**31 elements; not supported")
     if config is None:
         config = tile_config(head_dim, q_in.dtype, q.device, B * H * n_q * n_k)
-    n_rows = B * H * QB
-    if split_rows is None:
-        split_rows = tail_split_rows(n_rows, config.programs_per_sm * multiprocessors(q.device))
-    if not 0 <= split_rows <= n_rows:
-        raise ValueError(f"split_rows must be in [0, {n_rows}] (the LUT's rows), got {split_rows}")
     out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
     interpreting = q.device.type == "cpu"
@@ -747,26 +649,20 @@ def attention_from_lut(
     k_desc, v_desc = ((TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, padded_head_dim(head_dim)])
                        for t in (k, v)) if tma else (k_in, v_in))
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    block_d = padded_head_dim(head_dim)
-    # What the halves of split rows leave for each other (_join_halves): each half's acc, l and m,
-    # and each pair's arrival count, zeroed here and left zeroed by the kernel.
-    halves = (torch.empty((split_rows, 2, BLOCK_M, block_d), dtype=torch.float32, device=q.device),
-              torch.empty((split_rows, 2, 2, BLOCK_M), dtype=torch.float32, device=q.device),
-              torch.zeros((split_rows,), dtype=torch.int32, device=q.device)) if split_rows else (counts,) * 3
-    _block_sparse_attn_kernel[(n_rows + split_rows,)](
+    _block_sparse_attn_kernel[(B * H * QB,)](
         q_in, k_in, v_in, k_desc, v_desc, out, counts, indices, lut.order,
-        kv_lens if kv_lens is not None else counts, skips, *scales, *halves,
+        kv_lens if kv_lens is not None else counts, skips, *scales,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
-        H, n_q, n_k, QB, KB, n_rows - split_rows, scale * math.log2(math.e),
+        H, n_q, n_k, QB, KB, scale * math.log2(math.e),
         math.log2(pv_threshold) if pv_threshold is not None else 0.0,
-        HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
         PV_SKIP=pv_threshold is not None, COUNT_SKIPS=return_pv_skips,
         # The interpreter's bf16 tl.dot is wrong; fp32 operands are exact there (fp8 ones are right).
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         HEAVY_FIRST=config.heavy_rows_first,
-        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma, SPLIT=split_rows > 0,
+        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
     )
     return (out, skips) if return_pv_skips else out
