@@ -384,12 +384,10 @@ def build_block_lut(
 
 @triton.jit
 def _softmax_pv(
-    acc, l_i, m_i, s, m_step, v_masked, V_bh, V_desc, b, h, key0, keys, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
+    acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, key0, keys, key_ok, offs_d, d_ok, stride_vn, stride_vd, qk_scale,
     MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_FP32: tl.constexpr, FP8: tl.constexpr,
     ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
 ):
-    """The step's exponentials and P·V. v_masked: a MASK_KEYS step's V tile, which `_attn_step` loads
-    with K (None otherwise: the pipelined loop's tiles are loaded here)."""
     if FIXED_MAX:  # the reference maximum stays: no rescaling of l_i and acc
         m_new = m_i
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -403,10 +401,10 @@ def _softmax_pv(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
     v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASK_KEYS:
-        v = v_masked
-    elif TMA:  # one block: its keys are contiguous; columns past D read as 0
+    if TMA and not MASK_KEYS:  # one block: its keys are contiguous; columns past D read as 0
         v = V_desc.load([b, h, key0, 0]).reshape(keys.shape[0], offs_d.shape[0])
+    elif MASK_KEYS:
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
     elif PAD_D:
         v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     else:
@@ -460,10 +458,6 @@ def _attn_step(
         k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    v_masked = None
-    if MASK_KEYS:  # outside the pipelined loop: V's load goes out with K's, its latency hidden behind Q·K
-        v_ptrs = V_bh + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        v_masked = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k))
@@ -484,12 +478,12 @@ def _attn_step(
             n_skipped += step_blocks
         else:
             acc, l_i, m_i = _softmax_pv(
-                acc, l_i, m_i, s, m_step, v_masked, V_bh, V_desc, b, h, block * BLOCK_N, keys, offs_d, d_ok,
+                acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, block * BLOCK_N, keys, key_ok, offs_d, d_ok,
                 stride_vn, stride_vd, step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, False, TMA,
             )
     else:
         acc, l_i, m_i = _softmax_pv(
-            acc, l_i, m_i, s, m_step, v_masked, V_bh, V_desc, b, h, block * BLOCK_N, keys, offs_d, d_ok,
+            acc, l_i, m_i, s, m_step, V_bh, V_desc, b, h, block * BLOCK_N, keys, key_ok, offs_d, d_ok,
             stride_vn, stride_vd, step_scale, MASK_KEYS, PAD_D, DOT_FP32, FP8, ROUND_E4M3, FIXED_MAX, TMA,
         )
     return acc, l_i, m_i, n_skipped
