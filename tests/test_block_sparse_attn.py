@@ -9,6 +9,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparsediff.kernels.block_sparse_attn import (
     BLOCK_M,
     BLOCK_N,
+    TILE_CONFIGS,
     WORK_LEVELS,
     BlockLut,
     TileConfig,
@@ -384,3 +385,13 @@ def test_bad_arguments_raise(name, change):
     args.update(change(args))
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         block_sparse_attention(**args)
+
+
+def test_tune_candidates_are_distinct_tile_configs():
+    # `bench kernel --tune` builds them only on a GPU: a misspelt field would surface there first.
+    from sparsediff.bench.kernel import TUNE_CANDIDATES
+
+    configs = [TileConfig(**candidate) for candidate in TUNE_CANDIDATES]
+    assert len(set(configs)) == len(configs) == 20
+    for head_dim in (64, 128):  # the search includes the declared bf16 tiles it is measured against
+        assert TILE_CONFIGS[("sm90", head_dim, torch.bfloat16)] in configs
