@@ -11,8 +11,10 @@ and the launch's `SPLIT=split_rows > 0` read as `SPLIT=split_rows > 0 or FORCE_S
 import json, os
 import torch, triton
 import sparsediff.kernels.block_sparse_attn as bsa
-from sparsediff.bench.kernel import BenchShape, random_mask
+from sparsediff.bench.kernel import SHAPES, BenchShape, random_mask
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
+
+import scratch.bsa_split as split_mod
 
 out = os.environ.get("OUT", "/tmp")
 dev = torch.device("cuda")
@@ -38,14 +40,12 @@ for heads, n in cases:
         print(json.dumps(row), flush=True)
     del q, k, v
     torch.cuda.empty_cache()
-json.dump(res, open(f"{out}/flux-scan.json", "w"), indent=1)
+json.dump(res, open(f"{out}/flux-scan.json", "w"), indent=1)  # the scan kept should the second part fail
 
 # The split variant's own cost (session 22's dropped split rows, scratch copy): whole rows through the
 # SPLIT=True kernel with no row split, against the kernel on main, and split rows at 2 programs an SM.
-import scratch.bsa_split as split_mod
 res["variant"] = []
 for name in ("flux", "cogvideox"):
-    from sparsediff.bench.kernel import SHAPES
     s = SHAPES[name]
     q, k, v = (torch.randn(s.batch, s.tokens, s.heads, s.head_dim, device=dev, dtype=torch.bfloat16).transpose(1, 2)
                for _ in range(3))
