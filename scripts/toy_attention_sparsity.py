@@ -3,6 +3,7 @@
     python scripts/toy_attention_sparsity.py [--steps 2 8 14] [--budget 0.05] [--prompt "..."]
     python scripts/toy_attention_sparsity.py --frames-cdf 0.95 0.9 0.8 [--dense-steps 4] [--prompt ...]
         [--frames-source oracle|sampled|...]
+    either with [--skipped drop|pooled]
 
 Renders with the shipped toy-shapes weights (CPU, fp32, 16 steps, seed 0), attention in the tile
 order the processors use.
@@ -19,6 +20,11 @@ dense steps computed on the oracle's blocks at each cdf (one threshold for every
 reports the blocks skipped and PSNR / SSIM against the dense clip: the frame quality that masks
 from a perfect predictor would give. --frames-source METHOD: the same with a predictor's masks
 (sim 0), for the predictor's cost in frame quality at one uniform threshold.
+
+An experiment, both modes: --skipped pooled gives every query block, for each key block its mask
+skips, one stand-in token (the block's mean key and mean value, its logit raised by log(token
+count)) instead of nothing: a first-order estimate of the skipped mass, which the kernel does not
+compute (torch only, here).
 """
 from __future__ import annotations
 
@@ -37,16 +43,34 @@ from sparsediff.pipelines.toy_shapes import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFA
 
 GRID = (DEFAULT_FRAMES, DEFAULT_HEIGHT // 4, DEFAULT_WIDTH // 4)  # the latent grid: 4x4 pixel-unshuffle
 TILE = choose_tile(GRID, BLOCK_M)
-TILE_ORDER = tile_permutation(GRID, TILE)
-RASTER_ORDER = inverse_permutation(TILE_ORDER)
 N_VIDEO = GRID[0] * GRID[1] * GRID[2]
 
 
-def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float) -> dict[str, list[float]]:
+def pooled_stand_ins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of (B, H, N, D) inputs over the mask's kept blocks plus one stand-in token per
+    skipped key block: its mean key with the logit raised by log(tokens in the block), its mean value.
+    exp(q.mean(k)) <= mean(exp(q.k)) (Jensen), so each stand-in under-counts its block's mass."""
+    b, h, n, d = q.shape
+    nk = -(-n // BLOCK_N)
+    counts = (n - torch.arange(nk) * BLOCK_N).clamp(max=BLOCK_N).float()
+    pad = (0, 0, 0, nk * BLOCK_N - n)
+    k_mean, v_mean = (torch.nn.functional.pad(x, pad).view(b, h, nk, BLOCK_N, d).sum(3) / counts[:, None] for x in (k, v))
+    rows = mask.repeat_interleave(BLOCK_M, 2)[:, :, :n]  # (B, H, N, nk): each query's block row
+    scores = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~rows.repeat_interleave(BLOCK_N, 3)[..., :n], float("-inf"))
+    stand_in = (q @ k_mean.transpose(-1, -2) * d**-0.5 + counts.log()).masked_fill(rows, float("-inf"))
+    p = torch.softmax(torch.cat([scores, stand_in], -1), -1)
+    return p[..., :n] @ v + p[..., n:] @ v_mean
+
+
+ATTEND = {"drop": block_sparse_attention, "pooled": pooled_stand_ins}
+
+
+def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float, skipped: str) -> dict[str, list[float]]:
     """Per mask source, per head of (1, H, N, D) inputs: the sparsity reached at `budget` relative L1."""
     h = q.shape[1]
     full = torch.ones(1, h, -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // BLOCK_N), dtype=torch.bool)
     ref = block_sparse_attention(q, k, v, full)
+    attend = ATTEND[skipped]
     mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
     sources = {"oracle": lambda cdf: top_cdf(mass, torch.full((h,), cdf))}
     sources.update({m: (lambda cdf, m=m: predict_block_mask(q, k, cdf, 0.0, method=m)) for m in METHODS})
@@ -55,26 +79,28 @@ def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: flo
         curves: list[list[tuple[float, float]]] = [[] for _ in range(h)]
         for cdf in CDF_SWEEP:
             mask = mask_at(cdf)
-            out = block_sparse_attention(q, k, v, mask)
+            out = attend(q, k, v, mask)
             for i in range(h):
                 curves[i].append((1.0 - float(mask[:, i].float().mean()), float(relative_l1(out[:, i], ref[:, i]))))
         result[name] = [sparsity_at_budget(points, budget) for points in curves]
     return result
 
 
-def render(pipe, prompt: str, self_attention) -> tuple:
+def render(pipe, prompt: str, self_attention, tile: tuple[int, int, int] = TILE) -> tuple:
     """One clip of `prompt` (seed 0) with `self_attention(step, q, k, v)` computing every video
-    self-attention call: (B, H, N, D) fp32 tensors in tile order in, the output likewise out (None:
+    self-attention call: (B, H, N, D) fp32 tensors in `tile` order in, the output likewise out (None:
     the stock computation). Returns the frames (F, H, W, 3) in [0, 1]."""
     stock = transformer_wan.dispatch_attention_fn
+    tile_order = tile_permutation(GRID, tile)
+    raster_order = inverse_permutation(tile_order)
     state = {"step": 0}
 
     def attention(query, key, value, *a, **kw):
         if query.shape[1] == key.shape[1] == N_VIDEO:
-            q, k, v = (x.transpose(1, 2).float()[:, :, TILE_ORDER] for x in (query, key, value))
+            q, k, v = (x.transpose(1, 2).float()[:, :, tile_order] for x in (query, key, value))
             out = self_attention(state["step"], q, k, v)
             if out is not None:
-                return out[:, :, RASTER_ORDER].transpose(1, 2).to(query.dtype)
+                return out[:, :, raster_order].transpose(1, 2).to(query.dtype)
         return stock(query, key, value, *a, **kw)
 
     def next_step(pipe, i, t, kw):
@@ -95,22 +121,25 @@ def per_head(pipe, args: argparse.Namespace) -> dict:
     def capture(step, q, k, v):
         if step in args.steps:  # the conditional half of the CFG batch
             layer = sum(row["step"] == step for row in table)
-            table.append({"step": step, "layer": layer, **head_sparsity(q[:1], k[:1], v[:1], args.budget)})
+            table.append({"step": step, "layer": layer, **head_sparsity(q[:1], k[:1], v[:1], args.budget, args.skipped)})
         return None
 
     render(pipe, args.prompt[0], capture)
     sources = ["oracle", *METHODS]
-    print(f"sparsity per head at {args.budget:g} relative L1 (tiles {TILE}, blocks of {BLOCK_M}x{BLOCK_N}):")
+    print(f"sparsity per head at {args.budget:g} relative L1 (tiles {TILE}, blocks of {BLOCK_M}x{BLOCK_N}, "
+          f"skipped blocks: {args.skipped}):")
     for row in table:
         print(f"step {row['step']:2d} layer {row['layer']}: " +
               "  ".join(f"{name} " + " ".join(f"{s:.2f}" for s in row[name]) for name in sources))
     means = {name: sum(sum(r[name]) for r in table) / sum(len(r[name]) for r in table) for name in sources}
     print("mean over heads, layers and steps: " + ", ".join(f"{name} {m:.3f}" for name, m in means.items()))
-    return {"budget": args.budget, "tile": TILE, "prompt": args.prompt[0], "means": means, "rows": table}
+    return {"budget": args.budget, "tile": TILE, "skipped": args.skipped, "prompt": args.prompt[0], "means": means,
+            "rows": table}
 
 
 def masked_frames(pipe, args: argparse.Namespace) -> dict:
     dense = [render(pipe, prompt, lambda *call: None) for prompt in args.prompt]
+    attend = ATTEND[args.skipped]
     rows = []
     for cdf in args.frames_cdf:
         skipped: list[float] = []
@@ -123,7 +152,7 @@ def masked_frames(pipe, args: argparse.Namespace) -> dict:
             else:
                 mask = predict_block_mask(q, k, cdf, 0.0, method=args.frames_source)
             skipped.append(1.0 - float(mask.float().mean()))
-            return block_sparse_attention(q, k, v, mask)
+            return attend(q, k, v, mask)
 
         for prompt, reference in zip(args.prompt, dense):
             skipped.clear()
@@ -131,9 +160,10 @@ def masked_frames(pipe, args: argparse.Namespace) -> dict:
             rows.append({"cdf": cdf, "prompt": prompt, "sparsity": sum(skipped) / len(skipped),
                          "psnr": video_psnr(frames, reference), "ssim": video_ssim(frames, reference)})
             r = rows[-1]
-            print(f"{args.frames_source} cdf {cdf:g}, {args.dense_steps} dense steps: sparsity {r['sparsity']:.3f}, "
+            print(f"{args.frames_source} cdf {cdf:g}, {args.dense_steps} dense steps, skipped blocks {args.skipped}: sparsity {r['sparsity']:.3f}, "
                   f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}  ({prompt})", flush=True)
-    return {"dense_steps": args.dense_steps, "source": args.frames_source, "tile": TILE, "rows": rows}
+    return {"dense_steps": args.dense_steps, "source": args.frames_source, "tile": TILE, "skipped": args.skipped,
+            "rows": rows}
 
 
 def main() -> None:
@@ -146,6 +176,8 @@ def main() -> None:
     p.add_argument("--dense-steps", type=int, default=4, help="with --frames-cdf: steps left dense")
     p.add_argument("--frames-source", choices=["oracle", *METHODS], default="oracle",
                    help="with --frames-cdf: whose masks (the oracle's, or a predictor's at sim 0)")
+    p.add_argument("--skipped", choices=sorted(ATTEND), default="drop",
+                   help="blocks outside the mask: dropped (the kernel), or one pooled stand-in token each")
     p.add_argument("--out", help="also write the table as JSON here")
     args = p.parse_args()
     pipe = load_pipeline()
