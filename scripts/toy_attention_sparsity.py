@@ -3,7 +3,7 @@
     python scripts/toy_attention_sparsity.py [--steps 2 8 14] [--budget 0.05] [--prompt "..."]
     python scripts/toy_attention_sparsity.py --frames-cdf 0.95 0.9 0.8 [--dense-steps 4] [--prompt ...]
         [--frames-source oracle|sampled|...]
-    either with [--skipped drop|pooled]
+    either with [--skipped drop|pooled|pooled16|pooled-gaussian]
 
 Renders with the shipped toy-shapes weights (CPU, fp32, 16 steps, seed 0), attention in the tile
 order the processors use.
@@ -24,11 +24,13 @@ from a perfect predictor would give. --frames-source METHOD: the same with a pre
 An experiment, both modes: --skipped pooled gives every query block, for each key block its mask
 skips, one stand-in token (the block's mean key and mean value, its logit raised by log(token
 count)) instead of nothing: a first-order estimate of the skipped mass, which the kernel does not
-compute (torch only, here).
+compute (torch only, here). pooled16: one stand-in per 16 keys; pooled-gaussian: one a block, its
+logit corrected for the spread of the block's keys (`pooled_stand_ins`).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 import diffusers.models.transformers.transformer_wan as transformer_wan
@@ -46,23 +48,34 @@ TILE = choose_tile(GRID, BLOCK_M)
 N_VIDEO = GRID[0] * GRID[1] * GRID[2]
 
 
-def pooled_stand_ins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of (B, H, N, D) inputs over the mask's kept blocks plus one stand-in token per
-    skipped key block: its mean key with the logit raised by log(tokens in the block), its mean value.
-    exp(q.mean(k)) <= mean(exp(q.k)) (Jensen), so each stand-in under-counts its block's mass."""
+def pooled_stand_ins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, tokens: int = BLOCK_N,
+                     gaussian: bool = False) -> torch.Tensor:
+    """Attention of (B, H, N, D) inputs over the mask's kept blocks plus stand-in tokens for each
+    skipped key block, one per `tokens` keys (a divisor of BLOCK_N): their mean key with the logit
+    raised by log(token count), their mean value. exp(q.mean(k)) <= mean(exp(q.k)) (Jensen), so a
+    stand-in under-counts its keys' mass; `gaussian` adds the diagonal-Gaussian correction
+    0.5 * sum_d (q_d * scale)^2 var(k_d) to the logit."""
     b, h, n, d = q.shape
-    nk = -(-n // BLOCK_N)
-    counts = (n - torch.arange(nk) * BLOCK_N).clamp(max=BLOCK_N).float()
-    pad = (0, 0, 0, nk * BLOCK_N - n)
-    k_mean, v_mean = (torch.nn.functional.pad(x, pad).view(b, h, nk, BLOCK_N, d).sum(3) / counts[:, None] for x in (k, v))
-    rows = mask.repeat_interleave(BLOCK_M, 2)[:, :, :n]  # (B, H, N, nk): each query's block row
-    scores = (q @ k.transpose(-1, -2) * d**-0.5).masked_fill(~rows.repeat_interleave(BLOCK_N, 3)[..., :n], float("-inf"))
-    stand_in = (q @ k_mean.transpose(-1, -2) * d**-0.5 + counts.log()).masked_fill(rows, float("-inf"))
+    n_stand_ins = -(-n // tokens)
+    counts = (n - torch.arange(n_stand_ins) * tokens).clamp(max=tokens).float()
+    pad = (0, 0, 0, n_stand_ins * tokens - n)
+    k_groups, v_groups = (torch.nn.functional.pad(x, pad).view(b, h, n_stand_ins, tokens, d) for x in (k, v))
+    k_mean, v_mean = (x.sum(3) / counts[:, None] for x in (k_groups, v_groups))
+    scale = d**-0.5
+    stand_in = q @ k_mean.transpose(-1, -2) * scale + counts.log()
+    if gaussian:
+        k_var = (k_groups**2).sum(3) / counts[:, None] - k_mean**2
+        stand_in = stand_in + 0.5 * scale**2 * (q * q) @ k_var.transpose(-1, -2)
+    rows = mask.repeat_interleave(BLOCK_M, 2)[:, :, :n]  # (B, H, N, n_key_blocks): each query's block row
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~rows.repeat_interleave(BLOCK_N, 3)[..., :n], float("-inf"))
+    stand_in = stand_in.masked_fill(rows.repeat_interleave(BLOCK_N // tokens, 3)[..., :n_stand_ins], float("-inf"))
     p = torch.softmax(torch.cat([scores, stand_in], -1), -1)
     return p[..., :n] @ v + p[..., n:] @ v_mean
 
 
-ATTEND = {"drop": block_sparse_attention, "pooled": pooled_stand_ins}
+ATTEND = {"drop": block_sparse_attention, "pooled": pooled_stand_ins,
+          "pooled16": functools.partial(pooled_stand_ins, tokens=16),
+          "pooled-gaussian": functools.partial(pooled_stand_ins, gaussian=True)}
 
 
 def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float, skipped: str) -> dict[str, list[float]]:
@@ -177,7 +190,8 @@ def main() -> None:
     p.add_argument("--frames-source", choices=["oracle", *METHODS], default="oracle",
                    help="with --frames-cdf: whose masks (the oracle's, or a predictor's at sim 0)")
     p.add_argument("--skipped", choices=sorted(ATTEND), default="drop",
-                   help="blocks outside the mask: dropped (the kernel), or one pooled stand-in token each")
+                   help="blocks outside the mask: dropped (the kernel), or stand-in tokens (pooled_stand_ins): one a "
+                        "block, one per 16 keys, or one a block with the Gaussian correction")
     p.add_argument("--out", help="also write the table as JSON here")
     args = p.parse_args()
     pipe = load_pipeline()
