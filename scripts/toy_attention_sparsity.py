@@ -78,20 +78,25 @@ ATTEND = {"drop": block_sparse_attention, "pooled": pooled_stand_ins,
           "pooled-gaussian": functools.partial(pooled_stand_ins, gaussian=True)}
 
 
+def source_masks(source: str, q: torch.Tensor, k: torch.Tensor, cdfs: tuple[float, ...]) -> list[torch.Tensor]:
+    """Block masks of (B, H, N, D) q and k at each cdf threshold: `oracle`, the top cdf of the true
+    block mass (computed once), or predictor `source`'s at sim 0."""
+    if source == "oracle":
+        mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
+        return [top_cdf(mass, torch.full((q.shape[1],), cdf)) for cdf in cdfs]
+    return [predict_block_mask(q, k, cdf, 0.0, method=source) for cdf in cdfs]
+
+
 def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float, skipped: str) -> dict[str, list[float]]:
     """Per mask source, per head of (1, H, N, D) inputs: the sparsity reached at `budget` relative L1."""
     h = q.shape[1]
     full = torch.ones(1, h, -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // BLOCK_N), dtype=torch.bool)
     ref = block_sparse_attention(q, k, v, full)
     attend = ATTEND[skipped]
-    mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
-    sources = {"oracle": lambda cdf: top_cdf(mass, torch.full((h,), cdf))}
-    sources.update({m: (lambda cdf, m=m: predict_block_mask(q, k, cdf, 0.0, method=m)) for m in METHODS})
     result = {}
-    for name, mask_at in sources.items():
+    for name in ("oracle", *METHODS):
         curves: list[list[tuple[float, float]]] = [[] for _ in range(h)]
-        for cdf in CDF_SWEEP:
-            mask = mask_at(cdf)
+        for mask in source_masks(name, q, k, CDF_SWEEP):
             out = attend(q, k, v, mask)
             for i in range(h):
                 curves[i].append((1.0 - float(mask[:, i].float().mean()), float(relative_l1(out[:, i], ref[:, i]))))
@@ -160,10 +165,7 @@ def masked_frames(pipe, args: argparse.Namespace) -> dict:
         def masked(step, q, k, v):
             if step < args.dense_steps:
                 return None
-            if args.frames_source == "oracle":
-                mask = top_cdf(true_block_mass(q, k, BLOCK_M, BLOCK_N), torch.full((q.shape[1],), cdf))
-            else:
-                mask = predict_block_mask(q, k, cdf, 0.0, method=args.frames_source)
+            (mask,) = source_masks(args.frames_source, q, k, (cdf,))
             skipped.append(1.0 - float(mask.float().mean()))
             return attend(q, k, v, mask)
 

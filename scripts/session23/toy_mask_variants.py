@@ -21,11 +21,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from toy_attention_sparsity import ATTEND, BLOCK_M, BLOCK_N, GRID, TILE, render  # noqa: E402
+from toy_attention_sparsity import ATTEND, BLOCK_M, BLOCK_N, GRID, TILE, render, source_masks  # noqa: E402
 
-from sparsediff.attention import block_sparse_attention, predict_block_mask  # noqa: E402
-from sparsediff.bench.predict import CDF_SWEEP, sparsity_at_budget, true_block_mass  # noqa: E402
-from sparsediff.kernels.block_select_reference import top_cdf  # noqa: E402
+from sparsediff.attention import METHODS, block_sparse_attention  # noqa: E402
+from sparsediff.bench.predict import CDF_SWEEP, sparsity_at_budget  # noqa: E402
 from sparsediff.layout import tile_permutation  # noqa: E402
 from sparsediff.metrics import relative_l1  # noqa: E402
 from sparsediff.pipelines.toy_shapes import load_pipeline  # noqa: E402
@@ -43,7 +42,7 @@ def main() -> None:
     p.add_argument("--prompt", default="a blue square bounces, a yellow triangle rotates on a checkered background")
     p.add_argument("--steps", type=int, nargs="+", default=[6, 10, 14])
     p.add_argument("--orders", type=parse_order, nargs="+", default=[TILE])
-    p.add_argument("--sources", nargs="+", default=["oracle"])
+    p.add_argument("--sources", nargs="+", choices=["oracle", *METHODS], default=["oracle"])
     p.add_argument("--skipped", nargs="+", choices=sorted(ATTEND), default=["drop"])
     args = p.parse_args()
     pipe = load_pipeline()
@@ -64,10 +63,8 @@ def main() -> None:
             qt, kt, vt = (x[:, :, perm] for x in (q, k, v))
             full = torch.ones(1, h, -(-qt.shape[2] // BLOCK_M), -(-kt.shape[2] // BLOCK_N), dtype=torch.bool)
             ref = block_sparse_attention(qt, kt, vt, full)
-            mass = true_block_mass(qt, kt, BLOCK_M, BLOCK_N)
             for source in args.sources:
-                masks = [top_cdf(mass, torch.full((h,), cdf)) if source == "oracle"
-                         else predict_block_mask(qt, kt, cdf, 0.0, method=source) for cdf in CDF_SWEEP]
+                masks = source_masks(source, qt, kt, CDF_SWEEP)
                 for skipped in args.skipped:
                     points = [(1.0 - float(m.float().mean()), float(relative_l1(ATTEND[skipped](qt, kt, vt, m), ref)))
                               for m in masks]
