@@ -1,13 +1,13 @@
 """Twenty-fourth session: which of the toy model's layers can lose attention blocks without hurting
 the frames? (CPU, fp32, shipped weights.)
 
-    python scripts/session24/toy_layer_sensitivity.py --prompt "..." [--cdf 0.6] [--dense-steps 6]
+    python scripts/session24/toy_layer_sensitivity.py --prompt "..." [--cdf 0.6] [--dense-steps 6] [--sets 0,1,2,4,5 ...]
 
 Renders each caption dense (seed 0, 16 steps), then once per layer with only that layer's video
 self-attention calls after the dense steps computed on the oracle's blocks (top `--cdf` of the true
 block mass, one threshold for every head; the other layers dense), and once with every layer so.
 Reports, per run, the share of that layer's blocks skipped, the share of all blocks skipped, and
-PSNR / SSIM / MSE against the dense clip. If the layers' errors added up, the all-layer MSE would be
+PSNR / SSIM / MSE against the dense clip (--sets: those layer sets instead). If the layers' errors added up, the all-layer MSE would be
 the sum of the single-layer ones: the last line compares the two. A layer whose MSE is a small share
 of the sum could take a low threshold and one that dominates a high one: per-layer thresholds from
 frame sensitivity rather than from a uniform attention-error budget.
@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--prompt", nargs="+", default=["a blue square bounces, a yellow triangle rotates on a checkered background"])
     p.add_argument("--cdf", type=float, default=0.6)
     p.add_argument("--dense-steps", type=int, default=6)
+    p.add_argument("--sets", nargs="+", type=lambda text: [int(i) for i in text.split(",")],
+                   help="comma-separated layer sets to run instead of each layer alone and all of them")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args()
     pipe = load_pipeline()
@@ -41,7 +43,7 @@ def main() -> None:
     rows = []
     for prompt in args.prompt:
         dense = render(pipe, prompt, lambda *call: None)
-        for layers in [[i] for i in range(n_layers)] + [list(range(n_layers))]:
+        for layers in args.sets or [[i] for i in range(n_layers)] + [list(range(n_layers))]:
             calls = {"step": -1, "layer": 0}
             skipped: list[float] = []
 
@@ -68,6 +70,8 @@ def main() -> None:
             print(f"layers {','.join(map(str, layers)):11s} cdf {args.cdf:g}: layer sparsity {row['sparsity_layers']:.3f}, "
                   f"of all blocks {row['sparsity_all']:.3f}, PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}, "
                   f"MSE {row['mse']:.2e}  ({prompt})", flush=True)
+        if args.sets:
+            continue
         singles = [r["mse"] for r in rows[-n_layers - 1:-1]]
         print(f"sum of single-layer MSEs {sum(singles):.2e} against all layers {rows[-1]['mse']:.2e}; shares "
               + " ".join(f"{m / sum(singles):.2f}" for m in singles), flush=True)
