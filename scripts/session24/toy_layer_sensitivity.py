@@ -6,11 +6,13 @@ the frames? (CPU, fp32, shipped weights.)
 Renders each caption dense (seed 0, 16 steps), then once per layer with only that layer's video
 self-attention calls after the dense steps computed on the oracle's blocks (top `--cdf` of the true
 block mass, one threshold for every head; the other layers dense), and once with every layer so.
-Reports, per run, the share of that layer's blocks skipped, the share of all blocks skipped, and
-PSNR / SSIM / MSE against the dense clip (--sets: those layer sets instead). If the layers' errors added up, the all-layer MSE would be
-the sum of the single-layer ones: the last line compares the two. A layer whose MSE is a small share
-of the sum could take a low threshold and one that dominates a high one: per-layer thresholds from
-frame sensitivity rather than from a uniform attention-error budget.
+--sets: those layer sets instead. Reports, per run, the share of the chosen layers' blocks skipped,
+the share of all blocks skipped, and PSNR / SSIM / MSE against the dense clip. If the layers' errors
+added up, the all-layer MSE would be the sum of the single-layer ones: the last line compares the
+two. A layer whose MSE is a small share of the sum could take a low threshold and one that dominates
+a high one: per-layer thresholds from frame sensitivity rather than from a uniform attention-error
+budget. The layers are counted by call order within a step (the pipeline batches the CFG pair into
+one transformer call).
 """
 from __future__ import annotations
 
