@@ -87,11 +87,17 @@ def source_masks(source: str, q: torch.Tensor, k: torch.Tensor, cdfs: tuple[floa
     return [predict_block_mask(q, k, cdf, 0.0, method=source) for cdf in cdfs]
 
 
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The reference the masks are judged against: every block of (B, H, N, D) inputs kept."""
+    b, h = q.shape[:2]
+    return block_sparse_attention(q, k, v, torch.ones(b, h, -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // BLOCK_N),
+                                                      dtype=torch.bool))
+
+
 def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float, skipped: str) -> dict[str, list[float]]:
     """Per mask source, per head of (1, H, N, D) inputs: the sparsity reached at `budget` relative L1."""
     h = q.shape[1]
-    full = torch.ones(1, h, -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // BLOCK_N), dtype=torch.bool)
-    ref = block_sparse_attention(q, k, v, full)
+    ref = dense_attention(q, k, v)
     attend = ATTEND[skipped]
     result = {}
     for name in ("oracle", *METHODS):

@@ -18,12 +18,10 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from toy_attention_sparsity import ATTEND, BLOCK_M, BLOCK_N, GRID, TILE, render, source_masks  # noqa: E402
+from toy_attention_sparsity import ATTEND, GRID, TILE, dense_attention, render, source_masks  # noqa: E402
 
-from sparsediff.attention import METHODS, block_sparse_attention  # noqa: E402
+from sparsediff.attention import METHODS  # noqa: E402
 from sparsediff.bench.predict import CDF_SWEEP, sparsity_at_budget  # noqa: E402
 from sparsediff.layout import tile_permutation  # noqa: E402
 from sparsediff.metrics import relative_l1  # noqa: E402
@@ -57,12 +55,10 @@ def main() -> None:
     render(pipe, args.prompt, capture, RASTER)
     means: dict[tuple, list[float]] = {}
     for step, q, k, v in calls:
-        h = q.shape[1]
         for order in args.orders:
             perm = tile_permutation(GRID, order)
             qt, kt, vt = (x[:, :, perm] for x in (q, k, v))
-            full = torch.ones(1, h, -(-qt.shape[2] // BLOCK_M), -(-kt.shape[2] // BLOCK_N), dtype=torch.bool)
-            ref = block_sparse_attention(qt, kt, vt, full)
+            ref = dense_attention(qt, kt, vt)
             for source in args.sources:
                 masks = source_masks(source, qt, kt, CDF_SWEEP)
                 for skipped in args.skipped:
