@@ -63,7 +63,8 @@ from sparsediff.kernels.block_sparse_attn_reference import (
     block_sparse_attention_reference,
     valid_key_blocks,
 )
-from sparsediff.kernels.quantize_fp8 import E4M3_MAX, Fp8Operands, quantize_fp8, to_e4m3
+from sparsediff.kernels.quantize_fp8 import quantize_fp8, to_e4m3
+from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, Fp8Operands
 from sparsediff.kernels.row_order import heavy_rows_first
 
 BLOCK_M = 128  # query rows per mask block (and per program)

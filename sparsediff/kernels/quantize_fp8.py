@@ -20,7 +20,7 @@ import triton.language as tl
 
 from sparsediff.kernels import padded_head_dim, valid_length
 from sparsediff.kernels.channel_stats import channel_stats_fp8
-from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, V_ROW_ALIGN, Fp8Operands
+from sparsediff.kernels.quantize_fp8_reference import V_ROW_ALIGN, Fp8Operands
 
 NUM_WARPS = 4
 
