@@ -1,6 +1,7 @@
 """The FP8 tile search of `bench kernel --fp8 --tune` alone (without its bf16 search and table), at the
-named shapes, for whichever Q·K operand this tree's FP8 path has. Run on branch int8-qk on 2026-12-05
-(bench-results/h200-2026-12-05/tune-fp8-int8-qk.{log,json}):
+named shapes, for whichever Q·K operand this tree's FP8 path has; writes $OUT/tune-fp8.json, prints
+the candidates. Its run on branch int8-qk (2026-12-05, H200) is stored as
+bench-results/h200-2026-12-05/tune-fp8-int8-qk.{log,json}:
 
     OUT=DIR PYTHONPATH=/tmp/site:. python3 scripts/session25/tune_fp8_tiles.py cogvideox wan
 """
