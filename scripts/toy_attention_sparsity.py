@@ -39,6 +39,7 @@ from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS, block_sparse_attenti
 from sparsediff.bench.predict import CDF_SWEEP, sparsity_at_budget, true_block_mass
 from sparsediff.io import atomic_write_json
 from sparsediff.kernels.block_select_reference import top_cdf
+from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask
 from sparsediff.layout import choose_tile, inverse_permutation, tile_permutation
 from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 from sparsediff.pipelines.toy_shapes import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH, load_pipeline
@@ -66,9 +67,10 @@ def pooled_stand_ins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if gaussian:
         k_var = (k_groups**2).sum(3) / counts[:, None] - k_mean**2
         stand_in = stand_in + 0.5 * scale**2 * (q * q) @ k_var.transpose(-1, -2)
-    rows = mask.repeat_interleave(BLOCK_M, 2)[:, :, :n]  # (B, H, N, n_key_blocks): each query's block row
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~rows.repeat_interleave(BLOCK_N, 3)[..., :n], float("-inf"))
-    stand_in = stand_in.masked_fill(rows.repeat_interleave(BLOCK_N // tokens, 3)[..., :n_stand_ins], float("-inf"))
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~expand_block_mask(mask, n, n, BLOCK_M, BLOCK_N), float("-inf"))
+    # A stand-in stands for the keys its block's mask skips: -inf where the block is kept.
+    kept_stand_ins = expand_block_mask(mask, n, n_stand_ins, BLOCK_M, BLOCK_N // tokens)
+    stand_in = stand_in.masked_fill(kept_stand_ins, float("-inf"))
     p = torch.softmax(torch.cat([scores, stand_in], -1), -1)
     return p[..., :n] @ v + p[..., n:] @ v_mean
 

@@ -23,12 +23,11 @@ import math
 
 import torch
 
+from sparsediff.attention import BLOCK_M, BLOCK_N
 from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
 from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, quantize_fp8_reference, to_e4m3
 from sparsediff.metrics import relative_l1
 from sparsediff.workloads import video_workload
-
-BLOCK_M, BLOCK_N = 128, 64
 
 
 def int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
