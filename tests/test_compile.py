@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from sparsediff.processors import SparseAttnProcessorBase, apply, remove
-from tiny_models import TINY, build_wan, wan_inputs
+from tiny_models import TINY
 
 TIMESTEPS = (900.0, 800.0, 700.0)  # step 0 dense (dense_steps=1), steps 1 and 2 sparse
 
@@ -19,11 +19,13 @@ def _denoise(model, step_inputs):
         return [model(**inputs)[0] for inputs in step_inputs]
 
 
-@pytest.mark.parametrize("how", ["whole", "repeated_blocks"])
-def test_compiled_has_no_graph_breaks_no_recompiles_and_eager_outputs(how):
-    # Two blocks: `compile_repeated_blocks` must reuse one graph for both.
-    model = build_wan(num_layers=2)
-    step_inputs = [wan_inputs(model, timestep=t) for t in TIMESTEPS]
+@pytest.mark.parametrize("family,how", [("wan", "whole"), ("wan", "repeated_blocks"), ("cogvideox", "whole")])
+def test_compiled_has_no_graph_breaks_no_recompiles_and_eager_outputs(family, how):
+    # Two blocks: `compile_repeated_blocks` must reuse one graph for both. CogVideoX (no repeated
+    # blocks declared) joins its text and video in the order the step decides (`join_text`).
+    build, make_inputs = TINY[family]
+    model = build(num_layers=2)
+    step_inputs = [make_inputs(model, timestep=t) for t in TIMESTEPS]
     handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
     eager = _denoise(model, step_inputs)
     eager_sparsity = handle.stats.per_layer_step()

@@ -22,11 +22,11 @@ from sparsediff.processors import (
     remove,
 )
 from sparsediff.processors import controller as controller_module
-from sparsediff.processors import families, wan
+from sparsediff.processors import cogvideox, families, wan
 from sparsediff.processors.controller import FALLBACK_CAUSES
 from sparsediff.processors.flux import image_grid_from_ids
 from sparsediff.profile import SparsityProfile
-from tiny_models import GRID, TEXT_TOKENS, TINY, build_wan, build_wan_pipeline, wan_inputs
+from tiny_models import GRID, TEXT_TOKENS, TINY, build_cogvideox, build_wan, build_wan_pipeline, cogvideox_inputs, wan_inputs
 
 PROCESSOR = {
     "wan": WanSparseAttnProcessor,
@@ -128,8 +128,8 @@ def counted_gathers(monkeypatch):
     monkeypatch.setattr(controller_module, "gather_tokens", counting)
 
 
-def _without_token_order_sites(monkeypatch):
-    monkeypatch.setitem(families.FAMILY_SPECS, "wan", dataclasses.replace(wan.FAMILY, token_order_sites=()))
+def _without_token_order_sites(monkeypatch, family=wan.FAMILY):
+    monkeypatch.setitem(families.FAMILY_SPECS, family.name, dataclasses.replace(family, token_order_sites=()))
 
 
 # Per-token timesteps (Wan 2.2 TI2V): the first latent frame (a conditioning image) at 0.
@@ -155,6 +155,47 @@ def test_wan_forward_holds_tokens_in_attention_order(monkeypatch, counted_gather
     assert ordered_gathers == [0, 0] and per_call_gathers == [0, 2 * 2]  # q, k, v in and the output back, 2 layers
     torch.testing.assert_close(handle.stats.per_layer_step(), ordered_sparsity, rtol=0, atol=0)
     assert (ordered_sparsity[:, 1] > 0).all()
+    for out, ref in zip(ordered, per_call):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    remove(model)
+
+
+def _cogvideox_steps(model, timesteps):
+    outputs, gathers = [], []
+    for timestep in timesteps:
+        before = controller_module.gather_tokens.calls
+        outputs.append(_run(model, cogvideox_inputs(model, timestep=timestep)))
+        gathers.append(controller_module.gather_tokens.calls - before)
+    return outputs, gathers
+
+
+@pytest.mark.parametrize("dense_layer", [False, True])
+def test_cogvideox_forward_holds_video_in_attention_order_and_joins_text_last(monkeypatch, counted_gathers, dense_layer):
+    # CogVideoX joins [text ; video] in every block. A sparse step's forward puts its video tokens in
+    # tile order at the patch embedding (the text stays first there) and its rotary tables with them,
+    # and the processors join [video ; text]: a sparse call moves nothing in and only its output back
+    # text first, where per-call reordering gathers q, k, v and the output. Outputs and masks are the
+    # same; so with a profile-dense layer, whose stock call runs on the joint sequence as it comes.
+    model = build_cogvideox(num_layers=2)
+    timesteps = (900.0, 800.0)
+
+    def applied():
+        handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+        if dense_layer:
+            layer = handle.controller.layer_names[0]
+            handle.controller.profile.layers[layer] = dataclasses.replace(handle.controller.profile.layers[layer], dense=True)
+        return handle
+
+    handle = applied()
+    ordered, ordered_gathers = _cogvideox_steps(model, timesteps)
+    ordered_sparsity = handle.stats.per_layer_step()
+    remove(model)
+    _without_token_order_sites(monkeypatch, cogvideox.FAMILY)
+    handle = applied()
+    per_call, per_call_gathers = _cogvideox_steps(model, timesteps)
+    assert ordered_gathers == [0, 2] and per_call_gathers == [0, 2 if dense_layer else 4]  # outputs back / in and back
+    torch.testing.assert_close(handle.stats.per_layer_step(), ordered_sparsity, rtol=0, atol=0)
+    assert (ordered_sparsity[int(dense_layer):, 1] > 0).all()
     for out, ref in zip(ordered, per_call):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     remove(model)

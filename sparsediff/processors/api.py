@@ -65,7 +65,13 @@ class _StepHook(ModelHook):
         tensors = [value if isinstance(value, torch.Tensor) else None for value in values]
         timestep, hidden_states = torch.ops.sparsediff.begin_forward(
             self._op_key, arguments["timestep"], arguments["hidden_states"], tensors)
-        for name, value in (("timestep", timestep), ("hidden_states", hidden_states)):
+        replaced = [("timestep", timestep), ("hidden_states", hidden_states)]
+        rotary = self.family.joint_rotary_argument
+        if rotary is not None and arguments.get(rotary) is not None:
+            cos, sin = arguments[rotary]
+            text_tokens = arguments["encoder_hidden_states"].shape[1]
+            replaced.append((rotary, torch.ops.sparsediff.joint_rotary(self._op_key, cos, sin, text_tokens)))
+        for name, value in replaced:
             if name in kwargs:
                 kwargs[name] = value
             else:
@@ -121,7 +127,8 @@ class _TokenOrderHook(ModelHook):
     def _order(self, x: torch.Tensor) -> torch.Tensor:
         first = self.site.token_dim
         tokens = x.flatten(first, first + self.site.token_dims - 1)
-        return torch.ops.sparsediff.order_tokens(self._op_key, tokens, first, self.site.restore).view(x.shape)
+        return torch.ops.sparsediff.order_tokens(self._op_key, tokens, first, self.site.restore,
+                                                 self.site.text_first).view(x.shape)
 
 
 class SparseHandle:

@@ -33,12 +33,15 @@ class TokenOrderSite:
     """A submodule whose output tensors carry the video tokens, in raster order, along `token_dim`
     (and the `token_dims` - 1 dims after it, flattened: a patch embedding's (B, C, T, H, W) output
     holds its tokens in T, H, W). The token-order hooks (api.py) put them in the attention order
-    there, or back in raster order (`restore`) where the forward leaves token space."""
+    there, or back in raster order (`restore`) where the forward leaves token space. `text_first`: the
+    output holds the forward's text tokens before its video tokens (CogVideoX's patch embedding
+    joins them); the text stays first."""
 
     module: str
     token_dim: int = 1
     token_dims: int = 1
     restore: bool = False
+    text_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,13 @@ class FamilySpec:
     token_order_sites: where a forward can hold its video tokens in the attention order from the
     patch embedding to the output projection, so that its sparse calls reorder nothing (every
     per-token tensor the blocks read passes one of the sites). Empty: each sparse call reorders its
-    q, k, v and output (families whose joint attention puts the text first need that anyway).
+    q, k, v and output. A family whose processor puts the text first joins its sequence with
+    `SparseAttnProcessorBase.join_text` (text last in such a forward, so that its calls move no token).
+    joint_rotary_argument: a forward argument holding rotary tables (cos, sin) of the video tokens
+    alone, (N, D) each, that the processor applies to its joint sequence (CogVideoX's
+    `image_rotary_emb`): the step hook hands the blocks tables of the joint sequence instead, in the
+    order `join_text` makes (`AttentionController.joint_rotary`; the text length is that of the
+    forward's `encoder_hidden_states`).
     """
 
     name: str
@@ -61,6 +70,7 @@ class FamilySpec:
     is_sparse_layer: Callable[[str], bool]
     read_forward: Callable[[torch.nn.Module, dict[str, Any]], ForwardInfo]
     token_order_sites: tuple[TokenOrderSite, ...] = ()
+    joint_rotary_argument: str | None = None
 
 
 class SparseAttnProcessorBase:
@@ -102,6 +112,12 @@ class SparseAttnProcessorBase:
         """
         return torch.ops.sparsediff.attend(self._op_key, query, key, value, attention_mask, layout, text_tokens,
                                            text_first, parallel)
+
+    def join_text(self, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """The joint sequence of a processor that puts the text first: `torch.cat([text, video], dim=1)`
+        as the stock one, but [video ; text] in a forward that holds its video tokens in the attention
+        order (`AttentionController.join_text`, through the `sparsediff::join_text` op)."""
+        return torch.ops.sparsediff.join_text(self._op_key, text, video)
 
     def dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, parallel: bool) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, timestep_value
+from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, TokenOrderSite, timestep_value
 
 
 class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
@@ -33,7 +33,8 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
     ) -> torch.Tensor:
         text_seq_length = encoder_hidden_states.size(1)
 
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        # [text ; video], or [video ; text] where the forward holds its video tokens in the attention order
+        hidden_states = self.join_text(encoder_hidden_states, hidden_states)
 
         batch_size, sequence_length, _ = hidden_states.shape
 
@@ -61,11 +62,14 @@ class CogVideoXSparseAttnProcessor(SparseAttnProcessorBase):
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
-            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            # Tables of the joint sequence (sparsediff's step hook: the text's rows the identity), or of
+            # the video tokens after the text (the stock tables, where no hook replaced them).
+            rotated = slice(None) if image_rotary_emb[0].shape[0] == sequence_length else slice(text_seq_length, None)
+            query[:, :, rotated] = apply_rotary_emb(query[:, :, rotated], image_rotary_emb)
             if not attn.is_cross_attention:
-                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+                key[:, :, rotated] = apply_rotary_emb(key[:, :, rotated], image_rotary_emb)
 
-        # The sequence is [text ; video]
+        # The stock sequence is [text ; video] (`attend` returns the output in that order)
         hidden_states = self.attend(
             query, key, value, layout="BHND", text_tokens=text_seq_length, text_first=True,
             attention_mask=attention_mask,
@@ -98,4 +102,8 @@ FAMILY = FamilySpec(
     processor_cls=CogVideoXSparseAttnProcessor,
     is_sparse_layer=lambda name: name.startswith("transformer_blocks."),
     read_forward=_read_forward,
+    # The patch embedding joins [text ; video] (the forward then splits them by position), and the
+    # output projection is the last per-token module; the rotary tables arrive as a forward argument.
+    token_order_sites=(TokenOrderSite("patch_embed", text_first=True), TokenOrderSite("proj_out", restore=True)),
+    joint_rotary_argument="image_rotary_emb",
 )

@@ -249,18 +249,40 @@ class AttentionController:
         self._padding = None
         self._forward_ordered = False
 
-    def order_tokens(self, x: torch.Tensor, token_dim: int, restore: bool) -> torch.Tensor:
-        """A contiguous copy of `x`, whose dim `token_dim` holds the forward's video tokens: put in
-        the attention order, or back in raster order (`restore`), where the forward holds its tokens
-        in the attention order (`begin_forward`); else unchanged."""
+    def order_tokens(self, x: torch.Tensor, token_dim: int, restore: bool, text_first: bool = False) -> torch.Tensor:
+        """A contiguous copy of `x`, whose dim `token_dim` holds the forward's video tokens (after its
+        text tokens, which stay first, with `text_first`): put in the attention order, or back in
+        raster order (`restore`), where the forward holds its tokens in the attention order
+        (`begin_forward`); else unchanged."""
         if not self._forward_ordered:
             return x.clone(memory_format=torch.contiguous_format)
         grid = self.forward_info.grid
-        if x.shape[token_dim] != math.prod(grid):
+        n_text = self.forward_info.text_tokens or 0 if text_first else 0
+        if x.shape[token_dim] != n_text + math.prod(grid):
             raise RuntimeError(f"sparsediff: a token-order site holds {x.shape[token_dim]} tokens along dim "
-                               f"{token_dim}, the forward's latent grid {grid} has {math.prod(grid)}")
+                               f"{token_dim}, the forward's {n_text} text tokens and latent grid {grid} "
+                               f"{n_text + math.prod(grid)}")
         perm, inverse = self._permutation(grid, self.profile.token_order, 0, False, x.device)
-        return x.index_select(token_dim, inverse if restore else perm)
+        index = inverse if restore else perm
+        if n_text:
+            index = torch.cat([torch.arange(n_text, device=x.device), index + n_text])
+        return x.index_select(token_dim, index)
+
+    def join_text(self, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """The joint sequence (dim 1) of a text-first family's processor: [text ; video] as the stock
+        processor joins it, or [video ; text] where the forward holds its video tokens in the attention
+        order, so that its sparse calls move no token (`attend` puts the output back text first)."""
+        return torch.cat([video, text] if self._forward_ordered else [text, video], dim=1)
+
+    def joint_rotary(self, cos: torch.Tensor, sin: torch.Tensor, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables (N, D) of the video tokens in raster order, as tables of the joint sequence
+        that `join_text` makes in this forward (the text's rows the identity: cos 1, sin 0)."""
+        joint = []
+        for table, text_value in ((cos, 1.0), (sin, 0.0)):
+            text = table.new_full((text_tokens, table.shape[1]), text_value)
+            video = self.order_tokens(table, 0, False)
+            joint.append(torch.cat([video, text] if self._forward_ordered else [text, video]))
+        return joint[0], joint[1]
 
     def order_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
         """A copy of the forward's timestep; one per token (B, N) (Wan 2.2 TI2V) in the forward's token order."""
@@ -330,9 +352,16 @@ class AttentionController:
         if cause is None and attention_mask is not None:
             padding = self._key_padding(attention_mask, batch, n_tokens)
             cause = padding.cause
+        # In a forward that holds its video tokens in the attention order, a text-first processor joins
+        # its text last (`join_text`): the call moves no token, and its output goes back text first.
+        text_last = self._forward_ordered and text_first
+        text_back = self._text_first_again(n_tokens, text_tokens, q.device) if text_last else None
         if self.runs_dense(layer_name, cause, "stock SDPA"):
             self._record(layer_name, None, batch, heads, n_tokens, padding, head_shard)
-            return dense()
+            if text_back is None:
+                return dense()
+            out, = gather_tokens((dense().transpose(1, 2) if layout == "BNHD" else dense(),), text_back)
+            return out.transpose(1, 2) if layout == "BNHD" else out
         kv_lens = None if padding is None else padding.kv_lens
 
         n_text = self._text_tokens(text_tokens)
@@ -340,7 +369,10 @@ class AttentionController:
         # Video tokens the forward already holds in the attention order leave at most the text to move.
         ordered = self._forward_ordered and grid is not None
         video, video_order = (n_tokens - n_text, "raster") if ordered or grid is None else (grid, order)
-        perms = self._permutation(video, video_order, n_text, text_first, q.device)
+        perms = self._permutation(video, video_order, n_text, text_first and not text_last, q.device)
+        # Indices into the attention order (None: q, k, v arrive in it) and back (None: the output stays in it).
+        to_attention = None if perms is None else perms[0]
+        from_attention = text_back if text_last else None if perms is None else perms[1]
         thresholds, pv = self._layer_thresholds(layer_name, q.device)
         if head_shard is not None:
             thresholds = thresholds.heads(slice(head_shard.start, head_shard.stop))
@@ -351,22 +383,22 @@ class AttentionController:
         )
         # A graph reads its own static q, k, v: tokens that need no reordering would be copied in.
         # For a long call that copy costs more than the launches the graph saves.
-        long_ordered = ordered and perms is None and n_tokens >= ORDERED_GRAPH_MAX_TOKENS
+        long_ordered = ordered and to_attention is None and n_tokens >= ORDERED_GRAPH_MAX_TOKENS
         graph = None if long_ordered else self._call_graph(call, q)
         if graph is None:
-            if perms is not None:
-                q, k, v = gather_tokens((q, k, v), perms[0])
+            if to_attention is not None:
+                q, k, v = gather_tokens((q, k, v), to_attention)
             out, block_mask = self.run_sparse(call, q, k, v)
         else:
-            if perms is None:
+            if to_attention is None:
                 for x, static in zip((q, k, v), graph.inputs):
                     static.copy_(x)
             else:
-                gather_tokens((q, k, v), perms[0], outs=graph.inputs)
+                gather_tokens((q, k, v), to_attention, outs=graph.inputs)
             out, block_mask = graph.run(self.run_sparse, call)
         self._record(layer_name, block_mask, batch, heads, n_tokens, padding, head_shard)
-        if perms is not None:
-            out, = gather_tokens((out,), perms[1])
+        if from_attention is not None:
+            out, = gather_tokens((out,), from_attention)
         elif graph is not None:  # the graph's buffer: the next replay rewrites it
             out = out.clone()
         return out.transpose(1, 2) if layout == "BNHD" else out
@@ -496,6 +528,12 @@ class AttentionController:
                                       "video tokens stay in raster order")
             order = "raster"
         return grid, order
+
+    def _text_first_again(self, n_tokens: int, text_tokens: int | None, device: torch.device) -> torch.Tensor | None:
+        """Indices that put a [video ; text] sequence of `n_tokens` back in [text ; video] order (None: no text)."""
+        n_text = self._text_tokens(text_tokens)
+        perms = self._permutation(n_tokens - n_text, "raster", n_text, True, device)
+        return None if perms is None else perms[1]
 
     def _permutation(self, video: tuple[int, int, int] | int, order: str, n_text: int, text_first: bool,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -20,7 +20,8 @@ The op outputs are new tensors (a custom op may not return a view of an input): 
 a contiguous tensor of the query's shape; `begin_forward` returns copies of the timestep and of the
 latent hidden states, `end_forward` a copy of the transformer's output sample, which the rest of
 the forward then uses, so that a compiler keeps them and keeps them in order (before everything
-the forward computes / after all of it); `order_tokens` returns its input reordered (or a copy).
+the forward computes / after all of it); `order_tokens` returns its input reordered (or a copy),
+`join_text` the processor's joint sequence and `joint_rotary` rotary tables for it.
 """
 from __future__ import annotations
 
@@ -94,16 +95,41 @@ def _begin_forward_fake(hook_key, timestep, hidden_states, arguments):
 
 
 @torch.library.custom_op("sparsediff::order_tokens", mutates_args=(), tags=_TAGS)
-def order_tokens(hook_key: torch.Tensor, x: torch.Tensor, token_dim: int, restore: bool) -> torch.Tensor:
-    """A copy of `x` with its tokens (dim `token_dim`) in the attention order, or back in raster
-    order (`restore`), where the current forward holds its tokens in the attention order
-    (`AttentionController.order_tokens`); else a plain copy. For the token-order hooks (api.py)."""
-    return _owner(hook_key).controller.order_tokens(x, token_dim, restore)
+def order_tokens(hook_key: torch.Tensor, x: torch.Tensor, token_dim: int, restore: bool, text_first: bool) -> torch.Tensor:
+    """A copy of `x` with its video tokens (dim `token_dim`, after the forward's text tokens with
+    `text_first`) in the attention order, or back in raster order (`restore`), where the current
+    forward holds its tokens in the attention order (`AttentionController.order_tokens`); else a
+    plain copy. For the token-order hooks (api.py)."""
+    return _owner(hook_key).controller.order_tokens(x, token_dim, restore, text_first)
 
 
 @order_tokens.register_fake
-def _order_tokens_fake(hook_key, x, token_dim, restore):
+def _order_tokens_fake(hook_key, x, token_dim, restore, text_first):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sparsediff::join_text", mutates_args=(), tags=_TAGS)
+def join_text(processor_key: torch.Tensor, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """The processor's joint sequence of `text` and `video` (B, T, C) and (B, N, C):
+    `AttentionController.join_text`."""
+    return _owner(processor_key).controller.join_text(text, video)
+
+
+@join_text.register_fake
+def _join_text_fake(processor_key, text, video):
+    return video.new_empty(video.shape[0], text.shape[1] + video.shape[1], *video.shape[2:])
+
+
+@torch.library.custom_op("sparsediff::joint_rotary", mutates_args=(), tags=_TAGS)
+def joint_rotary(hook_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The video tokens' rotary tables (N, D) as tables of the forward's joint sequence:
+    `AttentionController.joint_rotary`. For the step hook (api.py)."""
+    return _owner(hook_key).controller.joint_rotary(cos, sin, text_tokens)
+
+
+@joint_rotary.register_fake
+def _joint_rotary_fake(hook_key, cos, sin, text_tokens):
+    return (cos.new_empty(text_tokens + cos.shape[0], cos.shape[1]), sin.new_empty(text_tokens + sin.shape[0], sin.shape[1]))
 
 
 @torch.library.custom_op("sparsediff::end_forward", mutates_args=(), tags=_TAGS)
