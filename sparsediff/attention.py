@@ -243,8 +243,8 @@ def predict_with(
     n = q.shape[2]
     q_pooled = q_untrusted = k_untrusted = k_trusted = None
     scores_mean_query = method in ("qpool", "pooled")
-    if scores_mean_query:  # one pass over q: its block means and self-similarity
-        q_pooled, _, q_untrusted = block_stats(q, BLOCK_M, sim_below=thresholds.sim)
+    if scores_mean_query or thresholds.uses_sim:  # one pass over q
+        q_pooled, _, q_untrusted = block_stats(q, BLOCK_M, pooled=scores_mean_query, sim_below=thresholds.sim)
     if method in SAMPLED_QUERIES:
         samples = SAMPLED_QUERIES[method]
         qf, kf = q, k
@@ -259,13 +259,10 @@ def predict_with(
     else:
         qf, kf = q, k
         geometry = dict(stride=ANTIDIAG_STRIDE, q_tokens=ANTIDIAG_STRIDE, k_tokens=ANTIDIAG_STRIDE)
-    # Scoring the queries themselves, the scoring launch also measures their self-similarity.
-    scores_queries = not scores_mean_query and thresholds.uses_sim
-    first, mass, scored_untrusted = block_select(
+    first, mass = block_select(
         qf, kf, thresholds.cdf[0], n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=scale,
-        kv_lens=kv_lens, k_trusted=k_trusted, sim_below=thresholds.sim if scores_queries else None, **geometry,
+        kv_lens=kv_lens, k_trusted=k_trusted, **geometry,
     )
-    q_untrusted = scored_untrusted if scores_queries else q_untrusted
     # Untrusted query blocks attend to every key block, untrusted key blocks are always kept, and so
     # is the text tail; the lookup-table kernel adds them to each selection and drops invalid keys.
     dense = dict(dense_rows=q_untrusted, dense_cols=k_untrusted, dense_tail_tokens=dense_tail_tokens)

@@ -53,14 +53,13 @@ COMPILE_SCRIPT = textwrap.dedent("""
             config = bs.PARTIAL_CONFIGS[2 if dtype == "bf16" else 4, long_keys]
             consts = dict(D=128, DP=128, S=s, RK=rk, K_TOKENS=64 // rk, QT=config.query_rows, KT=bs.KEY_ROWS,
                           HAS_LENS=True, HAS_TRUST=rk == 1, DOT_FP32=dot_fp32, HAS_Q_ROWS=s == 1,
-                          SIM=dtype == "bf16", BLOCK_Q=128, SIM_CHUNK=32, sqd=1, skd=1)  # bf16: the queries themselves
+                          sqd=1, skd=1)
             if not loop:
                 consts["tiles_per_program"] = 1
             # S == 1 reads its key tiles through a tensor descriptor, strided rows through a pointer.
             keys = f"tensordesc<{dtype}[1,1,{bs.KEY_ROWS},128]>" if s == 1 else "*" + dtype
             pointers = {"q_ptr": "*" + dtype, "q_rows_ptr": "*i64", "k_src": keys, "lens_ptr": "*i32",
-                        "trust_ptr": "*i8", "part_ptr": "*fp32", "tmax_ptr": "*fp32", "sim_thr_ptr": "*fp32",
-                        "below_ptr": "*i8"}
+                        "trust_ptr": "*i8", "part_ptr": "*fp32", "tmax_ptr": "*fp32"}
             shared, _ = compile_kernel(bs._partial_mass_kernel, consts, pointers, True,
                                        num_warps=config.num_warps, num_stages=config.num_stages)
             rows.append(["partial_mass", dtype, s, rk, long_keys, loop, shared])

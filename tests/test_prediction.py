@@ -84,8 +84,7 @@ def test_block_select_matches_reference(method, shape, dtype, lens, trust):
     qf, kf, geometry = _features(method, q, k, lens)
     kw = dict(n_tokens=n, block_m=128, block_n=64, scale=d**-0.5, kv_lens=lens, k_trusted=k_trusted, **geometry)
     thr = torch.tensor([0.9, 0.6])[:h]
-    mask, mass, below = block_select(qf, kf, thr, **kw)
-    assert below is None
+    mask, mass = block_select(qf, kf, thr, **kw)
     ref_mask, ref_mass = block_select_reference(qf, kf, thr, **kw)
     torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
     # Float sums in another order may move a cutoff that sits exactly on a tie: allow 1%.
@@ -111,41 +110,6 @@ def test_block_select_chunks_and_tile_groups_agree(monkeypatch, method):
     torch.testing.assert_close(parts[1], whole[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(parts[1], block_mass_reference(qf, kf, **kw), atol=1e-5, rtol=1e-4)
     assert (parts[0] != whole[0]).float().mean() <= 0.01
-
-
-@pytest.mark.parametrize("method", ["sampled", "antidiag"])
-@pytest.mark.parametrize("chunked", [False, True])  # True: scratch-bounded chunks and the GPU's row chunks
-def test_block_select_measures_query_similarity_as_block_stats(monkeypatch, method, chunked):
-    # Scoring the queries themselves, the launch also flags the query blocks below their head's
-    # similarity threshold: block_stats' flags, the masses unchanged. Blocks of near-copies of one
-    # token (similar) beside random ones, thresholds at a block's own similarity (a tie: not below).
-    q, k = torch.randn(2, 2, 600, 32), torch.randn(2, 2, 600, 32) * 2
-    q[:, :, 128:256] = q[:, :, 128:129] + 0.1 * q[:, :, 128:256]
-    q = _strided(q.to(torch.bfloat16))
-    if chunked:
-        monkeypatch.setattr(block_select_module, "PARTIAL_ELEMENTS", 1)
-        monkeypatch.setattr(block_stats_module, "triton_interpreting", lambda: False)
-    qf, kf, geometry = _features(method, q, k, None)
-    rows = dict(q_rows=sample_rows(600, SAMPLED_QUERIES[method])) if method == "sampled" else {}
-    kw = dict(n_tokens=600, block_m=128, block_n=64, scale=32**-0.5, **geometry)
-    thr = torch.tensor([0.9, 0.7])
-    ref_mask, ref_mass, none = block_select(q, kf, thr, **rows, **kw)
-    assert none is None
-    sim = block_stats(q, 128, pooled=False)[1]  # the kernels' own similarities: ties are exact
-    flags = []
-    for sim_thr in (torch.tensor([0.2, 0.5]), sim[0, :, 1].contiguous(), torch.tensor([float("nan"), 0.0])):
-        mask, mass, below = block_select(q, kf, thr, sim_below=sim_thr, **rows, **kw)
-        assert torch.equal(mask, ref_mask) and torch.equal(mass, ref_mass)
-        assert torch.equal(below, block_stats(q, 128, pooled=False, sim_below=sim_thr)[2])
-        flags.append(below)
-    assert flags[0][:, :, 0].all() and not flags[0][:, :, 1].any()  # random tokens below, near-copies not
-    assert not flags[1][0, :, 1].any() and flags[2][:, 0].all()  # a tie is not below; NaN is
-    with pytest.raises(ValueError, match="sim_below"):
-        block_select(q, kf, thr, sim_below=torch.zeros(3), **rows, **kw)
-    pooled_q = block_stats_reference(q, 128)[0]
-    with pytest.raises(ValueError, match="sim_below"):
-        block_select(pooled_q, kf, thr, sim_below=thr, n_tokens=600, block_m=128, block_n=64, scale=0.1, stride=1,
-                     q_tokens=128, k_tokens=1)
 
 
 def test_block_select_rejects_non_positive_scale():
@@ -182,7 +146,7 @@ def test_selection_geometries_agree(monkeypatch, gpu_geometry, elements_per_warp
     q, k = torch.randn(2, 3, 1100, 32) * 2, torch.randn(2, 3, 1100, 32) * 2
     qf, kf, geometry = _features("sampled", q, k, None)
     kw = dict(n_tokens=1100, block_m=128, block_n=64, scale=32**-0.5, **geometry)
-    mask, mass, _ = block_select(qf, kf, thr, **kw)
+    mask, mass = block_select(qf, kf, thr, **kw)
     assert torch.equal(mask, top_cdf(mass, thr))
     torch.testing.assert_close(mass, block_mass_reference(qf, kf, **kw), atol=1e-5, rtol=1e-4)
 

@@ -33,7 +33,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels import padded_head_dim, tma_compatible, valid_length
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
-from sparsediff.kernels.block_stats import block_stats, block_token_sums, chunk_rows, self_similarity
 
 # Tile configs. Phase 1: key feature rows per tile; per features' element size, and for fewer or at
 # least LONG_KEYS key feature rows, the query feature rows per program (>= 16 for tl.dot), warps,
@@ -136,12 +135,12 @@ def _dot_rows(qt, kt, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _partial_mass_kernel(
-    q_ptr, q_rows_ptr, k_src, lens_ptr, trust_ptr, part_ptr, tmax_ptr, sim_thr_ptr, below_ptr,
+    q_ptr, q_rows_ptr, k_src, lens_ptr, trust_ptr, part_ptr, tmax_ptr,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, scale, qb0, n_qb, nq, sim_rounds,
+    H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, scale,
     D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RK: tl.constexpr, K_TOKENS: tl.constexpr,
     QT: tl.constexpr, KT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr,
-    HAS_Q_ROWS: tl.constexpr, SIM: tl.constexpr, BLOCK_Q: tl.constexpr, SIM_CHUNK: tl.constexpr,
+    HAS_Q_ROWS: tl.constexpr,
 ):
     # Program ids: query-row group fastest, so programs running together share their key tiles in L2.
     bh = tl.program_id(2)
@@ -154,18 +153,6 @@ def _partial_mass_kernel(
     a_idx = row0 + local  # feature rows
     row_ok = local < n_rows
     cols = tl.arange(0, DP)
-    if SIM:
-        # q's self-similarity rides along (q itself is the feature source): the chunk's query blocks
-        # dealt round-robin over its programs, before the scores hold their registers. A separate
-        # pass over q was a launch of its own, about a third of FLUX's prediction.
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        first = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        for r in range(sim_rounds):
-            j = first + r * programs
-            if j < n_qb:
-                _, xhat_sum, n = block_token_sums(q_base, qb0 + j, sqn, sqd, N, D, DP, BLOCK_Q, SIM_CHUNK, False)
-                below = (self_similarity(xhat_sum, n) >= tl.load(sim_thr_ptr + h)) == 0  # NaN counts as below
-                tl.store(below_ptr + bh * nq + qb0 + j, below)
     # k_src: for S == 1 a tensor descriptor of kf, (1, 1, KT, DP) blocks; else a pointer to kf.
     if S == 1:  # plain dot products: the query rows stay in registers for every tile
         q_row = a_idx
@@ -337,15 +324,12 @@ def block_select(
     kv_lens: torch.Tensor | None = None,
     k_trusted: torch.Tensor | None = None,
     q_rows: torch.Tensor | None = None,
-    sim_below: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block masses and their top-CDF selection: returns (mask bool (B, H, nq, nk),
-    mass fp32 (B, H, nq, nk), below). Arguments and semantics as `block_mass_reference` and
-    `top_cdf` (cdf_threshold: fp32 (H,)); q_rows: int64 (M,) indices of qf's rows that are the
-    query feature rows (stride 1 only), read in place instead of gathered first. sim_below: fp32
-    (H,) self-similarity thresholds, for qf holding the queries themselves (n_tokens rows): below
-    is then `block_stats(qf, block_m, sim_below=...)`'s flags, bool (B, H, nq), computed in the
-    same launch as the scores; else None. Runs the Triton kernels where kernels are available."""
+    mass fp32 (B, H, nq, nk)). Arguments and semantics as `block_mass_reference` and `top_cdf`
+    (cdf_threshold: fp32 (H,)); q_rows: int64 (M,) indices of qf's rows that are the query
+    feature rows (stride 1 only), read in place instead of gathered first. Runs the Triton
+    kernels where kernels are available."""
     if not scale > 0:  # the kernel takes each tile's maximum before scaling
         raise ValueError(f"scale must be positive, got {scale}")
     if q_rows is not None and (stride != 1 or q_rows.dim() != 1 or q_rows.dtype != torch.int64):
@@ -359,21 +343,16 @@ def block_select(
     config = PARTIAL_CONFIGS[qf.element_size(), kf.shape[-2] >= LONG_KEYS]
     if rq * q_tokens != block_m or rk * k_tokens != block_n or rk > KEY_ROWS or rq > config.query_rows:
         raise ValueError(f"q_tokens={q_tokens}, k_tokens={k_tokens} must divide the blocks {block_m}x{block_n}")
-    if sim_below is not None and (qf.shape[-2] != n_tokens or sim_below.shape != (h,) or sim_below.dtype != torch.float32):
-        raise ValueError(f"sim_below needs qf to be the {n_tokens} queries and fp32 (H,) thresholds, got qf "
-                         f"{tuple(qf.shape)}, sim_below {sim_below.dtype} {tuple(sim_below.shape)}")
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
               block_n=block_n, scale=scale, kv_lens=kv_lens, k_trusted=k_trusted)
     if not kernels_available(qf.device):
-        below = None if sim_below is None else block_stats(qf, block_m, pooled=False, sim_below=sim_below)[2]
-        return *block_select_reference(qf if q_rows is None else qf[:, :, q_rows], kf, cdf_threshold, **kw), below
+        return block_select_reference(qf if q_rows is None else qf[:, :, q_rows], kf, cdf_threshold, **kw)
     device = qf.device
     thr = cdf_threshold.to(device=device, dtype=torch.float32).contiguous()
     lens = kv_lens.to(device=device, dtype=torch.int32) if kv_lens is not None else thr
     trust = k_trusted.to(torch.int8).contiguous() if k_trusted is not None else thr
     mass = torch.empty(b, h, nq, nk, device=device, dtype=torch.float32)
     mask = torch.empty(b, h, nq, nk, device=device, dtype=torch.int8)
-    below = torch.empty(b, h, nq, device=device, dtype=torch.bool) if sim_below is not None else None
     select = nk <= MAX_KEY_BLOCKS  # wider rows: torch's sort-based selection below
     nkp, sr, select_warps = _select_geometry(nk)
     n_tiles = triton.cdiv(nk * rk, KEY_ROWS)
@@ -388,24 +367,20 @@ def block_select(
         n_qb = min(chunk_qb, nq - qb0)
         row_groups = triton.cdiv(n_qb * rq, config.query_rows)
         per_program = max(1, min(config.max_tiles, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
-        grid = (row_groups, triton.cdiv(n_tiles, per_program), b * h)
-        _partial_mass_kernel[grid](
-            qf, q_rows if q_rows is not None else thr, keys, lens, trust, part, tmax,
-            sim_below if below is not None else thr, below.view(torch.int8) if below is not None else thr,
-            *qf.stride(), *kf.stride(),
+        _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
+            qf, q_rows if q_rows is not None else thr, keys, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
             h, n_tokens, qb0 * rq, n_qb * rq, n_feature_rows, kf.shape[-2], nk, n_tiles, per_program,
-            scale / stride * LOG2E, qb0, n_qb, nq, triton.cdiv(n_qb, grid[0] * grid[1]),
+            scale / stride * LOG2E,
             D=qf.shape[-1], DP=dp, S=stride, RK=rk, K_TOKENS=k_tokens, QT=config.query_rows,
             KT=KEY_ROWS, HAS_LENS=kv_lens is not None, HAS_TRUST=k_trusted is not None,
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
-            HAS_Q_ROWS=q_rows is not None, SIM=below is not None, BLOCK_Q=block_m, SIM_CHUNK=chunk_rows(block_m),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            HAS_Q_ROWS=q_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages,
         )
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
             RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=select_warps,
         )
     if not select:
-        return top_cdf(mass, thr), mass, below
-    return mask.view(torch.bool), mass, below
+        return top_cdf(mass, thr), mass
+    return mask.view(torch.bool), mass

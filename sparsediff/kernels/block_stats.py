@@ -24,34 +24,6 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def block_token_sums(x_base, blk, sxn, sxd, n_valid, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                     CHUNK: tl.constexpr, POOLED: tl.constexpr):
-    """(sum of the tokens (zeros unless POOLED), sum of the unit-norm tokens, count) over the valid
-    tokens (index < n_valid) of block `blk` of the (N, D) rows at x_base. Also the partial-mass
-    kernel's (block_select.py), which computes q's self-similarity alongside its scores."""
-    cols = tl.arange(0, DP)
-    x_sum = tl.zeros((CHUNK, DP), dtype=tl.float32)
-    xhat_sum = tl.zeros((CHUNK, DP), dtype=tl.float32)
-    for c in tl.static_range(BLOCK // CHUNK):
-        rows = blk * BLOCK + c * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(x_base + rows[:, None] * sxn + cols[None, :] * sxd,
-                    mask=(rows[:, None] < n_valid) & (cols[None, :] < D), other=0.0).to(tl.float32)
-        if POOLED:
-            x_sum += x
-        norm = tl.sqrt(tl.sum(x * x, axis=1))
-        xhat_sum += x / tl.maximum(norm, 1e-12)[:, None]
-    n = tl.minimum(tl.maximum(n_valid - blk * BLOCK, 0), BLOCK).to(tl.float32)
-    return tl.sum(x_sum, axis=0), tl.sum(xhat_sum, axis=0), n
-
-
-@triton.jit
-def self_similarity(xhat_sum, n):
-    """Mean pairwise cosine over distinct valid pairs from the sum of the unit tokens: (|sum x_hat|^2 - n) / (n (n - 1))."""
-    s2 = tl.sum(xhat_sum * xhat_sum, axis=0)
-    return tl.where(n >= 2.0, (s2 - n) / tl.maximum(n * (n - 1.0), 1.0), 1.0)
-
-
-@triton.jit
 def _block_stats_kernel(
     x_ptr, pooled_ptr, sim_ptr, lens_ptr, thr_ptr, below_ptr,
     sxb, sxh, sxn, sxd,
@@ -65,20 +37,28 @@ def _block_stats_kernel(
     h = bh % H
     n_valid = valid_length(lens_ptr, b, N, HAS_LENS)
     x_base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    x_sum, xhat_sum, n = block_token_sums(x_base, blk, sxn, sxd, n_valid, D, DP, BLOCK, CHUNK, POOLED)
+    cols = tl.arange(0, DP)
+    x_sum = tl.zeros((CHUNK, DP), dtype=tl.float32)
+    xhat_sum = tl.zeros((CHUNK, DP), dtype=tl.float32)
+    for c in tl.static_range(BLOCK // CHUNK):
+        rows = blk * BLOCK + c * CHUNK + tl.arange(0, CHUNK)
+        x = tl.load(x_base + rows[:, None] * sxn + cols[None, :] * sxd,
+                    mask=(rows[:, None] < n_valid) & (cols[None, :] < D), other=0.0).to(tl.float32)
+        if POOLED:
+            x_sum += x
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        xhat_sum += x / tl.maximum(norm, 1e-12)[:, None]
+    n = tl.minimum(tl.maximum(n_valid - blk * BLOCK, 0), BLOCK).to(tl.float32)
     if POOLED:  # the mean of the valid tokens
-        cols = tl.arange(0, DP)
-        tl.store(pooled_ptr + (bh.to(tl.int64) * n_blocks + blk) * D + cols, x_sum / tl.maximum(n, 1.0), mask=cols < D)
-    sim = self_similarity(xhat_sum, n)
+        tl.store(pooled_ptr + (bh.to(tl.int64) * n_blocks + blk) * D + cols, tl.sum(x_sum, axis=0) / tl.maximum(n, 1.0),
+                 mask=cols < D)
+    # Mean pairwise cosine over distinct valid pairs: (|sum x_hat|^2 - n) / (n (n - 1)).
+    s = tl.sum(xhat_sum, axis=0)
+    s2 = tl.sum(s * s, axis=0)
+    sim = tl.where(n >= 2.0, (s2 - n) / tl.maximum(n * (n - 1.0), 1.0), 1.0)
     tl.store(sim_ptr + bh * n_blocks + blk, sim)
     if BELOW:  # not (sim >= threshold): a NaN similarity counts as below
         tl.store(below_ptr + bh * n_blocks + blk, (sim >= tl.load(thr_ptr + h)) == 0)
-
-
-def chunk_rows(block: int) -> int:
-    """Rows a program sums at once in `block_token_sums`: CHUNK_ROWS on a GPU, the whole block under
-    the interpreter (it pays per operation, not per element)."""
-    return block if triton_interpreting() else min(block, CHUNK_ROWS)
 
 
 def block_stats(
@@ -112,7 +92,7 @@ def block_stats(
     _block_stats_kernel[(nb, b * h)](
         x, means if pooled else sim, sim, lens, sim_below.to(x.device) if below is not None else sim,
         below.view(torch.int8) if below is not None else sim, *x.stride(), h, n, nb,
-        D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=chunk_rows(block),
+        D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=block if triton_interpreting() else min(block, CHUNK_ROWS),
         POOLED=pooled,
         HAS_LENS=valid_len is not None, BELOW=below is not None, num_warps=NUM_WARPS,
     )
