@@ -70,7 +70,7 @@ class _StepHook(ModelHook):
         if rotary is not None and arguments.get(rotary) is not None:
             cos, sin = arguments[rotary]
             text_tokens = arguments["encoder_hidden_states"].shape[1]
-            replaced.append((rotary, torch.ops.sparsediff.joint_rotary(self._op_key, cos, sin, text_tokens)))
+            replaced.append((rotary, torch.ops.sparsediff.joint_rotary(self._op_key, timestep, cos, sin, text_tokens)))
         for name, value in replaced:
             if name in kwargs:
                 kwargs[name] = value

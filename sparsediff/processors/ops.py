@@ -121,14 +121,18 @@ def _join_text_fake(processor_key, text, video):
 
 
 @torch.library.custom_op("sparsediff::joint_rotary", mutates_args=(), tags=_TAGS)
-def joint_rotary(hook_key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_rotary(
+    hook_key: torch.Tensor, after: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, text_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The video tokens' rotary tables (N, D) as tables of the forward's joint sequence:
-    `AttentionController.joint_rotary`. For the step hook (api.py)."""
+    `AttentionController.joint_rotary`. For the step hook (api.py). `after`: an output of this forward's
+    `begin_forward`, unused but for the order: the tables follow the decision it makes, and nothing
+    else in a compiled graph would keep this op behind it."""
     return _owner(hook_key).controller.joint_rotary(cos, sin, text_tokens)
 
 
 @joint_rotary.register_fake
-def _joint_rotary_fake(hook_key, cos, sin, text_tokens):
+def _joint_rotary_fake(hook_key, after, cos, sin, text_tokens):
     return (cos.new_empty(text_tokens + cos.shape[0], cos.shape[1]), sin.new_empty(text_tokens + sin.shape[0], sin.shape[1]))
 
 
