@@ -19,10 +19,10 @@ def _denoise(model, step_inputs):
         return [model(**inputs)[0] for inputs in step_inputs]
 
 
-@pytest.mark.parametrize("family,how", [("wan", "whole"), ("wan", "repeated_blocks"), ("cogvideox", "whole")])
-def test_compiled_has_no_graph_breaks_no_recompiles_and_eager_outputs(family, how):
-    # Two blocks: `compile_repeated_blocks` must reuse one graph for both. CogVideoX (no repeated
-    # blocks declared) joins its text and video in the order the step decides (`join_text`).
+def _applied_and_eager(family):
+    """A two-block tiny `family` model with sparsediff applied (one dense step, then sparse), its step
+    inputs, the handle (reset, and Dynamo with it, for a compiled run), and the eager outputs and
+    per-layer, per-step sparsity."""
     build, make_inputs = TINY[family]
     model = build(num_layers=2)
     step_inputs = [make_inputs(model, timestep=t) for t in TIMESTEPS]
@@ -30,8 +30,15 @@ def test_compiled_has_no_graph_breaks_no_recompiles_and_eager_outputs(family, ho
     eager = _denoise(model, step_inputs)
     eager_sparsity = handle.stats.per_layer_step()
     handle.reset()
-
     torch._dynamo.reset()
+    return model, step_inputs, handle, eager, eager_sparsity
+
+
+@pytest.mark.parametrize("family,how", [("wan", "whole"), ("wan", "repeated_blocks"), ("cogvideox", "whole")])
+def test_compiled_has_no_graph_breaks_no_recompiles_and_eager_outputs(family, how):
+    # Two blocks: `compile_repeated_blocks` must reuse one graph for both. CogVideoX (no repeated
+    # blocks declared) joins its text and video in the order the step decides (`join_text`).
+    model, step_inputs, handle, eager, eager_sparsity = _applied_and_eager(family)
     counters.clear()
     if how == "whole":
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -77,13 +84,7 @@ def test_apply_to_compiled_transformer_all_kept_equals_stock(family):
 def test_inductor_compiled_forward_equals_eager(family):
     # Inductor (C++ on the CPU) schedules the graph itself: the ops that order tokens and build the
     # joint rotary tables must still follow the step hook's decision (dense step, then sparse steps).
-    build, make_inputs = TINY[family]
-    model = build(num_layers=2)
-    step_inputs = [make_inputs(model, timestep=t) for t in TIMESTEPS]
-    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
-    eager = _denoise(model, step_inputs)
-    handle.reset()
-    torch._dynamo.reset()
+    model, step_inputs, handle, eager, _ = _applied_and_eager(family)
     outputs = _denoise(torch.compile(model, fullgraph=True), step_inputs)
     assert (handle.stats.per_layer_step()[:, 1:] > 0).all()
     for out, ref in zip(outputs, eager):

@@ -105,13 +105,14 @@ def test_tile_and_raster_orders_both_exact():
         remove(model)
 
 
-def _wan_steps(model, timesteps):
-    """One forward per timestep (a denoising step each); the outputs and the token gathers per step."""
+def _steps(model, timesteps, make_inputs=wan_inputs):
+    """One forward per timestep (a denoising step each); the outputs and the token gathers per step.
+    A tensor timestep replaces the inputs' own (per-token timesteps)."""
     outputs, gathers = [], []
     for timestep in timesteps:
         before = controller_module.gather_tokens.calls
-        outputs.append(_run(model, wan_inputs(model, timestep=timestep) if not isinstance(timestep, torch.Tensor)
-                            else {**wan_inputs(model), "timestep": timestep}))
+        outputs.append(_run(model, make_inputs(model, timestep=timestep) if not isinstance(timestep, torch.Tensor)
+                            else {**make_inputs(model), "timestep": timestep}))
         gathers.append(controller_module.gather_tokens.calls - before)
     return outputs, gathers
 
@@ -144,29 +145,20 @@ def test_wan_forward_holds_tokens_in_attention_order(monkeypatch, counted_gather
     # output bit for bit: test_dense_steps_schedule_and_cfg_as_two_calls).
     model = build_wan(num_layers=2)
     handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
-    ordered, ordered_gathers = _wan_steps(model, timesteps)
+    ordered, ordered_gathers = _steps(model, timesteps)
     ordered_sparsity = handle.stats.per_layer_step()
     remove(model)
     assert all(HookRegistry.check_if_exists_or_initialize(model.get_submodule(site.module)).hooks == {}
                for site in wan.FAMILY.token_order_sites)
     _without_token_order_sites(monkeypatch)
     handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
-    per_call, per_call_gathers = _wan_steps(model, timesteps)
+    per_call, per_call_gathers = _steps(model, timesteps)
     assert ordered_gathers == [0, 0] and per_call_gathers == [0, 2 * 2]  # q, k, v in and the output back, 2 layers
     torch.testing.assert_close(handle.stats.per_layer_step(), ordered_sparsity, rtol=0, atol=0)
     assert (ordered_sparsity[:, 1] > 0).all()
     for out, ref in zip(ordered, per_call):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     remove(model)
-
-
-def _cogvideox_steps(model, timesteps):
-    outputs, gathers = [], []
-    for timestep in timesteps:
-        before = controller_module.gather_tokens.calls
-        outputs.append(_run(model, cogvideox_inputs(model, timestep=timestep)))
-        gathers.append(controller_module.gather_tokens.calls - before)
-    return outputs, gathers
 
 
 @pytest.mark.parametrize("dense_layer", [False, True])
@@ -187,12 +179,12 @@ def test_cogvideox_forward_holds_video_in_attention_order_and_joins_text_last(mo
         return handle
 
     handle = applied()
-    ordered, ordered_gathers = _cogvideox_steps(model, timesteps)
+    ordered, ordered_gathers = _steps(model, timesteps, cogvideox_inputs)
     ordered_sparsity = handle.stats.per_layer_step()
     remove(model)
     _without_token_order_sites(monkeypatch, cogvideox.FAMILY)
     handle = applied()
-    per_call, per_call_gathers = _cogvideox_steps(model, timesteps)
+    per_call, per_call_gathers = _steps(model, timesteps, cogvideox_inputs)
     assert ordered_gathers == [0, 2] and per_call_gathers == [0, 2 if dense_layer else 4]  # outputs back / in and back
     torch.testing.assert_close(handle.stats.per_layer_step(), ordered_sparsity, rtol=0, atol=0)
     assert (ordered_sparsity[int(dense_layer):, 1] > 0).all()
@@ -209,7 +201,7 @@ def test_wan_with_a_diffusers_cache_reorders_per_call(counted_gathers):
     model.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips a block
     apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
     with model.cache_context("cond"):
-        _, gathers = _wan_steps(model, (900.0, 800.0))
+        _, gathers = _steps(model, (900.0, 800.0))
     assert gathers == [0, 2 * 2]
     remove(model)
 

@@ -268,21 +268,19 @@ class AttentionController:
             index = torch.cat([torch.arange(n_text, device=x.device), index + n_text])
         return x.index_select(token_dim, index)
 
-    def join_text(self, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        """The joint sequence (dim 1) of a text-first family's processor: [text ; video] as the stock
-        processor joins it, or [video ; text] where the forward holds its video tokens in the attention
-        order, so that its sparse calls move no token (`attend` puts the output back text first)."""
-        return torch.cat([video, text] if self._forward_ordered else [text, video], dim=1)
+    def join_text(self, text: torch.Tensor, video: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The joint sequence (along `dim`) of a text-first family's processor: [text ; video] as the
+        stock processor joins it, or [video ; text] where the forward holds its video tokens in the
+        attention order, so that its sparse calls move no token (`attend` puts the output back text first)."""
+        return torch.cat([video, text] if self._forward_ordered else [text, video], dim=dim)
 
     def joint_rotary(self, cos: torch.Tensor, sin: torch.Tensor, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables (N, D) of the video tokens in raster order, as tables of the joint sequence
         that `join_text` makes in this forward (the text's rows the identity: cos 1, sin 0)."""
-        joint = []
-        for table, text_value in ((cos, 1.0), (sin, 0.0)):
-            text = table.new_full((text_tokens, table.shape[1]), text_value)
-            video = self.order_tokens(table, 0, False)
-            joint.append(torch.cat([video, text] if self._forward_ordered else [text, video]))
-        return joint[0], joint[1]
+        cos, sin = (self.join_text(table.new_full((text_tokens, table.shape[1]), text_value),
+                                   self.order_tokens(table, 0, False), dim=0)
+                    for table, text_value in ((cos, 1.0), (sin, 0.0)))
+        return cos, sin
 
     def order_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
         """A copy of the forward's timestep; one per token (B, N) (Wan 2.2 TI2V) in the forward's token order."""
