@@ -80,12 +80,16 @@ ATTEND = {"drop": block_sparse_attention, "pooled": pooled_stand_ins,
           "pooled-gaussian": functools.partial(pooled_stand_ins, gaussian=True)}
 
 
-def source_masks(source: str, q: torch.Tensor, k: torch.Tensor, cdfs: tuple[float, ...]) -> list[torch.Tensor]:
+def source_masks(source: str, q: torch.Tensor, k: torch.Tensor, cdfs: tuple[float, ...], *,
+                 block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> list[torch.Tensor]:
     """Block masks of (B, H, N, D) q and k at each cdf threshold: `oracle`, the top cdf of the true
-    block mass (computed once), or predictor `source`'s at sim 0."""
+    block mass (computed once) in blocks of block_m x block_n, or predictor `source`'s at sim 0 (in
+    the kernel's blocks only)."""
     if source == "oracle":
-        mass = true_block_mass(q, k, BLOCK_M, BLOCK_N)
+        mass = true_block_mass(q, k, block_m, block_n)
         return [top_cdf(mass, torch.full((q.shape[1],), cdf)) for cdf in cdfs]
+    if (block_m, block_n) != (BLOCK_M, BLOCK_N):
+        raise ValueError(f"predictor {source!r} makes {BLOCK_M}x{BLOCK_N} blocks only, asked for {block_m}x{block_n}")
     return [predict_block_mask(q, k, cdf, 0.0, method=source) for cdf in cdfs]
 
 

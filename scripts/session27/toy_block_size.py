@@ -19,14 +19,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from toy_attention_sparsity import GRID, render  # noqa: E402
+from toy_attention_sparsity import GRID, render, source_masks  # noqa: E402
 from toy_step_schedule import HOLDOUT  # noqa: E402
 
-import torch  # noqa: E402
-
-from sparsediff.bench.predict import true_block_mass  # noqa: E402
 from sparsediff.io import atomic_write_json  # noqa: E402
-from sparsediff.kernels.block_select_reference import top_cdf  # noqa: E402
 from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference  # noqa: E402
 from sparsediff.layout import choose_tile  # noqa: E402
 from sparsediff.metrics import video_psnr, video_ssim  # noqa: E402
@@ -57,7 +53,7 @@ def main() -> None:
                 def masked(step, q, k, v):
                     if step < args.dense_steps:
                         return None
-                    mask = top_cdf(true_block_mass(q, k, block_m, block_n), torch.full((q.shape[1],), cdf))
+                    (mask,) = source_masks("oracle", q, k, (cdf,), block_m=block_m, block_n=block_n)
                     skipped.append(1.0 - float(mask.float().mean()))
                     return block_sparse_attention_reference(q, k, v, mask, block_m=block_m, block_n=block_n)
 
