@@ -3,6 +3,7 @@ skip more attention blocks at the same frame quality than one threshold for ever
 shipped weights, seed 0, 16 steps.)
 
     python scripts/session27/toy_step_schedule.py [--prompt ...] [--dense-steps 6] [--source oracle|sampled8|...]
+        [--weights DIR]
         --schedule uniform:0.6 ramp:0.95:0.3 steps:0.9,0.9,0.8,... single:8:0.5 ...
 
 Renders each caption dense, then once per schedule with every video self-attention call after the
@@ -29,7 +30,7 @@ from sparsediff.attention import METHODS, block_sparse_attention  # noqa: E402
 from sparsediff.io import atomic_write_json  # noqa: E402
 from sparsediff.metrics import video_psnr, video_ssim  # noqa: E402
 from sparsediff.pipelines.prompts import load_prompts  # noqa: E402
-from sparsediff.pipelines.toy_shapes import DEFAULT_STEPS, load_pipeline  # noqa: E402
+from sparsediff.pipelines.toy_shapes import DEFAULT_STEPS, ToyShapesPipeline, load_pipeline  # noqa: E402
 
 HOLDOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "calibration", "prompts",
                        "toy-shapes.holdout.txt")
@@ -63,14 +64,25 @@ def main() -> None:
     p.add_argument("--source", choices=["oracle", *METHODS], default="oracle")
     p.add_argument("--schedule", nargs="+", required=True)
     p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--weights", help="a toy-shapes weights folder (save_folder layout) instead of the shipped one; "
+                   "its dense clips are also compared with the shipped weights' dense clips")
     args = p.parse_args()
     prompts = args.prompt or [spec.prompt for spec in load_prompts(HOLDOUT)]
     schedules = {spec: schedule_cdfs(spec, args.dense_steps) for spec in args.schedule}
-    pipe = load_pipeline()
-    pipe.set_progress_bar_config(disable=True)
+    pipe = ToyShapesPipeline.from_folder(args.weights) if args.weights else load_pipeline()
+    shipped = load_pipeline() if args.weights else None
+    for model in (pipe, shipped):
+        if model is not None:
+            model.set_progress_bar_config(disable=True)
     rows = []
     for prompt in prompts:
         dense = render(pipe, prompt, lambda *call: None)
+        if shipped is not None:
+            reference = render(shipped, prompt, lambda *call: None)
+            rows.append({"prompt": prompt, "schedule": "dense vs shipped dense", "psnr": video_psnr(dense, reference),
+                         "ssim": video_ssim(dense, reference)})
+            print(f"dense vs the shipped weights' dense: PSNR {rows[-1]['psnr']:.2f} dB, SSIM {rows[-1]['ssim']:.3f}  "
+                  f"({prompt})", flush=True)
         for spec, cdfs in schedules.items():
             skipped: dict[int, list[float]] = {}
 
@@ -99,7 +111,8 @@ def main() -> None:
         print(f"{spec:24s} sparsity {sum(r['sparsity'] for r in mine) / len(mine):.3f}, "
               f"PSNR {sum(r['psnr'] for r in mine) / len(mine):.2f} dB, SSIM {sum(r['ssim'] for r in mine) / len(mine):.3f}")
     if args.out:
-        atomic_write_json(args.out, {"dense_steps": args.dense_steps, "source": args.source, "rows": rows}, indent=1)
+        atomic_write_json(args.out, {"dense_steps": args.dense_steps, "source": args.source, "weights": args.weights,
+                                     "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

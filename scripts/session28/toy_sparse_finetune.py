@@ -1,0 +1,166 @@
+"""Twenty-eighth session: can a short fine-tune make the toy model's attention sparse-friendly?
+
+    python scripts/session28/toy_sparse_finetune.py --out DIR [--steps 230] [--cdf 0.7] [--lr 5e-5]
+
+Sparsity-aware distillation (run on the CPU in this session, no GPU was lent). The student starts from the shipped weights,
+the teacher is a frozen copy of them. Each step draws training clips (the training data
+generator, its caption dropout and foreground weights), a t and noise, and asks the student for
+the velocity twice: with every attention call dense, and with every video self-attention call
+computed on the oracle's blocks at `--cdf` (top cdf of the true block mass of the student's own
+q and k, in the processors' tile order; the mask is not differentiated, the attention on its kept
+blocks is). The loss is the squared error of both against the teacher's dense velocity:
+
+    |v_student(dense) - v_teacher|^2 + |v_student(sparse) - v_teacher|^2
+
+so the student keeps the teacher's behaviour when dense and learns to give the same velocity
+with its low-mass blocks dropped, which is what #9's target (sparse vs dense renders of one
+model) measures. Writes DIR/{transformer,text_encoder,tokenizer,scheduler}/ and
+DIR/finetune_log.json. Evaluate with `scripts/session27/toy_step_schedule.py --weights DIR`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import diffusers.models.transformers.transformer_wan as transformer_wan
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from toy_attention_sparsity import GRID, N_VIDEO, TILE, source_masks  # noqa: E402
+
+from sparsediff.attention import BLOCK_M, BLOCK_N  # noqa: E402
+from sparsediff.io import atomic_write_json  # noqa: E402
+from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask  # noqa: E402
+from sparsediff.layout import inverse_permutation, tile_permutation  # noqa: E402
+from sparsediff.pipelines.toy_shapes import TrainConfig, ToyShapesPipeline, frames_to_latents, load_pipeline  # noqa: E402
+from sparsediff.pipelines.toy_shapes.data import render_with_coverage, sample_batch  # noqa: E402
+from sparsediff.pipelines.toy_shapes.train import sample_t, token_weights  # noqa: E402
+
+
+class SparseSelfAttention:
+    """Replaces Wan's attention dispatch: while `cdf` is set, video self-attention runs on the
+    oracle's blocks at that cdf (differentiable through the kept blocks); else the stock call."""
+
+    def __init__(self) -> None:
+        self.cdf: float | None = None
+        self.skipped: list[float] = []
+        self.stock = transformer_wan.dispatch_attention_fn
+        self.tile_order = tile_permutation(GRID, TILE)
+        self.raster_order = inverse_permutation(self.tile_order)
+
+    def __call__(self, query, key, value, *args, **kwargs):
+        if self.cdf is None or not query.shape[1] == key.shape[1] == N_VIDEO:
+            return self.stock(query, key, value, *args, **kwargs)
+        tile_order, raster_order = self.tile_order.to(query.device), self.raster_order.to(query.device)
+        q, k, v = (x.transpose(1, 2)[:, :, tile_order] for x in (query, key, value))
+        with torch.no_grad():
+            (mask,) = source_masks("oracle", q.detach().float(), k.detach().float(), (self.cdf,))
+        self.skipped.append(1.0 - float(mask.float().mean()))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=expand_block_mask(mask, N_VIDEO, N_VIDEO, BLOCK_M, BLOCK_N))
+        return out[:, :, raster_order].transpose(1, 2)
+
+    def __enter__(self) -> "SparseSelfAttention":
+        transformer_wan.dispatch_attention_fn = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        transformer_wan.dispatch_attention_fn = self.stock
+
+
+def velocity(pipe, xt: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    ids, mask = pipe.tokenizer(captions)
+    emb = pipe.text_encoder(ids.to(xt.device), mask.to(xt.device))
+    return pipe.transformer(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0].float()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return ((pred - target).square().mean(dim=1, keepdim=True) * weights).mean() / weights.mean()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=230)
+    p.add_argument("--minutes", type=float, help="stop (and save) at this wall-clock time")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--cdf", type=float, default=0.7)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--t-max", type=float, default=0.85,
+                   help="the sparse term only at t <= this (sparse steps follow 6 dense of 16: sigma <= 0.82)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--init-from", help="start the student from this weights folder (a previous run's --out); "
+                   "the teacher stays the shipped weights")
+    args = p.parse_args()
+    if not 0.0 < args.cdf < 1.0:
+        raise ValueError(f"--cdf must lie in (0, 1), got {args.cdf}")
+    cfg = TrainConfig(foreground_weight=4.0)  # run 3's data and loss weighting
+    torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    teacher = load_pipeline(dev)
+    student = ToyShapesPipeline.from_folder(args.init_from, device=dev) if args.init_from else copy.deepcopy(teacher)
+    for m in (teacher.transformer, teacher.text_encoder):
+        m.requires_grad_(False).eval()
+    modules = [student.transformer, student.text_encoder]
+    params = [q for m in modules for q in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    data_gen = torch.Generator().manual_seed(args.seed)
+    noise_gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
+    geometry = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
+    history, start = [], time.perf_counter()
+    with SparseSelfAttention() as attention:
+        for step in range(args.steps):
+            # A short warm-up: Adam's first steps move every weight by about lr whatever the gradient.
+            lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1.0 + math.cos(math.pi * step / args.steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = sample_batch(args.batch_size, data_gen, split="train", max_objects=cfg.max_objects, **geometry)
+            frames, coverage = render_with_coverage(batch, dev)
+            x0 = frames_to_latents(frames)
+            weights = token_weights(coverage, cfg.foreground_weight)
+            drop = torch.rand(args.batch_size, generator=data_gen) < cfg.caption_dropout
+            captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+            t = sample_t(args.batch_size, cfg, noise_gen, dev)
+            noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
+            tb = t.view(-1, 1, 1, 1, 1)
+            xt = (1.0 - tb) * x0 + tb * noise
+            with autocast:
+                attention.cdf = None
+                with torch.no_grad():
+                    target = velocity(teacher, xt, t, captions)
+                dense_loss = weighted_mse(velocity(student, xt, t, captions), target, weights)
+                sparse_loss = torch.zeros((), device=dev)
+                attention.skipped = []
+                if float(t.max()) <= args.t_max:
+                    attention.cdf = args.cdf
+                    sparse_loss = weighted_mse(velocity(student, xt, t, captions), target, weights)
+                    attention.cdf = None
+            opt.zero_grad(set_to_none=True)
+            (dense_loss + sparse_loss).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            entry = {"step": step + 1, "t": round(float(t.mean()), 3), "dense_loss": round(dense_loss.item(), 6),
+                     "sparse_loss": round(sparse_loss.item(), 6),
+                     "sparsity": round(sum(attention.skipped) / len(attention.skipped), 4) if attention.skipped else None,
+                     "lr": lr, "seconds": round(time.perf_counter() - start, 1)}
+            history.append(entry)
+            print(json.dumps(entry), flush=True)
+            if args.minutes is not None and time.perf_counter() - start > args.minutes * 60.0:
+                print(f"--minutes reached: stopping after step {step + 1} of {args.steps}", flush=True)
+                break
+    for m in modules:
+        m.eval()
+    student.save_folder(args.out, dtype=torch.float16)
+    atomic_write_json(os.path.join(args.out, "finetune_log.json"),
+                      {"args": vars(args), "torch": torch.__version__, "device": str(dev), "history": history}, indent=1)
+
+
+if __name__ == "__main__":
+    main()
