@@ -30,6 +30,7 @@ logit corrected for the spread of the block's keys (`pooled_stand_ins`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 
 import torch
@@ -116,33 +117,43 @@ def head_sparsity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: flo
     return result
 
 
+@contextlib.contextmanager
+def video_self_attention(self_attention, tile: tuple[int, int, int] = TILE):
+    """Within the block, `self_attention(q, k, v)` computes every video self-attention call of the toy
+    model's transformer: (B, H, N, D) tensors in `tile` order in, the output likewise out (None: the
+    stock computation)."""
+    stock = transformer_wan.dispatch_attention_fn
+    tile_order = tile_permutation(GRID, tile)
+    raster_order = inverse_permutation(tile_order)
+
+    def attention(query, key, value, *a, **kw):
+        if query.shape[1] == key.shape[1] == N_VIDEO:
+            order = tile_order.to(query.device)
+            out = self_attention(*(x.transpose(1, 2)[:, :, order] for x in (query, key, value)))
+            if out is not None:
+                return out[:, :, raster_order.to(query.device)].transpose(1, 2).to(query.dtype)
+        return stock(query, key, value, *a, **kw)
+
+    transformer_wan.dispatch_attention_fn = attention
+    try:
+        yield
+    finally:
+        transformer_wan.dispatch_attention_fn = stock
+
+
 def render(pipe, prompt: str, self_attention, tile: tuple[int, int, int] = TILE) -> tuple:
     """One clip of `prompt` (seed 0) with `self_attention(step, q, k, v)` computing every video
     self-attention call: (B, H, N, D) fp32 tensors in `tile` order in, the output likewise out (None:
     the stock computation). Returns the frames (F, H, W, 3) in [0, 1]."""
-    stock = transformer_wan.dispatch_attention_fn
-    tile_order = tile_permutation(GRID, tile)
-    raster_order = inverse_permutation(tile_order)
     state = {"step": 0}
-
-    def attention(query, key, value, *a, **kw):
-        if query.shape[1] == key.shape[1] == N_VIDEO:
-            q, k, v = (x.transpose(1, 2).float()[:, :, tile_order] for x in (query, key, value))
-            out = self_attention(state["step"], q, k, v)
-            if out is not None:
-                return out[:, :, raster_order].transpose(1, 2).to(query.dtype)
-        return stock(query, key, value, *a, **kw)
 
     def next_step(pipe, i, t, kw):
         state["step"] = i + 1
         return kw
 
-    transformer_wan.dispatch_attention_fn = attention
-    try:
+    with video_self_attention(lambda q, k, v: self_attention(state["step"], q.float(), k.float(), v.float()), tile):
         return pipe(prompt=prompt, generator=torch.Generator().manual_seed(0), callback_on_step_end=next_step,
                     output_type="np").frames[0]
-    finally:
-        transformer_wan.dispatch_attention_fn = stock
 
 
 def per_head(pipe, args: argparse.Namespace) -> dict:

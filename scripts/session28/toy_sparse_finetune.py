@@ -29,48 +29,33 @@ import time
 
 import torch
 import torch.nn.functional as F
-import diffusers.models.transformers.transformer_wan as transformer_wan
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from toy_attention_sparsity import GRID, N_VIDEO, TILE, source_masks  # noqa: E402
+from toy_attention_sparsity import N_VIDEO, source_masks, video_self_attention  # noqa: E402
 
 from sparsediff.attention import BLOCK_M, BLOCK_N  # noqa: E402
 from sparsediff.io import atomic_write_json  # noqa: E402
 from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask  # noqa: E402
-from sparsediff.layout import inverse_permutation, tile_permutation  # noqa: E402
 from sparsediff.pipelines.toy_shapes import TrainConfig, ToyShapesPipeline, frames_to_latents, load_pipeline  # noqa: E402
 from sparsediff.pipelines.toy_shapes.data import render_with_coverage, sample_batch  # noqa: E402
 from sparsediff.pipelines.toy_shapes.train import sample_t, token_weights  # noqa: E402
 
 
-class SparseSelfAttention:
-    """Replaces Wan's attention dispatch: while `cdf` is set, video self-attention runs on the
-    oracle's blocks at that cdf (differentiable through the kept blocks); else the stock call."""
+class OracleSelfAttention:
+    """While `cdf` is set, video self-attention runs on the oracle's blocks at that cdf,
+    differentiable through the kept blocks (the mask is not); else the stock call."""
 
     def __init__(self) -> None:
         self.cdf: float | None = None
         self.skipped: list[float] = []
-        self.stock = transformer_wan.dispatch_attention_fn
-        self.tile_order = tile_permutation(GRID, TILE)
-        self.raster_order = inverse_permutation(self.tile_order)
 
-    def __call__(self, query, key, value, *args, **kwargs):
-        if self.cdf is None or not query.shape[1] == key.shape[1] == N_VIDEO:
-            return self.stock(query, key, value, *args, **kwargs)
-        tile_order, raster_order = self.tile_order.to(query.device), self.raster_order.to(query.device)
-        q, k, v = (x.transpose(1, 2)[:, :, tile_order] for x in (query, key, value))
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        if self.cdf is None:
+            return None
         with torch.no_grad():
             (mask,) = source_masks("oracle", q.detach().float(), k.detach().float(), (self.cdf,))
         self.skipped.append(1.0 - float(mask.float().mean()))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=expand_block_mask(mask, N_VIDEO, N_VIDEO, BLOCK_M, BLOCK_N))
-        return out[:, :, raster_order].transpose(1, 2)
-
-    def __enter__(self) -> "SparseSelfAttention":
-        transformer_wan.dispatch_attention_fn = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        transformer_wan.dispatch_attention_fn = self.stock
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_block_mask(mask, N_VIDEO, N_VIDEO, BLOCK_M, BLOCK_N))
 
 
 def velocity(pipe, xt: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -115,7 +100,8 @@ def main() -> None:
     geometry = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
     history, start = [], time.perf_counter()
-    with SparseSelfAttention() as attention:
+    attention = OracleSelfAttention()
+    with video_self_attention(attention):
         for step in range(args.steps):
             # A short warm-up: Adam's first steps move every weight by about lr whatever the gradient.
             lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1.0 + math.cos(math.pi * step / args.steps))
