@@ -66,24 +66,37 @@ def token_weights(coverage: torch.Tensor, foreground_weight: float) -> torch.Ten
     return (1.0 + foreground_weight * covered)[:, None]
 
 
+def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow point ``x_t = (1 - t) x0 + t noise`` of (B, C, F, H, W) latents, t of shape (B,)."""
+    tb = t.view(-1, 1, 1, 1, 1)
+    return (1.0 - tb) * x0 + tb * noise
+
+
+def predict_velocity(pipe: ToyShapesPipeline, xt: torch.Tensor, t: torch.Tensor, captions: list[str],
+                     transformer: Callable[..., tuple] | None = None) -> torch.Tensor:
+    """The model's velocity at ``xt``; ``transformer`` runs in place of ``pipe.transformer`` (a compiled
+    wrapper of it)."""
+    ids, mask = pipe.tokenizer(captions)
+    emb = pipe.text_encoder(ids.to(xt.device), mask.to(xt.device))
+    model = pipe.transformer if transformer is None else transformer
+    return model(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def velocity_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of a predicted velocity; ``weights`` (``token_weights``) weighs each token's
+    error, the sum normalised by the weights' sum."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target)
+    error = (pred.float() - target).square().mean(dim=1, keepdim=True)
+    return (error * weights).mean() / weights.mean()
+
+
 def flow_loss(pipe: ToyShapesPipeline, x0: torch.Tensor, captions: list[str], t: torch.Tensor,
               noise: torch.Tensor, transformer: Callable[..., tuple] | None = None,
               weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error of the predicted velocity ``noise - x0`` at ``x_t = (1 - t) x0 + t noise``.
-
-    ``transformer`` runs in place of ``pipe.transformer`` (a compiled wrapper of it). ``weights``
-    (``token_weights``) weighs each token's error; the sum is normalised by the weights' sum.
-    """
-    tb = t.view(-1, 1, 1, 1, 1)
-    xt = (1.0 - tb) * x0 + tb * noise
-    ids, mask = pipe.tokenizer(captions)
-    emb = pipe.text_encoder(ids.to(x0.device), mask.to(x0.device))
-    model = pipe.transformer if transformer is None else transformer
-    pred = model(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
-    if weights is None:
-        return F.mse_loss(pred.float(), noise - x0)
-    error = (pred.float() - (noise - x0)).square().mean(dim=1, keepdim=True)
-    return (error * weights).mean() / weights.mean()
+    """``velocity_error`` of the predicted velocity against ``noise - x0`` at ``noised(x0, noise, t)``."""
+    pred = predict_velocity(pipe, noised(x0, noise, t), t, captions, transformer)
+    return velocity_error(pred, noise - x0, weights)
 
 
 def _lr(cfg: TrainConfig, step: int, total: int) -> float:

@@ -38,7 +38,8 @@ from sparsediff.io import atomic_write_json  # noqa: E402
 from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask  # noqa: E402
 from sparsediff.pipelines.toy_shapes import TrainConfig, ToyShapesPipeline, frames_to_latents, load_pipeline  # noqa: E402
 from sparsediff.pipelines.toy_shapes.data import render_with_coverage, sample_batch  # noqa: E402
-from sparsediff.pipelines.toy_shapes.train import sample_t, token_weights  # noqa: E402
+from sparsediff.pipelines.toy_shapes.train import (  # noqa: E402
+    noised, predict_velocity, sample_t, token_weights, velocity_error)
 
 
 class OracleSelfAttention:
@@ -56,16 +57,6 @@ class OracleSelfAttention:
             (mask,) = source_masks("oracle", q.detach().float(), k.detach().float(), (self.cdf,))
         self.skipped.append(1.0 - float(mask.float().mean()))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_block_mask(mask, N_VIDEO, N_VIDEO, BLOCK_M, BLOCK_N))
-
-
-def velocity(pipe, xt: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    ids, mask = pipe.tokenizer(captions)
-    emb = pipe.text_encoder(ids.to(xt.device), mask.to(xt.device))
-    return pipe.transformer(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0].float()
-
-
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return ((pred - target).square().mean(dim=1, keepdim=True) * weights).mean() / weights.mean()
 
 
 def main() -> None:
@@ -115,18 +106,16 @@ def main() -> None:
             captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
             t = sample_t(args.batch_size, cfg, noise_gen, dev)
             noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
-            tb = t.view(-1, 1, 1, 1, 1)
-            xt = (1.0 - tb) * x0 + tb * noise
+            xt = noised(x0, noise, t)
             with autocast:
-                attention.cdf = None
                 with torch.no_grad():
-                    target = velocity(teacher, xt, t, captions)
-                dense_loss = weighted_mse(velocity(student, xt, t, captions), target, weights)
+                    target = predict_velocity(teacher, xt, t, captions).float()
+                dense_loss = velocity_error(predict_velocity(student, xt, t, captions), target, weights)
                 sparse_loss = torch.zeros((), device=dev)
                 attention.skipped = []
                 if float(t.max()) <= args.t_max:
                     attention.cdf = args.cdf
-                    sparse_loss = weighted_mse(velocity(student, xt, t, captions), target, weights)
+                    sparse_loss = velocity_error(predict_velocity(student, xt, t, captions), target, weights)
                     attention.cdf = None
             opt.zero_grad(set_to_none=True)
             (dense_loss + sparse_loss).backward()
