@@ -1,14 +1,16 @@
 """Twenty-eighth session: can a short fine-tune make the toy model's attention sparse-friendly?
 
-    python scripts/session28/toy_sparse_finetune.py --out DIR [--steps 230] [--cdf 0.7] [--lr 5e-5]
+    python scripts/session28/toy_sparse_finetune.py --out DIR [--steps 230] [--minutes M] [--cdf 0.7] [--lr 5e-5]
 
-Sparsity-aware distillation (run on the CPU in this session, no GPU was lent). The student starts from the shipped weights,
+Sparsity-aware distillation (run on the CPU in the twenty-eighth session, at GPU size through
+scripts/session29/gpu_finetune.sh in the twenty-ninth). The student starts from the shipped weights,
 the teacher is a frozen copy of them. Each step draws training clips (the training data
 generator, its caption dropout and foreground weights), a t and noise, and asks the student for
 the velocity twice: with every attention call dense, and with every video self-attention call
 computed on the oracle's blocks at `--cdf` (top cdf of the true block mass of the student's own
 q and k, in the processors' tile order; the mask is not differentiated, the attention on its kept
-blocks is). The loss is the squared error of both against the teacher's dense velocity:
+blocks is; in a batch, only its clips at t <= --t-max take the sparse pass). The loss is the
+squared error of both against the teacher's dense velocity:
 
     |v_student(dense) - v_teacher|^2 + |v_student(sparse) - v_teacher|^2
 
@@ -95,7 +97,11 @@ def main() -> None:
     with video_self_attention(attention):
         for step in range(args.steps):
             # A short warm-up: Adam's first steps move every weight by about lr whatever the gradient.
-            lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1.0 + math.cos(math.pi * step / args.steps))
+            # The cosine runs over the steps, or over --minutes when that ends first.
+            progress = step / args.steps
+            if args.minutes is not None:
+                progress = max(progress, (time.perf_counter() - start) / (args.minutes * 60.0))
+            lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = sample_batch(args.batch_size, data_gen, split="train", max_objects=cfg.max_objects, **geometry)
@@ -113,9 +119,12 @@ def main() -> None:
                 dense_loss = velocity_error(predict_velocity(student, xt, t, captions), target, weights)
                 sparse_loss = torch.zeros((), device=dev)
                 attention.skipped = []
-                if float(t.max()) <= args.t_max:
+                late = (t <= args.t_max).nonzero().flatten()  # the batch's clips at sparse-step noise levels
+                if len(late):
                     attention.cdf = args.cdf
-                    sparse_loss = velocity_error(predict_velocity(student, xt, t, captions), target, weights)
+                    late_captions = [captions[i] for i in late.tolist()]
+                    sparse_loss = velocity_error(predict_velocity(student, xt[late], t[late], late_captions),
+                                                 target[late], weights[late]) * (len(late) / args.batch_size)
                     attention.cdf = None
             opt.zero_grad(set_to_none=True)
             (dense_loss + sparse_loss).backward()
@@ -127,7 +136,7 @@ def main() -> None:
                      "lr": lr, "seconds": round(time.perf_counter() - start, 1)}
             history.append(entry)
             print(json.dumps(entry), flush=True)
-            if args.minutes is not None and time.perf_counter() - start > args.minutes * 60.0:
+            if progress >= 1.0:
                 print(f"--minutes reached: stopping after step {step + 1} of {args.steps}", flush=True)
                 break
     for m in modules:
