@@ -4,6 +4,7 @@
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
 #   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8; fp8: FP8 rows, no search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
+#   FINETUNE_MINUTES=6.5 FINETUNE_FLAGS="--batch-size 16" scripts/gpu_session.sh finetune   # the toy fine-tune
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -82,6 +83,12 @@ for stage in "$@"; do
               python3 -m sparsediff render --model wan2.1-t2v-1.3b --random-weights --prompts /tmp/prompts.txt \
                   --out "$res/render-sparse" --steps 10 --cdf-threshold 0.9 --sim-threshold 0.0 --dense-steps 2 &&
               cat "$res"/render-*/summary.csv ;;
+    # The toy model's sparsity-aware fine-tune (scripts/session28/toy_sparse_finetune.py) for FINETUNE_MINUTES,
+    # FINETUNE_FLAGS passed on (e.g. "--batch-size 16 --lr 5e-5"), then the held-out colour / motion scores.
+    finetune) python3 scripts/session28/toy_sparse_finetune.py --out "$res/finetune" --steps 1000000 \
+                  --minutes "${FINETUNE_MINUTES:-6.5}" ${FINETUNE_FLAGS:-} &&
+              python3 -m sparsediff.pipelines.toy_shapes.eval --weights "$res/finetune" \
+                  --out "$res/finetune/eval_report.json" --steps 16 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac 2>&1 | tee "$res/$stage.log"
   echo "== stage $stage: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$res/stages.txt"

@@ -82,13 +82,18 @@ ATTEND = {"drop": block_sparse_attention, "pooled": pooled_stand_ins,
 
 
 def source_masks(source: str, q: torch.Tensor, k: torch.Tensor, cdfs: tuple[float, ...], *,
-                 block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> list[torch.Tensor]:
+                 block_m: int = BLOCK_M, block_n: int = BLOCK_N, shared: bool = False) -> list[torch.Tensor]:
     """Block masks of (B, H, N, D) q and k at each cdf threshold: `oracle`, the top cdf of the true
     block mass (computed once) in blocks of block_m x block_n, or predictor `source`'s at sim 0 (in
-    the kernel's blocks only)."""
+    the kernel's blocks only). `shared` (oracle only): one mask for the whole batch, the top cdf of
+    the mass averaged over it (a CFG batch's halves drop the same blocks)."""
     if source == "oracle":
         mass = true_block_mass(q, k, block_m, block_n)
-        return [top_cdf(mass, torch.full((q.shape[1],), cdf)) for cdf in cdfs]
+        if shared:
+            mass = mass.mean(0, keepdim=True)
+        return [top_cdf(mass, torch.full((q.shape[1],), cdf)).expand(q.shape[0], -1, -1, -1) for cdf in cdfs]
+    if shared:
+        raise ValueError(f"a batch-shared mask is implemented for the oracle only, not {source!r}")
     if (block_m, block_n) != (BLOCK_M, BLOCK_N):
         raise ValueError(f"predictor {source!r} makes {BLOCK_M}x{BLOCK_N} blocks only, asked for {block_m}x{block_n}")
     return [predict_block_mask(q, k, cdf, 0.0, method=source) for cdf in cdfs]

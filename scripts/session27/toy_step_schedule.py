@@ -63,6 +63,9 @@ def main() -> None:
     p.add_argument("--dense-steps", type=int, default=6)
     p.add_argument("--source", choices=["oracle", *METHODS], default="oracle")
     p.add_argument("--schedule", nargs="+", required=True)
+    p.add_argument("--cfg-mask", choices=["own", "shared"], default="own",
+                   help="own: each CFG half its own mask; shared: one mask for both, the top cdf of their mean "
+                        "block mass (oracle only)")
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--weights", help="a toy-shapes weights folder (save_folder layout) instead of the shipped one; "
                    "its dense clips are also compared with the shipped weights' dense clips")
@@ -93,7 +96,7 @@ def main() -> None:
                 if cdfs[step] >= 1.0:
                     calls.append(0.0)
                     return None
-                (mask,) = source_masks(args.source, q, k, (cdfs[step],))
+                (mask,) = source_masks(args.source, q, k, (cdfs[step],), shared=args.cfg_mask == "shared")
                 calls.append(1.0 - float(mask.float().mean()))
                 return block_sparse_attention(q, k, v, mask)
 
@@ -111,8 +114,8 @@ def main() -> None:
         print(f"{spec:24s} sparsity {sum(r['sparsity'] for r in mine) / len(mine):.3f}, "
               f"PSNR {sum(r['psnr'] for r in mine) / len(mine):.2f} dB, SSIM {sum(r['ssim'] for r in mine) / len(mine):.3f}")
     if args.out:
-        atomic_write_json(args.out, {"dense_steps": args.dense_steps, "source": args.source, "weights": args.weights,
-                                     "rows": rows}, indent=1)
+        atomic_write_json(args.out, {"dense_steps": args.dense_steps, "source": args.source, "cfg_mask": args.cfg_mask,
+                                     "weights": args.weights, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

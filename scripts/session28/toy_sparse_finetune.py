@@ -3,7 +3,7 @@
     python scripts/session28/toy_sparse_finetune.py --out DIR [--steps 230] [--minutes M] [--cdf 0.7] [--lr 5e-5]
 
 Sparsity-aware distillation (run on the CPU in the twenty-eighth session, at GPU size through
-scripts/session29/gpu_finetune.sh in the twenty-ninth). The student starts from the shipped weights,
+`scripts/gpu_session.sh finetune` in the twenty-ninth). The student starts from the shipped weights,
 the teacher is a frozen copy of them. Each step draws training clips (the training data
 generator, its caption dropout and foreground weights), a t and noise, and asks the student for
 the velocity twice: with every attention call dense, and with every video self-attention call
