@@ -66,6 +66,27 @@ def token_weights(coverage: torch.Tensor, foreground_weight: float) -> torch.Ten
     return (1.0 + foreground_weight * covered)[:, None]
 
 
+def training_batch(cfg: TrainConfig, data_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device,
+                   *, windowed: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor,
+                                                       torch.Tensor | None]:
+    """One training batch of ``cfg.batch_size`` generated clips: latents x0, captions (dropped to ""
+    at ``cfg.caption_dropout``), t, noise and the token weights (None without a foreground weight).
+    ``windowed``: the clips cut to a random ``cfg.window_frames``-frame window (the curriculum)."""
+    batch = sample_batch(cfg.batch_size, data_gen, split="train", max_objects=cfg.max_objects,
+                         num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+    if windowed:
+        start_frame = int(torch.randint(0, cfg.num_frames - cfg.window_frames + 1, (1,), generator=data_gen))
+        batch = batch.window(start_frame, cfg.window_frames)
+    frames, coverage = render_with_coverage(batch, device)
+    x0 = frames_to_latents(frames)
+    weights = token_weights(coverage, cfg.foreground_weight) if cfg.foreground_weight else None
+    drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.caption_dropout
+    captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+    t = sample_t(cfg.batch_size, cfg, noise_gen, device)
+    noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+    return x0, captions, t, noise, weights
+
+
 def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The rectified-flow point ``x_t = (1 - t) x0 + t noise`` of (B, C, F, H, W) latents, t of shape (B,)."""
     tb = t.view(-1, 1, 1, 1, 1)
@@ -167,17 +188,8 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         lr = _lr(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = sample_batch(cfg.batch_size, data_gen, split="train", max_objects=cfg.max_objects, **geometry)
-        if cfg.window_frames is not None and step < cfg.window_fraction * total:
-            start_frame = int(torch.randint(0, cfg.num_frames - cfg.window_frames + 1, (1,), generator=data_gen))
-            batch = batch.window(start_frame, cfg.window_frames)
-        frames, coverage = render_with_coverage(batch, dev)
-        x0 = frames_to_latents(frames)
-        weights = token_weights(coverage, cfg.foreground_weight) if cfg.foreground_weight else None
-        drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.caption_dropout
-        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
-        t = sample_t(cfg.batch_size, cfg, noise_gen, dev)
-        noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
+        x0, captions, t, noise, weights = training_batch(
+            cfg, data_gen, noise_gen, dev, windowed=cfg.window_frames is not None and step < cfg.window_fraction * total)
         with autocast:
             loss = flow_loss(pipe, x0, captions, t, noise, train_transformer, weights)
         opt.zero_grad(set_to_none=True)

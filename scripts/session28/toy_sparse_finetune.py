@@ -38,10 +38,9 @@ from toy_attention_sparsity import N_VIDEO, source_masks, video_self_attention  
 from sparsediff.attention import BLOCK_M, BLOCK_N  # noqa: E402
 from sparsediff.io import atomic_write_json  # noqa: E402
 from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask  # noqa: E402
-from sparsediff.pipelines.toy_shapes import TrainConfig, ToyShapesPipeline, frames_to_latents, load_pipeline  # noqa: E402
-from sparsediff.pipelines.toy_shapes.data import render_with_coverage, sample_batch  # noqa: E402
+from sparsediff.pipelines.toy_shapes import TrainConfig, ToyShapesPipeline, load_pipeline  # noqa: E402
 from sparsediff.pipelines.toy_shapes.train import (  # noqa: E402
-    noised, predict_velocity, sample_t, token_weights, velocity_error)
+    noised, predict_velocity, training_batch, velocity_error)
 
 
 class OracleSelfAttention:
@@ -78,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     if not 0.0 < args.cdf < 1.0:
         raise ValueError(f"--cdf must lie in (0, 1), got {args.cdf}")
-    cfg = TrainConfig(foreground_weight=4.0)  # run 3's data and loss weighting
+    cfg = TrainConfig(foreground_weight=4.0, batch_size=args.batch_size)  # run 3's data and loss weighting
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     teacher = load_pipeline(dev)
@@ -90,7 +89,6 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
-    geometry = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
     history, start = [], time.perf_counter()
     attention = OracleSelfAttention()
@@ -104,14 +102,7 @@ def main() -> None:
             lr = args.lr * min(1.0, (step + 1) / 10) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = sample_batch(args.batch_size, data_gen, split="train", max_objects=cfg.max_objects, **geometry)
-            frames, coverage = render_with_coverage(batch, dev)
-            x0 = frames_to_latents(frames)
-            weights = token_weights(coverage, cfg.foreground_weight)
-            drop = torch.rand(args.batch_size, generator=data_gen) < cfg.caption_dropout
-            captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
-            t = sample_t(args.batch_size, cfg, noise_gen, dev)
-            noise = torch.randn(x0.shape, generator=noise_gen, device=dev)
+            x0, captions, t, noise, weights = training_batch(cfg, data_gen, noise_gen, dev)
             xt = noised(x0, noise, t)
             with autocast:
                 with torch.no_grad():
@@ -124,7 +115,7 @@ def main() -> None:
                     attention.cdf = args.cdf
                     late_captions = [captions[i] for i in late.tolist()]
                     sparse_loss = velocity_error(predict_velocity(student, xt[late], t[late], late_captions),
-                                                 target[late], weights[late]) * (len(late) / args.batch_size)
+                                                 target[late], weights[late]) * (len(late) / cfg.batch_size)
                     attention.cdf = None
             opt.zero_grad(set_to_none=True)
             (dense_loss + sparse_loss).backward()
