@@ -66,6 +66,7 @@ for stage in "$@"; do
     predict)  python3 -m sparsediff bench predict --out "$res/predict" ;;
     e2e)      python3 -m sparsediff bench e2e --out "$res/e2e" ;;
     steps)    python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families wan,cogvideox --out "$res/steps" ;;
+    eager)    python3 -m sparsediff bench e2e --steps 10 --modes eager --families wan,cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
     # The toy model's sparsity-quality curves, one calibrate-sweep per count of dense warm-up steps
     # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor.
