@@ -1,15 +1,16 @@
 """Twenty-eighth session: can a short fine-tune make the toy model's attention sparse-friendly?
 
-    python scripts/session28/toy_sparse_finetune.py --out DIR [--steps 230] [--minutes M] [--cdf 0.7] [--lr 5e-5]
+    python scripts/session28/toy_sparse_finetune.py --out DIR [--steps 230] [--minutes M] [--cdf 0.7] [--source oracle] [--lr 5e-5]
 
 Sparsity-aware distillation (run on the CPU in the twenty-eighth session, at GPU size through
 `scripts/gpu_session.sh finetune` in the twenty-ninth). The student starts from the shipped weights,
 the teacher is a frozen copy of them. Each step draws training clips (the training data
 generator, its caption dropout and foreground weights), a t and noise, and asks the student for
 the velocity twice: with every attention call dense, and with every video self-attention call
-computed on the oracle's blocks at `--cdf` (top cdf of the true block mass of the student's own
-q and k, in the processors' tile order; the mask is not differentiated, the attention on its kept
-blocks is; in a batch, only its clips at t <= --t-max take the sparse pass). The loss is the
+computed on the blocks that `--source` keeps at `--cdf`: the oracle's (top cdf of the true block
+mass of the student's own q and k, in the processors' tile order), or a predictor's (`sampled`, the
+processors' default, at sim 0: the masks a render gets). The mask is not differentiated, the
+attention on its kept blocks is; in a batch, only its clips at t <= --t-max take the sparse pass. The loss is the
 squared error of both against the teacher's dense velocity:
 
     |v_student(dense) - v_teacher|^2 + |v_student(sparse) - v_teacher|^2
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from toy_attention_sparsity import N_VIDEO, source_masks, video_self_attention  # noqa: E402
 
+from sparsediff.attention import METHODS  # noqa: E402
+
 from sparsediff.attention import BLOCK_M, BLOCK_N  # noqa: E402
 from sparsediff.io import atomic_write_json  # noqa: E402
 from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask  # noqa: E402
@@ -43,11 +46,12 @@ from sparsediff.pipelines.toy_shapes.train import (  # noqa: E402
     noised, predict_velocity, training_batch, velocity_error)
 
 
-class OracleSelfAttention:
-    """While `cdf` is set, video self-attention runs on the oracle's blocks at that cdf,
+class MaskedSelfAttention:
+    """While `cdf` is set, video self-attention runs on `source`'s blocks at that cdf (`source_masks`),
     differentiable through the kept blocks (the mask is not); else the stock call."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str) -> None:
+        self.source = source
         self.cdf: float | None = None
         self.skipped: list[float] = []
 
@@ -55,7 +59,7 @@ class OracleSelfAttention:
         if self.cdf is None:
             return None
         with torch.no_grad():
-            (mask,) = source_masks("oracle", q.detach().float(), k.detach().float(), (self.cdf,))
+            (mask,) = source_masks(self.source, q.detach().float(), k.detach().float(), (self.cdf,))
         self.skipped.append(1.0 - float(mask.float().mean()))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=expand_block_mask(mask, N_VIDEO, N_VIDEO, BLOCK_M, BLOCK_N))
 
@@ -67,6 +71,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, help="stop (and save) at this wall-clock time")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cdf", type=float, default=0.7)
+    p.add_argument("--source", choices=["oracle", *METHODS], default="oracle",
+                   help="whose block masks the sparse pass takes: the oracle's or a predictor's (at sim 0)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--t-max", type=float, default=0.85,
                    help="the sparse term only at t <= this (sparse steps follow 6 dense of 16: sigma <= 0.82)")
@@ -91,7 +97,7 @@ def main() -> None:
     noise_gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
     history, start = [], time.perf_counter()
-    attention = OracleSelfAttention()
+    attention = MaskedSelfAttention(args.source)
     with video_self_attention(attention):
         for step in range(args.steps):
             # A short warm-up: Adam's first steps move every weight by about lr whatever the gradient.

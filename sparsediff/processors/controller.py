@@ -262,11 +262,8 @@ class AttentionController:
             raise RuntimeError(f"sparsediff: a token-order site holds {x.shape[token_dim]} tokens along dim "
                                f"{token_dim}, the forward's {n_text} text tokens and latent grid {grid} "
                                f"{n_text + math.prod(grid)}")
-        perm, inverse = self._permutation(grid, self.profile.token_order, 0, False, x.device)
-        index = inverse if restore else perm
-        if n_text:
-            index = torch.cat([torch.arange(n_text, device=x.device), index + n_text])
-        return x.index_select(token_dim, index)
+        perm, inverse = self._site_permutation(grid, n_text, x.device)
+        return x.index_select(token_dim, inverse if restore else perm)
 
     def join_text(self, text: torch.Tensor, video: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The joint sequence (along `dim`) of a text-first family's processor: [text ; video] as the
@@ -541,6 +538,17 @@ class AttentionController:
             perm = token_permutation(video, order=order, text_tokens=n_text, text_first=text_first,
                                      block_tokens=BLOCK_M, tile=self.profile.tile, device=device)
             self._perms[key] = None if perm is None else (perm, inverse_permutation(perm))
+        return self._perms[key]
+
+    def _site_permutation(self, grid: tuple[int, int, int], n_text: int,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(permutation, inverse) of a token-order site's [text ; video] sequence: its video tokens into
+        the attention order, its `n_text` text tokens left first; cached."""
+        key = ("site", grid, self.profile.token_order, self.profile.tile, n_text, device)
+        if key not in self._perms:
+            perm, _ = self._permutation(grid, self.profile.token_order, 0, False, device)
+            perm = torch.cat([torch.arange(n_text, device=device), perm + n_text])
+            self._perms[key] = (perm, inverse_permutation(perm))
         return self._perms[key]
 
     def _layer_thresholds(self, layer_name: str, device: torch.device) -> tuple[HeadThresholds, float | None]:
