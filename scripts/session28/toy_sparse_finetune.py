@@ -10,8 +10,8 @@ the velocity twice: with every attention call dense, and with every video self-a
 computed on the blocks that `--source` keeps at `--cdf`: the oracle's (top cdf of the true block
 mass of the student's own q and k, in the processors' tile order), or a predictor's (`sampled`, the
 processors' default, at sim 0: the masks a render gets). The mask is not differentiated, the
-attention on its kept blocks is; in a batch, only its clips at t <= --t-max take the sparse pass. The loss is the
-squared error of both against the teacher's dense velocity:
+attention on its kept blocks is; in a batch, only its clips at t <= --t-max take the sparse pass.
+The loss is the squared error of both against the teacher's dense velocity:
 
     |v_student(dense) - v_teacher|^2 + |v_student(sparse) - v_teacher|^2
 
@@ -36,9 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from toy_attention_sparsity import N_VIDEO, source_masks, video_self_attention  # noqa: E402
 
-from sparsediff.attention import METHODS  # noqa: E402
-
-from sparsediff.attention import BLOCK_M, BLOCK_N  # noqa: E402
+from sparsediff.attention import BLOCK_M, BLOCK_N, METHODS  # noqa: E402
 from sparsediff.io import atomic_write_json  # noqa: E402
 from sparsediff.kernels.block_sparse_attn_reference import expand_block_mask  # noqa: E402
 from sparsediff.pipelines.toy_shapes import TrainConfig, ToyShapesPipeline, load_pipeline  # noqa: E402
