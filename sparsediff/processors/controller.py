@@ -544,10 +544,12 @@ class AttentionController:
                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(permutation, inverse) of a token-order site's [text ; video] sequence: its video tokens into
         the attention order, its `n_text` text tokens left first; cached."""
+        video_perms = self._permutation(grid, self.profile.token_order, 0, False, device)
+        if not n_text:  # the video permutation itself: no second cached copy of it
+            return video_perms
         key = ("site", grid, self.profile.token_order, self.profile.tile, n_text, device)
         if key not in self._perms:
-            perm, _ = self._permutation(grid, self.profile.token_order, 0, False, device)
-            perm = torch.cat([torch.arange(n_text, device=device), perm + n_text])
+            perm = torch.cat([torch.arange(n_text, device=device), video_perms[0] + n_text])
             self._perms[key] = (perm, inverse_permutation(perm))
         return self._perms[key]
 
