@@ -91,3 +91,34 @@ def test_inductor_compiled_forward_equals_eager(family):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     handle.remove()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_compiled_graph_runs_every_sparsediff_op_after_begin_forward(family):
+    # A compiler may run a node as soon as its inputs exist: every op that reads the step hook's decision
+    # (token order, joint rotary tables, attention, end of forward) must take an input derived from
+    # begin_forward's outputs, Wan's rotary tables too (computed from the latents' shape alone).
+    model, step_inputs, handle, _, _ = _applied_and_eager(family)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    _denoise(torch.compile(model, backend=capture, fullgraph=True), step_inputs[:1])
+    graph, = graphs
+    ops = [n for n in graph.nodes if n.op == "call_function" and str(n.target).startswith("sparsediff.")]
+    begin, = [n for n in ops if str(n.target).startswith("sparsediff.begin_forward")]
+    assert {str(n.target).split(".")[1] for n in ops} >= {"order_tokens", "attend", "end_forward"}
+    for node in ops:
+        if node is begin:
+            continue
+        seen, todo = set(), list(node.all_input_nodes)
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(n.all_input_nodes)
+        assert begin in seen, f"{node.target} ({node.name}) does not follow begin_forward"
+    handle.remove()
+    torch._dynamo.reset()

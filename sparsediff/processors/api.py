@@ -117,17 +117,22 @@ class _TokenOrderHook(ModelHook):
         self.controller: AttentionController | None = controller
         self._op_key = register_owner(self)
 
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
         if self.controller is None:
             return output
+        # The op follows the site's first tensor input (the forward's latents at Wan's rotary
+        # embedding, whose output depends on their shape alone): nothing else would keep a compiled
+        # graph from ordering the tables before `begin_forward` decides the forward's order.
+        after = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if isinstance(output, tuple):
-            return tuple(self._order(x) if isinstance(x, torch.Tensor) else x for x in output)
-        return self._order(output)
+            return tuple(self._order(x, after) if isinstance(x, torch.Tensor) else x for x in output)
+        return self._order(output, after)
 
-    def _order(self, x: torch.Tensor) -> torch.Tensor:
+    def _order(self, x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:
         first = self.site.token_dim
         tokens = x.flatten(first, first + self.site.token_dims - 1)
-        return torch.ops.sparsediff.order_tokens(self._op_key, tokens, first, self.site.restore,
+        return torch.ops.sparsediff.order_tokens(self._op_key, after, tokens, first, self.site.restore,
                                                  self.site.text_first).view(x.shape)
 
 

@@ -95,16 +95,19 @@ def _begin_forward_fake(hook_key, timestep, hidden_states, arguments):
 
 
 @torch.library.custom_op("sparsediff::order_tokens", mutates_args=(), tags=_TAGS)
-def order_tokens(hook_key: torch.Tensor, x: torch.Tensor, token_dim: int, restore: bool, text_first: bool) -> torch.Tensor:
+def order_tokens(
+    hook_key: torch.Tensor, after: torch.Tensor | None, x: torch.Tensor, token_dim: int, restore: bool, text_first: bool
+) -> torch.Tensor:
     """A copy of `x` with its video tokens (dim `token_dim`, after the forward's text tokens with
     `text_first`) in the attention order, or back in raster order (`restore`), where the current
     forward holds its tokens in the attention order (`AttentionController.order_tokens`); else a
-    plain copy. For the token-order hooks (api.py)."""
+    plain copy. For the token-order hooks (api.py). `after`: the site's input, unused but for the
+    order (as `joint_rotary`'s)."""
     return _owner(hook_key).controller.order_tokens(x, token_dim, restore, text_first)
 
 
 @order_tokens.register_fake
-def _order_tokens_fake(hook_key, x, token_dim, restore, text_first):
+def _order_tokens_fake(hook_key, after, x, token_dim, restore, text_first):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
