@@ -69,10 +69,11 @@ for stage in "$@"; do
     eager)    python3 -m sparsediff bench e2e --steps 10 --modes eager --families wan,cogvideox --out "$res/steps" ;;
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
     # The toy model's sparsity-quality curves, one calibrate-sweep per count of dense warm-up steps
-    # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor.
+    # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor,
+    # SWEEP_BUDGETS the per-head error budgets.
     sweep)    for dense in ${SWEEP_DENSE_STEPS:-auto 4 6 8 10}; do
                 flag=(); [ "$dense" = auto ] || flag=(--dense-steps "$dense")
-                python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets 0.1,0.2,0.3,0.5,0.7 "${flag[@]}" \
+                python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets "${SWEEP_BUDGETS:-0.1,0.2,0.3,0.5,0.7}" "${flag[@]}" \
                     --method "${SWEEP_METHOD:-sampled}" --out "$res/sweep-dense$dense" || exit 1
               done ;;
     flux)     python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 --setting-b-cdf 0.02 \
