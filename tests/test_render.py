@@ -255,6 +255,8 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     out = ["--out", str(tmp_path / "o")]
     assert "prompt file not found" in _error(capsys, ["render", "--prompts", str(tmp_path / "nope.txt"), *out])
     assert "nope: prompt file not found" in _error(capsys, ["render", "--prompts", str(tmp_path / "nope"), *out])
+    assert "is a directory, not a prompt file" in _error(capsys, ["render", "--prompts", str(tmp_path), *out])
+    assert "/dev/null: not a regular file" in _error(capsys, ["render", "--prompts", "/dev/null", *out])
     err = _error(capsys, [*base, *out, "--model", "no-such-model"])
     assert "unknown recipe 'no-such-model'" in err and "tiny-wan" in err
     not_dir = tmp_path / "file"
