@@ -194,6 +194,21 @@ def test_foreground_weights_cover_the_objects_tokens_and_leave_the_loss_unchange
         ts.TrainConfig(foreground_weight=-1.0)
 
 
+def test_window_curriculum_trains_on_windows_and_refuses_settings_it_cannot_run():
+    from sparsediff.pipelines.toy_shapes.train import training_batch
+
+    cfg = ts.TrainConfig(batch_size=2, window_frames=5, window_fraction=1.0)
+    x0, _, _, noise, _ = training_batch(cfg, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                                        torch.device("cpu"), windowed=True)
+    assert x0.shape[2] == 5 and noise.shape == x0.shape  # (B, C, F, H/4, W/4)
+    ts.TrainConfig(steps=100, window_frames=5, window_fraction=0.5)  # a fixed step count can switch
+    for bad in (dict(window_frames=5), dict(window_fraction=0.5, steps=100)):
+        with pytest.raises(ValueError, match="go together"):
+            ts.TrainConfig(**bad)
+    with pytest.raises(ValueError, match="--minutes run cannot switch"):
+        ts.TrainConfig(minutes=5.0, window_frames=5, window_fraction=0.5)
+
+
 def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
     from sparsediff.pipelines.toy_shapes.train import main
 

@@ -80,6 +80,14 @@ class TrainConfig:
             raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
         if not 0.0 <= self.window_fraction <= 1.0:
             raise ValueError(f"window_fraction must be in [0, 1], got {self.window_fraction}")
+        if (self.window_frames is None) != (self.window_fraction == 0.0):
+            raise ValueError("window_frames and window_fraction go together (a window length and the share of the "
+                             f"steps that use it), got window_frames={self.window_frames}, "
+                             f"window_fraction={self.window_fraction}")
+        if self.steps is None and 0.0 < self.window_fraction < 1.0:
+            # A minutes run fixes its step count from the speed of its first steps, which would be windowed ones.
+            raise ValueError("a --minutes run cannot switch from windowed to whole clips: its step count comes from "
+                             "the first steps' speed; give --steps (with --max-minutes), or window_fraction 1")
         if self.foreground_weight < 0.0:
             raise ValueError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
