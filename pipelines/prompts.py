@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparsediff.io import input_file_problem
+
 INT_FIELDS = ("seed", "height", "width", "frames", "steps")
 FIELDS = ("prompt", "negative_prompt", *INT_FIELDS)
 
@@ -120,12 +122,9 @@ READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
 def load_prompts(path: str | Path) -> list[PromptSpec]:
     """Read a prompt file; raise `PromptFileError` if it is missing, empty or malformed."""
     path = Path(path)
-    if not path.exists():
-        raise PromptFileError(f"{path}: prompt file not found")
-    if path.is_dir():
-        raise PromptFileError(f"{path}: is a directory, not a prompt file")
-    if not path.is_file():
-        raise PromptFileError(f"{path}: not a regular file; save the prompts to a .txt, .jsonl or .csv file")
+    problem = input_file_problem(path, "prompt file")
+    if problem is not None:
+        raise PromptFileError(problem)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}; use one of {', '.join(READERS)}")

@@ -214,10 +214,12 @@ def _file_sha256(path: Path) -> str:
 
 def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
     """Read a profile and refuse it when it names another family or model (full check after load)."""
+    from sparsediff.io import input_file_problem
     from sparsediff.profile import SparsityProfile
 
-    if not path.is_file():
-        raise RenderError(f"--profile: {path} not found")
+    problem = input_file_problem(path, "sparsity profile")
+    if problem is not None:
+        raise RenderError(f"{origin}: {problem}")
     try:
         profile = SparsityProfile.load(path)
     except (ValueError, OSError) as e:

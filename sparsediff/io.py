@@ -72,6 +72,19 @@ def writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return out
 
 
+def input_file_problem(path: str | os.PathLike, what: str) -> str | None:
+    """Why `path` cannot be read as a `what` ("prompt file", "sparsity profile"): missing, a folder, or
+    not a regular file (a device, a pipe); None when it is a regular file. Callers raise their own error."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path}: {what} not found"
+    if path.is_dir():
+        return f"{path}: is a directory, not a {what}"
+    if not path.is_file():
+        return f"{path}: not a regular file (a device or a pipe); give the path of a saved {what}"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (fsynced before the rename)."""
     with atomic_output(path) as tmp:

@@ -297,6 +297,10 @@ def test_profile_for_another_model_is_refused(tmp_path, capsys, no_model) -> Non
     assert "for the flux family, but tiny-wan is wan" in _error(capsys, argv)
     path.write_text("{not json")
     assert "is not a valid sparsity profile" in _error(capsys, argv)
+    for bad, needle in ((tmp_path / "missing.json", "missing.json: sparsity profile not found"),
+                        (tmp_path, "is a directory, not a sparsity profile"),
+                        (Path("/dev/null"), "/dev/null: not a regular file")):
+        assert f"--profile: {bad}" in (err := _error(capsys, [*argv[:-1], str(bad)])) and needle in err
 
 
 # --------------------------------------------------------------------------- prompts, io, metrics
