@@ -1,4 +1,5 @@
-"""Atomic writes of the files a user keeps (outputs, sidecars, profiles, reports).
+"""Atomic writes of the files a user keeps (outputs, sidecars, profiles, reports), and the checks of
+the paths a user gives (an output folder, an input file).
 
 Every writer puts the bytes under a temporary name in the destination's folder and then
 `os.replace`s it onto the final name, so an interrupted process (Ctrl-C, SIGKILL, a crash)
