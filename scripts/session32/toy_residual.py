@@ -2,7 +2,7 @@
 step lift the toy model's sparse frames? (CPU, fp32, shipped weights, seed 0, 16 steps.)
 
     python scripts/session32/toy_residual.py [--prompt ...] [--dense-steps 6] [--source sampled8]
-        [--cdf 0.7 ...] [--modes drop carry carry-mask] [--out X.json]
+        [--cdf 0.7 ...] [--modes drop carry mask carry-mask] [--out X.json]
 
 At the last dense step, every video self-attention call also computes its sparse output on the
 source's mask at that cdf, and keeps r = dense - sparse (per call; both CFG halves). Modes, in the
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from toy_attention_sparsity import dense_attention, render, source_masks  # noqa: E402
@@ -35,7 +37,9 @@ MODES = ("drop", "carry", "mask", "carry-mask")
 
 def sparse_render(pipe, prompt: str, mode: str, source: str, cdf: float, dense_steps: int):
     """Frames and the share of blocks skipped after the dense steps, in `mode` (module docstring)."""
-    kept: dict[int, tuple] = {}  # call index -> (mask, residual) from the last dense step
+    frozen, carried = mode in ("mask", "carry-mask"), mode in ("carry", "carry-mask")
+    masks: dict[int, torch.Tensor] = {}  # call index -> the last dense step's mask (frozen modes)
+    residuals: dict[int, torch.Tensor] = {}  # call index -> r (carried modes)
     calls = {"step": -1, "index": 0}
     skipped: list[float] = []
 
@@ -47,14 +51,17 @@ def sparse_render(pipe, prompt: str, mode: str, source: str, cdf: float, dense_s
         if step < dense_steps - 1:
             return None
         if step == dense_steps - 1:
-            if mode != "drop":
+            if frozen or carried:
                 (mask,) = source_masks(source, q, k, (cdf,))
-                kept[index] = (mask, dense_attention(q, k, v) - block_sparse_attention(q, k, v, mask))
+                if frozen:
+                    masks[index] = mask
+                if carried:
+                    residuals[index] = dense_attention(q, k, v) - block_sparse_attention(q, k, v, mask)
             return None
-        mask = kept[index][0] if mode in ("mask", "carry-mask") else source_masks(source, q, k, (cdf,))[0]
+        mask = masks[index] if frozen else source_masks(source, q, k, (cdf,))[0]
         skipped.append(1.0 - float(mask.float().mean()))
         out = block_sparse_attention(q, k, v, mask)
-        return out + kept[index][1] if mode.startswith("carry") else out
+        return out + residuals[index] if carried else out
 
     frames = render(pipe, prompt, attend)
     return frames, sum(skipped) / len(skipped)
