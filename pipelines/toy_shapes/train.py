@@ -12,6 +12,7 @@ DIR/train_config.json and DIR/train_log.json (loss curve, held-out loss, timing)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import TrainConfig
 from .data import batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch
@@ -135,8 +137,17 @@ def _sync(device: torch.device) -> None:
 
 def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None) -> dict:
     """Run one training and write the model and logs to ``out``; returns the log dict."""
-    out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.sdpa_backend is not None and dev.type != "cuda":
+        raise ValueError(f"sdpa_backend {cfg.sdpa_backend!r} picks a CUDA attention kernel; this run is on {dev}")
+    # Held for the whole run, compilation included: the compiled graph keeps the kernel chosen while tracing.
+    kernel = (sdpa_kernel([getattr(SDPBackend, f"{cfg.sdpa_backend.upper()}_ATTENTION")]) if cfg.sdpa_backend
+              else contextlib.nullcontext())
+    with kernel:
+        return _train(cfg, Path(out), dev)
+
+
+def _train(cfg: TrainConfig, out: Path, dev: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
