@@ -47,6 +47,7 @@ calibration.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ from sparsediff.kernels.block_sparse_attn import (
     BlockLut,
     block_sparse_attention,
     build_block_lut,
+    check_qkv,
     checked_scale,
 )
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
@@ -80,26 +82,42 @@ DEFAULT_SIM_THRESHOLD = 0.2
 Threshold = float | torch.Tensor
 
 
+# Every threshold lies in [0, 1]; a cdf threshold of 0 is refused (it asks for none of the attention
+# mass). Profiles (`sparsediff.profile`) check their values against the same ranges.
+THRESHOLD_OPEN_AT_ZERO = {"cdf_threshold": True, "sim_threshold": False, "pv_threshold": False}
+
+
+def threshold_range(name: str) -> str:
+    return "(0.0, 1.0]" if THRESHOLD_OPEN_AT_ZERO[name] else "[0.0, 1.0]"
+
+
+def is_threshold_number(value: object, name: str) -> bool:
+    """Whether ``value`` is a real number (Python or NumPy; not a bool) in ``name``'s range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    number = float(value)  # NaN fails both comparisons
+    return (number > 0.0 if THRESHOLD_OPEN_AT_ZERO[name] else number >= 0.0) and number <= 1.0
+
+
 def _per_head(value: Threshold, name: str, heads: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A threshold as an fp32 (H,) tensor in [0, 1] and its largest value; ValueError naming `name`
-    otherwise. A float is checked on the host; a tensor's values are read back (a device sync)."""
+    """A threshold as an fp32 (H,) tensor in its range and its largest value; ValueError naming `name`
+    otherwise. A number is checked on the host; a tensor's values are read back (a device sync)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
         elif tuple(value.shape) != (heads,):
             raise ValueError(f"{name} must be a float or a tensor of shape ({heads},), got shape {tuple(value.shape)}")
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise ValueError(f"{name} must be a float or a tensor of shape ({heads},), got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
         values = value.detach().float().cpu()
-        if not bool(((values >= 0) & (values <= 1)).all()):
-            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+        if not all(is_threshold_number(v, name) for v in values.tolist()):
+            raise ValueError(f"{name} must lie in {threshold_range(name)}, got {value!r}")
         return value.detach().to(device=device, dtype=torch.float32).contiguous(), float(values.max())
     # A number is checked in Python: host tensors for it cost ~20 us a call (an eager call's overhead).
-    number = float(value)
-    if not 0.0 <= number <= 1.0:  # NaN fails too
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return torch.full((heads,), number, dtype=torch.float32, device=device), number
+    if not is_threshold_number(value, name):
+        raise ValueError(f"{name} must lie in {threshold_range(name)}, got {value!r}")
+    return torch.full((heads,), float(value), dtype=torch.float32, device=device), float(value)
 
 
 @dataclass(frozen=True)
@@ -123,7 +141,7 @@ class HeadThresholds:
 def head_thresholds(
     cdf_thresholds: Sequence[Threshold], sim_threshold: Threshold, heads: int, device: torch.device
 ) -> HeadThresholds:
-    """Check and convert thresholds (floats or (H,) tensors in [0, 1]) once, for `predict_with`."""
+    """Check and convert thresholds (numbers or (H,) tensors in their ranges) once, for `predict_with`."""
     if isinstance(cdf_thresholds, (str, bytes)) or not isinstance(cdf_thresholds, Sequence) or not cdf_thresholds:
         raise ValueError(f"cdf_thresholds must be a non-empty sequence, got {cdf_thresholds!r}")
     cdf = tuple(_per_head(c, "cdf_threshold", heads, device)[0] for c in cdf_thresholds)
@@ -141,6 +159,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None
         raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
     if k.device != q.device:
         raise ValueError(f"k is on {k.device} but q is on {q.device}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype}")
     if min(q.shape) < 1:
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
     if method not in METHODS:
@@ -153,7 +173,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None
             raise ValueError(f"kv_lens must be an integer tensor, got {getattr(kv_lens, 'dtype', type(kv_lens))}")
         if tuple(kv_lens.shape) != (q.shape[0],):
             raise ValueError(f"kv_lens shape {tuple(kv_lens.shape)} must be ({q.shape[0]},)")
-        if bool(((kv_lens < 1) | (kv_lens > n)).any()):
+        if bool(((kv_lens.long() < 1) | (kv_lens.long() > n)).any()):  # long: n may not fit kv_lens' dtype
             raise ValueError(f"kv_lens values must lie in [1, {n}]")
 
 
@@ -183,8 +203,8 @@ def predict_block_mask(
 ) -> torch.Tensor:
     """Predicted block mask, bool (B, H, ceil(N/BLOCK_M), ceil(N/BLOCK_N)), True = compute.
 
-    q, k: (B, H, N, D), any strides. cdf_threshold / sim_threshold: floats in [0, 1] or (H,)
-    tensors (see the module doc; cdf 1.0 or sim 1.0 keep every block). scale: the attention's
+    q, k: (B, H, N, D), any strides. cdf_threshold / sim_threshold: numbers in (0, 1] / [0, 1] or
+    (H,) tensors (see the module doc; cdf 1.0 or sim 1.0 keep every block). scale: the attention's
     softmax scale (default D**-0.5). kv_lens: int (B,); key blocks with no valid key are False.
     dense_tail_tokens: the last tokens (text) are attended densely both ways.
     """
@@ -298,6 +318,7 @@ def sparse_attention(
     skips (those blocks still cost their Q·K). With cdf_threshold 1.0 every block is computed and
     o equals dense SDPA to floating-point tolerance.
     """
+    check_qkv(q, k, v)  # before predicting: what the kernel refuses is refused at once
     predicted, = _checked_predict(q, k, [cdf_threshold], sim_threshold, method=method, scale=scale, kv_lens=kv_lens,
                                   dense_tail_tokens=dense_tail_tokens)
     mask = predicted.mask

@@ -10,12 +10,18 @@ Without a profile, `apply()` uses `SparsityProfile.uniform(...)` with the defaul
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sparsediff.attention import DEFAULT_CDF_THRESHOLD, DEFAULT_SIM_THRESHOLD, METHODS
+from sparsediff.attention import (
+    DEFAULT_CDF_THRESHOLD,
+    DEFAULT_SIM_THRESHOLD,
+    METHODS,
+    THRESHOLD_OPEN_AT_ZERO,
+    is_threshold_number,
+    threshold_range,
+)
 from sparsediff.io import atomic_write_json
 from sparsediff.layout import TOKEN_ORDERS
 
@@ -28,17 +34,23 @@ DEFAULT_TOKEN_ORDER = "tiles"
 FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux")
 
 
-def _check_range(name: str, values: list[float], low: float, high: float, low_open: bool = False) -> None:
+def _check_thresholds(name: str, key: str, values: list[float]) -> None:
+    """ValueError unless every value is a number in the range of threshold ``key`` (cdf, sim or pv)."""
     for v in values:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
-                or v > high or v < low or (low_open and v == low):
-            bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-            raise ValueError(f"{name} values must be numbers in {bound}, got {v!r}")
+        if not is_threshold_number(v, key):
+            raise ValueError(f"{name} values must be numbers in {threshold_range(key)}, got {v!r}")
 
 
-# Each per-head threshold lies in [0, 1], and whether 0 is excluded (cdf: a threshold of 0 keeps no
-# block); LayerProfile.validate and check_overrides both read the ranges from here.
-THRESHOLD_OPEN_AT_ZERO = {"cdf_threshold": True, "sim_threshold": False, "pv_threshold": False}
+_TILE_RULE = "tile must be None or three positive ints (t, h, w)"
+
+
+def _as_tile(tile: object) -> tuple | None:
+    """None, or ``tile`` (a list or tuple) as a tuple; ValueError for anything else."""
+    if tile is None:
+        return None
+    if not isinstance(tile, (tuple, list)):
+        raise ValueError(f"{_TILE_RULE}, got {tile!r}")
+    return tuple(tile)
 
 
 def _check_dense_steps(value: object) -> None:
@@ -57,9 +69,9 @@ def check_overrides(
     `SparsityProfile.validate` checks): callers that override a profile check their values before
     loading a model."""
     given = {"cdf_threshold": cdf_threshold, "sim_threshold": sim_threshold, "pv_threshold": pv_threshold}
-    for name, low_open in THRESHOLD_OPEN_AT_ZERO.items():
+    for name in THRESHOLD_OPEN_AT_ZERO:
         if given[name] is not None:
-            _check_range(name, [given[name]], 0.0, 1.0, low_open=low_open)
+            _check_thresholds(name, name, [given[name]])
     if dense_steps is not None:
         _check_dense_steps(dense_steps)
 
@@ -83,9 +95,9 @@ class LayerProfile:
                 continue
             if not isinstance(values, list) or len(values) != self.heads:
                 raise ValueError(f"layers[{name!r}].{key} must be a list of {self.heads} numbers (one per head)")
-        for key, low_open in THRESHOLD_OPEN_AT_ZERO.items():
+        for key in THRESHOLD_OPEN_AT_ZERO:
             if getattr(self, key) is not None:
-                _check_range(f"layers[{name!r}].{key}", getattr(self, key), 0.0, 1.0, low_open=low_open)
+                _check_thresholds(f"layers[{name!r}].{key}", key, getattr(self, key))
         if not isinstance(self.dense, bool):
             raise ValueError(f"layers[{name!r}].dense must be a bool")
 
@@ -138,9 +150,10 @@ class SparsityProfile:
         if self.token_order not in TOKEN_ORDERS:
             raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
         if self.tile is not None and (
-            len(self.tile) != 3 or not all(isinstance(d, int) and d >= 1 for d in self.tile)
+            len(_as_tile(self.tile)) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.tile)
         ):
-            raise ValueError(f"tile must be None or three positive ints (t, h, w), got {self.tile!r}")
+            raise ValueError(f"{_TILE_RULE}, got {self.tile!r}")
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"method must be None or one of {METHODS}, got {self.method!r}")
         if not isinstance(self.calibration, CalibrationInfo):
@@ -182,7 +195,7 @@ class SparsityProfile:
             for name, h in heads.items()
         }
         return cls(model_id=model_id, family=family, layers=layers, dense_steps=dense_steps,
-                   token_order=token_order, tile=None if tile is None else tuple(tile), method=method)
+                   token_order=token_order, tile=_as_tile(tile), method=method)
 
     def with_overrides(
         self,
@@ -211,7 +224,7 @@ class SparsityProfile:
             layers=layers,
             dense_steps=self.dense_steps if dense_steps is None else dense_steps,
             token_order=self.token_order if token_order is None else token_order,
-            tile=self.tile if tile is None else tuple(tile),
+            tile=self.tile if tile is None else _as_tile(tile),
             method=self.method if method is None else method,
         )
 
@@ -228,13 +241,13 @@ class SparsityProfile:
         missing = [n for n in heads if n not in self.layers]
         extra = [n for n in self.layers if n not in heads]
         if missing:
-            problems.append(f"{len(missing)} model layer(s) missing from the profile: {_few(missing)}")
+            problems.append(f"{len(missing)} model layer(s) missing from the profile: {few_names(missing)}")
         if extra:
-            problems.append(f"{len(extra)} profile layer(s) not in the model: {_few(extra)}")
+            problems.append(f"{len(extra)} profile layer(s) not in the model: {few_names(extra)}")
         wrong = [f"{n} (profile {self.layers[n].heads}, model {h})"
                  for n, h in heads.items() if n in self.layers and self.layers[n].heads != h]
         if wrong:
-            problems.append(f"head counts differ in {len(wrong)} layer(s): {_few(wrong)}")
+            problems.append(f"head counts differ in {len(wrong)} layer(s): {few_names(wrong)}")
         return "; ".join(problems) or None
 
     def check_fits(self, pipe_or_transformer: Any) -> None:
@@ -258,9 +271,10 @@ class SparsityProfile:
                 name: {
                     "heads": layer.heads,
                     "dense": layer.dense,
-                    "cdf_threshold": layer.cdf_threshold,
-                    "sim_threshold": layer.sim_threshold,
-                    "pv_threshold": layer.pv_threshold,
+                    # float(): values may be NumPy scalars, which JSON cannot hold
+                    "cdf_threshold": [float(v) for v in layer.cdf_threshold],
+                    "sim_threshold": [float(v) for v in layer.sim_threshold],
+                    "pv_threshold": None if layer.pv_threshold is None else [float(v) for v in layer.pv_threshold],
                 }
                 for name, layer in self.layers.items()
             },
@@ -307,7 +321,7 @@ class SparsityProfile:
             layers=layers,
             dense_steps=data.get("dense_steps", DEFAULT_DENSE_STEPS),
             token_order=data.get("token_order", DEFAULT_TOKEN_ORDER),
-            tile=None if tile is None else tuple(tile),
+            tile=_as_tile(tile),
             method=data.get("method"),
             calibration=CalibrationInfo(**calib),
         )
@@ -337,5 +351,6 @@ def _exact_keys(where: str, data: dict, allowed: set[str], required: set[str]) -
         raise ValueError(f"{where} lacks required key(s) {absent}")
 
 
-def _few(items: list[str], n: int = 4) -> str:
+def few_names(items: list[str], n: int = 4) -> str:
+    """The first ``n`` of ``items``, comma-separated, and how many more (for error messages)."""
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")

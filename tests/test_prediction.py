@@ -1,4 +1,5 @@
 """Block-mask prediction: Triton kernels vs references, stage-1 rules, thresholds, arguments."""
+import numpy as np
 import pytest
 import torch
 
@@ -212,6 +213,25 @@ def test_extreme_thresholds(workload, method):
     assert trusted.float().mean() < 0.6  # trusting every block lets the CDF cut most of them
 
 
+def test_sim_one_distrusts_even_blocks_of_similarity_one():
+    # A constant block and a one-token last block have similarity exactly 1: sim 1.0 still keeps them whole.
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 2 * BLOCK_M + 1, 32), torch.randn(1, 2, 2 * BLOCK_M + 1, 32)
+    q[:, :, BLOCK_M:2 * BLOCK_M] = q[:, :, BLOCK_M:BLOCK_M + 1]
+    assert not predict_block_mask(q, k, 0.01, 0.99)[:, :, 1:].all()  # below 1 they are trusted
+    assert predict_block_mask(q, k, 0.01, 1.0).all()
+    assert predict_block_mask(q, k, 0.01, torch.tensor([1.0, 0.0]))[:, 0].all()
+
+
+def test_numpy_thresholds_and_narrow_kv_lens_dtypes_are_taken_as_their_values(workload):
+    q, k = workload.q, workload.k
+    n = q.shape[2]
+    assert torch.equal(predict_block_mask(q, k, np.float32(0.5), np.float64(0.1)), predict_block_mask(q, k, 0.5, 0.1))
+    short = torch.tensor([n - 200])
+    assert torch.equal(predict_block_mask(q, k, 0.5, kv_lens=short.to(torch.int16)),
+                       predict_block_mask(q, k, 0.5, kv_lens=short))
+
+
 def test_per_head_thresholds(workload):
     q, k = workload.q, workload.k
     mixed = predict_block_mask(q, k, torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.0]))
@@ -295,6 +315,7 @@ def test_sample_rows_cover_each_block_segment(samples):
     [
         (dict(cdf_threshold=1.5), "cdf_threshold"),
         (dict(cdf_threshold=-0.1), "cdf_threshold"),
+        (dict(cdf_threshold=0.0), r"cdf_threshold must lie in \(0.0, 1.0\]"),  # as profiles: no mass asked for
         (dict(sim_threshold=float("nan")), "sim_threshold"),
         (dict(sim_threshold=True), "sim_threshold"),
         (dict(sim_threshold=torch.tensor([0.5, 0.5, 0.5])), "sim_threshold"),
@@ -329,6 +350,7 @@ def test_bad_threshold_lists_name_themselves():
     (torch.randn(2, 64, 16), torch.randn(2, 64, 16), "q"),
     (torch.randn(1, 2, 64, 16), torch.randn(1, 2, 32, 16), "k"),
     (torch.randn(1, 2, 64, 16).int(), torch.randn(1, 2, 64, 16), "q"),
+    (torch.randn(1, 2, 64, 16).half(), torch.randn(1, 2, 64, 16).bfloat16(), "k has dtype"),
 ])
 def test_bad_tensors_name_themselves(q, k, name):
     with pytest.raises(ValueError, match=name):

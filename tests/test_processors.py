@@ -297,6 +297,40 @@ def test_mismatched_profile_and_bad_arguments_are_refused():
     remove(model)  # removing twice is a no-op
 
 
+def test_a_removed_handle_leaves_a_later_apply_in_place():
+    model = build_wan()
+    first = apply(model)
+    first.remove()
+    second = apply(model)
+    first.remove()
+    processors = [p for p in model.attn_processors.values() if isinstance(p, WanSparseAttnProcessor)]
+    assert processors and all(p.controller is second.controller for p in processors)
+    second.remove()
+    assert not any(isinstance(p, WanSparseAttnProcessor) for p in model.attn_processors.values())
+
+
+def test_a_layer_with_another_processor_is_refused_and_left_as_it_is():
+    # An IP-Adapter's processor adds image conditioning that a sparse processor would silently drop.
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class AdapterProcessor(WanAttnProcessor):
+        pass
+
+    model = build_wan()
+    processors = dict(model.attn_processors)
+    adapted = "blocks.0.attn1.processor"
+    processors[adapted] = AdapterProcessor()
+    model.set_attn_processor(processors)
+    with pytest.raises(ValueError, match=r"stock WanAttnProcessor, .*transformer\.blocks\.0\.attn1\.processor "
+                                         r"\(AdapterProcessor\)"):
+        apply(model)
+    assert type(model.attn_processors[adapted]) is AdapterProcessor
+    assert HookRegistry.check_if_exists_or_initialize(model).get_hook("sparsediff") is None
+    cogvideox_model = build_cogvideox()
+    cogvideox_model.fuse_qkv_projections()  # diffusers' fused processor is a stock one
+    apply(cogvideox_model).remove()
+
+
 def test_profile_dense_layer_runs_stock():
     model = build_wan(num_layers=2)
     inputs = wan_inputs(model)

@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from sparsediff.profile import (
@@ -95,6 +96,8 @@ def test_unknown_format_version_is_refused(tmp_path):
     (lambda d: d.update(token_order="zigzag"), "token_order"),
     (lambda d: d.update(dense_steps=-1), "dense_steps"),
     (lambda d: d.update(method="magic"), "method must be None or one of"),
+    (lambda d: d.update(tile=5), r"tile must be None or three positive ints \(t, h, w\), got 5"),
+    (lambda d: d.update(tile=[2, True, 8]), "tile must be None or three positive ints"),
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf_threshold=[0.9]), "one per head"),
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf_threshold=[0.0, 0.5]), r"\(0.0, 1.0\]"),
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(sim_threshold=[2.0, 0.5]), "sim_threshold"),
@@ -111,3 +114,15 @@ def test_not_json_is_refused(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         SparsityProfile.load(path)
+
+
+def test_numpy_thresholds_are_numbers_and_save_as_json(tmp_path):
+    profile = _profile().with_overrides(cdf_threshold=np.float32(0.5), sim_threshold=np.float64(0.25))
+    layer = profile.layers["transformer.blocks.0.attn1.processor"]
+    assert layer.cdf_threshold == [0.5, 0.5] and layer.sim_threshold == [0.25, 0.25]
+    layer.pv_threshold = [np.float32(0.125), np.float32(0.25)]  # as a user's numpy arithmetic leaves them
+    profile.save(tmp_path / "p.json")
+    loaded = SparsityProfile.load(tmp_path / "p.json")
+    assert loaded.layers["transformer.blocks.0.attn1.processor"].pv_threshold == [0.125, 0.25]
+    with pytest.raises(ValueError, match="tile must be None or three positive ints"):
+        _profile().with_overrides(tile=5)

@@ -99,3 +99,37 @@ def test_tile_order_keeps_text_last():
     assert y[0, 0, 32:, 0].tolist() == [32.0, 33.0, 34.0]
     with pytest.raises(ValueError, match="x"):
         to_tile_order(x[..., :10, :], (2, 4, 4), (1, 2, 2))
+
+
+def test_inputs_the_kernel_refuses_are_refused_before_predicting(monkeypatch):
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted before checking q, k, v")
+
+    monkeypatch.setattr("sparsediff.attention._checked_predict", no_prediction)
+    wide = torch.randn(1, 2, 256, 129)
+    with pytest.raises(ValueError, match="head dim 129"):
+        sparse_attention(wide, wide, wide)
+    q = torch.randn(1, 2, 256, 32, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad, but sparse attention has no backward"):
+        sparse_attention(q, q.detach(), q.detach())
+
+
+def test_inputs_that_require_grad_are_refused_outside_no_grad():
+    # The kernel writes its output outside autograd: a silent cut in the gradient is refused instead.
+    q = torch.nn.Linear(32, 32)(torch.randn(1, 2, 256, 32))
+    k, v = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
+    full = torch.ones(1, 2, 2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        block_sparse_attention(q, k, v, full)
+    with torch.no_grad():
+        torch.testing.assert_close(block_sparse_attention(q, k, v, full), F.scaled_dot_product_attention(q, k, v),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_kv_lens_past_int32_are_clamped_not_wrapped():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    full = torch.ones(1, 2, 2, 4, dtype=torch.bool)
+    dense = block_sparse_attention(q, k, v, full)
+    for huge in (2**31, 2**32 + 100):  # int32 would read these as negative and as 100
+        torch.testing.assert_close(block_sparse_attention(q, k, v, full, kv_lens=torch.tensor([huge])), dense)

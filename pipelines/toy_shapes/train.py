@@ -135,15 +135,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def attention_kernel(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """A context holding torch SDPA to ``cfg.sdpa_backend`` (a no-op when unset); CUDA runs only."""
+    if cfg.sdpa_backend is None:
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ValueError(f"sdpa_backend {cfg.sdpa_backend!r} picks a CUDA attention kernel; this run is on {device}")
+    return sdpa_kernel([getattr(SDPBackend, f"{cfg.sdpa_backend.upper()}_ATTENTION")])
+
+
 def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None) -> dict:
     """Run one training and write the model and logs to ``out``; returns the log dict."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.sdpa_backend is not None and dev.type != "cuda":
-        raise ValueError(f"sdpa_backend {cfg.sdpa_backend!r} picks a CUDA attention kernel; this run is on {dev}")
     # Held for the whole run, compilation included: the compiled graph keeps the kernel chosen while tracing.
-    kernel = (sdpa_kernel([getattr(SDPBackend, f"{cfg.sdpa_backend.upper()}_ATTENTION")]) if cfg.sdpa_backend
-              else contextlib.nullcontext())
-    with kernel:
+    with attention_kernel(cfg, dev):
         return _train(cfg, Path(out), dev)
 
 

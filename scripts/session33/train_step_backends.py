@@ -6,24 +6,19 @@ does its time go? (GPU; the device has no sparsediff install: run with the toy p
 
 Each (backend, batch size, frames) cell: a fresh compiled model (TrainConfig defaults otherwise,
 foreground weight 4), 25 warm-up steps, then the median of 5 timed groups of 10 steps (CUDA-synchronised).
-The same step as train.train: a generated batch, bf16 autocast, backward, clipped AdamW. A profile
-of one default-backend step (batch 32, 17 frames) lists the CUDA kernels that take the most time.
+The same step as train.train: a generated batch, bf16 autocast, backward, clipped AdamW. ``--profile``:
+each backend's CUDA kernels that take the most time in a step (first batch size and frame count).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from toy_shapes.config import TrainConfig
-from toy_shapes.train import _sync, build_pipeline, flow_loss, training_batch
-
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+from toy_shapes.config import DEFAULT_FRAMES, SDPA_BACKENDS, TrainConfig
+from toy_shapes.train import _sync, attention_kernel, build_pipeline, flow_loss, training_batch
 
 
 def make_step(cfg: TrainConfig, dev: torch.device):
@@ -46,11 +41,16 @@ def make_step(cfg: TrainConfig, dev: torch.device):
     return step
 
 
+def cell_config(backend: str, batch_size: int, frames: int) -> TrainConfig:
+    window = dict(window_frames=frames, window_fraction=1.0) if frames < DEFAULT_FRAMES else {}
+    return TrainConfig(steps=1, batch_size=batch_size, foreground_weight=4.0,
+                       sdpa_backend=None if backend == "default" else backend, **window)
+
+
 def time_cell(backend: str, batch_size: int, frames: int, dev: torch.device) -> dict:
-    window = dict(window_frames=frames, window_fraction=1.0) if frames < 17 else {}
-    cfg = TrainConfig(steps=1, batch_size=batch_size, foreground_weight=4.0, **window)
+    cfg = cell_config(backend, batch_size, frames)
     torch._dynamo.reset()
-    with sdpa_kernel([BACKENDS[backend]]) if backend != "default" else contextlib.nullcontext():
+    with attention_kernel(cfg, dev):
         step = make_step(cfg, dev)
         t0 = time.perf_counter()
         for _ in range(25):
@@ -70,17 +70,20 @@ def time_cell(backend: str, batch_size: int, frames: int, dev: torch.device) -> 
             "groups_ms": [round(g * 1000, 2) for g in groups]}
 
 
-def kernel_profile(dev: torch.device, top: int = 15) -> list[dict]:
+def kernel_profile(backend: str, batch_size: int, frames: int, dev: torch.device, top: int = 15) -> list[dict]:
+    """The ``top`` CUDA kernels by time over 5 steps of the cell's shape, and their total."""
+    cfg = cell_config(backend, batch_size, frames)
     torch._dynamo.reset()
-    step = make_step(TrainConfig(steps=1, foreground_weight=4.0), dev)
-    for _ in range(25):
-        step()
-    _sync(dev)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+    with attention_kernel(cfg, dev):
+        step = make_step(cfg, dev)
+        for _ in range(25):
             step()
         _sync(dev)
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            _sync(dev)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     events.sort(key=lambda e: -e.self_device_time_total)
     return [{"kernel": e.key[:120], "ms_per_step": round(e.self_device_time_total / 5 / 1000, 3),
@@ -91,10 +94,10 @@ def kernel_profile(dev: torch.device, top: int = 15) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", default=["default", "flash", "cudnn", "efficient"],
-                   choices=["default", *BACKENDS])
+                   choices=["default", *SDPA_BACKENDS])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32])
     p.add_argument("--frames", nargs="+", type=int, default=[17])
-    p.add_argument("--profile", action="store_true", help="also profile one default-backend step's kernels")
+    p.add_argument("--profile", action="store_true", help="also list each backend's heaviest kernels")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
     p.add_argument("--out", default="train_step_backends.json")
     args = p.parse_args()
@@ -114,9 +117,12 @@ def main() -> None:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
     if args.profile:
-        result["profile_default_b32_f17"] = kernel_profile(dev)
-        for row in result["profile_default_b32_f17"]:
-            print(json.dumps(row), flush=True)
+        # The first batch size and frame count given: batch 32, 17 frames by default.
+        result["profiles"] = {"batch_size": args.batch_sizes[0], "frames": args.frames[0]}
+        for backend in args.backends:
+            result["profiles"][backend] = rows = kernel_profile(backend, args.batch_sizes[0], args.frames[0], dev)
+            for row in rows:
+                print(json.dumps({"profile": backend, **row}), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

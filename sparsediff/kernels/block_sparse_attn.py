@@ -669,17 +669,8 @@ def attention_from_lut(
     return (out, skips) if return_pv_skips else out
 
 
-def _validate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    scale: float | None,
-    kv_lens: torch.Tensor | None,
-    pv_threshold: float | None,
-    fp8: bool = False,
-) -> float:
-    """Raise ValueError naming the first bad argument; return the softmax scale to use."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError naming the first of q (B, H, Nq, D), k and v (B, H, Nk, D) the kernel cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D), got {getattr(t, 'shape', type(t))}")
@@ -693,8 +684,7 @@ def _validate(
         raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in B, H or D")
     if v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
-    n_k = k.shape[2]
-    if min(B, H, n_q, n_k) < 1:
+    if min(B, H, n_q, k.shape[2]) < 1:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q must be on a cuda or cpu device, got {q.device}")
@@ -703,7 +693,26 @@ def _validate(
         raise ValueError(f"q dtype {q.dtype} is not supported on {q.device.type}; use one of {allowed}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q head dim {head_dim} is not supported (1..{MAX_HEAD_DIM})")
-    expected = (B, H, triton.cdiv(n_q, BLOCK_M), triton.cdiv(n_k, BLOCK_N))
+    # The output is written by Triton, outside autograd: a gradient would silently stop here.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("q, k or v requires grad, but sparse attention has no backward (inference only): "
+                         "run it under torch.no_grad() or torch.inference_mode(), or pass detached tensors")
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    scale: float | None,
+    kv_lens: torch.Tensor | None,
+    pv_threshold: float | None,
+    fp8: bool = False,
+) -> float:
+    """Raise ValueError naming the first bad argument; return the softmax scale to use."""
+    check_qkv(q, k, v)
+    B, H, n_q, head_dim = q.shape
+    expected = (B, H, triton.cdiv(n_q, BLOCK_M), triton.cdiv(k.shape[2], BLOCK_N))
     if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}")
     if tuple(block_mask.shape) != expected:
@@ -767,8 +776,8 @@ def block_sparse_attention(
     the plain-torch reference (which never skips P·V: its skip counts are zero).
     """
     scale = _validate(q, k, v, block_mask, scale, kv_lens, pv_threshold, fp8)
-    if kv_lens is not None:
-        kv_lens = kv_lens.to(torch.int32)
+    if kv_lens is not None:  # clamped first: int64 lengths past int32 would wrap
+        kv_lens = kv_lens.long().clamp(0, k.shape[2]).to(torch.int32)
     if q.device.type == "cpu" and not triton_interpreting():
         out = block_sparse_attention_reference(
             q, k, v, block_mask, scale, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens, fp8=fp8

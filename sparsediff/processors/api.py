@@ -21,6 +21,7 @@ from sparsediff.profile import (
     DEFAULT_SIM_THRESHOLD,
     DEFAULT_TOKEN_ORDER,
     SparsityProfile,
+    few_names,
 )
 
 HOOK_NAME = "sparsediff"
@@ -161,9 +162,10 @@ class SparseHandle:
         self.controller.reset()
 
     def remove(self) -> None:
-        """Restore the stock processors and remove the hooks (same as `sparsediff.remove`)."""
+        """Restore the stock processors and remove the hooks, where this handle's controller is the one
+        applied (a handle removed before a later `apply()` leaves that one in place)."""
         for transformer in self.transformers.values():
-            _remove_one(transformer)
+            _remove_one(transformer, self.controller)
 
     def reapply(self) -> None:
         """Make the attention sparse again after `remove()`, with this handle's controller: its
@@ -204,7 +206,9 @@ def apply(
     them every call). Wan's sparse steps hold their tokens in tile order in the forward; their calls
     need no reordering, and long ones run without a graph (its static inputs would be one more copy).
     controller_cls: an AttentionController subclass (calibration).
-    Returns a SparseHandle (stats, reset(), remove(), reapply()).
+    Returns a SparseHandle (stats, reset(), remove(), reapply()). ValueError, with the model left as it
+    was, if sparsediff is applied already or a layer to make sparse holds a processor other than its
+    family's stock one (`FamilySpec.stock_processors`).
     """
     transformers = transformers_of(pipe_or_transformer)
     if profile is None:
@@ -235,9 +239,24 @@ def _check_not_applied(transformers: dict[str, torch.nn.Module]) -> None:
             raise ValueError(f"pipe_or_transformer: sparsediff is already applied to {name}; call remove() first")
 
 
+def _check_stock_processors(transformers: dict[str, torch.nn.Module]) -> None:
+    """ValueError if a layer to make sparse holds a processor other than its family's stock one."""
+    for component, transformer in transformers.items():
+        family = family_of(transformer)
+        foreign = [f"{component}.{key} ({type(proc).__name__})" for key, proc in transformer.attn_processors.items()
+                   if family.is_sparse_layer(key) and type(proc) not in family.stock_processors]
+        if foreign:
+            stock = " or ".join(cls.__name__ for cls in family.stock_processors)
+            raise ValueError(
+                f"pipe_or_transformer: sparsediff replaces only the stock {stock}, and {len(foreign)} layer(s) hold "
+                f"another processor: {few_names(foreign)}. Replacing them would drop what they add (an IP-Adapter's "
+                "image conditioning, a custom processor's change); restore the stock processors first")
+
+
 def _install(controller: AttentionController, transformers: dict[str, torch.nn.Module]) -> None:
     """Set `controller`'s sparse processors and step hook on every transformer."""
     _check_not_applied(transformers)
+    _check_stock_processors(transformers)
     for component, transformer in transformers.items():
         family = family_of(transformer)
         stock = dict(transformer.attn_processors)
@@ -285,9 +304,10 @@ def remove(pipe_or_transformer: Any) -> None:
         _remove_one(transformer)
 
 
-def _remove_one(transformer: torch.nn.Module) -> None:
+def _remove_one(transformer: torch.nn.Module, controller: AttentionController | None = None) -> None:
+    """Undo `_install` on `transformer`; with `controller`, only if that is the controller applied."""
     hook = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(HOOK_NAME)
-    if hook is None or hook.controller is None:
+    if hook is None or hook.controller is None or (controller is not None and hook.controller is not controller):
         return
     _set_processors(transformer, hook.stock_processors)
     _detach(transformer, HOOK_NAME)

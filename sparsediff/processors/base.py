@@ -51,6 +51,8 @@ class FamilySpec:
     transformer_class: the diffusers transformer class name.
     processor_cls: our processor, used for the layers `is_sparse_layer` accepts (keys of
     `model.attn_processors`); all other layers keep their stock processor.
+    stock_processors: the diffusers processor classes `processor_cls` stands in for; a sparse layer
+    holding any other (an IP-Adapter's, a user's) is refused, since replacing it would drop what it adds.
     read_forward: (transformer, the forward's tensor arguments by name) -> ForwardInfo.
     token_order_sites: where a forward can hold its video tokens in the attention order from the
     patch embedding to the output projection, so that its sparse calls reorder nothing (every
@@ -67,6 +69,7 @@ class FamilySpec:
     name: str
     transformer_class: str
     processor_cls: type[SparseAttnProcessorBase]
+    stock_processors: tuple[type, ...]
     is_sparse_layer: Callable[[str], bool]
     read_forward: Callable[[torch.nn.Module, dict[str, Any]], ForwardInfo]
     token_order_sites: tuple[TokenOrderSite, ...] = ()

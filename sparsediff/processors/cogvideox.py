@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 
 from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, TokenOrderSite, timestep_value
 
@@ -100,6 +100,7 @@ FAMILY = FamilySpec(
     name="cogvideox",
     transformer_class="CogVideoXTransformer3DModel",
     processor_cls=CogVideoXSparseAttnProcessor,
+    stock_processors=(CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0),
     is_sparse_layer=lambda name: name.startswith("transformer_blocks."),
     read_forward=_read_forward,
     # The patch embedding joins [text ; video] (the forward then splits them by position), and the

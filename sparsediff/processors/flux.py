@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor, _get_qkv_projections
 
 from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, timestep_value
 
@@ -105,6 +105,7 @@ FAMILY = FamilySpec(
     name="flux",
     transformer_class="FluxTransformer2DModel",
     processor_cls=FluxSparseAttnProcessor,
+    stock_processors=(FluxAttnProcessor,),
     is_sparse_layer=lambda name: name.startswith(("transformer_blocks.", "single_transformer_blocks.")),
     read_forward=_read_forward,
 )

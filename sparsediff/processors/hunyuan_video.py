@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from sparsediff.processors.base import FamilySpec, ForwardInfo, SparseAttnProcessorBase, timestep_value
 
@@ -130,6 +131,7 @@ FAMILY = FamilySpec(
     name="hunyuan_video",
     transformer_class="HunyuanVideoTransformer3DModel",
     processor_cls=HunyuanVideoSparseAttnProcessor,
+    stock_processors=(HunyuanVideoAttnProcessor2_0,),
     is_sparse_layer=lambda name: name.startswith(("transformer_blocks.", "single_transformer_blocks.")),
     read_forward=_read_forward,
 )

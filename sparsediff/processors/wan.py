@@ -7,6 +7,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
+    WanAttnProcessor,
     _get_added_kv_projections,
     _get_qkv_projections,
 )
@@ -107,6 +108,7 @@ FAMILY = FamilySpec(
     name="wan",
     transformer_class="WanTransformer3DModel",
     processor_cls=WanSparseAttnProcessor,
+    stock_processors=(WanAttnProcessor,),
     is_sparse_layer=lambda name: name.startswith("blocks.") and name.endswith(".attn1.processor"),
     read_forward=_read_forward,
     # The points where diffusers' context-parallel plan (`WanTransformer3DModel._cp_plan`) splits and
