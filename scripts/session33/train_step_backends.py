@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--out", default="train_step_backends.json")
     args = p.parse_args()
     dev = torch.device(args.device)
+    if args.profile and dev.type != "cuda":
+        p.error("--profile lists CUDA kernels: it needs --device cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__, "cells": []}
     for frames in args.frames:
