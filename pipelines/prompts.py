@@ -10,6 +10,7 @@ Any problem raises `PromptFileError` naming the file (and the line, where there 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import unicodedata
@@ -21,6 +22,7 @@ from sparsediff.io import input_file_problem
 
 INT_FIELDS = ("seed", "height", "width", "frames", "steps")
 FIELDS = ("prompt", "negative_prompt", *INT_FIELDS)
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 
 class PromptFileError(ValueError):
@@ -51,6 +53,12 @@ def _spec(fields: dict[str, Any], where: str, line: int) -> PromptSpec:
     negative = fields.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise PromptFileError(f"{where}: 'negative_prompt' must be a string")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative or "")):
+        try:  # JSON's "\ud800" escapes decode to lone surrogates, which no file (sidecar, summary) can hold
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PromptFileError(f"{where}: {name!r} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                                  "which is not text") from None
     ints: dict[str, int | None] = {}
     for name in INT_FIELDS:
         value = fields.get(name)
@@ -63,29 +71,51 @@ def _spec(fields: dict[str, Any], where: str, line: int) -> PromptSpec:
             raise PromptFileError(f"{where}: {name!r} must be an integer, got {value!r}")
         if value is not None and (value < 0 if name == "seed" else value < 1):
             raise PromptFileError(f"{where}: {name!r} must be {'>= 0' if name == 'seed' else '>= 1'}, got {value}")
+        if name == "seed" and value is not None and value > MAX_SEED:
+            raise PromptFileError(f"{where}: 'seed' must be <= {MAX_SEED} (64 bits), got {value}")
         ints[name] = value
     return PromptSpec(prompt=prompt.strip(), negative_prompt=negative, line=line, **ints)
 
 
+def _lines(text: str) -> list[str]:
+    """The file's lines: split at "\\n" only (str.splitlines also splits at U+2028, U+0085, form feeds...,
+    which a prompt or a JSON string may hold); a "\\r" of CRLF is stripped as whitespace."""
+    return text.split("\n")
+
+
 def _read_txt(path: Path, text: str) -> list[PromptSpec]:
     specs = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(_lines(text), start=1):
         line = raw.strip()
         if line and not line.startswith("#"):
             specs.append(PromptSpec(prompt=line, line=number))
     return specs
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise _DuplicateKey(", ".join(map(repr, repeated)))
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path, text: str) -> list[PromptSpec]:
     specs = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(_lines(text), start=1):
         if not raw.strip():
             continue
         where = f"{path}:{number}"
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
-            raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise PromptFileError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
+        except _DuplicateKey as e:
+            raise PromptFileError(f"{where}: key(s) {e} given more than once") from None
         if not isinstance(obj, dict):
             raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         specs.append(_spec(obj, where, number))
@@ -93,12 +123,16 @@ def _read_jsonl(path: Path, text: str) -> list[PromptSpec]:
 
 
 def _read_csv(path: Path, text: str) -> list[PromptSpec]:
-    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    # newline="": the csv module finds the rows, quoted cells may hold line breaks
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     if reader.fieldnames is None:
         return []
     header = [name.strip() for name in reader.fieldnames]
     if "prompt" not in header:
         raise PromptFileError(f"{path}:1: the header has no 'prompt' column (got {', '.join(header)})")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise PromptFileError(f"{path}:1: column(s) {', '.join(map(repr, repeated))} given more than once")
     specs = []
     try:
         for row in reader:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparsediff.pipelines.prompts import PromptFileError, PromptSpec, load_prompts, slugify
+from sparsediff.pipelines.prompts import MAX_SEED, PromptFileError, PromptSpec, load_prompts, slugify
 from sparsediff.pipelines.random_weights import RANDOM_WEIGHT_RECIPES, check_random_weights
 from sparsediff.pipelines.recipes import PROFILE_FAMILY, Recipe, default_recipe_name, get_recipe
 
@@ -192,10 +193,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"sparsediff render: error: {e}", file=sys.stderr)
         return 2
     processes = max(args.num_processes, args.context_parallel)
-    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _relaunch(args, processes)
+    relaunch = processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
     try:
-        return render_plan(plan)
+        return _relaunch(args, processes) if relaunch else render_plan(plan)
     except KeyboardInterrupt:
         print("\nsparsediff render: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -248,15 +248,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
                           f"under context parallelism all processes render each prompt together; give one of them")
     if args.dense and args.profile is not None:
         raise RenderError("--profile and --dense exclude each other")
-    if args.dense and (args.fp8 or not args.cuda_graphs
+    if args.dense and (args.fp8 or not args.cuda_graphs or args.compare_dense
                        or any(v is not None for v in (args.cdf_threshold, args.sim_threshold, args.dense_steps))):
-        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps/--fp8/--no-cuda-graphs have no effect with --dense")
+        raise RenderError("--cdf-threshold/--sim-threshold/--dense-steps/--fp8/--no-cuda-graphs/--compare-dense "
+                          "have no effect with --dense")
     for name in ("steps", "height", "width", "frames"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RenderError(f"--{name}: must be >= 1, got {value}")
-    if args.seed < 0:
-        raise RenderError(f"--seed: must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise RenderError(f"--seed: must be in [0, {MAX_SEED}] (64 bits), got {args.seed}")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise RenderError(f"--guidance-scale: must be a finite number, got {args.guidance_scale}")
     for flag, override in (("--cdf-threshold", dict(cdf_threshold=args.cdf_threshold)),
                            ("--sim-threshold", dict(sim_threshold=args.sim_threshold)),
                            ("--dense-steps", dict(dense_steps=args.dense_steps))):
@@ -360,7 +363,15 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     """Run this render in `processes` processes through torch.distributed.run."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "sparsediff", *_forward_argv(args)]
-    code = subprocess.run(cmd, check=False).returncode
+    launcher = subprocess.Popen(cmd)
+    try:
+        code = launcher.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C in a terminal reaches every process; a SIGINT to this one alone is passed on. torchrun
+        # stops its workers on it (killed, as subprocess.run would, it would leave them rendering).
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait()
+        raise
     return 0 if code == 0 else 1
 
 
@@ -391,17 +402,32 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _sidecar_done(plan: Plan, item: Item) -> dict[str, Any] | None:
-    """The sidecar of `item` if it is complete and matches the current settings, else None."""
-    path = plan.sidecar(item)
+def _earlier_sidecar(plan: Plan, item: Item) -> dict[str, Any] | None:
+    """The complete sidecar an earlier run wrote for `item`'s file name, whatever its settings, else None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(plan.sidecar(item).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not SIDECAR_KEYS <= data.keys() or data["status"] != "ok":
+    if not isinstance(data, dict) or not SIDECAR_KEYS <= data.keys() or data["status"] != "ok" \
+            or not isinstance(data["settings"], dict):
         return None
-    if data["settings"] != item.settings(plan) or data["prompt"] != item.prompt or data["seed"] != item.seed \
-            or data["negative_prompt"] != item.negative_prompt:
+    return data
+
+
+def _changes(plan: Plan, item: Item, earlier: dict[str, Any]) -> list[str]:
+    """What differs between an earlier sidecar and `item` as this run renders it (empty: the same)."""
+    def what(prompt: Any, negative: Any, seed: Any, settings: dict[str, Any]) -> dict[str, Any]:
+        return {"prompt": prompt, "negative_prompt": negative, "seed": seed, **settings}
+
+    now = what(item.prompt, item.negative_prompt, item.seed, item.settings(plan))
+    before = what(earlier["prompt"], earlier["negative_prompt"], earlier["seed"], earlier["settings"])
+    return sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
+
+
+def _sidecar_done(plan: Plan, item: Item) -> dict[str, Any] | None:
+    """The sidecar of `item` if it is complete and matches the current settings, else None."""
+    data = _earlier_sidecar(plan, item)
+    if data is None or _changes(plan, item, data):
         return None
     if not plan.output(item).is_file() or (plan.compare_dense and not plan.dense_output(item).is_file()):
         return None
@@ -515,7 +541,10 @@ class Renderer:
         from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 
         plan = self.plan
-        for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)) if self.writes else ():
+        for path in (plan.sidecar(item), plan.output(item), plan.dense_output(item)) if self.writes else ():
+            # An earlier run's files go first, the sidecar before its outputs: a run killed after writing
+            # a new output must not leave it under the old sidecar, which would pass it as done.
+            path.unlink(missing_ok=True)
             remove_stale_temps(path)  # left by a killed earlier run; this process owns the item now
         self._sparse(plan.mode == "sparse")
         handle = self.handle if self.sparse_on else None
@@ -634,22 +663,33 @@ def render_plan(plan: Plan) -> int:
     part = plan.out_dir / (SUMMARY if world == 1 or not sharded else f"summary.rank{rank}-of-{world}.csv")
     if writes:
         remove_stale_temps(part)
+        if world == 1:  # an interrupted multi-process run's parts: their items' sidecars say what they did
+            for stale in plan.out_dir.glob("summary.rank*-of-*.csv"):
+                stale.unlink(missing_ok=True)
     rows: list[dict[str, Any]] = []
 
     def save_rows() -> None:
         if writes:
             _write_summary(part, rows)
 
-    todo = []
+    todo, changed = [], []
     for item in mine:
         done = _sidecar_done(plan, item)
         if done is not None:
             rows.append(_row(item, plan, "skipped", done))
-        else:
-            todo.append(item)
+            continue
+        todo.append(item)
+        earlier = _earlier_sidecar(plan, item)
+        keys = [] if earlier is None else _changes(plan, item, earlier)
+        if keys:
+            changed.append((item, keys))
+    save_rows()  # also when empty: this rank's part replaces any an interrupted run left
     if rows:
-        save_rows()
         tqdm.write(f"[rank {rank}] {len(rows)} of {len(mine)} item(s) already done, skipped")
+    if changed:
+        item, keys = changed[0]
+        tqdm.write(f"[rank {rank}] {len(changed)} item(s) in {plan.out_dir} were rendered with other settings "
+                   f"(first: {item.stem}, {', '.join(keys)}); rendering them again, replacing their files")
 
     failed = 0
     renderer: Renderer | None = None

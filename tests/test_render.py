@@ -94,20 +94,79 @@ def test_rerun_skips_finished_items(rendered: Path, tmp_path: Path, monkeypatch)
     assert [r["status"] for r in _summary(rendered)] == ["skipped"] * 3
 
 
-def test_changed_settings_rerender(rendered: Path, tmp_path: Path) -> None:
+def test_changed_settings_rerender(rendered: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from sparsediff.pipelines.render import Renderer
+
     out = tmp_path / "out"
     out.mkdir()
     first = rendered / "0000-a-red-ball-bouncing-s0"
-    for suffix in (".mp4", ".json"):
-        (out / first.with_suffix(suffix).name).write_bytes(first.with_suffix(suffix).read_bytes())
+    for suffix in (".mp4", ".json", ".dense.mp4"):  # the last as an earlier --compare-dense run left it
+        source = first.with_suffix(".mp4") if suffix == ".dense.mp4" else first.with_suffix(suffix)
+        (out / (first.name + suffix)).write_bytes(source.read_bytes())
     prompts = tmp_path / "one.txt"
     prompts.write_text("a red ball bouncing\n")
-    # Same name, other step count: the old sidecar is stale, so the item is rendered again.
-    assert main(["render", *FAST[:2], "--steps", "1", *FAST[4:], "--dense", "--prompts", str(prompts),
-                 "--out", str(out)]) == 0
+    other = ["render", *FAST[:2], "--steps", "1", *FAST[4:], "--dense", "--prompts", str(prompts), "--out", str(out)]
+
+    # A rerun with other settings that dies mid-item leaves no old sidecar that would pass new files as done.
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Renderer, "_generate", dies)
+    assert main(other) == 1
+    assert not (out / (first.name + ".json")).exists() and not (out / (first.name + ".mp4")).exists()
+    monkeypatch.undo()
+    for suffix in (".mp4", ".json"):
+        (out / (first.name + suffix)).write_bytes(first.with_suffix(suffix).read_bytes())
+    capsys.readouterr()
+    # Same name, other step count: the old sidecar is stale, so the item is rendered again, and says so.
+    assert main(other) == 0
+    said = capsys.readouterr().out  # tqdm.write's
+    assert "1 item(s) in" in said and "other settings (first: 0000-a-red-ball" in said \
+        and "steps); rendering them again, replacing their files" in said
     sidecar = json.loads((out / first.with_suffix(".json").name).read_text())
     assert sidecar["settings"]["steps"] == 1
+    assert not (out / (first.name + ".dense.mp4")).exists()  # no file of the earlier settings stays beside
     assert _summary(out)[0]["status"] == "ok"
+
+
+def test_summary_parts_of_an_interrupted_multi_process_run_are_dropped(rendered: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    def no_load(*args, **kwargs):
+        raise AssertionError("a finished batch must not load the model again")
+
+    monkeypatch.setattr(Recipe, "load", no_load)
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in rendered.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    (out / "summary.rank1-of-2.csv").write_text("index,status,prompt\n9,failed,an item of another batch\n")
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
+    assert [r["index"] for r in _summary(out)] == ["0", "1", "2"] and not list(out.glob("summary.rank*"))
+
+
+def test_interrupted_launcher_passes_the_interrupt_to_torchrun(monkeypatch) -> None:
+    from sparsediff.pipelines import render as render_module
+
+    sent = []
+
+    class Launcher:
+        def __init__(self, cmd):
+            self.waits = 0
+
+        def wait(self):
+            self.waits += 1
+            if self.waits == 1:
+                raise KeyboardInterrupt
+            return -signal.SIGINT
+
+        def send_signal(self, sig):
+            sent.append(sig)
+
+    monkeypatch.setattr(render_module.subprocess, "Popen", Launcher)
+    monkeypatch.setattr(render_module, "_forward_argv", lambda args: [])
+    with pytest.raises(KeyboardInterrupt):
+        render_module._relaunch(None, 2)
+    assert sent == [signal.SIGINT]  # stopped through torchrun, which stops its workers, not killed
 
 
 def test_same_seed_same_frames_and_seed_from_prompt_file(rendered: Path, tmp_path: Path) -> None:
@@ -242,6 +301,10 @@ def _error(capsys, argv: list[str]) -> str:
     ("p.csv", 'text,seed\nfirst,1\n', "p.csv:1: the header has no 'prompt' column"),
     ("p.txt", "# only a comment\n\n", "p.txt: no prompts in the file"),
     ("p.yaml", "prompt: x\n", "unsupported prompt file type '.yaml'"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "a \\ud800 b"}\n', "p.jsonl:2: 'prompt' holds a lone surrogate"),
+    ("p.jsonl", '{"prompt": "a", "prompt": "b"}\n', "p.jsonl:1: key(s) 'prompt' given more than once"),
+    ("p.jsonl", '{"prompt": "a", "seed": 18446744073709551616}\n', "p.jsonl:1: 'seed' must be <= 18446744073709551615"),
+    ("p.csv", 'prompt,prompt\na,b\n', "p.csv:1: column(s) 'prompt' given more than once"),
 ])
 def test_malformed_prompt_file_names_the_line(tmp_path, capsys, no_model, name, text, needle) -> None:
     path = tmp_path / name
@@ -269,9 +332,14 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     sized.write_text('{"prompt": "fine"}\n{"prompt": "odd", "width": 72}\n')
     assert "sized.jsonl:2: width: tiny-wan needs a positive multiple of 16" in _error(
         capsys, ["render", "--prompts", str(sized), *out, "--model", "tiny-wan"])
-    assert "--fp8/--no-cuda-graphs have no effect with --dense" in _error(
+    assert "--fp8/--no-cuda-graphs/--compare-dense have no effect with --dense" in _error(
         capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--fp8"])
     assert "have no effect with --dense" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--no-cuda-graphs"])
+    assert "have no effect with --dense" in _error(capsys, [*base, *out, "--model", "tiny-wan", "--dense", "--compare-dense"])
+    assert "--guidance-scale: must be a finite number, got nan" in _error(
+        capsys, [*base, *out, "--model", "tiny-wan", "--guidance-scale", "nan"])
+    assert "--seed: must be in [0, 18446744073709551615]" in _error(
+        capsys, [*base, *out, "--model", "tiny-wan", "--seed", str(2**64)])
     # Threshold overrides out of a profile's ranges: refused here, not by every item after the model loads.
     for flag, value, needle in (("--cdf-threshold", "1.5", "numbers in (0.0, 1.0], got 1.5"),
                                 ("--cdf-threshold", "0", "numbers in (0.0, 1.0], got 0.0"),
@@ -322,6 +390,11 @@ def test_prompt_files_in_three_formats(tmp_path: Path) -> None:
     with pytest.raises(PromptFileError, match="p.csv:3: 'steps' must be >= 1"):
         csv_path.write_text("prompt,steps\nok,2\nbad,0\n")
         load_prompts(csv_path)
+    # Only "\n" ends a line: U+2028, U+0085 and form feeds inside a prompt stay in it (CRLF files still read).
+    jsonl.write_text(json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\r\n" + '{"prompt": "d"}\n')
+    assert [(s.prompt, s.line) for s in load_prompts(jsonl)] == [("a\u2028b\x85c", 1), ("d", 2)]
+    txt.write_text("one\x0cstill one\r\ntwo\n")
+    assert [(s.prompt, s.line) for s in load_prompts(txt)] == [("one\x0cstill one", 1), ("two", 2)]
     assert slugify("  Ünïcode: A/B test!! ") == "unicode-a-b-test" and slugify("???") == "prompt"
 
 
