@@ -677,6 +677,8 @@ def render_plan(plan: Plan) -> int:
         done = _sidecar_done(plan, item)
         if done is not None:
             rows.append(_row(item, plan, "skipped", done))
+            for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)) if writes else ():
+                remove_stale_temps(path)  # a killed rerun's (of other settings), which no later run would reach
             continue
         todo.append(item)
         earlier = _earlier_sidecar(plan, item)

@@ -140,8 +140,11 @@ def test_summary_parts_of_an_interrupted_multi_process_run_are_dropped(rendered:
     for path in rendered.iterdir():
         (out / path.name).write_bytes(path.read_bytes())
     (out / "summary.rank1-of-2.csv").write_text("index,status,prompt\n9,failed,an item of another batch\n")
+    killed = out / f".0000-a-red-ball-bouncing-s0{TEMP_MARKER}x1.mp4"  # a killed rerun's, of other settings
+    killed.write_bytes(b"partial")
     assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
     assert [r["index"] for r in _summary(out)] == ["0", "1", "2"] and not list(out.glob("summary.rank*"))
+    assert not killed.exists()
 
 
 def test_interrupted_launcher_passes_the_interrupt_to_torchrun(monkeypatch) -> None:
