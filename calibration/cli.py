@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         calibrate(plan)
     except KeyboardInterrupt:
+        again = "run the same command without --fresh" if plan.fresh else "run the same command again"
         print(f"\nsparsediff calibrate: interrupted; finished prompts are kept in {plan.state_path}: "
-              "run the same command again to resume", file=sys.stderr)
+              f"{again} to resume", file=sys.stderr)
         return 130
     return 0

@@ -243,8 +243,15 @@ def _resumable_state(plan: CalibrationPlan) -> dict[str, Any] | None:
                          for k in current if fingerprint.get(k) != current[k])
         raise CalibrationError(f"{path} holds statistics measured with other settings ({diff}); pass --fresh to "
                                "discard them, or choose another --out")
+    from sparsediff.calibration.select import CalibrationStats
+
+    try:  # checked here, before a model loads: a hand-edited or damaged state fails now, by name
+        CalibrationStats.from_dict(state["stats"])
+        finished = [{k: p[k] for k in ("prompt", "negative_prompt", "seed")} for p in done]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CalibrationError(f"{path}: unreadable calibration state ({type(e).__name__}: {e}); pass --fresh to "
+                               "start over") from None
     wanted = [p.as_dict() for p in plan.prompts]
-    finished = [{k: p[k] for k in ("prompt", "negative_prompt", "seed")} for p in done]
     if finished != wanted[: len(finished)]:
         raise CalibrationError(f"{path} holds statistics of {len(finished)} prompt(s) that are not the first "
                                f"{len(finished)} of this run's {len(wanted)}; pass --fresh to discard them, or "

@@ -132,7 +132,7 @@ class CalibrationController(_MeasuringController):
         self.candidates: list[Candidate] = [Candidate(0.9, 0.0)]
         self.steps_to_measure: frozenset[int] = frozenset()
         self.row_fraction = DEFAULT_ROW_FRACTION
-        self._calls = 0  # rotates which query blocks a call samples
+        self._calls = 0  # rotates which query blocks a call samples; restarts with each generation
         # (layer index, step) -> [err_max, err_sum, sparsity_sum, pv_sum] (C, H) on the device, calls
         self._acc: dict[tuple[int, int], tuple[list[torch.Tensor], int]] = {}
 
@@ -214,9 +214,12 @@ class CalibrationController(_MeasuringController):
             self._acc[key] = ([err, err.clone(), sparsity, pv_skipped], 1)
 
     def drain(self) -> dict[tuple[int, int], tuple[list[torch.Tensor], int]]:
-        """The statistics gathered since the last drain, moved to the CPU as float64; then forgets them."""
+        """The statistics gathered since the last drain, moved to the CPU as float64; then forgets them and
+        restarts the rotation of sampled blocks, so that a prompt's statistics do not depend on the prompts
+        measured before it in this process (a resumed calibration equals one run straight through)."""
         out = {key: ([t.double().cpu() for t in tensors], n) for key, (tensors, n) in self._acc.items()}
         self._acc.clear()
+        self._calls = 0
         return out
 
 

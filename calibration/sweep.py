@@ -12,8 +12,8 @@ PSNR and SSIM. Any other `sparsediff calibrate` option is passed through.
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,14 @@ def _budgets(text: str) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--budgets must be a comma list of numbers, got {text!r}") from None
-    if not values or any(not 0.0 < b < 1.0 for b in values) or len(set(values)) != len(values):
-        raise ValueError(f"--budgets must be distinct values in (0, 1), got {text!r}")
+    if not values or any(not 0.0 < b < 1.0 for b in values) or len({_name(b) for b in values}) != len(values):
+        raise ValueError(f"--budgets must be distinct values in (0, 1) (to 6 significant digits, which name their "
+                         f"files), got {text!r}")
     return sorted(values)
+
+
+def _name(budget: float) -> str:
+    return f"budget-{budget:g}"
 
 
 def _point(budget: float, report: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +63,8 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sparsediff.io import atomic_output
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = [p["sparsity_after_dense_steps"] for p in points]
     # Identical renders have infinite PSNR: drawn at the top of the axis, marked as such.
@@ -80,13 +87,14 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower left")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
     from sparsediff.calibration.driver import calibrate, make_plan, sidecar_paths
-    from sparsediff.io import atomic_write_json, writable_dir
+    from sparsediff.io import atomic_write_bytes, atomic_write_json, writable_dir
 
     try:
         budgets = _budgets(args.budgets)
@@ -96,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     work = args.out / "calibration.json"  # one statistics state, re-selected per budget
     points = []
-    for budget in budgets:
-        plan_args = argparse.Namespace(**{**vars(args), "out": work, "budget": budget, "validate": True})
+    for i, budget in enumerate(budgets):
+        # --fresh discards the state once: the later budgets re-select from what the first one measured
+        plan_args = argparse.Namespace(**{**vars(args), "out": work, "budget": budget, "validate": True,
+                                          "fresh": args.fresh and i == 0})
         del plan_args.budgets
         try:
             plan = make_plan(plan_args)
@@ -106,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         report = calibrate(plan)
         report_path, _ = sidecar_paths(work)
-        shutil.copyfile(work, args.out / f"budget-{budget:g}.json")
-        shutil.copyfile(report_path, args.out / f"budget-{budget:g}.report.json")
+        profile = json.loads(work.read_text(encoding="utf-8"))
+        profile["calibration"]["extra"]["report"] = f"{_name(budget)}.report.json"  # its own, not the last one's
+        atomic_write_json(args.out / f"{_name(budget)}.json", profile, indent=1)
+        atomic_write_bytes(args.out / f"{_name(budget)}.report.json", report_path.read_bytes())
         points.append(_point(budget, report))
     result = {"model": report["model"], "points": points}
     atomic_write_json(args.out / "sweep.json", result)

@@ -278,6 +278,21 @@ def test_profile_holds_its_budget_on_held_out_prompts(e2e):
     assert validation["heads_over_budget"] == 0 and validation["budget"] == BUDGET
 
 
+def test_damaged_state_is_refused_by_name_before_loading(e2e, monkeypatch, capsys, tmp_path):
+    root, common, _ = e2e
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_model_load(monkeypatch)
+    _, state_path = sidecar_paths(root / "resumed.json")
+    state = json.loads(state_path.read_text())
+    for damage in (lambda s: s.pop("stats"), lambda s: s["stats"]["err_max"].pop(), lambda s: s.update(prompts=[None])):
+        damaged = json.loads(json.dumps(state))
+        damage(damaged)
+        out = tmp_path / "damaged.json"
+        sidecar_paths(out)[1].write_text(json.dumps(damaged))
+        assert main(["calibrate", *common, "--out", str(out)]) == 2
+        assert "unreadable calibration state" in capsys.readouterr().err
+
+
 def test_rerun_with_other_settings(e2e, monkeypatch, capsys):
     root, common, _ = e2e
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -354,7 +369,29 @@ def test_sweep_writes_one_validated_profile_per_budget(tmp_path, monkeypatch, ca
     for p in sweep["points"]:
         profile = SparsityProfile.load(out / f"budget-{p['budget']:g}.json")
         assert profile.calibration.budget == p["budget"]
+        assert profile.calibration.extra["report"] == f"budget-{p['budget']:g}.report.json"  # its own report
+        assert json.loads((out / profile.calibration.extra["report"]).read_text())["budget"] == p["budget"]
         assert p["heads_over_budget"] == 0 and p["max_head_error"] <= p["budget"]
     assert (out / "sweep.png").stat().st_size > 0
     assert main(["calibrate-sweep", *args, "--budgets", "0.1,1.5", "--out", str(out)]) == 2
     assert "--budgets" in capsys.readouterr().err
+    # Two budgets that would share one file name: refused, not one silently overwriting the other.
+    assert main(["calibrate-sweep", *args, "--budgets", "0.05,0.050000001", "--out", str(out)]) == 2
+    assert "6 significant digits" in capsys.readouterr().err
+    # --fresh discards the statistics once, for the first budget; the second re-selects from them.
+    assert main(["calibrate-sweep", *args, "--prompts", str(prompts), "--validate-prompts", str(held),
+                 "--budgets", "0.3,0.05", "--out", str(out), "--fresh"]) == 0
+    resumed = [json.loads((out / f"budget-{b}.report.json").read_text())["prompts"][0]["resumed"] for b in ("0.05", "0.3")]
+    assert resumed == [False, True]
+
+
+def test_sampled_block_rotation_restarts_with_each_generation():
+    # What a prompt measures must not depend on the prompts measured before it in the process: a
+    # resumed calibration then equals one run straight through.
+    from tiny_models import build_wan
+
+    profile = SparsityProfile.uniform(build_wan())
+    fresh, used = CalibrationController(profile), CalibrationController(profile)
+    used._calls = 7
+    used.drain()
+    assert used._sample_blocks(64 * 128, 0) == fresh._sample_blocks(64 * 128, 0)
