@@ -183,6 +183,10 @@ def make_plan(args: Any) -> CalibrationPlan:
         raise CalibrationError(f"--lead-steps must be in [0, {steps}], got {lead}")
     if not 0.0 <= args.min_layer_sparsity < 1.0:
         raise CalibrationError(f"--min-layer-sparsity must be in [0, 1), got {args.min_layer_sparsity}")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise CalibrationError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    device = args.device or _default_device()
+    _check_device(device)
     height = recipe.height if args.height is None else args.height
     width = recipe.width if args.width is None else args.width
     frames = recipe.frames if args.frames is None else args.frames
@@ -212,7 +216,7 @@ def make_plan(args: Any) -> CalibrationPlan:
         guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         budget=args.budget, dense_steps=args.dense_steps, min_layer_sparsity=args.min_layer_sparsity,
         candidates=candidates, lead_steps=lead, step_stride=args.step_stride, row_fraction=args.row_fraction,
-        token_order=args.token_order, method=args.method, device=args.device or _default_device(), fresh=args.fresh,
+        token_order=args.token_order, method=args.method, device=device, fresh=args.fresh,
     )
     plan.state = _resumable_state(plan)
     return plan
@@ -222,6 +226,21 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(name: str) -> None:
+    """CalibrationError unless `name` is a torch device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CalibrationError(f"--device: {e}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise CalibrationError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if device.type not in ("cpu", "cuda"):
+        raise CalibrationError(f"--device {name}: sparsediff calibrates on cpu or cuda")
 
 
 def _resumable_state(plan: CalibrationPlan) -> dict[str, Any] | None:

@@ -159,8 +159,9 @@ class SparsityProfile:
         if not isinstance(self.calibration, CalibrationInfo):
             raise ValueError("calibration must be a CalibrationInfo")
         budget = self.calibration.budget
-        if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)):
-            raise ValueError(f"calibration.budget must be a number or None, got {budget!r}")
+        if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                                   or not 0.0 < budget <= 1.0):  # NaN fails too
+            raise ValueError(f"calibration.budget must be None or a number in (0, 1] (an error budget), got {budget!r}")
         for key in ("errors", "sparsity", "extra"):
             if not isinstance(getattr(self.calibration, key), dict):
                 raise ValueError(f"calibration.{key} must be a dict")
@@ -310,7 +311,7 @@ class SparsityProfile:
                         {"heads", "dense", "cdf_threshold", "sim_threshold", "pv_threshold"},
                         required={"heads", "cdf_threshold", "sim_threshold"})
             layers[name] = LayerProfile(**entry)
-        calib = data.get("calibration") or {}
+        calib = data.get("calibration", {})
         if not isinstance(calib, dict):
             raise ValueError("calibration must be a JSON object")
         _exact_keys("calibration", calib, {"budget", "errors", "sparsity", "extra"}, required=set())

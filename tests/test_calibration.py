@@ -50,6 +50,10 @@ def _no_model_load(monkeypatch):
     (["--cdf-grid", "0.5,1.5"], "cdf grid"),
     (["--sim-grid", "x"], "--sim-grid"),
     (["--height", "250"], "height"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    (["--device", "foo"], "--device: "),
+    (["--device", "cuda:7"], "--device cuda:7: no such CUDA device here"),
+    (["--device", "meta"], "--device meta: sparsediff calibrates on cpu or cuda"),
 ])
 def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, capsys, extra, message):
     _no_model_load(monkeypatch)
