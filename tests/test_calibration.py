@@ -169,10 +169,10 @@ def test_measurement_matches_sparse_attention(monkeypatch, interpret):
     out, mask = controller.run_sparse(call, q, k, v)
     torch.testing.assert_close(out, dense_attention(q, k, v, None))  # the run stays dense
     assert bool(mask.all())
+    blocks = controller._sample_blocks(n, text)  # the call's: (640 - 64) // 128 = 4 video blocks, half sampled
+    assert len(blocks) == 2
     (e_max, _, s_sum, pv_sum), calls = controller.drain()[(0, 0)]
     assert calls == 1
-    blocks = controller._sample_blocks(n, text)  # (640 - 64) // 128 = 4 video blocks, half sampled
-    assert len(blocks) == 2
     rows = torch.cat([torch.arange(b * 128, (b + 1) * 128) for b in blocks])
     for c, cand in enumerate(cands):
         sparse, sparsity = sparsediff.sparse_attention(q, k, v, cand.cdf, cand.sim, cand.pv, return_sparsity=True,
