@@ -167,7 +167,7 @@ def _overhead(device: torch.device) -> list[dict]:
 
 def cdf_for_sparsity(q: torch.Tensor, k: torch.Tensor, sparsity: float, **predict_kwargs) -> float:
     """The cdf threshold (sim 0) at which the default predictor's mask on q, k just exceeds
-    `sparsity` (bisection, 12 halvings)."""
+    `sparsity` (bisection, 12 halvings); the smallest cdf tried where no cdf reaches it."""
     from sparsediff.attention import predict_block_mask
 
     lo, hi = 0.0, 1.0
@@ -175,7 +175,7 @@ def cdf_for_sparsity(q: torch.Tensor, k: torch.Tensor, sparsity: float, **predic
         mid = (lo + hi) / 2
         reached = 1.0 - float(predict_block_mask(q, k, mid, 0.0, **predict_kwargs).float().mean())
         lo, hi = (mid, hi) if reached > sparsity else (lo, mid)
-    return lo
+    return lo if lo > 0.0 else hi  # cdf 0 asks for no attention mass: refused
 
 
 def _video_shapes(device: torch.device, seed: int):
