@@ -486,6 +486,12 @@ class Renderer:
             if reason := fp8_unsupported(device):  # apply() would run those calls dense: say so instead
                 raise RenderError(f"--fp8: {reason}")
         self.pipe: DiffusionPipeline = plan.recipe.load(device, random_weights=plan.random_weights)
+        if plan.profile is not None:  # once, here: a profile naming no model could only be checked now
+            try:
+                plan.profile.check_fits(self.pipe)
+            except ValueError as e:
+                origin = "--profile" if plan.profile_source == "argument" else "shipped profile"
+                raise RenderError(f"{origin}: {plan.profile_path}: {e}") from None
         if plan.context_parallel > 1:
             from sparsediff.processors.context_parallel import enable_context_parallel
 

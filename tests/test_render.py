@@ -355,7 +355,7 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     assert "not allowed with" in capsys.readouterr().err
 
 
-def test_profile_for_another_model_is_refused(tmp_path, capsys, no_model) -> None:
+def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_model) -> None:
     layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
     profile = {"format_version": 1, "model_id": "wan2.1-t2v-14b", "family": "wan",
                "layers": {"transformer.blocks.0.attn1.processor": layer}}
@@ -368,6 +368,13 @@ def test_profile_for_another_model_is_refused(tmp_path, capsys, no_model) -> Non
     assert "for the flux family, but tiny-wan is wan" in _error(capsys, argv)
     path.write_text("{not json")
     assert "is not a valid sparsity profile" in _error(capsys, argv)
+    # A profile naming no model is checked against the model once it loads: one failure for the batch.
+    path.write_text(json.dumps({**profile, "model_id": ""}))
+    monkeypatch.undo()  # the model may load now
+    assert main(argv) == 1
+    rows = _summary(tmp_path / "o")
+    assert [r["status"] for r in rows] == ["failed"] * 3 and all("model load: " in r["error"] for r in rows)
+    assert "--profile: " in rows[0]["error"] and "does not fit this model" in rows[0]["error"]
     for bad, needle in ((tmp_path / "missing.json", "missing.json: sparsity profile not found"),
                         (tmp_path, "is a directory, not a sparsity profile"),
                         (Path("/dev/null"), "/dev/null: not a regular file")):
