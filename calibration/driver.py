@@ -527,16 +527,22 @@ def _timed_render(renderer: Renderer, item: Item) -> tuple[Any, float, int]:
     return frames, statistics.median(walls), len(walls)
 
 
+def select_for(plan: CalibrationPlan, stats: CalibrationStats) -> Selection:
+    """The thresholds `plan`'s budget and options select from `stats`."""
+    from sparsediff.calibration.select import select
+
+    return select(stats, plan.budget, total_steps=plan.steps, lead_steps=plan.lead_steps,
+                  dense_steps=plan.dense_steps, min_layer_sparsity=plan.min_layer_sparsity)
+
+
 def calibrate(plan: CalibrationPlan) -> dict[str, Any]:
     """Run the plan: measure (resuming), select, write profile and report, validate; return the report."""
-    from sparsediff.calibration.select import select
     from sparsediff.io import atomic_write_json
 
     needs_model = plan.validate_prompts is not None or plan.state is None or len(plan.state["prompts"]) < len(plan.prompts)
     renderer = _renderer(plan) if needs_model else None
     stats, prompts, versions = measure(plan, renderer)
-    sel = select(stats, plan.budget, total_steps=plan.steps, lead_steps=plan.lead_steps,
-                 dense_steps=plan.dense_steps, min_layer_sparsity=plan.min_layer_sparsity)
+    sel = select_for(plan, stats)
     profile = build_profile(plan, stats, sel)
     report = build_report(plan, stats, sel, prompts, versions)
     profile.save(plan.out)

@@ -40,6 +40,35 @@ def _name(budget: float) -> str:
     return f"budget-{budget:g}"
 
 
+def _validated_before(plan: Any, report_path: Path) -> dict[str, Any] | None:
+    """The report at `report_path` if an earlier sweep validated this budget from the same statistics,
+    settings and held-out prompts (validation renders them all: a resumed sweep keeps it), else None."""
+    from sparsediff.calibration.driver import build_report, measure, select_for
+
+    if plan.state is None or len(plan.state["prompts"]) < len(plan.prompts):
+        return None  # statistics still to measure
+    try:
+        earlier = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("validation"), dict):
+        return None
+    stats, prompts, versions = measure(plan, None)
+    # Through JSON, as the earlier report was written (tuples become lists).
+    now = json.loads(json.dumps(build_report(plan, stats, select_for(plan, stats), prompts, versions)))
+
+    def reproducible(report: dict[str, Any]) -> dict[str, Any]:  # without the time and the run's own history
+        records = [{k: v for k, v in p.items() if k != "resumed"} if isinstance(p, dict) else p
+                   for p in report.get("prompts") or []]
+        return {k: v for k, v in report.items() if k not in ("finished_at", "validation", "prompts")} | {"prompts": records}
+
+    if reproducible(now) != reproducible(earlier):
+        return None
+    validated = [{k: v.get(k) for k in ("prompt", "negative_prompt", "seed")}
+                 for v in earlier["validation"].get("videos", []) if isinstance(v, dict)]
+    return earlier if validated == [p.as_dict() for p in plan.validate_prompts] else None
+
+
 def _point(budget: float, report: dict[str, Any]) -> dict[str, Any]:
     validation = report["validation"]
     videos = validation["videos"]
@@ -114,12 +143,19 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"sparsediff calibrate-sweep: error: {e}", file=sys.stderr)
             return 2
-        report = calibrate(plan)
-        report_path, _ = sidecar_paths(work)
-        profile = json.loads(work.read_text(encoding="utf-8"))
-        profile["calibration"]["extra"]["report"] = f"{_name(budget)}.report.json"  # its own, not the last one's
-        atomic_write_json(args.out / f"{_name(budget)}.json", profile, indent=1)
-        atomic_write_bytes(args.out / f"{_name(budget)}.report.json", report_path.read_bytes())
+        budget_profile, budget_report = args.out / f"{_name(budget)}.json", args.out / f"{_name(budget)}.report.json"
+        # --fresh redoes every budget's validation too
+        report = _validated_before(plan, budget_report) if budget_profile.is_file() and not args.fresh else None
+        if report is not None:
+            print(f"calibrate-sweep: budget {budget:g} was validated by an earlier run from the same statistics "
+                  f"and settings: kept ({budget_report.name})")
+        else:
+            report = calibrate(plan)
+            report_path, _ = sidecar_paths(work)
+            profile = json.loads(work.read_text(encoding="utf-8"))
+            profile["calibration"]["extra"]["report"] = budget_report.name  # its own, not the last budget's
+            atomic_write_json(budget_profile, profile, indent=1)
+            atomic_write_bytes(budget_report, report_path.read_bytes())
         points.append(_point(budget, report))
     result = {"model": report["model"], "points": points}
     atomic_write_json(args.out / "sweep.json", result)

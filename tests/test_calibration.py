@@ -382,11 +382,21 @@ def test_sweep_writes_one_validated_profile_per_budget(tmp_path, monkeypatch, ca
     # Two budgets that would share one file name: refused, not one silently overwriting the other.
     assert main(["calibrate-sweep", *args, "--budgets", "0.05,0.050000001", "--out", str(out)]) == 2
     assert "6 significant digits" in capsys.readouterr().err
+    # Run again (as after an interruption): each budget validated from these statistics is kept, unrendered.
+    capsys.readouterr()
+    _no_model_load(monkeypatch)
+    assert main(["calibrate-sweep", *args, "--prompts", str(prompts), "--validate-prompts", str(held),
+                 "--budgets", "0.3,0.05", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("was validated by an earlier run from the same statistics") == 2
+    assert json.loads((out / "sweep.json").read_text())["points"] == sweep["points"]
+    monkeypatch.undo()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     # --fresh discards the statistics once, for the first budget; the second re-selects from them.
     assert main(["calibrate-sweep", *args, "--prompts", str(prompts), "--validate-prompts", str(held),
                  "--budgets", "0.3,0.05", "--out", str(out), "--fresh"]) == 0
     resumed = [json.loads((out / f"budget-{b}.report.json").read_text())["prompts"][0]["resumed"] for b in ("0.05", "0.3")]
     assert resumed == [False, True]
+    assert "was validated by an earlier run" not in capsys.readouterr().out
 
 
 def test_sampled_block_rotation_restarts_with_each_generation():
