@@ -135,6 +135,10 @@ class Plan:
     def sidecar(self, item: Item) -> Path:
         return self.out_dir / f"{item.stem}.json"
 
+    def files(self, item: Item) -> tuple[Path, Path, Path]:
+        """Every file of `item`, the sidecar first (it is what marks the item done)."""
+        return self.sidecar(item), self.output(item), self.dense_output(item)
+
 
 # --------------------------------------------------------------------------- CLI
 
@@ -424,14 +428,8 @@ def _changes(plan: Plan, item: Item, earlier: dict[str, Any]) -> list[str]:
     return sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
 
 
-def _sidecar_done(plan: Plan, item: Item) -> dict[str, Any] | None:
-    """The sidecar of `item` if it is complete and matches the current settings, else None."""
-    data = _earlier_sidecar(plan, item)
-    if data is None or _changes(plan, item, data):
-        return None
-    if not plan.output(item).is_file() or (plan.compare_dense and not plan.dense_output(item).is_file()):
-        return None
-    return data
+def _outputs_present(plan: Plan, item: Item) -> bool:
+    return plan.output(item).is_file() and (not plan.compare_dense or plan.dense_output(item).is_file())
 
 
 def generate(
@@ -547,7 +545,7 @@ class Renderer:
         from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 
         plan = self.plan
-        for path in (plan.sidecar(item), plan.output(item), plan.dense_output(item)) if self.writes else ():
+        for path in plan.files(item) if self.writes else ():
             # An earlier run's files go first, the sidecar before its outputs: a run killed after writing
             # a new output must not leave it under the old sidecar, which would pass it as done.
             path.unlink(missing_ok=True)
@@ -680,15 +678,14 @@ def render_plan(plan: Plan) -> int:
 
     todo, changed = [], []
     for item in mine:
-        done = _sidecar_done(plan, item)
-        if done is not None:
-            rows.append(_row(item, plan, "skipped", done))
-            for path in (plan.output(item), plan.dense_output(item), plan.sidecar(item)) if writes else ():
+        earlier = _earlier_sidecar(plan, item)
+        keys = [] if earlier is None else _changes(plan, item, earlier)
+        if earlier is not None and not keys and _outputs_present(plan, item):
+            rows.append(_row(item, plan, "skipped", earlier))
+            for path in plan.files(item) if writes else ():
                 remove_stale_temps(path)  # a killed rerun's (of other settings), which no later run would reach
             continue
         todo.append(item)
-        earlier = _earlier_sidecar(plan, item)
-        keys = [] if earlier is None else _changes(plan, item, earlier)
         if keys:
             changed.append((item, keys))
     save_rows()  # also when empty: this rank's part replaces any an interrupted run left

@@ -150,7 +150,7 @@ class SparsityProfile:
         if self.token_order not in TOKEN_ORDERS:
             raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
         if self.tile is not None and (
-            len(_as_tile(self.tile)) != 3
+            not isinstance(self.tile, (tuple, list)) or len(self.tile) != 3
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in self.tile)
         ):
             raise ValueError(f"{_TILE_RULE}, got {self.tile!r}")

@@ -122,6 +122,26 @@ def flow_loss(pipe: ToyShapesPipeline, x0: torch.Tensor, captions: list[str], t:
     return velocity_error(pred, noise - x0, weights)
 
 
+def optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def train_step(cfg: TrainConfig, pipe: ToyShapesPipeline, transformer: Callable[..., tuple],
+               opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], batch: tuple,
+               autocast: torch.autocast) -> torch.Tensor:
+    """One optimisation step on `training_batch`'s `batch`: the flow loss under `autocast` through
+    `transformer` (pipe's, or a compiled wrapper of it), backward, clipped step; returns the loss."""
+    x0, captions, t, noise, weights = batch
+    with autocast:
+        loss = flow_loss(pipe, x0, captions, t, noise, transformer, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return loss
+
+
 def _lr(cfg: TrainConfig, step: int, total: int) -> float:
     warm = min(cfg.warmup_steps, max(1, total // 10))
     if step < warm:
@@ -164,8 +184,7 @@ def _train(cfg: TrainConfig, out: Path, dev: torch.device) -> dict:
     modules = [pipe.transformer, pipe.text_encoder]
     params = [p for m in modules for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
-                            fused=dev.type == "cuda")
+    opt = optimizer(cfg, params, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     # Only the training forward is compiled; the held-out loss runs eager (no second graph to build).
     train_transformer = torch.compile(pipe.transformer) if cfg.compile else pipe.transformer
@@ -204,14 +223,9 @@ def _train(cfg: TrainConfig, out: Path, dev: torch.device) -> dict:
         lr = _lr(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        x0, captions, t, noise, weights = training_batch(
+        batch = training_batch(
             cfg, data_gen, noise_gen, dev, windowed=cfg.window_frames is not None and step < cfg.window_fraction * total)
-        with autocast:
-            loss = flow_loss(pipe, x0, captions, t, noise, train_transformer, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        loss = train_step(cfg, pipe, train_transformer, opt, params, batch, autocast)
         # EMA with a short ramp so that early weights do not linger in a short run.
         decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
         with torch.no_grad():

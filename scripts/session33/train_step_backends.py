@@ -6,7 +6,7 @@ does its time go? (GPU; the device has no sparsediff install: run with the toy p
 
 Each (backend, batch size, frames) cell: a fresh compiled model (TrainConfig defaults otherwise,
 foreground weight 4), 25 warm-up steps, then the median of 5 timed groups of 10 steps (CUDA-synchronised).
-The same step as train.train: a generated batch, bf16 autocast, backward, clipped AdamW. ``--profile``:
+The step is train.train_step (a generated batch, bf16 autocast, backward, clipped AdamW; not the EMA). ``--profile``:
 each backend's CUDA kernels that take the most time in a step (first batch size and frame count).
 """
 from __future__ import annotations
@@ -18,26 +18,21 @@ import time
 
 import torch
 from toy_shapes.config import DEFAULT_FRAMES, SDPA_BACKENDS, TrainConfig
-from toy_shapes.train import _sync, attention_kernel, build_pipeline, flow_loss, training_batch
+from toy_shapes.train import _sync, attention_kernel, build_pipeline, optimizer, train_step, training_batch
 
 
 def make_step(cfg: TrainConfig, dev: torch.device):
-    """A closure running one training step of a fresh compiled model of ``cfg``."""
+    """A closure running one training step (train.train_step, without the EMA) of a fresh compiled model."""
     pipe = build_pipeline(cfg).to(dev)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, fused=dev.type == "cuda")
+    opt = optimizer(cfg, params, dev)
     model = torch.compile(pipe.transformer)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     data_gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(1)
 
     def step() -> None:
-        x0, captions, t, noise, weights = training_batch(cfg, data_gen, noise_gen, dev,
-                                                         windowed=cfg.window_frames is not None)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = flow_loss(pipe, x0, captions, t, noise, model, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        batch = training_batch(cfg, data_gen, noise_gen, dev, windowed=cfg.window_frames is not None)
+        train_step(cfg, pipe, model, opt, params, batch, autocast)
     return step
 
 
