@@ -96,11 +96,15 @@ class _DuplicateKey(ValueError):
     pass
 
 
+def _repeated(names: list[str]) -> str:
+    """The names given more than once, quoted and comma-separated ("" when none is)."""
+    return ", ".join(repr(name) for name in sorted({name for name in names if names.count(name) > 1}))
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    repeated = _repeated([key for key, _ in pairs])
     if repeated:
-        raise _DuplicateKey(", ".join(map(repr, repeated)))
+        raise _DuplicateKey(repeated)
     return dict(pairs)
 
 
@@ -130,9 +134,9 @@ def _read_csv(path: Path, text: str) -> list[PromptSpec]:
     header = [name.strip() for name in reader.fieldnames]
     if "prompt" not in header:
         raise PromptFileError(f"{path}:1: the header has no 'prompt' column (got {', '.join(header)})")
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = _repeated(header)
     if repeated:
-        raise PromptFileError(f"{path}:1: column(s) {', '.join(map(repr, repeated))} given more than once")
+        raise PromptFileError(f"{path}:1: column(s) {repeated} given more than once")
     specs = []
     try:
         for row in reader:
