@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,9 @@ class DemoSession:
         # reapplies it, so its CUDA graphs are not captured again inside the sparse timing.
         self._handle: SparseHandle | None = None
         self._handle_key: tuple[SparsityProfile, bool] | None = None
+        # The page's queue runs one request at a time, but a cancelled one (an API client's cancel) frees
+        # its slot while its render thread goes on: this lock keeps renders of one pipeline apart anyway.
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ validation
 
@@ -257,23 +261,24 @@ class DemoSession:
         profile, settings = self.sparse_profile(request)
         if request.fp8:
             settings += "; FP8 (e4m3) attention"
-        dense, dense_s = self._render(request, "dense", on_step)
-        if self._handle is not None and self._handle_key == (profile, request.fp8):
-            self._handle.reapply()
-            self._handle.reset()
-        else:
-            self._handle = sparsediff.apply(self.pipe, profile, fp8=request.fp8)  # the old one's graphs go with it
-            self._handle_key = (profile, request.fp8)
-        handle = self._handle
-        try:
-            sparse, sparse_s = self._render(request, "sparse", on_step)
-        finally:
-            handle.remove()  # a failed sparse render must leave the pipeline dense for the next request
-        self.runs += 1
+        with self._lock:
+            dense, dense_s = self._render(request, "dense", on_step)
+            if self._handle is not None and self._handle_key == (profile, request.fp8):
+                self._handle.reapply()
+                self._handle.reset()
+            else:
+                self._handle = sparsediff.apply(self.pipe, profile, fp8=request.fp8)  # the old one's graphs go with it
+                self._handle_key = (profile, request.fp8)
+            handle = self._handle
+            try:
+                sparse, sparse_s = self._render(request, "sparse", on_step)
+            finally:
+                handle.remove()  # a failed sparse render must leave the pipeline dense for the next request
+            self.runs += 1
+            stats, notes = copy.deepcopy(handle.stats), self._notes()  # before another request resets them
         return Comparison(
-            dense=dense, sparse=sparse, dense_s=dense_s, sparse_s=sparse_s, stats=copy.deepcopy(handle.stats),
-            settings=settings, psnr_db=video_psnr(sparse, dense), ssim=video_ssim(sparse, dense),
-            notes=self._notes(),
+            dense=dense, sparse=sparse, dense_s=dense_s, sparse_s=sparse_s, stats=stats,
+            settings=settings, psnr_db=video_psnr(sparse, dense), ssim=video_ssim(sparse, dense), notes=notes,
         )
 
 

@@ -204,3 +204,39 @@ def test_repeated_settings_reuse_the_sparse_handle(session) -> None:
     session.compare(Request(**{**fields, "cdf_threshold": 0.6}))
     assert session._handle is not handle
     assert not any(type(p).__module__.startswith("sparsediff") for p in session.pipe.transformer.attn_processors.values())
+
+
+def test_concurrent_requests_render_one_after_the_other(session) -> None:
+    # Gradio's queue frees a cancelled request's slot while its render thread goes on: the next request
+    # must wait for that render, not render beside it (its "dense" render would run with sparse processors).
+    import threading
+
+    from sparsediff.apps.demo import THRESHOLDS, Request
+
+    request = Request(prompt="a red circle", negative_prompt=None, seed=0, steps=2, height=64, width=64, frames=1,
+                      source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1)
+    first_in_render, release, second_stepped = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(label: str, step: int, total: int) -> None:
+        first_in_render.set()
+        release.wait(timeout=60)
+
+    errors = []
+
+    def run(on_step) -> None:
+        try:
+            session.compare(request, on_step)
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    first = threading.Thread(target=run, args=(hold,))
+    first.start()
+    assert first_in_render.wait(timeout=60)
+    second = threading.Thread(target=run, args=(lambda *a: second_stepped.set(),))
+    second.start()
+    overlapped = second_stepped.wait(timeout=5)
+    release.set()
+    first.join(timeout=120)
+    second.join(timeout=120)
+    assert not overlapped, "a second request rendered while the first was rendering"
+    assert not errors and second_stepped.is_set()
