@@ -18,6 +18,7 @@ import argparse
 import copy
 import logging
 import math
+import socket
 import sys
 import tempfile
 import threading
@@ -515,6 +516,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also make a public gradio.live link (traffic goes through Gradio's share servers)")
 
 
+def _serve_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served on, or None (gradio reports any failure as "Cannot find empty port")."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            s.bind(address)
+    except OSError as e:
+        return f"cannot serve on {host}:{port}: {e.strerror or e}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -527,6 +540,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         return fail(f"--port: must be between 1 and 65535, got {args.port}")
+    if problem := _serve_problem(args.host, args.port):  # now, not after a model load of minutes
+        return fail(f"--host/--port: {problem}")
     try:
         recipe = get_recipe(args.model or default_recipe_name())
     except ValueError as e:

@@ -240,3 +240,16 @@ def test_concurrent_requests_render_one_after_the_other(session) -> None:
     second.join(timeout=120)
     assert not overlapped, "a second request rendered while the first was rendering"
     assert not errors and second_stepped.is_set()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "nonsense.invalid"])
+def test_cli_refuses_an_address_it_cannot_serve_on_before_loading(host: str, capsys: pytest.CaptureFixture) -> None:
+    # Gradio would fail only after the model load, with a traceback saying "Cannot find empty port" for any cause.
+    from sparsediff.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["demo", "--model", "tiny-wan", "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"sparsediff demo: error: --host/--port: cannot serve on {host}:{port}: " in err
+    assert "loading" not in err
