@@ -18,6 +18,7 @@ import argparse
 import copy
 import logging
 import math
+import signal
 import socket
 import sys
 import tempfile
@@ -572,6 +573,8 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sparsediff demo: serving on {args.host}: anyone who can reach this machine can use the GPU",
               file=sys.stderr)
+    # SIGTERM (kill, a service manager) ends the server as Ctrl+C does, so the folder below is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="sparsediff-demo-") as out_dir:
         app = build_app(session, Path(out_dir))
         # ssr_mode off: server-side rendering would start a Node server beside this one.

@@ -34,6 +34,23 @@ def _log(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:]
 
 
+def _wait_until_served(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    deadline = time.monotonic() + SERVE_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the demo exited with code {proc.returncode}:\n{_log(log_path)}")
+        try:
+            with opener.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the demo did not serve {url} within {SERVE_TIMEOUT_S} s:\n{_log(log_path)}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The demo's URL while `python -m sparsediff demo --model tiny-wan` serves it; killed afterwards."""
@@ -48,21 +65,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc = subprocess.Popen([sys.executable, "-m", "sparsediff", "demo", "--model", "tiny-wan",
                                  "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
     try:
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the demo exited with code {proc.returncode}:\n{_log(log_path)}")
-            try:
-                with opener.open(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the demo did not serve {url} within {SERVE_TIMEOUT_S} s:\n{_log(log_path)}")
-            time.sleep(0.5)
+        _wait_until_served(proc, url, log_path)
         yield url
     finally:
         proc.terminate()
@@ -253,3 +257,24 @@ def test_cli_refuses_an_address_it_cannot_serve_on_before_loading(host: str, cap
     err = capsys.readouterr().err
     assert f"sparsediff demo: error: --host/--port: cannot serve on {host}:{port}: " in err
     assert "loading" not in err
+
+
+def test_sigterm_removes_the_output_folder(tmp_path: Path) -> None:
+    # SIGTERM used to kill the server at once, leaving its sparsediff-demo-* folder (and the videos in it).
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio-cache")}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sparsediff", "demo", "--model", "tiny-wan", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_served(proc, f"http://127.0.0.1:{port}/", log_path)
+        assert list(tmp_path.glob("sparsediff-demo-*"))
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, _log(log_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not list(tmp_path.glob("sparsediff-demo-*")), _log(log_path)
