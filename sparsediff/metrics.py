@@ -63,4 +63,7 @@ def video_ssim(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> fl
     kernel = side if side % 2 else side - 1
     if kernel < 3:
         raise ValueError(f"a: frames of {ta.shape[-2]}x{ta.shape[-1]} are too small for SSIM (need >= 3x3)")
-    return float(structural_similarity_index_measure(ta, tb, data_range=1.0, kernel_size=kernel, reduction="elementwise_mean"))
+    # torchmetrics sizes a Gaussian window from sigma alone (1.5: 11 pixels), whatever kernel_size says:
+    # scale sigma with the window, or frames under 6 pixels fail its padding.
+    return float(structural_similarity_index_measure(ta, tb, data_range=1.0, kernel_size=kernel, sigma=1.5 * kernel / 11,
+                                                     reduction="elementwise_mean"))

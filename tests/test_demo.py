@@ -278,3 +278,19 @@ def test_sigterm_removes_the_output_folder(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert not list(tmp_path.glob("sparsediff-demo-*")), _log(log_path)
+
+
+def test_the_smallest_size_offered_gets_its_comparison() -> None:
+    # toy-shapes (the default model) offers frames down to 4 px; SSIM failed on them after both renders
+    # ("Render failed: RuntimeError: ... Padding size should be less than the corresponding input dimension").
+    import torch
+
+    from sparsediff.apps.demo import THRESHOLDS, DemoSession, Request
+    from sparsediff.pipelines.recipes import get_recipe
+
+    recipe = get_recipe("toy-shapes")
+    session = DemoSession(recipe, recipe.load("cpu"), torch.device("cpu"))
+    m = recipe.size_multiple
+    c = session.compare(Request(prompt="a red circle", negative_prompt=None, seed=0, steps=2, height=m, width=m,
+                                frames=1, source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1))
+    assert c.dense.shape == (1, m, m, 3) and 0.0 <= c.ssim <= 1.0
