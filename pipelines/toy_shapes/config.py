@@ -13,7 +13,6 @@ DEFAULT_STEPS = 16
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_FPS = 8
 FLOW_SHIFT = 3.0  # timestep shift of training's t distribution and of the sampling schedule
-SDPA_BACKENDS = ("cudnn", "flash", "efficient")  # torch SDPA kernels a CUDA training run can be held to
 
 
 @dataclass
@@ -26,7 +25,6 @@ class TrainConfig:
     init_from: str | None = None  # a weights folder (save_folder layout) to fine-tune instead of a fresh init
     bf16: bool = True  # bf16 autocast (also on CPUs with avx512_bf16 / AMX, where it is ~1.6-2x faster)
     compile: bool = False  # torch.compile the transformer's training forward (fuses Wan's many small ops)
-    sdpa_backend: str | None = None  # the attention kernel of a CUDA run: "cudnn", "flash", "efficient" (None: torch's)
     batch_size: int = 32
     log_every: int = 50
     # optimisation
@@ -90,9 +88,6 @@ class TrainConfig:
             # A minutes run fixes its step count from the speed of its first steps, which would be windowed ones.
             raise ValueError("a --minutes run cannot switch from windowed to whole clips: its step count comes from "
                              "the first steps' speed; give --steps (with --max-minutes), or window_fraction 1")
-        if self.sdpa_backend is not None and self.sdpa_backend not in SDPA_BACKENDS:
-            raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS} (or unset for torch's choice), "
-                             f"got {self.sdpa_backend!r}")
         if self.foreground_weight < 0.0:
             raise ValueError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:

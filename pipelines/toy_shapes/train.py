@@ -12,7 +12,6 @@ DIR/train_config.json and DIR/train_log.json (loss curve, held-out loss, timing)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import TrainConfig
 from .data import batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch
@@ -155,24 +153,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def attention_kernel(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """A context holding torch SDPA to ``cfg.sdpa_backend`` (a no-op when unset); CUDA runs only."""
-    if cfg.sdpa_backend is None:
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise ValueError(f"sdpa_backend {cfg.sdpa_backend!r} picks a CUDA attention kernel; this run is on {device}")
-    return sdpa_kernel([getattr(SDPBackend, f"{cfg.sdpa_backend.upper()}_ATTENTION")])
-
-
 def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None) -> dict:
     """Run one training and write the model and logs to ``out``; returns the log dict."""
+    out = Path(out)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # Held for the whole run, compilation included: the compiled graph keeps the kernel chosen while tracing.
-    with attention_kernel(cfg, dev):
-        return _train(cfg, Path(out), dev)
-
-
-def _train(cfg: TrainConfig, out: Path, dev: torch.device) -> dict:
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
