@@ -227,6 +227,9 @@ def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None
     (["bench", "kernel", "--shapes", "wan,sd3"], "--shapes must be a comma list of flux, cogvideox, wan, hunyuan, small,"),
     (["bench", "kernel", "--masks", "banded"], "--masks must be a comma list of random, local,"),
     (["bench", "predict", "--budget", "1.5"], "--budget"),
+    # A 0 was replaced by the default (6 heads of dim 64 on the CPU): a small grid runs quickly if it is.
+    (["bench", "predict", "--grid", "1x8x16", "--heads", "0"], "heads must be >= 1 and head_dim even and >= 8, got 0, 64"),
+    (["bench", "predict", "--grid", "1x8x16", "--head-dim", "0"], "heads must be >= 1 and head_dim even and >= 8, got 6, 0"),
 ])
 def test_cli_names_a_bad_argument_instead_of_a_traceback(argv, name, capsys):
     assert main(argv) == 2

@@ -283,8 +283,9 @@ def run(args: argparse.Namespace) -> int:
             size["grid"] = tuple(int(x) for x in args.grid.lower().split("x"))
         except ValueError:
             raise ValueError(f"--grid must look like 8x16x16, got {args.grid!r}") from None
-    size["heads"] = args.heads or size["heads"]
-    size["head_dim"] = args.head_dim or size["head_dim"]
+    # `is None`, not `or`: a 0 given is refused by video_workload, not replaced by the default.
+    size["heads"] = size["heads"] if args.heads is None else args.heads
+    size["head_dim"] = size["head_dim"] if args.head_dim is None else args.head_dim
     out = writable_dir(args.out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
