@@ -395,3 +395,19 @@ def test_bench_predict_takes_graphed_times_against_cudnns_graphed_call(monkeypat
     assert [r["shape"] for r in rows] == ["cogvideox", "wan", "hunyuan"]
     for r in rows:
         assert (r["speedup"], r["speedup_graph"], r["fp8_speedup"], r["fp8_speedup_graph"]) == pytest.approx((5, 8, 5, 8))
+
+
+def test_bench_predict_writes_its_report_where_the_oracle_reaches_no_sparsity(tmp_path: Path, monkeypatch) -> None:
+    # Every sweep point skips blocks and errs above a strict budget: the oracle reaches sparsity 0 there,
+    # and the fractions of it are undefined. They were NaN, which the strict JSON writer refused after
+    # the whole run, so nothing was written.
+    from sparsediff.bench import predict
+
+    monkeypatch.setattr(predict, "CDF_SWEEP", (0.5,))
+    monkeypatch.setattr(predict, "PV_SWEEP", (0.5,))
+    argv = ["bench", "predict", "--device", "cpu", "--grid", "2x8x8", "--heads", "1", "--head-dim", "16",
+            "--budget", "1e-9", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "predict-cpu.json").read_text())
+    assert [acc["fraction_of_oracle"]["oracle"] for acc in report["accuracy"]] == ["nan", "nan"]
+    assert (tmp_path / "predict-cpu.png").stat().st_size > 0
