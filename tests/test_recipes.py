@@ -411,3 +411,21 @@ def test_bench_predict_writes_its_report_where_the_oracle_reaches_no_sparsity(tm
     report = json.loads((tmp_path / "predict-cpu.json").read_text())
     assert [acc["fraction_of_oracle"]["oracle"] for acc in report["accuracy"]] == ["nan", "nan"]
     assert (tmp_path / "predict-cpu.png").stat().st_size > 0
+
+
+def test_bench_predict_plot_is_written_atomically(tmp_path: Path, monkeypatch) -> None:
+    # A savefig cut short (a crash, Ctrl-C) left a truncated PNG under the final name.
+    import matplotlib.figure
+
+    from sparsediff.bench import predict
+
+    def interrupted_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted_savefig)
+    acc = {"order": "raster", "curves": {"oracle": [{"cdf": 0.9, "sparsity": 0.5, "error": 0.01}]},
+           "fraction_of_oracle": {"oracle": 1.0}}
+    with pytest.raises(KeyboardInterrupt):
+        predict._plot({"accuracy": [acc], "budget": 0.05, "workload": {"grid": [2, 8, 8]}}, tmp_path / "predict-cpu.png")
+    assert list(tmp_path.iterdir()) == []

@@ -257,6 +257,8 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sparsediff.io import atomic_output
+
     accs = results["accuracy"]
     fig, axes = plt.subplots(1, len(accs), figsize=(6.5 * len(accs), 4.8), squeeze=False)
     for ax, acc in zip(axes[0], accs):
@@ -271,7 +273,8 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_title(f"{acc['order']} order, grid {'x'.join(map(str, results['workload']['grid']))}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
