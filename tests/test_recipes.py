@@ -429,3 +429,18 @@ def test_bench_predict_plot_is_written_atomically(tmp_path: Path, monkeypatch) -
     with pytest.raises(KeyboardInterrupt):
         predict._plot({"accuracy": [acc], "budget": 0.05, "workload": {"grid": [2, 8, 8]}}, tmp_path / "predict-cpu.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_predict_report_names_its_date_and_versions(tmp_path: Path, monkeypatch) -> None:
+    # As bench kernel's and e2e's reports do: a predict-cuda.json did not say which torch and Triton it timed.
+    import triton
+
+    from sparsediff.bench import predict
+
+    acc = {"order": "raster", "sparsity_at_budget": {"oracle": 0.5}, "fraction_of_oracle": {"oracle": 1.0},
+           "curves": {"oracle": [{"cdf": 0.9, "sparsity": 0.5, "error": 0.01}]}, "pv_skip": {"sweep": "skipped"}}
+    monkeypatch.setattr(predict, "_accuracy", lambda w, order, device, budget: {**acc, "order": order})
+    assert main(["bench", "predict", "--device", "cpu", "--grid", "2x8x8", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "predict-cpu.json").read_text())
+    assert (report["torch"], report["triton"]) == (torch.__version__, triton.__version__)
+    assert report["date"].endswith("+00:00")

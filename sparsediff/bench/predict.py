@@ -20,6 +20,7 @@ import argparse
 import math
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -279,6 +280,8 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import triton
+
     from sparsediff.attention import METHODS
     from sparsediff.io import atomic_write_json, writable_dir
     from sparsediff.workloads import video_workload
@@ -301,7 +304,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     w = video_workload(size["grid"], size["heads"], size["head_dim"], seed=args.seed, dtype=dtype, device=device)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    # Which run, as bench kernel records it: the timings depend on the torch and Triton versions.
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "triton": triton.__version__,
                "budget": args.budget, "workload": {**size, "seed": args.seed, "dtype": str(dtype)},
                "accuracy": []}
     for order in ("raster", "tiles"):
