@@ -223,6 +223,8 @@ def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None
     (["bench", "e2e", "--modes", "compiled"], "--modes"),
     (["bench", "e2e", "--steps", "2", "--modes", "jit"], "--modes"),
     (["bench", "e2e", "--steps", "2", "--settings", "A,C"], "--settings"),
+    (["bench", "e2e", "--cdf", "0"], "--cdf must be in (0.0, 1.0], got 0.0"),
+    (["bench", "e2e", "--sim", "1.5"], "--sim must be in [0.0, 1.0], got 1.5"),
     (["bench", "kernel", "--keeps", "0,0.5"], "--keeps"),
     (["bench", "kernel", "--shapes", "wan,sd3"], "--shapes must be a comma list of flux, cogvideox, wan, hunyuan, small,"),
     (["bench", "kernel", "--masks", "banded"], "--masks must be a comma list of random, local,"),

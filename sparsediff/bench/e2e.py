@@ -205,6 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+    from sparsediff.attention import is_threshold_number, threshold_range
+
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in CASES]
     if not families or unknown:
@@ -226,9 +228,11 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
                              f"got {getattr(args, name)!r}")
     if args.steps is None and (_items(args.modes) != ["eager"] or _items(args.cuda_graphs) != ["on"]):
         raise ValueError("--modes and --cuda-graphs need --steps")
-    for name in ("setting_a_cdf", "setting_b_cdf"):
-        if not 0.0 < getattr(args, name) <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    # Checked here, not by apply() after the model is built and its dense forward timed.
+    for name, key in (("cdf", "cdf_threshold"), ("sim", "sim_threshold"),
+                      ("setting_a_cdf", "cdf_threshold"), ("setting_b_cdf", "cdf_threshold")):
+        if not is_threshold_number(getattr(args, name), key):
+            raise ValueError(f"--{name.replace('_', '-')} must be in {threshold_range(key)}, got {getattr(args, name)}")
     return families, frames
 
 
