@@ -446,3 +446,31 @@ def test_bench_predict_report_names_its_date_and_versions(tmp_path: Path, monkey
     report = json.loads((tmp_path / "predict-cpu.json").read_text())
     assert (report["torch"], report["triton"]) == (torch.__version__, triton.__version__)
     assert report["date"].endswith("+00:00")
+
+
+def test_bench_e2e_records_a_non_finite_sparse_output_instead_of_losing_the_report(monkeypatch, capsys) -> None:
+    # Its relative L1 error is NaN, which the strict JSON writer refused after every family had run.
+    import argparse
+
+    from tiny_models import build_wan, wan_inputs
+
+    from sparsediff.bench import e2e
+    from sparsediff.processors.controller import AttentionController
+
+    outputs = []
+
+    def time_forward(model, inputs, reps):  # dense, then a sparse forward gone non-finite
+        with torch.no_grad():
+            out = model(**inputs)[0]
+        outputs.append(out if not outputs else out * float("nan"))
+        return 1.0, outputs[-1]
+
+    monkeypatch.setattr(e2e, "_build", lambda case, frames: (model := build_wan(), wan_inputs(model)))
+    monkeypatch.setattr(e2e, "_time_forward", time_forward)
+    monkeypatch.setattr(AttentionController, "can_run_sparse", lambda self, device: False)  # no interpreter: quick
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    _, (result,) = e2e._run_forward(["wan"], {}, parser.parse_args(["--families", "wan"]))
+    assert (result["rel_l1"], result["finite"]) == ("nan", False)
+    json.dumps(result, allow_nan=False)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("nan  NON-FINITE")

@@ -282,6 +282,7 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
     from torch.nn.attention import sdpa_kernel
 
     import sparsediff
+    from sparsediff.bench.kernel import _finite
     from sparsediff.metrics import relative_l1
 
     model, inputs = _build(case, frames)
@@ -303,7 +304,7 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
         "sparse_s": sparse_s,
         "speedup": dense_s / sparse_s,
         "sparsity": handle.stats.mean_sparsity(after_dense_steps=False),
-        "rel_l1": float(relative_l1(sparse_f, dense_f)),
+        "rel_l1": _finite(float(relative_l1(sparse_f, dense_f))),  # "nan" for a non-finite output: strict JSON
         "finite": bool(torch.isfinite(sparse_f).all()),
         "config": case.config,
     }
@@ -504,8 +505,9 @@ def _run_forward(families: list[str], frames: dict[str, int], args: argparse.Nam
         n_frames = frames.get(family, case.frames)
         r = bench_case(case, n_frames, args)
         results.append(r)
+        rel_l1 = r["rel_l1"] if isinstance(r["rel_l1"], str) else f"{r['rel_l1']:.4f}"
         print(f"{family:<14} {_size(case, n_frames):>16} {r['dense_s']:>8.3f} {r['sparse_s']:>9.3f} {r['speedup']:>7.2f}x "
-              f"{r['sparsity']:>9.3f} {r['rel_l1']:>8.4f}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
+              f"{r['sparsity']:>9.3f} {rel_l1:>8}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
     setting = {"cdf_threshold": args.cdf, "sim_threshold": args.sim, "dense_steps": 0, "reps": args.reps}
     return setting, results
 
