@@ -597,6 +597,11 @@ def run(args: argparse.Namespace) -> int:
     if any(not 0.0 < keep <= 1.0 for keep in keeps):
         raise ValueError(f"--keeps must lie in (0, 1], got {args.keeps!r}")
     mask_kinds = _parse_list(args.masks, "masks", str, MASK_KINDS)
+    # do_bench runs at least once whatever these are: a rep of 0 would time a single call unsaid.
+    if not (math.isfinite(args.warmup_ms) and args.warmup_ms >= 0):
+        raise ValueError(f"--warmup-ms must be a finite number >= 0, got {args.warmup_ms}")
+    if not (math.isfinite(args.rep_ms) and args.rep_ms > 0):
+        raise ValueError(f"--rep-ms must be a finite number > 0, got {args.rep_ms}")
     writable_dir(args.out)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     flex = _flex_runner() if device == "cuda" and not args.no_flex else None
