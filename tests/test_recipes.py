@@ -476,3 +476,27 @@ def test_bench_e2e_records_a_non_finite_sparse_output_instead_of_losing_the_repo
     assert (result["rel_l1"], result["finite"]) == ("nan", False)
     json.dumps(result, allow_nan=False)
     assert capsys.readouterr().out.splitlines()[-1].endswith("nan  NON-FINITE")
+
+
+def test_bench_e2e_kernel_ratio_takes_graphed_times_against_cudnns_graphed_call(monkeypatch) -> None:
+    # The bound's kernel time is a CUDA-graph replay (GPU time alone); cuDNN's, its yardstick, was a
+    # plain call, which carries the host's launch: two conditions in one ratio.
+    import triton.testing
+
+    from sparsediff.bench import e2e, timing
+
+    class Graphed:
+        def __init__(self, fn):
+            self.fn = fn
+
+    def do_bench(fn, *args, **kwargs):  # ms: cuDNN 10 plain / 8 graphed, ours 4 graphed
+        code = (fn.fn if isinstance(fn, Graphed) else fn).__code__
+        dense = "cudnn_dense" in code.co_freevars  # imported in _kernel_ratio: a closure variable
+        return {(True, False): 10.0, (True, True): 8.0, (False, True): 4.0}[dense, isinstance(fn, Graphed)]
+
+    for name in ("randn", "rand"):  # the tensors on the CPU: nothing runs but the lookup table's build
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *shape, real=real, device=None, **kwargs: real(*shape, **kwargs))
+    monkeypatch.setattr(timing, "cuda_graphed", Graphed)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert e2e._kernel_ratio(heads=1, tokens=256, head_dim=64, keep=0.5) == pytest.approx(0.5)
