@@ -155,6 +155,17 @@ def test_pipeline_call_save_and_reload(tmp_path):
             pipe(prompt="a red circle", **{**kw, **bad})
 
 
+def test_a_list_of_generators_must_give_one_per_prompt():
+    # randn_tensor draws clip i from generator[i]: a longer list was ignored unsaid, a shorter one
+    # failed with an IndexError inside diffusers.
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=8, width=8, num_frames=1, num_inference_steps=1)
+    for prompts, n in ((["a red circle"], 2), (["a red circle", "a blue square", ""], 2)):
+        with pytest.raises(ValueError, match=f"generator: {n} generators for {len(prompts)} prompts"):
+            pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in range(n)], **kw)
+
+
 def test_a_captions_clip_does_not_depend_on_its_batch_mates():
     # Captions are padded to max_length: Wan's cross-attention attends to the zero padding, so
     # padding to the batch's longest caption made a clip depend on the other captions.

@@ -140,6 +140,10 @@ class ToyShapesPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if isinstance(generator, list) and len(generator) != len(prompts):
+            # randn_tensor draws clip i from generator[i]: extra ones were ignored unsaid, too few failed deep inside.
+            raise ValueError(f"generator: {len(generator)} generators for {len(prompts)} prompts "
+                             "(give one, or one per prompt)")
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
