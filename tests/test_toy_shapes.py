@@ -155,6 +155,28 @@ def test_pipeline_call_save_and_reload(tmp_path):
             pipe(prompt="a red circle", **{**kw, **bad})
 
 
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    # DiffusionPipeline.save_pretrained skipped the word-level tokenizer (logged only) and
+    # from_pretrained then refused the folder.
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red circle", height=8, width=8, num_frames=2, num_inference_steps=2)
+    out = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    pipe.save_pretrained(tmp_path)
+    assert pipe.config["tokenizer"] == ("sparsediff.pipelines.toy_shapes.tokenizer", "ToyTokenizer")
+    again = ts.ToyShapesPipeline.from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    assert again.transformer.dtype == torch.float32 and again.tokenizer.tokens == pipe.tokenizer.tokens
+    np.testing.assert_allclose(again(**kw, generator=torch.Generator().manual_seed(0)).frames, out, atol=1e-5)
+    pipe.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # kept in the weights' dtype
+    saved = load_file(tmp_path / "bf16" / "transformer" / SAFETENSORS_WEIGHTS_NAME)
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    assert ts.ToyShapesPipeline.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_a_list_of_generators_must_give_one_per_prompt():
     # randn_tensor draws clip i from generator[i]: a longer list was ignored unsaid, a shorter one
     # failed with an IndexError inside diffusers.

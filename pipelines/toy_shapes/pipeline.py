@@ -96,6 +96,18 @@ class ToyShapesPipeline(DiffusionPipeline):
         self.tokenizer.save(root / "tokenizer" / "vocab.json")
         self.scheduler.save_pretrained(root / "scheduler")
 
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """``save_folder`` in the weights' own dtype. DiffusionPipeline's saves only diffusers and
+        transformers classes: it skipped the tokenizer (a logged warning), set it to (None, None) in
+        this pipeline's config, and left a folder that from_pretrained refused."""
+        self.save_folder(save_directory, dtype=self.transformer.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        torch_dtype: torch.dtype = torch.float32) -> "ToyShapesPipeline":
+        """``from_folder`` of a local folder: DiffusionPipeline's cannot build the word-level tokenizer."""
+        return cls.from_folder(pretrained_model_name_or_path, torch_dtype=torch_dtype)
+
     def encode_prompt(self, prompt: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Captions -> (B, L, text_dim) embeddings, zero past each caption's end."""
         ids, mask = self.tokenizer(prompt)
