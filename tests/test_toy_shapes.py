@@ -177,6 +177,21 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     assert ts.ToyShapesPipeline.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_a_folder_missing_files_is_refused_naming_them(tmp_path):
+    # diffusers' error for a missing weights file named "diffusion_pytorch_model.bin"; a missing
+    # vocabulary was a bare FileNotFoundError from open().
+    build_pipeline(ts.TrainConfig(num_layers=1, steps=1)).save_folder(tmp_path)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*"))
+    (tmp_path / "text_encoder" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "tokenizer" / "vocab.json").unlink()
+    with pytest.raises(FileNotFoundError,
+                       match="missing text_encoder/diffusion_pytorch_model.safetensors, tokenizer/vocab.json"):
+        ts.ToyShapesPipeline.from_folder(tmp_path)
+    assert written == sorted(ts.pipeline.FOLDER_FILES)  # the list checked is what save_folder writes
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        ts.ToyShapesPipeline.from_folder(tmp_path / "nowhere")
+
+
 def test_a_list_of_generators_must_give_one_per_prompt():
     # randn_tensor draws clip i from generator[i]: a longer list was ignored unsaid, a shorter one
     # failed with an IndexError inside diffusers.

@@ -28,6 +28,10 @@ from .tokenizer import ToyTokenizer
 
 PATCH = 4
 CHANNELS = 3 * PATCH * PATCH
+# What save_folder writes and from_folder reads.
+FOLDER_FILES = tuple(f"{name}/{file}" for name, file in (
+    ("transformer", "config.json"), ("transformer", SAFETENSORS_WEIGHTS_NAME), ("text_encoder", "config.json"),
+    ("text_encoder", SAFETENSORS_WEIGHTS_NAME), ("tokenizer", "vocab.json"), ("scheduler", "scheduler_config.json")))
 
 
 def frames_to_latents(frames: torch.Tensor) -> torch.Tensor:
@@ -76,8 +80,12 @@ class ToyShapesPipeline(DiffusionPipeline):
                     torch_dtype: torch.dtype = torch.float32) -> "ToyShapesPipeline":
         """Load a folder written by ``save_folder`` (transformer/, text_encoder/, tokenizer/, scheduler/)."""
         root = Path(path)
-        if not (root / "transformer" / "config.json").is_file():
-            raise FileNotFoundError(f"no toy shapes weights in {root} (expected transformer/config.json)")
+        if not root.is_dir():
+            raise FileNotFoundError(f"no toy shapes weights: {root} is not a folder")
+        # Checked here: diffusers' own error for a missing weights file names a .bin file the folder never had.
+        missing = [name for name in FOLDER_FILES if not (root / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no toy shapes weights in {root}: missing {', '.join(missing)}")
         transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype)
         text_encoder = ToyTextEncoder.from_pretrained(root / "text_encoder", torch_dtype=torch_dtype)
         tokenizer = ToyTokenizer.load(root / "tokenizer" / "vocab.json")
