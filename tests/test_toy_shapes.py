@@ -192,6 +192,17 @@ def test_a_folder_missing_files_is_refused_naming_them(tmp_path):
         ts.ToyShapesPipeline.from_folder(tmp_path / "nowhere")
 
 
+def test_a_vocabulary_that_does_not_fit_the_text_encoder_is_refused(tmp_path):
+    # A shorter word list rendered with the wrong embeddings unsaid; another max_length failed at the first call.
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    pipe.save_folder(tmp_path)
+    words = pipe.tokenizer.tokens[3:]
+    for bad in (ToyTokenizer(words[:-1]), ToyTokenizer(words, max_length=40)):
+        bad.save(tmp_path / "tokenizer" / "vocab.json")
+        with pytest.raises(ValueError, match="does not fit text_encoder"):
+            ts.ToyShapesPipeline.from_folder(tmp_path)
+
+
 def test_a_list_of_generators_must_give_one_per_prompt():
     # randn_tensor draws clip i from generator[i]: a longer list was ignored unsaid, a shorter one
     # failed with an IndexError inside diffusers.

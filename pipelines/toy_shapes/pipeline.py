@@ -89,6 +89,11 @@ class ToyShapesPipeline(DiffusionPipeline):
         transformer = WanTransformer3DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype)
         text_encoder = ToyTextEncoder.from_pretrained(root / "text_encoder", torch_dtype=torch_dtype)
         tokenizer = ToyTokenizer.load(root / "tokenizer" / "vocab.json")
+        # Another vocabulary's ids would pick the wrong embeddings (unsaid) or fail inside nn.Embedding.
+        te = text_encoder.config
+        if (tokenizer.vocab_size, tokenizer.max_length) != (te.vocab_size, te.max_length):
+            raise ValueError(f"{root}: tokenizer/vocab.json ({tokenizer.vocab_size} tokens, max_length "
+                             f"{tokenizer.max_length}) does not fit text_encoder ({te.vocab_size}, {te.max_length})")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
         return cls(transformer.eval(), text_encoder.eval(), tokenizer, scheduler).to(device)
 
