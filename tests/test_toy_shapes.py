@@ -203,6 +203,26 @@ def test_a_vocabulary_that_does_not_fit_the_text_encoder_is_refused(tmp_path):
             ts.ToyShapesPipeline.from_folder(tmp_path)
 
 
+def test_captions_with_unknown_words_or_past_max_length_are_warned_about(caplog):
+    # The tokenizer reads any text: unknown words become <unk> (never trained on) and words past
+    # max_length are dropped; both happened without a word.
+    import logging
+
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=8, width=8, num_frames=1, num_inference_steps=1)
+    too_long = ", ".join(["a red circle moves left"] * 7) + " on a black background"  # 45 tokens
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        pipe(prompt="a red circle moves left on a black background", **kw)
+        assert caplog.records == []
+        pipe(prompt=["a magenta hexagon, a magenta circle", too_long], **kw)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert "does not know, read as <unk>: magenta, hexagon (it knows: " in said[0]
+    assert ("past the tokenizer's max_length of 32 tokens, dropped: red circle moves left, a red circle moves left "
+            "on a black background") in said[1]
+
+
 def test_a_list_of_generators_must_give_one_per_prompt():
     # randn_tensor draws clip i from generator[i]: a longer list was ignored unsaid, a shorter one
     # failed with an IndexError inside diffusers.

@@ -9,6 +9,7 @@ FlowMatchEulerDiscreteScheduler; the transformer predicts the velocity ``noise -
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
+
+logger = logging.getLogger(__name__)
 
 PATCH = 4
 CHANNELS = 3 * PATCH * PATCH
@@ -123,6 +126,15 @@ class ToyShapesPipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompt: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Captions -> (B, L, text_dim) embeddings, zero past each caption's end."""
+        # The tokenizer encodes any text; say where a caption is not what the model will read.
+        for caption in dict.fromkeys(prompt):
+            unknown, cut = self.tokenizer.unknown_and_cut(caption)
+            if unknown:
+                logger.warning(f"caption {caption!r}: words the model does not know, read as <unk>: "
+                               f"{', '.join(dict.fromkeys(unknown))} (it knows: {' '.join(self.tokenizer.tokens[3:])})")
+            if cut:
+                logger.warning(f"caption {caption!r}: past the tokenizer's max_length of {self.tokenizer.max_length} "
+                               f"tokens, dropped: {' '.join(cut).replace(' ,', ',')}")
         ids, mask = self.tokenizer(prompt)
         return self.text_encoder(ids.to(device), mask.to(device)).to(dtype)
 

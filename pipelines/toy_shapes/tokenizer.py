@@ -40,6 +40,12 @@ class ToyTokenizer:
         ids = [self.ids.get(w, self.ids[UNK]) for w in _WORD.findall(text.lower())]
         return ids[: self.max_length - 1] + [self.ids[EOS]]
 
+    def unknown_and_cut(self, text: str) -> tuple[list[str], list[str]]:
+        """Words of ``text`` that ``encode`` maps to ``<unk>`` (never seen in training), and those it cuts
+        off to fit ``max_length``."""
+        words = _WORD.findall(text.lower())
+        return [w for w in words if w not in self.ids], words[self.max_length - 1:]
+
     def decode(self, ids: list[int]) -> str:
         """Words of ``ids`` up to ``<eos>``, pads dropped; commas attach to the word before."""
         words = []
