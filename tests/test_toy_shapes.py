@@ -305,6 +305,34 @@ def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
     assert out.shape == (1, 3, 32, 32, 3) and np.isfinite(out).all()
 
 
+def test_eval_refuses_bad_arguments_before_rendering_and_writes_its_report_atomically(tmp_path, monkeypatch, capsys):
+    # A bad --out was found only when writing the report, after every render (half an hour on a
+    # CPU); a bad --weights ended in a traceback.
+    from sparsediff.pipelines.toy_shapes import eval as toy_eval
+
+    build_pipeline(ts.TrainConfig(num_layers=1, num_heads=1, ffn_dim=64, text_dim=64, text_ffn_dim=64,
+                                  steps=1)).save_folder(tmp_path / "w")
+    (tmp_path / "file").write_text("")
+    ok = ["--weights", str(tmp_path / "w"), "--out", str(tmp_path / "r.json"), "--steps", "1", "--time-repeats", "0"]
+    rendered = []
+    real_evaluate = toy_eval.evaluate
+    monkeypatch.setattr(toy_eval, "evaluate", lambda *a, **k: rendered.append(1) or real_evaluate(*a, **k))
+    for bad, said in [(["--out", str(tmp_path / "file" / "r.json")], "--out: "),
+                      (["--png", str(tmp_path / "file" / "s.png")], "--png: "),
+                      (["--weights", str(tmp_path / "nowhere")], "no toy shapes weights"),
+                      (["--steps", "0"], "--steps must be >= 1"), (["--batch-size", "0"], "--batch-size must be >= 1"),
+                      (["--guidance", "nan"], "--guidance must be a finite number")]:
+        with pytest.raises(SystemExit) as exc:
+            toy_eval.main(ok + bad)
+        assert exc.value.code == 2 and said in capsys.readouterr().err and not rendered
+    # one caption a split, to keep it short
+    monkeypatch.setattr(toy_eval, "eval_clips", lambda split="held-out": [([("red", "circle", "grows")], "black")])
+    assert toy_eval.main(ok + ["--png", str(tmp_path / "s.png")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [run["split"] for run in report["runs"]] == ["held-out", "seen"] and (tmp_path / "s.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "r.json", "s.png", "w"]  # no temporaries left
+
+
 # -- the shipped model ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +89,36 @@ def time_render(pipe: ToyShapesPipeline, *, num_inference_steps: int = DEFAULT_S
 
 
 def save_grid(frames: np.ndarray, path: str | Path, every: int = 4) -> None:
-    """Write a PNG: one row per clip, every ``every``-th frame side by side."""
+    """Write a PNG (atomically): one row per clip, every ``every``-th frame side by side."""
     from PIL import Image
 
     rows = [np.concatenate(list(clip[::every]), axis=1) for clip in frames]
-    Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)).save(path)
+    _write_atomically(path, Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)).save)
+
+
+def _write_atomically(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``, so that a run
+    stopped while writing leaves no partial file. Not sparsediff.io's: this package also runs as the
+    top-level ``toy_shapes`` (scripts/gpu_train_toy.sh)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 otherwise
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Create ``path``'s folder and check a file can be made in it; ValueError naming ``flag`` otherwise."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write to {folder} ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,8 +138,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import WEIGHTS_DIR
 
+    # Checked before the renders (half an hour on a CPU): a bad --out was found only when writing the report.
+    if min(args.steps) < 1:
+        p.error(f"--steps must be >= 1, got {min(args.steps)}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not math.isfinite(args.guidance):
+        p.error(f"--guidance must be a finite number, got {args.guidance}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    pipe = ToyShapesPipeline.from_folder(args.weights or WEIGHTS_DIR, device=args.device, torch_dtype=dtype)
+    try:
+        for flag, path in (("--out", args.out), ("--png", args.png)):
+            if path:
+                _check_writable(path, flag)
+        pipe = ToyShapesPipeline.from_folder(args.weights or WEIGHTS_DIR, device=args.device, torch_dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     pipe.set_progress_bar_config(disable=True)
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "reference_pass_rate": reference_rates(),
@@ -127,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_repeats > 0:
         report["single_clip_render_seconds"] = round(time_render(pipe, repeats=args.time_repeats), 3)
         print(f"[toy_shapes eval] one clip at {DEFAULT_STEPS} steps: {report['single_clip_render_seconds']} s", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    _write_atomically(args.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return 0
 
 
