@@ -66,6 +66,17 @@ def test_metric_rejects_the_wrong_colour_and_the_wrong_direction():
     assert not metrics.check_clip(frames.flip(0), objs)["motion_ok"]  # played backwards
 
 
+def test_metric_reads_uint8_frames_and_refuses_other_scales():
+    # Its thresholds are on [0, 1]: uint8 or 0-255 float frames classified no pixel, so every clip
+    # "failed" the colour check without a word.
+    objs = [("red", "square", "moves left")]
+    frames = _frames(data.batch_from_objects([(objs, "gray")], torch.Generator().manual_seed(0)))[0]
+    as_uint8 = (frames * 255).round().to(torch.uint8)
+    assert metrics.check_clip(as_uint8.numpy(), objs)["motion_ok"] and metrics.check_clip(as_uint8, objs)["colour_ok"]
+    with pytest.raises(ValueError, match=r"frames must be floats in \[0, 1\] or uint8, got values in \[21, 223\]"):
+        metrics.check_clip(as_uint8.float(), objs)
+
+
 def test_multi_object_clips_show_every_named_colour():
     batch = data.sample_batch(40, torch.Generator().manual_seed(1), split="all")
     frames = _frames(batch)

@@ -39,7 +39,14 @@ def _as_frames(frames) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
     if t.ndim != 4 or t.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got shape {tuple(t.shape)}")
-    return t.detach().float().cpu()
+    if t.dtype == torch.uint8:  # frames read back from a video or PNG
+        return t.cpu().float() / 255.0
+    t = t.detach().float().cpu()
+    # The thresholds are on [0, 1]: 0-255 values classified no pixel, so every colour "failed".
+    lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"frames must be floats in [0, 1] or uint8, got values in [{lo:g}, {hi:g}]")
+    return t
 
 
 def classify_colours(frames) -> torch.Tensor:
