@@ -161,7 +161,8 @@ def test_pipeline_call_save_and_reload(tmp_path):
                   generator=torch.Generator().manual_seed(0), **kw)
     np.testing.assert_allclose(twice.frames, out.frames, atol=1e-5)
     for bad, match in [(dict(height=18), "height"), (dict(num_frames=0), "num_frames"),
-                       (dict(output_type="pil"), "output_type"), (dict(negative_prompt=["", ""]), "negative_prompt")]:
+                       (dict(output_type="pil"), "output_type"), (dict(negative_prompt=["", ""]), "negative_prompt"),
+                       (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number")]:
         with pytest.raises(ValueError, match=match):
             pipe(prompt="a red circle", **{**kw, **bad})
 

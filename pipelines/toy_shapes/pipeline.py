@@ -10,6 +10,7 @@ FlowMatchEulerDiscreteScheduler; the transformer predicts the velocity ``noise -
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,6 +178,9 @@ class ToyShapesPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if not math.isfinite(guidance_scale):
+            # NaN > 1 is False: a NaN scale rendered without guidance, unsaid.
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
         if isinstance(generator, list) and len(generator) != len(prompts):
             # randn_tensor draws clip i from generator[i]: extra ones were ignored unsaid, too few failed deep inside.
             raise ValueError(f"generator: {len(generator)} generators for {len(prompts)} prompts "
