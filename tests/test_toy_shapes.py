@@ -162,7 +162,9 @@ def test_pipeline_call_save_and_reload(tmp_path):
     np.testing.assert_allclose(twice.frames, out.frames, atol=1e-5)
     for bad, match in [(dict(height=18), "height"), (dict(num_frames=0), "num_frames"),
                        (dict(output_type="pil"), "output_type"), (dict(negative_prompt=["", ""]), "negative_prompt"),
-                       (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number")]:
+                       (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+                       (dict(height=16.0), "height must be an integer"), (dict(num_inference_steps=2.5), "integer"),
+                       (dict(num_frames=1025, height=4, width=4), "num_frames must be at most 1024")]:
         with pytest.raises(ValueError, match=match):
             pipe(prompt="a red circle", **{**kw, **bad})
 

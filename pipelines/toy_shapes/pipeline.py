@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,12 +171,23 @@ class ToyShapesPipeline(DiffusionPipeline):
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt: {len(negatives)} captions for {len(prompts)} prompts")
+        for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
+                            ("num_inference_steps", num_inference_steps)):
+            if not isinstance(value, numbers.Integral):  # a float failed inside torch.randn or numpy
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if height <= 0 or height % PATCH:
             raise ValueError(f"height must be a positive multiple of {PATCH}, got {height}")
         if width <= 0 or width % PATCH:
             raise ValueError(f"width must be a positive multiple of {PATCH}, got {width}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        # Wan's RoPE table has rope_max_seq_len positions an axis (patch_size is 1): past it a reshape failed inside.
+        positions = self.transformer.config.rope_max_seq_len
+        for name, value, limit in (("height", height, positions * PATCH), ("width", width, positions * PATCH),
+                                   ("num_frames", num_frames, positions)):
+            if value > limit:
+                raise ValueError(f"{name} must be at most {limit} (the transformer's rope_max_seq_len is {positions}), "
+                                 f"got {value}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if not math.isfinite(guidance_scale):
