@@ -167,6 +167,11 @@ def test_pipeline_call_save_and_reload(tmp_path):
                        (dict(num_frames=1025, height=4, width=4), "num_frames must be at most 1024")]:
         with pytest.raises(ValueError, match=match):
             pipe(prompt="a red circle", **{**kw, **bad})
+    for bad, match in [(dict(prompt=5), "prompt must be a caption"), (dict(prompt=["a", None]), "prompt must be"),
+                       (dict(prompt=[]), "prompt must be"),
+                       (dict(prompt="a", negative_prompt=3), "negative_prompt must")]:
+        with pytest.raises(ValueError, match=match):
+            pipe(**kw, **bad)
 
 
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):

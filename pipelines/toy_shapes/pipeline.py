@@ -60,6 +60,11 @@ def latents_to_frames(latents: torch.Tensor) -> torch.Tensor:
     return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
+def _captions(value: object) -> bool:
+    """Whether ``value`` is a caption or a list/tuple of them."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+
+
 @dataclass
 class ToyShapesPipelineOutput(BaseOutput):
     """``frames``: np.ndarray (B, F, H, W, 3) in [0, 1] for "np", torch (B, F, 3, H, W) for "pt",
@@ -162,8 +167,11 @@ class ToyShapesPipeline(DiffusionPipeline):
         ``callback_on_step_end(pipe, step, timestep, {"latents": ...})`` may return a dict whose
         "latents" replaces the current sample.
         """
-        if prompt is None or (not isinstance(prompt, str) and len(prompt) == 0):
-            raise ValueError("prompt must be a caption or a non-empty list of captions")
+        # Anything else failed on len() or deep in the tokenizer, whose error names no argument.
+        if not _captions(prompt) or not prompt:
+            raise ValueError(f"prompt must be a caption or a non-empty list of captions, got {prompt!r}")
+        if negative_prompt is not None and not _captions(negative_prompt):
+            raise ValueError(f"negative_prompt must be a caption or a list of captions, got {negative_prompt!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
