@@ -153,6 +153,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compiled_for_training(transformer: WanTransformer3DModel) -> Callable[..., tuple]:
+    """``torch.compile`` of the transformer for the training step, inductor's persistent reductions off:
+    with them, the kernel fusing each layer's q/k RMS norm with the rotary embedding took 2.8 ms a call
+    at batch 32, 17 frames (22% of an H100 step); without, 0.29 ms, and the step 83.6 -> 69.4 ms."""
+    return torch.compile(transformer, options={"triton.persistent_reductions": False})
+
+
 def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None) -> dict:
     """Run one training and write the model and logs to ``out``; returns the log dict."""
     out = Path(out)
@@ -171,7 +178,7 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
     opt = optimizer(cfg, params, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     # Only the training forward is compiled; the held-out loss runs eager (no second graph to build).
-    train_transformer = torch.compile(pipe.transformer) if cfg.compile else pipe.transformer
+    train_transformer = compiled_for_training(pipe.transformer) if cfg.compile else pipe.transformer
     data_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     geometry = dict(num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)

@@ -9,11 +9,12 @@ The thirty-third session's version of this script (`scripts/session33/train_step
 42a1124) timed torch's SDPA backends instead: the default is cuDNN's kernel on the H100 already.
 
 Variants (the model and its math are the same in each):
-- stock: the shipped training step (train.train_step, compiled).
-- stack-rope: attention through a processor that builds rotated q and k with torch.stack instead of the
-  stock processor's strided writes into an empty tensor (`out[..., 0::2] = ...`).
-- no-persistent: inductor's persistent reductions off.
-- coordinate-descent: inductor's coordinate-descent tuning of its kernels' launch configs.
+- stock: the training step (train.train_step) under a plain torch.compile, as trained until this session.
+- stack-rope: as stock, attention through a processor that builds rotated q and k with torch.stack
+  instead of the stock processor's strided writes into an empty tensor (`out[..., 0::2] = ...`).
+- no-persistent: inductor's persistent reductions off (train.compiled_for_training: the training's
+  compilation since this session).
+- coordinate-descent: as stock, inductor's coordinate-descent tuning of its kernels' launch configs.
 
 Each (variant, frames) cell: a fresh compiled model (TrainConfig defaults, batch 32, foreground weight 4;
 clips shorter than 17 frames are windows), 25 warm-up steps, the median of 5 timed groups of 10 steps
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from toy_shapes.config import DEFAULT_FRAMES, TrainConfig
-from toy_shapes.train import _sync, build_pipeline, optimizer, train_step, training_batch
+from toy_shapes.train import _sync, build_pipeline, compiled_for_training, optimizer, train_step, training_batch
 
 VARIANTS = ("stock", "stack-rope", "no-persistent", "coordinate-descent")
 
@@ -66,8 +67,6 @@ class StackRopeWanAttnProcessor:
 def inductor_settings(variant: str) -> contextlib.AbstractContextManager:
     import torch._inductor.config as inductor
 
-    if variant == "no-persistent":
-        return inductor.patch({"triton.persistent_reductions": False})
     if variant == "coordinate-descent":
         return inductor.patch({"coordinate_descent_tuning": True})
     return contextlib.nullcontext()
@@ -80,7 +79,7 @@ def make_step(cfg: TrainConfig, variant: str, dev: torch.device):
         pipe.transformer.set_attn_processor(StackRopeWanAttnProcessor())
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     opt = optimizer(cfg, params, dev)
-    model = torch.compile(pipe.transformer)
+    model = compiled_for_training(pipe.transformer) if variant == "no-persistent" else torch.compile(pipe.transformer)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     data_gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(1)
 
