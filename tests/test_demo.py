@@ -294,3 +294,21 @@ def test_the_smallest_size_offered_gets_its_comparison() -> None:
     c = session.compare(Request(prompt="a red circle", negative_prompt=None, seed=0, steps=2, height=m, width=m,
                                 frames=1, source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1))
     assert c.dense.shape == (1, m, m, 3) and 0.0 <= c.ssim <= 1.0
+
+
+def test_warm_up_is_noted_at_each_new_size_not_only_the_first_generate(session) -> None:
+    # A new size or frame count compiles and allocates again inside both timings; the note said so only
+    # for the first Generate since start.
+    from sparsediff.apps.demo import THRESHOLDS, Request
+
+    def warm_up_noted(height: int, frames: int) -> bool:
+        request = Request(prompt="a red circle", negative_prompt=None, seed=0, steps=2, height=height, width=64,
+                          frames=frames, source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1)
+        return any("warm-up" in note for note in session.compare(request).notes)
+
+    session._warmed.clear()
+    assert warm_up_noted(64, 1)
+    assert not warm_up_noted(64, 1)
+    assert warm_up_noted(32, 1)
+    assert warm_up_noted(64, 5)
+    assert not warm_up_noted(32, 1)
