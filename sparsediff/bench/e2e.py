@@ -63,6 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
+from sparsediff.bench.values import as_text, recorded_rel_l1
 from sparsediff.pipelines import configs
 
 SDPA_PRIORITY_NAMES = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")  # dense: cuDNN first
@@ -283,8 +284,6 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
     from torch.nn.attention import sdpa_kernel
 
     import sparsediff
-    from sparsediff.bench.kernel import _finite
-    from sparsediff.metrics import relative_l1
 
     model, inputs = _build(case, frames)
     with sdpa_kernel(_sdpa_priority(), set_priority=True):
@@ -305,7 +304,7 @@ def bench_case(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str
         "sparse_s": sparse_s,
         "speedup": dense_s / sparse_s,
         "sparsity": handle.stats.mean_sparsity(after_dense_steps=False),
-        "rel_l1": _finite(float(relative_l1(sparse_f, dense_f))),  # "nan" for a non-finite output: strict JSON
+        "rel_l1": recorded_rel_l1(sparse_f, dense_f),  # "nan" for a non-finite output: strict JSON
         "finite": bool(torch.isfinite(sparse_f).all()),
         "config": case.config,
     }
@@ -507,9 +506,8 @@ def _run_forward(families: list[str], frames: dict[str, int], args: argparse.Nam
         n_frames = frames.get(family, case.frames)
         r = bench_case(case, n_frames, args)
         results.append(r)
-        rel_l1 = r["rel_l1"] if isinstance(r["rel_l1"], str) else f"{r['rel_l1']:.4f}"
         print(f"{family:<14} {_size(case, n_frames):>16} {r['dense_s']:>8.3f} {r['sparse_s']:>9.3f} {r['speedup']:>7.2f}x "
-              f"{r['sparsity']:>9.3f} {rel_l1:>8}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
+              f"{r['sparsity']:>9.3f} {as_text(r['rel_l1'], '.4f'):>8}" + ("" if r["finite"] else "  NON-FINITE"), flush=True)
     setting = {"cdf_threshold": args.cdf, "sim_threshold": args.sim, "dense_steps": 0, "reps": args.reps}
     return setting, results
 

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sparsediff.bench.values import as_text, finite, recorded_rel_l1
+
 
 @dataclass(frozen=True)
 class BenchShape:
@@ -130,11 +132,6 @@ def local_mask(shape: BenchShape, keep: float, device):
     return mask.expand(shape.batch, shape.heads, *mask.shape)
 
 
-def _finite(x: float) -> float | str:
-    """JSON keeps only finite floats: a NaN or inf error is recorded as text."""
-    return x if math.isfinite(x) else str(x)
-
-
 class _Timer:
     """Median time in ms: triton.testing.do_bench on CUDA, wall clock on CPU."""
 
@@ -203,12 +200,6 @@ CHECK_CASES = (
 CHECK_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3}
 CHECK_FP8_REL_L1 = 1e-2  # one key block a step
 CHECK_FP8_STEPS_REL_L1 = 3e-2  # several
-
-
-def _rel_l1(out, ref) -> float | str:
-    from sparsediff.metrics import relative_l1
-
-    return _finite(float(relative_l1(out, ref)))
 
 
 def check_kernel(device: str, log, fp8: bool = False) -> bool:
@@ -341,11 +332,11 @@ def _tune(shape: BenchShape, dtype, timer: _Timer, log, fp8: bool = False) -> tu
         try:
             out = attention_from_lut(q, k, v, luts[1.0], scale, config=config, quantized=quantized)
             err = (out - dense).abs().max().item()
-            row["max_abs_err"], row["rel_l1"] = _finite(err), _rel_l1(out, dense)
+            row["max_abs_err"], row["rel_l1"] = finite(err), recorded_rel_l1(out, dense)
             if not (row["rel_l1"] <= FP8_TUNE_MAX_REL_L1 if fp8 else err <= 2e-2):
                 raise RuntimeError(f"wrong result, max abs err {err}, rel L1 {row['rel_l1']}")
             rising = attention_from_lut(q, k_rising, v, luts[1.0], scale, config=config, quantized=quantized_rising)
-            row["rel_l1_rising_keys"] = _rel_l1(rising, dense_rising)
+            row["rel_l1_rising_keys"] = recorded_rel_l1(rising, dense_rising)
             if not row["rel_l1_rising_keys"] <= (FP8_TUNE_MAX_REL_L1 if fp8 else 1e-2):
                 raise RuntimeError(f"wrong result on rising keys, rel L1 {row['rel_l1_rising_keys']}")
             for keep, lut in luts.items():
@@ -456,18 +447,18 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             ours_out = block_sparse_attention(q, k, v, mask)
             row = {**base, "impl": "ours", "mask": kind, "keep_target": keep, "keep": kept, "ms": ours_ms,
                    "tflops": _tflops(shape, kept, ours_ms), "vs_dense_baseline": baseline * kept / ours_ms,
-                   "rel_l1_vs_dense": _rel_l1(ours_out, reference)}
+                   "rel_l1_vs_dense": recorded_rel_l1(ours_out, reference)}
             lut = build_block_lut(mask, shape.tokens) if with_kernels else None
             if with_kernels:  # else block_sparse_attention ran the torch reference: no LUT, no kernel
                 row["lut_ms"] = timer(lambda: build_block_lut(mask, shape.tokens))
                 row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, lut, scale, config=config))
                 time_graphed(row, lambda: block_sparse_attention(q, k, v, mask))
             if keep == 1.0:
-                row["max_abs_err_vs_dense"] = _finite(dense_err)
+                row["max_abs_err_vs_dense"] = finite(dense_err)
             if flex is not None:
                 try:
                     block_mask = flex[0](mask, shape.tokens)
-                    row["max_abs_err_vs_flex"] = _finite((flex[1](q, k, v, block_mask) - ours_out).abs().max().item())
+                    row["max_abs_err_vs_flex"] = finite((flex[1](q, k, v, block_mask) - ours_out).abs().max().item())
                     flex_ms = timer(lambda: flex[1](q, k, v, block_mask))
                     row.update(flex_ms=flex_ms, flex_tflops=_tflops(shape, kept, flex_ms), vs_flex=flex_ms / ours_ms)
                     if "graph_ms" in row:
@@ -487,7 +478,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
                 fp8_out = block_sparse_attention(q, k, v, mask, fp8=True)
                 row = {**base, "impl": "ours-fp8", "mask": kind, "keep_target": keep, "keep": kept, "ms": fp8_ms,
                        "tflops": _tflops(shape, kept, fp8_ms), "vs_dense_baseline": baseline * kept / fp8_ms,
-                       "rel_l1_vs_dense": _rel_l1(fp8_out, reference), "rel_l1_vs_bf16_same_mask": _rel_l1(fp8_out, ours_out)}
+                       "rel_l1_vs_dense": recorded_rel_l1(fp8_out, reference), "rel_l1_vs_bf16_same_mask": recorded_rel_l1(fp8_out, ours_out)}
                 if with_kernels:
                     quantized = quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N)
                     row["quant_ms"] = timer(lambda: quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N))
@@ -527,7 +518,7 @@ def _table(rows: list[dict]) -> str:
         lines.append(f"{r['shape']:<10} {r['impl']:<8} {r['mask']:<7} {r['keep']:>5.2f} {r['ms']:>9.3f} "
                      f"{cell(r, 'lut_ms', 7, '.3f')} {cell(r, 'quant_ms', 8, '.3f')} "
                      f"{r['tflops']:>8.3g} {r['vs_dense_baseline']:>7.2f} "
-                     f"{err if isinstance(err, str) else format(err, '.4f'):>7} {flex} {graphed}")
+                     f"{as_text(err, '.4f'):>7} {flex} {graphed}")
     return "\n".join(lines)
 
 

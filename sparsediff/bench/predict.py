@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sparsediff.bench.kernel import _finite
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
+from sparsediff.bench.values import as_text, finite
 from sparsediff.metrics import relative_l1
 
 BUDGET = 0.05
@@ -128,7 +128,7 @@ def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
     series["pooled (sim 0.6)"] = [point(predict_block_mask(q, k, t, 0.6, method="pooled")) for t in CDF_SWEEP]
     at = {name: sparsity_at_budget(pts, budget) for name, pts in series.items()}
     # "nan" where the oracle reaches no sparsity within the budget (a strict one): strict JSON has no NaN.
-    frac = {name: _finite(s / at["oracle"] if at["oracle"] > 0 else math.nan) for name, s in at.items()}
+    frac = {name: finite(s / at["oracle"] if at["oracle"] > 0 else math.nan) for name, s in at.items()}
 
     # Stage 2 on the default predictor's mask at the sparsest sweep point within the budget.
     ok = [t for t, (_, e) in zip(CDF_SWEEP, series[DEFAULT_METHOD]) if e <= budget]
@@ -147,11 +147,6 @@ def _accuracy(w, order: str, device: torch.device, budget: float) -> dict:
             "curves": {name: [{"cdf": t, "sparsity": s, "error": e} for t, (s, e) in zip(CDF_SWEEP, pts)]
                        for name, pts in series.items()},
             "pv_skip": {"method": DEFAULT_METHOD, "cdf_threshold": cdf, "stage1_error": base_err, "sweep": pv}}
-
-
-def _of_oracle(fraction: float | str) -> str:
-    """A fraction_of_oracle value as text (it is "nan" where the oracle reaches no sparsity)."""
-    return fraction if isinstance(fraction, str) else f"{fraction:.2f}"
 
 
 def _overhead(device: torch.device) -> list[dict]:
@@ -266,7 +261,7 @@ def _plot(results: dict, path: Path) -> None:
         for name, pts in acc["curves"].items():
             style = "k-" if name == "oracle" else "-"
             ax.plot([p["error"] for p in pts], [p["sparsity"] for p in pts], style, marker=".",
-                    label=f"{name} ({_of_oracle(acc['fraction_of_oracle'][name])} of oracle)")
+                    label=f"{name} ({as_text(acc['fraction_of_oracle'][name], '.2f')} of oracle)")
         ax.axvline(results["budget"], color="grey", ls=":")
         ax.set_xscale("log")
         ax.set_xlabel("attention error (relative L1 vs dense)")
@@ -314,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         acc = _accuracy(w, order, device, args.budget)
         results["accuracy"].append(acc)
         print(f"[{order}] sparsity at {args.budget:.0%} error (fraction of oracle): "
-              + ", ".join(f"{k} {v:.3f} ({_of_oracle(acc['fraction_of_oracle'][k])})" for k, v in acc["sparsity_at_budget"].items()),
+              + ", ".join(f"{k} {v:.3f} ({as_text(acc['fraction_of_oracle'][k], '.2f')})" for k, v in acc["sparsity_at_budget"].items()),
               flush=True)
         for p in acc["pv_skip"]["sweep"] if isinstance(acc["pv_skip"]["sweep"], list) else []:
             print(f"[{order}] P·V skip {p['pv_threshold']:g}: skips {p['skipped_of_kept']:.3f} of kept blocks, "
