@@ -37,14 +37,19 @@ class ToyTokenizer:
         """Token ids of ``text``, truncated so that ``<eos>`` always fits in ``max_length``."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
-        ids = [self.ids.get(w, self.ids[UNK]) for w in _WORD.findall(text.lower())]
-        return ids[: self.max_length - 1] + [self.ids[EOS]]
+        kept, _ = self._split(text)
+        return [self.ids.get(w, self.ids[UNK]) for w in kept] + [self.ids[EOS]]
 
     def unknown_and_cut(self, text: str) -> tuple[list[str], list[str]]:
         """Words of ``text`` that ``encode`` maps to ``<unk>`` (never seen in training), and those it cuts
         off to fit ``max_length``."""
+        kept, cut = self._split(text)
+        return [w for w in kept + cut if w not in self.ids], cut
+
+    def _split(self, text: str) -> tuple[list[str], list[str]]:
+        """The words of ``text`` that ``encode`` keeps, and those past ``max_length`` (``<eos>`` included)."""
         words = _WORD.findall(text.lower())
-        return [w for w in words if w not in self.ids], words[self.max_length - 1:]
+        return words[: self.max_length - 1], words[self.max_length - 1:]
 
     def decode(self, ids: list[int]) -> str:
         """Words of ``ids`` up to ``<eos>``, pads dropped; commas attach to the word before."""
