@@ -308,12 +308,14 @@ def test_window_curriculum_trains_on_windows_and_refuses_settings_it_cannot_run(
 
 
 def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
+    # The first step trains on a 2-frame window, the second on whole clips: the compiled forward
+    # meets both lengths.
     from sparsediff.pipelines.toy_shapes.train import main
 
     args = ["--out", str(tmp_path), "--steps", "2", "--compile", "true", "--bf16", "false", "--device", "cpu",
             "--num-layers", "1", "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64",
             "--height", "32", "--width", "32", "--num-frames", "3", "--batch-size", "2", "--log-every", "1",
-            "--foreground-weight", "4"]
+            "--foreground-weight", "4", "--window-frames", "2", "--window-fraction", "0.5"]
     assert main(args) == 0
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["steps"] == 2 and len(log["history"]) == 2 and all(np.isfinite(e["loss"]) for e in log["history"])

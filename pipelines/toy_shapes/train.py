@@ -156,8 +156,10 @@ def _sync(device: torch.device) -> None:
 def compiled_for_training(transformer: WanTransformer3DModel) -> Callable[..., tuple]:
     """``torch.compile`` of the transformer for the training step, inductor's persistent reductions off:
     with them, the kernel fusing each layer's q/k RMS norm with the rotary embedding took 2.8 ms a call
-    at batch 32, 17 frames (22% of an H100 step); without, 0.29 ms, and the step 83.6 -> 69.4 ms."""
-    return torch.compile(transformer, options={"triton.persistent_reductions": False})
+    at batch 32, 17 frames (22% of an H100 step); without, 0.29 ms, and the step 83.6 -> 69.4 ms.
+    Static shapes: a window curriculum's switch to whole clips compiles a second graph for their length
+    instead of one with a symbolic length for both."""
+    return torch.compile(transformer, dynamic=False, options={"triton.persistent_reductions": False})
 
 
 def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None) -> dict:
