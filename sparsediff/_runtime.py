@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+import triton
 
 T = TypeVar("T")
 
@@ -19,8 +20,13 @@ _said: set[str] = set()
 
 
 def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1), read as Triton reads
+    it: "true", "on" or "yes" turn it on too, and "false", "off" or "no" leave it off (the kernels
+    would then be launched uninterpreted on CPU tensors)."""
+    knobs = getattr(triton, "knobs", None)  # Triton 3.4 on; earlier ones interpret for "1" only
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def kernels_available(device: torch.device) -> bool:

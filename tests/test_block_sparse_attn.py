@@ -258,8 +258,9 @@ def test_pv_threshold_large_skips(step_blocks):
     _assert_close(out, _reference(q, k, v, mask), torch.float16)
 
 
-def test_cpu_fallback_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("value", ["0", "false", "off"])  # Triton reads all three as off
+def test_cpu_fallback_without_interpreter(monkeypatch, value):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
     q, k, v = _qkv(1, 2, 200, 200, 32, torch.float32)
     mask = torch.rand(_mask_shape(1, 2, 200, 200)) < 0.5
     out, skips = block_sparse_attention(q, k, v, mask, return_pv_skips=True)
