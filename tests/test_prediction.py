@@ -232,6 +232,16 @@ def test_numpy_thresholds_and_narrow_kv_lens_dtypes_are_taken_as_their_values(wo
                        predict_block_mask(q, k, 0.5, kv_lens=short))
 
 
+@pytest.mark.parametrize("method", ["sampled", "pooled"])
+def test_strided_kv_lens_are_read_as_their_values(method):
+    # kv_lens a column of a (B, 2) table (stride 2): the kernels read entry b, not memory offset b.
+    q, k = (torch.randn(3, 2, 300, 32) for _ in range(2))
+    table = torch.tensor([[300, 7], [100, 7], [200, 7]], dtype=torch.int32)
+    sim = 0.5 if method == "pooled" else 0.0
+    assert torch.equal(predict_block_mask(q, k, 0.9, sim, method=method, kv_lens=table[:, 0]),
+                       predict_block_mask(q, k, 0.9, sim, method=method, kv_lens=table[:, 0].contiguous()))
+
+
 def test_per_head_thresholds(workload):
     q, k = workload.q, workload.k
     mixed = predict_block_mask(q, k, torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.0]))

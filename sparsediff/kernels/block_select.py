@@ -349,7 +349,7 @@ def block_select(
         return block_select_reference(qf if q_rows is None else qf[:, :, q_rows], kf, cdf_threshold, **kw)
     device = qf.device
     thr = cdf_threshold.to(device=device, dtype=torch.float32).contiguous()
-    lens = kv_lens.to(device=device, dtype=torch.int32) if kv_lens is not None else thr
+    lens = kv_lens.to(device=device, dtype=torch.int32).contiguous() if kv_lens is not None else thr
     trust = k_trusted.to(torch.int8).contiguous() if k_trusted is not None else thr
     mass = torch.empty(b, h, nq, nk, device=device, dtype=torch.float32)
     mask = torch.empty(b, h, nq, nk, device=device, dtype=torch.int8)

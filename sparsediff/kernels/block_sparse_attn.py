@@ -366,7 +366,7 @@ def build_block_lut(
     mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
     _build_lut_kernel[(triton.cdiv(n_rows, rows),)](
         mask_bytes, *mask_bytes.stride(),
-        kv_lens if kv_lens is not None else counts,
+        kv_lens.contiguous() if kv_lens is not None else counts,  # the kernel reads entry b at offset b
         dense_rows.contiguous() if dense_rows is not None else counts,
         dense_cols.contiguous() if dense_cols is not None else counts,
         out_mask if out_mask is not None else counts, counts, indices,

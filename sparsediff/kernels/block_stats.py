@@ -90,7 +90,7 @@ def block_stats(
     nb = -(-n // block)
     means = torch.empty(b, h, nb, d, device=x.device, dtype=torch.float32) if pooled else None
     sim = torch.empty(b, h, nb, device=x.device, dtype=torch.float32)
-    lens = valid_len.to(device=x.device, dtype=torch.int32) if valid_len is not None else sim
+    lens = valid_len.to(device=x.device, dtype=torch.int32).contiguous() if valid_len is not None else sim
     below = torch.empty(b, h, nb, device=x.device, dtype=torch.bool) if sim_below is not None else None
     _block_stats_kernel[(nb, b * h)](
         x, means if pooled else sim, sim, lens, sim_below.to(x.device) if below is not None else sim,
