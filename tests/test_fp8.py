@@ -145,6 +145,15 @@ def test_quantizer_smooths_k_over_valid_keys_and_scales_to_the_e4m3_range():
     assert ops.q.float().abs().amax() == E4M3_MAX and ops.v_t.float().abs().amax(dim=(0, 1, 3)).eq(E4M3_MAX).all()
 
 
+def test_quantizer_reads_a_strided_kv_lens_as_its_values():
+    q, k, v = _qkv(2, 1, 200, 200, 32, torch.float32)
+    lens = torch.tensor([[200, 1], [70, 1]], dtype=torch.int32)[:, 0]  # stride 2
+    out, ref = (quantize_fp8(q, k, v, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=kv_lens)
+                for kv_lens in (lens, lens.contiguous()))
+    for name in ("k", "v_t", "k_scale", "v_scale", "k_mean"):
+        assert torch.equal(getattr(out, name).float(), getattr(ref, name).float()), name
+
+
 def test_quantizer_zero_input_gets_unit_scales():
     z = torch.zeros(1, 1, 200, 64)
     ops = quantize_fp8(z, z, z, block_m=BLOCK_M, block_n=BLOCK_N)

@@ -58,6 +58,12 @@ def test_a_shorter_index_and_given_outputs_are_written_in_place(interpret, monke
         assert torch.equal(out, x[:, :, index])
 
 
+def test_a_strided_index_is_read_as_its_values():
+    x = _tensor("BHND", (1, 2, 50, 16), torch.float32, 0)
+    index = torch.randperm(50, generator=torch.Generator().manual_seed(5)).repeat_interleave(2)[::2]  # stride 2
+    assert torch.equal(gather_tokens([x], index)[0], x[:, :, index])
+
+
 def test_bad_arguments_are_refused():
     x = torch.randn(1, 2, 8, 16)
     index = torch.arange(8)

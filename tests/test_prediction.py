@@ -94,6 +94,17 @@ def test_block_select_matches_reference(method, shape, dtype, lens, trust):
     assert torch.allclose(rows[rows > 0], torch.ones_like(rows[rows > 0]), atol=1e-4)
 
 
+def test_strided_thresholds_and_query_rows_are_read_as_their_values():
+    # (H,) thresholds and (M,) row indices of stride 2: the kernels read entry i, not offset i.
+    x = torch.randn(1, 2, 300, 32) + 0.3
+    sim = torch.tensor([0.9, 0.9, 0.0, 0.9])[::2]
+    assert torch.equal(block_stats(x, 64, sim_below=sim)[2], block_stats(x, 64, sim_below=sim.contiguous())[2])
+    rows = sample_rows(300, 2)
+    kw = dict(stride=1, q_tokens=64, k_tokens=1, n_tokens=300, block_m=BLOCK_M, block_n=BLOCK_N, scale=0.2)
+    strided = block_select(x, x, torch.full((2,), 0.9), q_rows=rows.repeat_interleave(2)[::2], **kw)
+    assert torch.equal(strided[1], block_select(x, x, torch.full((2,), 0.9), q_rows=rows, **kw)[1])
+
+
 @pytest.mark.parametrize("method", ["sampled", "antidiag"])
 def test_block_select_chunks_and_tile_groups_agree(monkeypatch, method):
     # Scratch-bounded chunks of query blocks and several key tiles per program give the same result.

@@ -368,7 +368,7 @@ def block_select(
         row_groups = triton.cdiv(n_qb * rq, config.query_rows)
         per_program = max(1, min(config.max_tiles, n_tiles * row_groups * b * h // TARGET_PROGRAMS))
         _partial_mass_kernel[(row_groups, triton.cdiv(n_tiles, per_program), b * h)](
-            qf, q_rows if q_rows is not None else thr, keys, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
+            qf, q_rows.contiguous() if q_rows is not None else thr, keys, lens, trust, part, tmax, *qf.stride(), *kf.stride(),
             h, n_tokens, qb0 * rq, n_qb * rq, n_feature_rows, kf.shape[-2], nk, n_tiles, per_program,
             scale / stride * LOG2E,
             D=qf.shape[-1], DP=dp, S=stride, RK=rk, K_TOKENS=k_tokens, QT=config.query_rows,

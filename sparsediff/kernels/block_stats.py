@@ -93,7 +93,7 @@ def block_stats(
     lens = valid_len.to(device=x.device, dtype=torch.int32).contiguous() if valid_len is not None else sim
     below = torch.empty(b, h, nb, device=x.device, dtype=torch.bool) if sim_below is not None else None
     _block_stats_kernel[(nb, b * h)](
-        x, means if pooled else sim, sim, lens, sim_below.to(x.device) if below is not None else sim,
+        x, means if pooled else sim, sim, lens, sim_below.to(x.device).contiguous() if below is not None else sim,
         below.view(torch.int8) if below is not None else sim, *x.stride(), h, n, nb,
         D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=block if triton_interpreting() else min(block, CHUNK_ROWS),
         POOLED=pooled,

@@ -109,7 +109,7 @@ def channel_stats_fp8(
     v_max = torch.empty_like(k_sum)
     k_mean, v_scale, v_inverse = (torch.empty(batch, heads, head_dim, dtype=torch.float32, device=device)
                                   for _ in range(3))
-    lens = kv_lens if kv_lens is not None else k_mean
+    lens = kv_lens.contiguous() if kv_lens is not None else k_mean
     _channel_partials_kernel[(n_chunks, batch * heads)](
         k, v, lens, k_sum, v_max, *k.stride(), *v.stride(), heads, n_k, n_chunks, tiles_per_chunk,
         HEAD_D=head_dim, BLOCK_D=block_d, TILE_ROWS=TILE_ROWS, HAS_KV_LENS=kv_lens is not None,

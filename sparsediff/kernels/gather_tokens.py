@@ -102,7 +102,7 @@ def gather_tokens(
     padded_outs = list(outs) + [outs[0]] * (3 - len(outs))
     block_t = INTERPRETER_BLOCK_T if triton_interpreting() else BLOCK_T
     _gather_tokens_kernel[(triton.cdiv(index.numel(), block_t), batch * heads, len(xs))](
-        index, *padded, *padded_outs, *(s for x in padded for s in x.stride()), *outs[0].stride(),
+        index.contiguous(), *padded, *padded_outs, *(s for x in padded for s in x.stride()), *outs[0].stride(),
         heads, index.numel(),
         HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_T=block_t, num_warps=NUM_WARPS,
     )

@@ -128,7 +128,7 @@ def quantize_fp8(
     q_scale = torch.empty(batch, heads, QB, dtype=torch.float32, device=device)
     k_scale = torch.empty(batch, heads, KB, dtype=torch.float32, device=device)
     _quantize_fp8_kernel[(triton.cdiv(max(n_q, n_k_padded), block_m), batch * heads)](
-        q, k, v, kv_lens if kv_lens is not None else q_scale, k_mean, v_inverse,
+        q, k, v, kv_lens.contiguous() if kv_lens is not None else q_scale, k_mean, v_inverse,
         q8, k8, v_t, q_scale, k_scale,
         *q.stride(), *k.stride(), *v.stride(),
         heads, n_q, n_k, n_k_padded, QB, KB,
