@@ -193,16 +193,37 @@ def test_cogvideox_forward_holds_video_in_attention_order_and_joins_text_last(mo
     remove(model)
 
 
-def test_wan_with_a_diffusers_cache_reorders_per_call(counted_gathers):
-    # A diffusers cache carries tensors from step to step: the forwards keep raster order throughout.
+@pytest.mark.parametrize("route", ["enable_cache", "apply_first_block_cache"])
+def test_wan_with_a_diffusers_cache_reorders_per_call(counted_gathers, route):
+    # A diffusers cache carries tensors from step to step: the forwards keep raster order throughout,
+    # whether `enable_cache` or diffusers.hooks' public `apply_first_block_cache` put it there (the
+    # latter leaves `is_cache_enabled` False). A cache that skips the blocks of the first sparse step
+    # then adds the dense step's residual to tokens in the same order: all kept, the output is exact.
     from diffusers import FirstBlockCacheConfig
+    from diffusers.hooks import apply_first_block_cache
 
-    model = build_wan(num_layers=2)
-    model.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips a block
+    def cached_model(threshold):
+        model = build_wan(num_layers=2)
+        if route == "enable_cache":
+            model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        else:
+            apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+        return model
+
+    model = cached_model(0.0)  # never skips a block
     apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
     with model.cache_context("cond"):
         _, gathers = _steps(model, (900.0, 800.0))
     assert gathers == [0, 2 * 2]
+    remove(model)
+    stock = cached_model(1e9)  # always skips the blocks after the first one once it has a residual
+    with stock.cache_context("cond"):
+        ref, _ = _steps(stock, (900.0, 800.0))
+    model = cached_model(1e9)
+    apply(model, cdf_threshold=1.0, sim_threshold=0.0, dense_steps=1)
+    with model.cache_context("cond"):
+        out, _ = _steps(model, (900.0, 800.0))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     remove(model)
 
 

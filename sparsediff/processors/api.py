@@ -95,16 +95,35 @@ class _StepHook(ModelHook):
         # Under context parallelism: the grid and text length of the full sequence, not of a shard.
         tensors = unsharded_arguments(transformer, tensors, HOOK_NAME)
         # Under context (or tensor) parallelism diffusers' hooks split the tokens at the same sites.
-        # A diffusers cache (`enable_cache`) carries tensors from step to step, and the token order
+        # A diffusers cache (`_has_cache_hooks`) carries tensors from step to step, and the token order
         # changes from the dense steps to the sparse ones: with one, each sparse call reorders.
         orderable = (self.orders_tokens and getattr(transformer, "_parallel_config", None) is None
-                     and not getattr(transformer, "is_cache_enabled", False))
+                     and not _has_cache_hooks(transformer))
         self.controller.begin_forward(self.family.read_forward(transformer, tensors),
                                       tensors["hidden_states"] if orderable else None)
 
     def end_forward(self) -> None:
         """Body of the end_forward op."""
         self.controller.end_forward()
+
+
+# The diffusers.hooks modules of the caches (`enable_cache` applies them, and so do their public `apply_*`
+# functions, which leave the transformer's `is_cache_enabled` False).
+_CACHE_HOOK_MODULES = tuple(f"diffusers.hooks.{name}" for name in (
+    "faster_cache", "first_block_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache", "taylorseer_cache",
+    "text_kv_cache"))
+
+
+def _has_cache_hooks(transformer: torch.nn.Module) -> bool:
+    """Whether a diffusers cache's hooks are on `transformer` or its submodules, by `enable_cache` or by an
+    `apply_*` function of diffusers.hooks (`apply_first_block_cache(transformer, config)`)."""
+    if getattr(transformer, "is_cache_enabled", False):
+        return True
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and any(type(hook).__module__ in _CACHE_HOOK_MODULES for hook in registry.hooks.values()):
+            return True
+    return False
 
 
 class _TokenOrderHook(ModelHook):
