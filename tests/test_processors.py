@@ -352,6 +352,16 @@ def test_a_layer_with_another_processor_is_refused_and_left_as_it_is():
     apply(cogvideox_model).remove()
 
 
+def test_stats_as_dict_is_json_when_every_recorded_step_is_dense():
+    # Only dense warm-up steps recorded: no mean sparsity after them (None in the JSON, as the tables' NaN).
+    model = build_wan()
+    handle = apply(model, dense_steps=2)
+    _run(model, wan_inputs(model))
+    summary = json.loads(json.dumps(handle.stats.as_dict(), allow_nan=False))
+    assert summary["mean_sparsity"] is None and summary["steps"] == [0]
+    remove(model)
+
+
 def test_profile_dense_layer_runs_stock():
     model = build_wan(num_layers=2)
     inputs = wan_inputs(model)

@@ -150,11 +150,12 @@ class SparsityStats:
         def rows(t: torch.Tensor) -> list[list[float | None]]:
             return [[None if math.isnan(x) else x for x in row] for row in t.tolist()]
 
+        mean = self.mean_sparsity()  # NaN where no call after the dense steps was recorded
         return {
             "layers": self.layer_names,
             "steps": self.steps,
             "dense_steps": self.dense_steps,
-            "mean_sparsity": self.mean_sparsity(),
+            "mean_sparsity": None if math.isnan(mean) else mean,
             "per_layer_step": rows(self.per_layer_step()),
             "per_layer_head": rows(self.per_layer_head()),
             "dense_fallbacks": self.fallback_summary(),
