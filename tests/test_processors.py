@@ -267,6 +267,31 @@ def test_dense_steps_schedule_and_cfg_as_two_calls():
     assert not any(isinstance(p, WanSparseAttnProcessor) for p in model.attn_processors.values())
 
 
+def test_processors_set_by_hand_say_that_without_apply_the_step_stays_0(monkeypatch, caplog):
+    # The README offers the processors for set_attn_processor; without apply()'s step hook every call
+    # is step 0, dense under the default dense steps: the log says so instead of nothing.
+    model = build_wan()
+    inputs = wan_inputs(model)
+    ref = _run(model, inputs)
+    monkeypatch.setattr(_runtime, "_said", set())
+    controller = AttentionController(SparsityProfile.uniform(model))
+    model.set_attn_processor({name: WanSparseAttnProcessor(f"transformer.{name}", controller)
+                              if name.endswith("attn1.processor") else processor
+                              for name, processor in model.attn_processors.items()})
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        assert torch.equal(_run(model, inputs), ref)
+    assert [r.getMessage() for r in caplog.records if "outside a transformer forward hooked" in r.getMessage()] == [
+        "sparsediff: attention called outside a transformer forward hooked by sparsediff.apply(): the denoising "
+        "step stays 0 (every call runs dense while the profile's dense_steps=2 > 0) and the latent grid and text "
+        "length are unknown; install the processors with sparsediff.apply()"]
+    caplog.clear()
+    applied = build_wan()
+    apply(applied, cdf_threshold=0.3)
+    with caplog.at_level(logging.WARNING, logger="sparsediff"):
+        _run(applied, inputs)
+    assert not any("outside a transformer forward hooked" in r.getMessage() for r in caplog.records)
+
+
 def test_reapply_restores_the_same_sparse_attention_after_remove():
     # render --compare-dense and the demo switch dense and sparse per render: reapply() keeps the
     # controller (and with it the CUDA graphs it captured) where a new apply() would start over.
