@@ -76,6 +76,13 @@ def check_overrides(
         _check_dense_steps(dense_steps)
 
 
+def _check_format_version(version: Any) -> None:
+    # An int, not merely equal to one: JSON's true and 1.0 compare equal to 1.
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"format_version {version!r} is not supported: this sparsediff reads profiles of "
+                         f"format_version {FORMAT_VERSION}")
+
+
 @dataclass
 class LayerProfile:
     """Thresholds of one attention layer: lists of one value per head."""
@@ -131,11 +138,7 @@ class SparsityProfile:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is wrong."""
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version {self.format_version!r} is not supported: this sparsediff reads "
-                f"profiles of format_version {FORMAT_VERSION}"
-            )
+        _check_format_version(self.format_version)
         if not isinstance(self.model_id, str):
             raise ValueError(f"model_id must be a string, got {self.model_id!r}")
         if self.family not in FAMILIES:
@@ -292,12 +295,7 @@ class SparsityProfile:
         """Build and validate a profile from its JSON object; unknown or missing keys are refused."""
         if not isinstance(data, dict):
             raise ValueError("a profile must be a JSON object")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version {version!r} is not supported: this sparsediff reads profiles of "
-                f"format_version {FORMAT_VERSION}"
-            )
+        _check_format_version(data.get("format_version"))
         top = {"format_version", "model_id", "family", "dense_steps", "token_order", "tile", "method",
                "layers", "calibration"}
         _exact_keys("profile", data, top, required={"model_id", "family", "layers"})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -80,13 +81,17 @@ def test_profile_that_does_not_fit_is_refused_with_what_differs():
         wrong_heads.check_fits(build_wan(num_layers=2))
 
 
-def test_unknown_format_version_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, True, float(FORMAT_VERSION), str(FORMAT_VERSION)])
+def test_unknown_format_version_is_refused(tmp_path, version):
+    # true and 1.0 equal 1 in Python: they were read as version 1.
     data = _profile().to_dict()
-    data["format_version"] = FORMAT_VERSION + 1
+    data["format_version"] = version
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1} is not supported"):
+    with pytest.raises(ValueError, match=f"format_version {version!r} is not supported"):
         SparsityProfile.load(path)
+    with pytest.raises(ValueError, match="is not supported"):
+        dataclasses.replace(_profile(), format_version=version)
 
 
 @pytest.mark.parametrize("edit,match", [
