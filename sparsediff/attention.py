@@ -173,6 +173,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None
             raise ValueError(f"kv_lens must be an integer tensor, got {getattr(kv_lens, 'dtype', type(kv_lens))}")
         if tuple(kv_lens.shape) != (q.shape[0],):
             raise ValueError(f"kv_lens shape {tuple(kv_lens.shape)} must be ({q.shape[0]},)")
+        if kv_lens.device != q.device:  # the kernels would fail on a foreign pointer without saying which
+            raise ValueError(f"kv_lens is on {kv_lens.device} but q is on {q.device}")
         if bool(((kv_lens.long() < 1) | (kv_lens.long() > n)).any()):  # long: n may not fit kv_lens' dtype
             raise ValueError(f"kv_lens values must lie in [1, {n}]")
 

@@ -348,6 +348,9 @@ def test_sample_rows_cover_each_block_segment(samples):
         (dict(kv_lens=torch.tensor([1.0])), "kv_lens"),
         (dict(kv_lens=torch.tensor([10, 10])), "kv_lens"),
         (dict(kv_lens=torch.tensor([0])), "kv_lens"),
+        # A CPU kv_lens beside CUDA q, k ended in Triton's "Pointer argument (at 5) cannot be accessed"
+        # (H100, 2026-12-06); meta stands for the other device here.
+        (dict(kv_lens=torch.tensor([64], device="meta")), "kv_lens is on meta but q is on cpu"),
         (dict(scale=0.0), "scale"),
         (dict(scale=True), "scale"),
     ],
