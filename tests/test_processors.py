@@ -537,3 +537,49 @@ def test_wan22_pipeline_both_transformers_share_one_controller():
     assert p1.controller is p2.controller is handle.controller
     remove(pipe)
     assert not isinstance(pipe.transformer_2.blocks[0].attn1.processor, WanSparseAttnProcessor)
+
+
+def _lora(model, modules, rank=4, seed=5):
+    """A LoRA state dict (diffusers/peft keys, nonzero B) adapting the Linear and Conv `modules` of `model`."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in modules:
+        m = model.get_submodule(name)
+        ones = [1] * (m.weight.ndim - 2)
+        a = torch.randn(rank, *m.weight.shape[1:], generator=g) * 0.1
+        state[f"transformer.{name}.lora_A.weight"] = a
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(m.weight.shape[0], rank, *ones, generator=g) * 0.1
+    return state
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_lora_on_token_order_sites_loaded_after_apply_and_unloaded(family):
+    """peft wraps the modules a LoRA adapts: loaded after apply(), the token-order hook of the output
+    projection (and of Wan's patch embedding) sat inside the wrapper, whose LoRA term joined its output in
+    the other token order; reapply() then ordered twice; unloading a LoRA loaded before apply() dropped the
+    wrappers' hooks and left the forward half ordered."""
+    pytest.importorskip("peft")
+    build, make_inputs = TINY[family]
+    sites = {"wan": ["proj_out", "patch_embedding"], "cogvideox": ["proj_out"]}[family]
+    block = {"wan": "blocks.0.attn1", "cogvideox": "transformer_blocks.0.attn1"}[family]
+    model = build()
+    inputs = make_inputs(model)
+    lora = _lora(model, [*sites, f"{block}.to_q", f"{block}.to_out.0"])
+    stock = _run(model, inputs)
+    reference = build()
+    reference.load_lora_adapter(dict(lora), prefix="transformer")
+    with_lora = _run(reference, inputs)
+    assert not torch.allclose(with_lora, stock, atol=1e-3)
+
+    handle = apply(model, cdf_threshold=1.0, sim_threshold=0.0, dense_steps=0)
+    model.load_lora_adapter(dict(lora), prefix="transformer")
+    torch.testing.assert_close(_run(model, inputs), with_lora, atol=2e-5, rtol=1e-4)
+    remove(model)
+    torch.testing.assert_close(_run(model, inputs), with_lora, atol=2e-5, rtol=1e-4)
+    handle.reapply()  # hooks the wrappers now
+    torch.testing.assert_close(_run(model, inputs), with_lora, atol=2e-5, rtol=1e-4)
+    model.unload_lora()
+    torch.testing.assert_close(_run(model, inputs), stock, atol=2e-5, rtol=1e-4)
+    assert handle.stats.mean_sparsity() == 0.0 and not handle.stats.fallbacks  # the calls ran sparse
+    remove(model)
+    assert not any("sparsediff.token_order" in m._diffusers_hook.hooks for m in model.modules() if hasattr(m, "_diffusers_hook"))

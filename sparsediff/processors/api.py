@@ -48,6 +48,7 @@ class _StepHook(ModelHook):
         self.controller: AttentionController | None = controller
         self.stock_processors = stock_processors
         self.orders_tokens = False  # the family's token-order hooks are installed (`_install`)
+        self.order_sites: list[tuple[TokenOrderSite, torch.nn.Module]] = []  # the modules `_install` hooked
         self._transformer: weakref.ref[torch.nn.Module] | None = None
         self._parameter_names: list[str] = []  # of the transformer's forward, without `self`
         self._op_key = register_owner(self)
@@ -97,8 +98,10 @@ class _StepHook(ModelHook):
         # Under context (or tensor) parallelism diffusers' hooks split the tokens at the same sites.
         # A diffusers cache (`_has_cache_hooks`) carries tensors from step to step, and the token order
         # changes from the dense steps to the sparse ones: with one, each sparse call reorders.
-        orderable = (self.orders_tokens and getattr(transformer, "_parallel_config", None) is None
-                     and not _has_cache_hooks(transformer))
+        # A site module replaced since (peft wraps the modules a LoRA adapts, `unload_lora_weights` unwraps
+        # them) would leave its hook inside the wrapper (the LoRA term added in the other order) or gone.
+        orderable = (self.orders_tokens and _sites_in_place(transformer, self.order_sites)
+                     and getattr(transformer, "_parallel_config", None) is None and not _has_cache_hooks(transformer))
         self.controller.begin_forward(self.family.read_forward(transformer, tensors),
                                       tensors["hidden_states"] if orderable else None)
 
@@ -289,7 +292,7 @@ def _install(controller: AttentionController, transformers: dict[str, torch.nn.M
         sites = _token_order_sites(transformer, family)
         for site, module in sites:
             _attach(module, TOKEN_ORDER_HOOK_NAME, lambda: _TokenOrderHook(site, controller), controller)
-        step_hook.orders_tokens = bool(sites)
+        step_hook.orders_tokens, step_hook.order_sites = bool(sites), sites
 
 
 def _token_order_sites(transformer: torch.nn.Module,
@@ -300,6 +303,14 @@ def _token_order_sites(transformer: torch.nn.Module,
     if not all(site.module in names for site in family.token_order_sites):
         return []
     return [(site, transformer.get_submodule(site.module)) for site in family.token_order_sites]
+
+
+def _sites_in_place(transformer: torch.nn.Module, sites: list[tuple[TokenOrderSite, torch.nn.Module]]) -> bool:
+    """Whether each hooked token-order site module is still the one at its path in `transformer`."""
+    try:
+        return all(transformer.get_submodule(site.module) is module for site, module in sites)
+    except AttributeError:
+        return False
 
 
 def _attach(module: torch.nn.Module, name: str, make_hook: Callable[[], ModelHook],
@@ -330,7 +341,7 @@ def _remove_one(transformer: torch.nn.Module, controller: AttentionController | 
         return
     _set_processors(transformer, hook.stock_processors)
     _detach(transformer, HOOK_NAME)
-    for _, module in _token_order_sites(transformer, hook.family):
+    for _, module in hook.order_sites:  # where `_install` hooked them, wrapped or replaced since or not
         _detach(module, TOKEN_ORDER_HOOK_NAME)
 
 
