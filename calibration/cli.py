@@ -82,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
 
 def run(args: argparse.Namespace) -> int:
     from sparsediff.calibration.driver import calibrate, make_plan
+    from sparsediff.pipelines.recipes import ModelUnavailableError
 
     try:
         plan = make_plan(args)
@@ -90,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         calibrate(plan)
+    except ModelUnavailableError as e:
+        print(f"sparsediff calibrate: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         again = "run the same command without --fresh" if plan.fresh else "run the same command again"
         print(f"\nsparsediff calibrate: interrupted; finished prompts are kept in {plan.state_path}: "

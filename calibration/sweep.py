@@ -124,6 +124,7 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparsediff.calibration.driver import calibrate, make_plan, sidecar_paths
     from sparsediff.io import atomic_write_bytes, atomic_write_json, writable_dir
+    from sparsediff.pipelines.recipes import ModelUnavailableError
 
     try:
         budgets = _budgets(args.budgets)
@@ -150,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"calibrate-sweep: budget {budget:g} was validated by an earlier run from the same statistics "
                   f"and settings: kept ({budget_report.name})")
         else:
-            report = calibrate(plan)
+            try:
+                report = calibrate(plan)
+            except ModelUnavailableError as e:
+                print(f"sparsediff calibrate-sweep: error: {e}", file=sys.stderr)
+                return 1
             report_path, _ = sidecar_paths(work)
             profile = json.loads(work.read_text(encoding="utf-8"))
             profile["calibration"]["extra"]["report"] = budget_report.name  # its own, not the last budget's

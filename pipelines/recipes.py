@@ -171,11 +171,16 @@ class Recipe:
 
             cls = getattr(diffusers, self.pipeline_class)
             kwargs: dict[str, Any] = {"torch_dtype": dtype}
-            if self.vae_fp32:
-                # Wan's VAE loses detail in bf16; its authors decode in fp32.
-                vae_cls = getattr(diffusers, VAE_CLASS[self.family])
-                kwargs["vae"] = vae_cls.from_pretrained(self.hub_id, subfolder="vae", torch_dtype=torch.float32)
-            pipe = cls.from_pretrained(self.hub_id, **kwargs)
+            try:
+                if self.vae_fp32:
+                    # Wan's VAE loses detail in bf16; its authors decode in fp32.
+                    vae_cls = getattr(diffusers, VAE_CLASS[self.family])
+                    kwargs["vae"] = vae_cls.from_pretrained(self.hub_id, subfolder="vae", torch_dtype=torch.float32)
+                pipe = cls.from_pretrained(self.hub_id, **kwargs)
+            except Exception as e:
+                if not _not_cached_and_offline(e):
+                    raise
+                raise ModelUnavailableError(self._unavailable_message()) from e
             if self.cpu_offload and device.type == "cuda":
                 pipe.enable_model_cpu_offload(device=device)
             else:
@@ -185,6 +190,40 @@ class Recipe:
         if self.vae_tiling:
             pipe.vae.enable_tiling()
         return pipe
+
+    def _unavailable_message(self) -> str:
+        from huggingface_hub import constants
+
+        why = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
+        return (f"model: {self.name}: {self.hub_id} is not (fully) in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) and the hub cannot be reached{why}. Download it once where the hub is "
+                f"reachable (`hf download {self.hub_id}`) and run again, or give --model a local folder holding the "
+                "pipeline")
+
+
+class ModelUnavailableError(OSError):
+    """A hub recipe's model is not in the local Hugging Face cache and cannot be downloaded now."""
+
+
+def _not_cached_and_offline(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) is huggingface_hub's "not in the cache and
+    the hub unreachable": diffusers rewords it (e.g. "does not appear to have a file named config.json").
+    Not where the hub answered (a gated or missing repo: an HTTP error), whose own message says more."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    not_cached = False
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, HfHubHTTPError):
+            return False
+        not_cached |= isinstance(e, LocalEntryNotFoundError)
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return not_cached
 
 
 def _hub(name: str, family: str, pipeline_class: str, hub_id: str, description: str, **kw: Any) -> Recipe:

@@ -1,6 +1,7 @@
 """Model recipes and the tiny offline pipelines — CPU, no downloads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from sparsediff.cli import main
 from sparsediff.pipelines.recipes import (
     FAMILIES,
     RECIPES,
+    ModelUnavailableError,
     available_recipes,
     default_recipe_name,
     get_recipe,
@@ -92,6 +94,26 @@ def test_local_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="holds a StableDiffusionPipeline; supported pipelines: WanPipeline"):
         get_recipe(str(tmp_path))
+
+
+def test_hub_model_neither_cached_nor_reachable_says_so_and_what_to_do(tmp_path: Path, monkeypatch, capsys) -> None:
+    """No download: offline mode, and repo ids no cache holds. Wan loads its fp32 VAE first, whose error
+    diffusers words as "does not appear to have a file named config.json"; calibrate printed a traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for base in ("wan2.1-t2v-1.3b", "flux.1-schnell"):
+        recipe = dataclasses.replace(RECIPES[base], hub_id=f"sparsediff-tests/not-cached-{base}")
+        monkeypatch.setitem(RECIPES, base, recipe)
+        with pytest.raises(ModelUnavailableError) as err:
+            recipe.load("cpu")
+        message = str(err.value)
+        assert message.startswith(f"model: {base}: sparsediff-tests/not-cached-{base} is not (fully) in the local Hugging "
+                                  "Face cache") and "HF_HUB_OFFLINE is set" in message
+        assert f"`hf download sparsediff-tests/not-cached-{base}`" in message
+    assert main(["calibrate", "--model", "wan2.1-t2v-1.3b", "--out", str(tmp_path / "p.json")]) == 1
+    err = capsys.readouterr().err
+    assert "sparsediff calibrate: error: model: wan2.1-t2v-1.3b: " in err and "Traceback" not in err
 
 
 def test_models_command_prints_every_recipe(capsys) -> None:
