@@ -343,7 +343,10 @@ def recipe_from_folder(path: str | Path) -> Recipe:
         base_name = "wan2.2-t2v-a14b"
     elif family == "wan" and index.get("expand_timesteps"):
         base_name = "wan2.2-ti2v-5b"
-    return dataclasses.replace(RECIPES[base_name], name=str(path), hub_id=str(path), pipeline_class=class_name,
+    # "./wan2.1-t2v-1.3b", not "wan2.1-t2v-1.3b": a folder's name must never be a recipe's (random weights,
+    # profiles and earlier renders' settings go by the name); recipe names hold no path separator.
+    where = f"./{path}" if len(path.parts) == 1 else str(path)
+    return dataclasses.replace(RECIPES[base_name], name=where, hub_id=where, pipeline_class=class_name,
                                description=f"local {class_name} folder (defaults of {base_name})")
 
 

@@ -88,6 +88,21 @@ def test_local_folder_family_from_model_index(tmp_path: Path, index, family, bas
     assert base in r.description and r.shipped_profile() is None
 
 
+def test_local_folder_named_like_a_recipe_is_not_taken_for_it(tmp_path: Path, monkeypatch) -> None:
+    """`hf download ... --local-dir wan2.1-t2v-1.3b`, then `--model ./wan2.1-t2v-1.3b`: the folder's recipe was
+    named "wan2.1-t2v-1.3b", so --random-weights accepted it and renders and profiles named the hub model."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("wan2.1-t2v-1.3b", "toy-shapes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+        r = get_recipe(f"./{name}")
+        assert r.name == r.hub_id == f"./{name}" and r.name not in available_recipes()
+        assert name not in r.model_ids and r.shipped_profile() is None
+        with pytest.raises(ValueError, match="is a local pipeline folder"):
+            r.load("meta", random_weights=True)
+    assert get_recipe("wan2.1-t2v-1.3b") is RECIPES["wan2.1-t2v-1.3b"]  # a recipe name still means the recipe
+
+
 def test_local_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="without model_index.json"):
         get_recipe(str(tmp_path))
