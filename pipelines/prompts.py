@@ -127,20 +127,24 @@ def _read_jsonl(path: Path, text: str) -> list[PromptSpec]:
 
 
 def _read_csv(path: Path, text: str) -> list[PromptSpec]:
+    # Blank lines before the header are skipped, as the csv module skips them between rows (the header was
+    # taken to be the blank line). `lead` of them: reader.line_num + lead is the file's line.
+    lines = _lines(text)
+    lead = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
     # newline="": the csv module finds the rows, quoted cells may hold line breaks
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.DictReader(io.StringIO("\n".join(lines[lead:]), newline=""), strict=True)
     if reader.fieldnames is None:
         return []
     header = [name.strip() for name in reader.fieldnames]
     if "prompt" not in header:
-        raise PromptFileError(f"{path}:1: the header has no 'prompt' column (got {', '.join(header)})")
+        raise PromptFileError(f"{path}:{lead + 1}: the header has no 'prompt' column (got {', '.join(header)})")
     repeated = _repeated(header)
     if repeated:
-        raise PromptFileError(f"{path}:1: column(s) {repeated} given more than once")
+        raise PromptFileError(f"{path}:{lead + 1}: column(s) {repeated} given more than once")
     specs = []
     try:
         for row in reader:
-            where = f"{path}:{reader.line_num}"
+            where = f"{path}:{reader.line_num + lead}"
             if None in row:
                 raise PromptFileError(f"{where}: more cells than header columns")
             if any(v is None for v in row.values()):
@@ -148,9 +152,9 @@ def _read_csv(path: Path, text: str) -> list[PromptSpec]:
             cells = {k.strip(): v for k, v in row.items() if v.strip() != ""}
             if not cells:
                 continue
-            specs.append(_spec(cells, where, reader.line_num))
+            specs.append(_spec(cells, where, reader.line_num + lead))
     except csv.Error as e:
-        raise PromptFileError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        raise PromptFileError(f"{path}:{reader.line_num + lead}: malformed CSV ({e})") from None
     return specs
 
 

@@ -400,6 +400,16 @@ def test_prompt_files_in_three_formats(tmp_path: Path) -> None:
     with pytest.raises(PromptFileError, match="p.csv:3: 'steps' must be >= 1"):
         csv_path.write_text("prompt,steps\nok,2\nbad,0\n")
         load_prompts(csv_path)
+    # Blank lines before the header are skipped as those between rows are (the header was the blank line:
+    # "the header has no 'prompt' column (got )"); lines keep their numbers in the file.
+    csv_path.write_text("\n  \r\nprompt,seed\n\nx,4\n")
+    assert [(s.prompt, s.seed, s.line) for s in load_prompts(csv_path)] == [("x", 4, 5)]
+    with pytest.raises(PromptFileError, match="p.csv:5: 'steps' must be >= 1"):
+        csv_path.write_text("\n\nprompt,steps\nok,2\nbad,0\n")
+        load_prompts(csv_path)
+    with pytest.raises(PromptFileError, match="p.csv:2: the header has no 'prompt' column"):
+        csv_path.write_text("\ntext\nx\n")
+        load_prompts(csv_path)
     # Only "\n" ends a line: U+2028, U+0085 and form feeds inside a prompt stay in it (CRLF files still read).
     jsonl.write_text(json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\r\n" + '{"prompt": "d"}\n')
     assert [(s.prompt, s.line) for s in load_prompts(jsonl)] == [("a\u2028b\x85c", 1), ("d", 2)]
