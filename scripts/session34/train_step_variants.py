@@ -15,6 +15,9 @@ Variants (the model and its math are the same in each):
 - no-persistent: inductor's persistent reductions off (train.compiled_for_training: the training's
   compilation since this session).
 - coordinate-descent: as stock, inductor's coordinate-descent tuning of its kernels' launch configs.
+- cuda-graphs: as no-persistent, the compiled forward and backward replayed as CUDA graphs (inductor's
+  `triton.cudagraphs`; added in the thirty-fifth session, when the 7-frame step was found host-bound:
+  38.4 ms a step for 20.9 ms of GPU kernels). Not run yet.
 
 Each (variant, frames) cell: a fresh compiled model (TrainConfig defaults, batch 32, foreground weight 4;
 clips shorter than 17 frames are windows), 25 warm-up steps, the median of 5 timed groups of 10 steps
@@ -38,7 +41,7 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from toy_shapes.config import DEFAULT_FRAMES, TrainConfig
 from toy_shapes.train import _sync, build_pipeline, compiled_for_training, optimizer, train_step, training_batch
 
-VARIANTS = ("stock", "stack-rope", "no-persistent", "coordinate-descent")
+VARIANTS = ("stock", "stack-rope", "no-persistent", "coordinate-descent", "cuda-graphs")
 
 
 def rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,8 @@ def inductor_settings(variant: str) -> contextlib.AbstractContextManager:
 
     if variant == "coordinate-descent":
         return inductor.patch({"coordinate_descent_tuning": True})
+    if variant == "cuda-graphs":
+        return inductor.patch({"triton.cudagraphs": True})
     return contextlib.nullcontext()
 
 
@@ -79,7 +84,8 @@ def make_step(cfg: TrainConfig, variant: str, dev: torch.device):
         pipe.transformer.set_attn_processor(StackRopeWanAttnProcessor())
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     opt = optimizer(cfg, params, dev)
-    model = compiled_for_training(pipe.transformer) if variant == "no-persistent" else torch.compile(pipe.transformer)
+    model = (compiled_for_training(pipe.transformer) if variant in ("no-persistent", "cuda-graphs")
+             else torch.compile(pipe.transformer))
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     data_gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(1)
 
