@@ -22,7 +22,7 @@ from sparsediff.processors import (
     remove,
 )
 from sparsediff.processors import controller as controller_module
-from sparsediff.processors import cogvideox, families, wan
+from sparsediff.processors import api, cogvideox, families, wan
 from sparsediff.processors.controller import FALLBACK_CAUSES
 from sparsediff.processors.flux import image_grid_from_ids
 from sparsediff.profile import SparsityProfile
@@ -224,6 +224,25 @@ def test_wan_with_a_diffusers_cache_reorders_per_call(counted_gathers, route):
     with model.cache_context("cond"):
         out, _ = _steps(model, (900.0, 800.0))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    remove(model)
+
+
+def test_a_cache_is_looked_for_once_a_generation(monkeypatch, counted_gathers):
+    # The walk over the modules costs about a millisecond at Wan 1.3B: once a generation, not every forward.
+    from diffusers import FirstBlockCacheConfig
+    from diffusers.hooks import apply_first_block_cache
+
+    walks = []
+    has_cache_hooks = api._has_cache_hooks
+    monkeypatch.setattr(api, "_has_cache_hooks", lambda transformer: walks.append(1) or has_cache_hooks(transformer))
+    model = build_wan(num_layers=2)
+    apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=1)
+    _, gathers = _steps(model, (900.0, 800.0, 700.0))
+    assert len(walks) == 1 and gathers == [0, 0, 0]  # no cache: the sparse steps hold tile order
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.0))  # between two generations
+    with model.cache_context("cond"):
+        _, gathers = _steps(model, (900.0, 800.0))
+    assert len(walks) == 2 and gathers == [0, 2 * 2]  # the new generation finds it: per-call reordering
     remove(model)
 
 

@@ -49,6 +49,8 @@ class _StepHook(ModelHook):
         self.stock_processors = stock_processors
         self.orders_tokens = False  # the family's token-order hooks are installed (`_install`)
         self.order_sites: list[tuple[TokenOrderSite, torch.nn.Module]] = []  # the modules `_install` hooked
+        # A diffusers cache's hooks are on the transformer (`_has_cache_hooks`); None: not looked for yet.
+        self.cache_hooks: bool | None = None
         self._transformer: weakref.ref[torch.nn.Module] | None = None
         self._parameter_names: list[str] = []  # of the transformer's forward, without `self`
         self._op_key = register_owner(self)
@@ -100,10 +102,14 @@ class _StepHook(ModelHook):
         # changes from the dense steps to the sparse ones: with one, each sparse call reorders.
         # A site module replaced since (peft wraps the modules a LoRA adapts, `unload_lora_weights` unwraps
         # them) would leave its hook inside the wrapper (the LoRA term added in the other order) or gone.
+        info = self.family.read_forward(transformer, tensors)
+        if self.cache_hooks is None or self.controller.starts_generation(info.timestep):
+            # Looked for once a generation (and at each transformer's first forward: Wan 2.2's second one
+            # starts mid-generation): the walk over the modules takes about a millisecond (Wan 1.3B).
+            self.cache_hooks = _has_cache_hooks(transformer)
         orderable = (self.orders_tokens and _sites_in_place(transformer, self.order_sites)
-                     and getattr(transformer, "_parallel_config", None) is None and not _has_cache_hooks(transformer))
-        self.controller.begin_forward(self.family.read_forward(transformer, tensors),
-                                      tensors["hidden_states"] if orderable else None)
+                     and getattr(transformer, "_parallel_config", None) is None and not self.cache_hooks)
+        self.controller.begin_forward(info, tensors["hidden_states"] if orderable else None)
 
     def end_forward(self) -> None:
         """Body of the end_forward op."""
@@ -292,7 +298,7 @@ def _install(controller: AttentionController, transformers: dict[str, torch.nn.M
         sites = _token_order_sites(transformer, family)
         for site, module in sites:
             _attach(module, TOKEN_ORDER_HOOK_NAME, lambda: _TokenOrderHook(site, controller), controller)
-        step_hook.orders_tokens, step_hook.order_sites = bool(sites), sites
+        step_hook.orders_tokens, step_hook.order_sites, step_hook.cache_hooks = bool(sites), sites, None
 
 
 def _token_order_sites(transformer: torch.nn.Module,

@@ -216,6 +216,10 @@ class AttentionController:
 
     # ------------------------------------------------------------------ step schedule
 
+    def starts_generation(self, timestep: float) -> bool:
+        """Whether a forward at `timestep` would be step 0 of a new generation (`begin_forward`)."""
+        return self._last_timestep is None or timestep > self._last_timestep
+
     def begin_forward(self, info: ForwardInfo, orderable_latents: torch.Tensor | None = None) -> None:
         """Called by the hook before each transformer forward: advances the step, stores the grid.
 
