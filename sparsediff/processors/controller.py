@@ -340,12 +340,12 @@ class AttentionController:
         layer = self.profile.layers.get(layer_name)
         if layer is None:  # a layer we do not sparsify (e.g. a cross-attention the processor was set on)
             return dense()
-        if self.forward_info is None:
+        if self.forward_info is None and self.is_dense_step():
             # Processors set by hand (`set_attn_processor`) have no step hook: the step stays 0.
             warn_once("unhooked", "sparsediff: attention called outside a transformer forward hooked by "
-                                  "sparsediff.apply(): the denoising step stays 0 (every call runs dense while "
-                                  f"the profile's dense_steps={self.profile.dense_steps} > 0) and the latent grid "
-                                  "and text length are unknown; install the processors with sparsediff.apply()")
+                                  "sparsediff.apply(): the denoising step stays 0, so every call runs dense (the "
+                                  f"profile's dense_steps={self.profile.dense_steps}); install the processors "
+                                  "with sparsediff.apply()")
         if layout not in ("BNHD", "BHND"):
             raise ValueError(f"layout must be 'BNHD' or 'BHND', got {layout!r}")
         if parallel_config is not None:
