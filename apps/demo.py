@@ -584,7 +584,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="sparsediff-demo-") as out_dir:
         app = build_app(session, Path(out_dir))
-        # ssr_mode off: server-side rendering would start a Node server beside this one.
-        app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
-                   theme=_theme())
+        try:
+            # ssr_mode off: server-side rendering would start a Node server beside this one.
+            app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
+                       theme=_theme())
+        except KeyboardInterrupt:  # Ctrl+C or SIGTERM while Gradio starts, before its own wait catches them
+            app.close()
     return 0

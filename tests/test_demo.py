@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -278,6 +279,31 @@ def test_sigterm_removes_the_output_folder(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert not list(tmp_path.glob("sparsediff-demo-*")), _log(log_path)
+
+
+def test_an_interrupt_while_gradio_starts_stops_the_server_cleanly(tmp_path: Path, monkeypatch) -> None:
+    # A SIGTERM that came while Gradio's launch checked its own URL (after the page was served) ended the
+    # demo with a KeyboardInterrupt traceback and exit 1 (seen in CI on 2026-12-06).
+    import tempfile
+
+    import gradio as gr
+
+    from sparsediff.cli import main
+
+    closed = []
+
+    def interrupted_launch(self, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gr.Blocks, "launch", interrupted_launch)
+    monkeypatch.setattr(gr.Blocks, "close", lambda self: closed.append(True))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["demo", "--model", "tiny-wan", "--port", str(_free_port())]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert closed and not list(tmp_path.glob("sparsediff-demo-*"))
 
 
 def test_the_smallest_size_offered_gets_its_comparison() -> None:
