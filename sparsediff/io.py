@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 TEMP_MARKER = ".tmp-"
+# A name (one path component) may hold 255 bytes on common filesystems; tempfile adds 8 random characters.
+_NAME_MAX = 255
+_RANDOM_CHARS = 8
 # mkstemp creates 0600 files; finished files get the mode a plain open() would give them.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -33,7 +36,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     extension (imageio, ffmpeg) behave as they would for the final name.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARKER}", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=path.suffix)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,13 +48,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _temp_prefix(path: Path) -> str:
+    """"." + `path`'s stem + TEMP_MARKER, the stem shortened where the temporary name would be longer
+    than a name may be (a final name of up to _NAME_MAX bytes must still be writable)."""
+    budget = _NAME_MAX - len(os.fsencode(f".{TEMP_MARKER}{path.suffix}")) - _RANDOM_CHARS
+    stem = path.stem
+    while stem and len(os.fsencode(stem)) > budget:
+        stem = stem[:-1]
+    return f".{stem}{TEMP_MARKER}"
+
+
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete temporaries that an interrupted `atomic_output(path)` left beside `path`.
 
     Only call this while no other process may be writing `path`. Returns what was removed.
     """
     path = Path(path)
-    stale = sorted(path.parent.glob(f".{glob.escape(path.stem)}{TEMP_MARKER}*{glob.escape(path.suffix)}"))
+    stale = sorted(path.parent.glob(f"{glob.escape(_temp_prefix(path))}*{glob.escape(path.suffix)}"))
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sparsediff.cli import main
-from sparsediff.io import TEMP_MARKER, atomic_output, atomic_write_json, write_png, write_video_mp4
+from sparsediff.io import TEMP_MARKER, atomic_output, atomic_write_json, remove_stale_temps, write_png, write_video_mp4
 from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 from sparsediff.pipelines.prompts import PromptFileError, load_prompts, slugify
 from sparsediff.pipelines.recipes import Recipe
@@ -429,6 +429,20 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         atomic_write_json(target, {"a": float("nan")})
     assert json.loads(target.read_text()) == {"a": 1} and not _temps(tmp_path)
+
+
+def test_atomic_writes_take_the_longest_names_a_folder_allows(tmp_path: Path) -> None:
+    # A name of 255 bytes (a plain open() writes it): the temporary beside it must fit as well.
+    for stem in ("p" * 250, "\u00e9" * 125):
+        target = tmp_path / f"{stem}.json"
+        assert len(os.fsencode(target.name)) == 255
+        atomic_write_json(target, {"a": 1})
+        assert json.loads(target.read_text()) == {"a": 1} and not _temps(tmp_path)
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_output(target) as tmp:  # an interrupted write's temporary is found again
+                assert _temps(tmp_path) == [tmp] and remove_stale_temps(target) == [tmp]
+                raise KeyboardInterrupt
+        target.unlink()
 
 
 def test_video_and_png_writers(tmp_path: Path) -> None:
