@@ -234,12 +234,12 @@ class AttentionController:
         """
         t = info.timestep
         if self._last_timestep is not None:
-            if t < self._last_timestep:
-                self.step += 1
-            elif t > self._last_timestep:
+            if self.starts_generation(t):
                 self.step = 0
                 self.generation += 1
                 self._next_graph_epoch()
+            elif t < self._last_timestep:
+                self.step += 1
         self._last_timestep = t
         self.forward_info = info
         x = orderable_latents
