@@ -278,6 +278,17 @@ def test_cli_names_a_bad_argument_instead_of_a_traceback(argv, name, capsys):
     assert err.startswith("sparsediff: error:") and name in err and "Traceback" not in err
 
 
+def test_bench_kernel_module_entry_names_a_bad_argument_instead_of_a_traceback(capsys) -> None:
+    # `python -m sparsediff.bench.kernel --keeps 0` ended in a ValueError traceback.
+    from sparsediff.bench import kernel
+
+    with pytest.raises(SystemExit) as exit_:
+        kernel.main(["--keeps", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m sparsediff.bench.kernel: error: --keeps must lie in (0, 1]" in err
+
+
 def test_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
     not_dir = tmp_path / "file"
     not_dir.write_text("x")

@@ -657,7 +657,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsediff.bench.kernel", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:  # as `sparsediff bench kernel` does: the argument named, no traceback
+        parser.error(str(error))
 
 
 if __name__ == "__main__":
