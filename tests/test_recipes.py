@@ -268,6 +268,8 @@ def test_random_weights_refused_with_the_supported_names(tmp_path: Path) -> None
     (["bench", "kernel", "--keeps", "1", "--masks", "random", "--rep-ms", "0"], "--rep-ms must be a finite number > 0"),
     (["bench", "kernel", "--keeps", "1", "--masks", "random", "--warmup-ms", "-1"], "--warmup-ms must be a finite"),
     (["bench", "predict", "--budget", "1.5"], "--budget"),
+    (["bench", "predict", "--grid", "1x8x16", "--seed", str(2**64)], "--seed must be in [0, 18446744073709551615]"),
+    (["bench", "predict", "--grid", "1x8x16", "--seed", "-1"], "--seed must be in [0,"),
     # A 0 was replaced by the default (6 heads of dim 64 on the CPU): a small grid runs quickly if it is.
     (["bench", "predict", "--grid", "1x8x16", "--heads", "0"], "heads must be >= 1 and head_dim even and >= 8, got 0, 64"),
     (["bench", "predict", "--grid", "1x8x16", "--head-dim", "0"], "heads must be >= 1 and head_dim even and >= 8, got 6, 0"),

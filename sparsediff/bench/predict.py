@@ -33,6 +33,7 @@ BUDGET = 0.05
 CDF_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 PV_SWEEP = (1e-3, 1e-2, 1e-1, 0.5)
 TILE = (2, 8, 8)
+MAX_SEED = 2**64 - 1  # as render's --seed: what torch.Generator.manual_seed takes
 # Sizes of the accuracy workload: the Wan latent grid on CUDA, a reduced one on CPU.
 ACCURACY = {"cuda": dict(grid=(21, 30, 52), heads=12, head_dim=128), "cpu": dict(grid=(8, 16, 16), heads=6, head_dim=64)}
 
@@ -286,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda requested but CUDA is not available")
     if not 0 < args.budget < 1:
         raise ValueError(f"--budget must lie in (0, 1), got {args.budget}")
+    if not 0 <= args.seed <= MAX_SEED:  # torch.Generator.manual_seed said only "Overflow when unpacking long long"
+        raise ValueError(f"--seed must be in [0, {MAX_SEED}] (64 bits), got {args.seed}")
     size = dict(ACCURACY[device.type])
     if args.grid:
         try:
