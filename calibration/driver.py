@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparsediff.calibration.measure import Candidate, default_lead_steps, measured_steps, step_weights
 from sparsediff.io import writable_dir
-from sparsediff.pipelines.prompts import PromptSpec, load_prompts, slugify
+from sparsediff.pipelines.prompts import MAX_SEED, PromptSpec, load_prompts, slugify
 from sparsediff.pipelines.recipes import PROFILE_FAMILY, Recipe, get_recipe
 
 if TYPE_CHECKING:
@@ -132,6 +132,9 @@ def _read_prompts(path: Path, seed: int, recipe: Recipe, what: str) -> list[Prom
             raise CalibrationError(f"{what}: {path}:{spec.line} sets {', '.join(fixed)}; calibration runs every "
                                    "prompt at one size and step count (use --height/--width/--frames/--steps)")
         negative = spec.negative_prompt if spec.negative_prompt is not None else recipe.negative_prompt
+        if spec.seed is None and seed + i > MAX_SEED:  # manual_seed said only "Overflow when unpacking long long"
+            raise CalibrationError(f"--seed: {what} {path}:{spec.line} would get seed {seed} + {i}, above {MAX_SEED} "
+                                   "(64 bits)")
         out.append(Prompt(spec.prompt, negative, spec.seed if spec.seed is not None else seed + i))
     return out
 

@@ -54,6 +54,8 @@ def _no_model_load(monkeypatch):
     (["--device", "foo"], "--device: "),
     (["--device", "cuda:7"], "--device cuda:7: no such CUDA device here"),
     (["--device", "meta"], "--device meta: sparsediff calibrates on cpu or cuda"),
+    # Past 64 bits the model was loaded and the first render ended in "Overflow when unpacking long long".
+    (["--seed", str(2**64)], "--seed: --prompts"),
 ])
 def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, capsys, extra, message):
     _no_model_load(monkeypatch)
@@ -62,6 +64,16 @@ def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, capsys, extra,
     code = main(["calibrate", "--model", "tiny-wan", "--out", str(tmp_path / "p.json"), "--prompts", str(prompts), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_seed_whose_later_prompts_pass_64_bits_fails_before_loading(tmp_path, monkeypatch, capsys):
+    # Prompt i gets SEED + i: the second of two prompts at the largest seed is past what manual_seed takes.
+    _no_model_load(monkeypatch)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog\na cat\n")
+    argv = ["calibrate", "--model", "tiny-wan", "--out", str(tmp_path / "p.json"), "--prompts", str(prompts)]
+    assert main([*argv, "--seed", str(2**64 - 1)]) == 2
+    assert f"{prompts}:2 would get seed {2**64 - 1} + 1, above" in capsys.readouterr().err
 
 
 def test_bad_files_fail_before_loading(tmp_path, monkeypatch, capsys):
