@@ -166,7 +166,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n = q.shape[2]
-    if isinstance(dense_tail_tokens, bool) or not isinstance(dense_tail_tokens, int) or not 0 <= dense_tail_tokens <= n:
+    # numbers.Integral: a NumPy integer is an int here (and is passed on as one).
+    if isinstance(dense_tail_tokens, bool) or not isinstance(dense_tail_tokens, numbers.Integral) or not 0 <= dense_tail_tokens <= n:
         raise ValueError(f"dense_tail_tokens must be an int in [0, {n}], got {dense_tail_tokens!r}")
     if kv_lens is not None:
         if not isinstance(kv_lens, torch.Tensor) or kv_lens.dtype.is_floating_point or kv_lens.dtype == torch.bool:
@@ -237,7 +238,7 @@ def _checked_predict(q, k, cdf_thresholds, sim_threshold, *, method, scale, kv_l
     _check_inputs(q, k, kv_lens, dense_tail_tokens, method)
     thresholds = head_thresholds(cdf_thresholds, sim_threshold, q.shape[1], q.device)
     return predict_with(q, k, thresholds, method=method, scale=checked_scale(scale, q.shape[3]),
-                        kv_lens=kv_lens, dense_tail_tokens=dense_tail_tokens)
+                        kv_lens=kv_lens, dense_tail_tokens=int(dense_tail_tokens))
 
 
 @dataclass(frozen=True)

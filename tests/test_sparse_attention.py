@@ -1,6 +1,7 @@
 """sparse_attention end to end, and the video-like workloads the predictors are judged on."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +134,19 @@ def test_kv_lens_past_int32_are_clamped_not_wrapped():
     dense = block_sparse_attention(q, k, v, full)
     for huge in (2**31, 2**32 + 100):  # int32 would read these as negative and as 100
         torch.testing.assert_close(block_sparse_attention(q, k, v, full, kv_lens=torch.tensor([huge])), dense)
+
+
+def test_numpy_scale_and_dense_tail_tokens_are_taken_as_their_values():
+    # np.float32(0.2) was refused as "scale must be a finite float > 0, got np.float32(0.2)", and
+    # np.int64(40) as "dense_tail_tokens must be an int in [0, 300], got np.int64(40)".
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    kw = dict(cdf_threshold=0.5, sim_threshold=0.0)
+    assert torch.equal(predict_block_mask(q, k, **kw, scale=np.float32(0.25), dense_tail_tokens=np.int64(40)),
+                       predict_block_mask(q, k, **kw, scale=0.25, dense_tail_tokens=40))
+    torch.testing.assert_close(sparse_attention(q, k, v, **kw, scale=np.float32(0.25), dense_tail_tokens=np.int64(40)),
+                               sparse_attention(q, k, v, **kw, scale=0.25, dense_tail_tokens=40))
+    with pytest.raises(ValueError, match="scale"):
+        predict_block_mask(q, k, scale=np.float32("nan"))
+    with pytest.raises(ValueError, match="dense_tail_tokens"):
+        predict_block_mask(q, k, dense_tail_tokens=np.int64(301))

@@ -48,6 +48,7 @@ acc / l; P·V runs in e4m3 and the per-channel V scales are applied once, at the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -741,7 +742,8 @@ def checked_scale(scale: float | None, head_dim: int) -> float:
     number > 0 (a bool is not one)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    # numbers.Real: a NumPy scalar (np.float32(0.125)) is a number, as the thresholds take it.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     return float(scale)
 
