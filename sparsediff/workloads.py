@@ -11,6 +11,7 @@ without changing the attention), a few global sink keys and the text segment mak
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ class Workload:
 
 
 def _check_grid(grid: tuple[int, int, int], name: str) -> tuple[int, int, int]:
-    if len(grid) != 3 or any(int(g) < 1 for g in grid):
+    # `g != int(g)`: a fractional size (1.5) was truncated to a smaller grid without a word.
+    if len(grid) != 3 or any(isinstance(g, bool) or not isinstance(g, numbers.Real) or g != int(g) or g < 1 for g in grid):
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {grid!r}")
     return tuple(int(g) for g in grid)  # type: ignore[return-value]
 

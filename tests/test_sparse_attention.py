@@ -150,3 +150,11 @@ def test_numpy_scale_and_dense_tail_tokens_are_taken_as_their_values():
         predict_block_mask(q, k, scale=np.float32("nan"))
     with pytest.raises(ValueError, match="dense_tail_tokens"):
         predict_block_mask(q, k, dense_tail_tokens=np.int64(301))
+
+
+@pytest.mark.parametrize("grid", [(1.5, 2, 2), (2, 2, 0.5), ("a", 2, 2), (True, 2, 2), (2, 2)])
+def test_workload_refuses_a_grid_of_non_integers(grid):
+    # (1.5, 2, 2) was built as a (1, 2, 2) grid and recorded as one, without a word.
+    with pytest.raises(ValueError, match="grid must be three positive ints"):
+        video_workload(grid, heads=1, head_dim=8)
+    assert video_workload((2.0, np.int64(2), 2), heads=1, head_dim=8).grid == (2, 2, 2)
