@@ -43,7 +43,8 @@ def test_block_stats_matches_reference(dtype, shape, block, lens, chunked, monke
         unpooled, sim_alone, below = block_stats(x, block, lens, pooled=False, sim_below=thresholds.float().contiguous())
         assert unpooled is None
         torch.testing.assert_close(sim_alone, ref_sim, atol=1e-5, rtol=1e-5)
-        assert torch.equal(below, ~(sim_alone >= thresholds.view(1, -1, 1)))
+        thr = thresholds.view(1, -1, 1)
+        assert torch.equal(below, ~(sim_alone >= thr) & ~(thr <= 0))  # a threshold of 0 (or below) trusts all
     with pytest.raises(ValueError, match="sim_below"):
         block_stats(x, block, lens, sim_below=torch.zeros(heads + 1))
 
@@ -222,6 +223,28 @@ def test_extreme_thresholds(workload, method):
     assert torch.equal(predict_block_mask(q, k, 0.5, 1.0, method=method), full)
     trusted = predict_block_mask(q, k, 0.5, 0.0, method=method)
     assert trusted.float().mean() < 0.6  # trusting every block lets the CDF cut most of them
+
+
+def test_sim_zero_trusts_blocks_of_negative_similarity():
+    # Mean pairwise cosine can be negative (down to -1 / (n - 1): opposite tokens, zero padding):
+    # sim 0.0 still trusts every block, with every method and as one head's per-head value. A last
+    # query block and a last key block of two opposite tokens (similarity -1) were kept whole.
+    torch.manual_seed(0)
+    n, d = 2 * BLOCK_M + 2, 16
+    q, k = torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    q[:, :, -1] = -0.5 * q[:, :, -2]
+    k[:, :, -1] = -0.5 * k[:, :, -2]
+    assert not block_stats(q, BLOCK_M, sim_below=torch.zeros(2))[2].any()
+    assert block_stats(q, BLOCK_M)[1][:, :, -1].lt(0).all()
+    for method in METHODS:
+        mask = predict_block_mask(q, k, 0.3, 0.0, method=method)
+        qf, kf, geometry = _features(method, q, k, None)
+        trusted = block_select_reference(qf, kf, torch.full((2,), 0.3), n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N,
+                                         scale=d**-0.5, **geometry)[0]
+        assert (mask != trusted).float().mean() <= 0.01, method
+        assert not mask[:, :, -1].all(), method
+        per_head = predict_block_mask(q, k, 0.3, torch.tensor([0.0, 0.5]), method=method)
+        assert torch.equal(per_head[:, 0], mask[:, 0]), method
 
 
 def test_sim_one_distrusts_even_blocks_of_similarity_one():

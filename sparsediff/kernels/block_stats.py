@@ -57,9 +57,10 @@ def _block_stats_kernel(
     s2 = tl.sum(s * s, axis=0)
     sim = tl.where(n >= 2.0, (s2 - n) / tl.maximum(n * (n - 1.0), 1.0), 1.0)
     tl.store(sim_ptr + bh * n_blocks + blk, sim)
-    if BELOW:  # not (sim >= threshold): a NaN similarity counts as below; a threshold of 1 trusts no block
+    if BELOW:  # not (sim >= threshold): a NaN similarity counts as below; a threshold of 0 trusts every
+        # block (similarities may be negative: down to -1 / (n - 1)), a threshold of 1 trusts none
         thr = tl.load(thr_ptr + h)
-        tl.store(below_ptr + bh * n_blocks + blk, ((sim >= thr) == 0) | (thr >= 1.0))
+        tl.store(below_ptr + bh * n_blocks + blk, (((sim >= thr) == 0) & ((thr <= 0.0) == 0)) | (thr >= 1.0))
 
 
 def block_stats(
@@ -69,7 +70,8 @@ def block_stats(
     """Per-block mean token (B, H, ceil(N/block), D) fp32 (None with pooled=False, which skips it),
     self-similarity (B, H, ceil(N/block)) fp32 of (B, H, N, D) `x` (see `block_stats_reference` for
     the definitions) and, given fp32 (H,) thresholds `sim_below`, bool (B, H, ceil(N/block)):
-    whether a block's similarity is not at least its head's threshold, or the threshold is 1 (a
+    whether a block's similarity is not at least its head's threshold and the threshold is above 0
+    (similarities can be negative; sim 0.0 is to trust every block), or the threshold is 1 (a
     single-token or constant block has similarity 1; sim 1.0 is to distrust every block) (else None). The predictors
     take the last from the same pass, not from comparison kernels of their own. Runs the Triton
     kernel where kernels are available, else the reference."""
@@ -84,7 +86,7 @@ def block_stats(
     if not kernels_available(x.device):
         means, sim = block_stats_reference(x, block, valid_len)
         thr = None if sim_below is None else sim_below.to(sim.device).view(1, -1, 1)
-        below = None if thr is None else ~(sim >= thr) | (thr >= 1)
+        below = None if thr is None else (~(sim >= thr) & ~(thr <= 0)) | (thr >= 1)
         return (means if pooled else None), sim, below
     b, h, n, d = x.shape
     nb = -(-n // block)
