@@ -247,6 +247,35 @@ def test_sim_zero_trusts_blocks_of_negative_similarity():
         assert torch.equal(per_head[:, 0], mask[:, 0]), method
 
 
+def test_antidiag_ragged_sub_blocks_average_the_products_they_have():
+    # A per-query logit offset leaves attention unchanged. A sub-block past the end of the sequence
+    # (n % 8 != 0) summed its fewer products over 8, so an offset moved its score towards 0 against
+    # full ones: at an offset of ~10 logits the last key block (2 keys, 1.6% of the mass) was kept
+    # and the two holding 98% dropped. Keys past kv_lens are not there either: their values must not
+    # change the estimate.
+    torch.manual_seed(0)
+    n, d = 2 * BLOCK_N + 2, 32
+    q, k = torch.randn(1, 1, n, d), torch.randn(1, 1, n, d)
+    q[..., 0] = -1.0
+    masks = []
+    for offset in (0.0, 20.0, 60.0):
+        shifted = k.clone()
+        shifted[..., 0] = offset  # q . k - offset for every key
+        masks.append(predict_block_mask(q, shifted, 0.9, 0.0, method="antidiag"))
+        assert not masks[-1][..., -1].any()
+    assert all(torch.equal(m, masks[0]) for m in masks)
+    lens = torch.tensor([BLOCK_N + 3])
+    padded = k.clone()
+    padded[:, :, BLOCK_N + 3:] = 50.0 * torch.randn(n - BLOCK_N - 3, d)
+    for qf in (q, torch.randn(1, 1, n, d)):
+        _, kf, geometry = _features("antidiag", qf, k, lens)
+        kw = dict(n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=d**-0.5, kv_lens=lens, **geometry)
+        torch.testing.assert_close(block_select(qf, padded, torch.ones(1), **kw)[1],
+                                   block_select(qf, k, torch.ones(1), **kw)[1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(block_mass_reference(qf, padded, **kw), block_mass_reference(qf, k, **kw),
+                                   atol=1e-6, rtol=1e-5)
+
+
 def test_sim_one_distrusts_even_blocks_of_similarity_one():
     # A constant block and a one-token last block have similarity exactly 1: sim 1.0 still keeps them whole.
     torch.manual_seed(0)

@@ -171,16 +171,22 @@ def _partial_mass_kernel(
         else:
             # Anti-diagonal sums (XAttention): sum_s q[a*S + S-1-s] . k[b*S + s]. A loop, not
             # unrolled: unrolled, the S tile pairs' loads all stay in flight and overflow shared memory.
+            # A ragged sub-block (past q's or k's end, or past the valid keys) is averaged over the
+            # products it has (scale carries 1 / S), -inf where none, as `feature_scores`.
             s = tl.zeros((QT, KT), dtype=tl.float32)
+            count = tl.zeros((QT, KT), dtype=tl.float32)
             k_base = k_src + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+            k_end = tl.minimum(nk_src, kv_len)
             for j in range(S):
                 qr = a_idx * S + (S - 1 - j)
                 kr = b_idx * S + j
                 qj = tl.load(q_base + qr[:, None] * sqn + cols[None, :] * sqd,
                              mask=(qr[:, None] < nq_src) & (cols[None, :] < D), other=0.0)
                 kj = tl.load(k_base + kr[:, None] * skn + cols[None, :] * skd,
-                             mask=(kr[:, None] < nk_src) & (cols[None, :] < D), other=0.0)
+                             mask=(kr[:, None] < k_end) & (cols[None, :] < D), other=0.0)
                 s += _dot_rows(qj, kj, DOT_FP32)
+                count += ((qr[:, None] < nq_src) & (kr[None, :] < k_end)).to(tl.float32)
+            s = tl.where(count > 0, s * (S / tl.maximum(count, 1.0)), float("-inf"))
         # Per-column weights for pooled rows (their valid keys), untrusted key blocks and keys past
         # the valid length; a tile of one-key rows wholly within the valid keys skips them.
         if K_TOKENS > 1 or HAS_TRUST or (tile + 1) * KT > kv_len:

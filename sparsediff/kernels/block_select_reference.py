@@ -8,11 +8,16 @@ import torch
 _CHUNK_ROWS = 4096
 
 
-def feature_scores(qf: torch.Tensor, kf: torch.Tensor, stride: int, scale: float) -> torch.Tensor:
+def feature_scores(
+    qf: torch.Tensor, kf: torch.Tensor, stride: int, scale: float, k_valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scores between feature rows: scale / stride * sum_s qf[a*S + S-1-s] . kf[b*S + s].
 
     stride 1 is a plain scaled dot product (pooled features); stride S > 1 on raw q/k sums each
-    S x S sub-block's anti-diagonal (XAttention), averaged over its S products.
+    S x S sub-block's anti-diagonal (XAttention), averaged over its products of tokens that are
+    there: a ragged sub-block (past the end of q or k, or past the valid keys, k_valid: bool
+    (B, 1, Nk, 1)) is averaged over its fewer products, not biased towards 0 by padding (softmax
+    invariance: a per-query logit offset must not favour it); -inf where it has none.
     """
     def rows(x: torch.Tensor, flip: bool) -> torch.Tensor:
         m = -(-x.shape[-2] // stride)
@@ -20,7 +25,15 @@ def feature_scores(qf: torch.Tensor, kf: torch.Tensor, stride: int, scale: float
         x = x.reshape(*x.shape[:-2], m, stride, x.shape[-1])
         return (x.flip(-2) if flip else x).flatten(-2)
 
-    return rows(qf, True) @ rows(kf, False).transpose(-1, -2) * (scale / stride)
+    if stride == 1:
+        return rows(qf, True) @ rows(kf, False).transpose(-1, -2) * scale
+    if k_valid is None:
+        k_valid = torch.ones(1, 1, kf.shape[-2], 1, dtype=torch.bool, device=kf.device)
+    kf = torch.where(k_valid, kf.float(), 0.0)
+    q_there = torch.ones(1, 1, qf.shape[-2], 1, device=qf.device)
+    count = rows(q_there, True) @ rows(k_valid.float(), False).transpose(-1, -2)
+    sums = rows(qf, True) @ rows(kf, False).transpose(-1, -2)
+    return torch.where(count > 0, sums * scale / count.clamp_min(1), float("-inf"))
 
 
 def top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Tensor:
@@ -68,12 +81,13 @@ def block_mass_reference(
     if k_trusted is not None:
         logw = logw.masked_fill(~k_trusted.repeat_interleave(rk, dim=-1), float("-inf"))
     wq = (n_tokens - torch.arange(mq, device=dev) * q_tokens).clamp(0, q_tokens).float()
+    k_valid = (torch.arange(kf.shape[-2], device=dev)[None, :] < lens[:, None])[:, None, :, None] if stride > 1 else None
     mass = torch.empty(b, h, nq, nk, device=dev)
     step = max(1, _CHUNK_ROWS // rq)
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
         rows = slice(i0 * rq * stride, i1 * rq * stride)
-        s = feature_scores(qf[..., rows, :], kf, stride, scale)[..., : mk]
+        s = feature_scores(qf[..., rows, :], kf, stride, scale, k_valid)[..., : mk]
         s = torch.nn.functional.pad(s, (0, mk - s.shape[-1]), value=float("-inf")) + logw[:, :, None, :]
         s = torch.nn.functional.pad(s, (0, 0, 0, (i1 - i0) * rq - s.shape[-2]))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no trusted valid key: 0
