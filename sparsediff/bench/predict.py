@@ -28,12 +28,12 @@ import torch
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.bench.values import as_text, finite
 from sparsediff.metrics import relative_l1
+from sparsediff.pipelines.prompts import MAX_SEED
 
 BUDGET = 0.05
 CDF_SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 PV_SWEEP = (1e-3, 1e-2, 1e-1, 0.5)
 TILE = (2, 8, 8)
-MAX_SEED = 2**64 - 1  # as render's --seed: what torch.Generator.manual_seed takes
 # Sizes of the accuracy workload: the Wan latent grid on CUDA, a reduced one on CPU.
 ACCURACY = {"cuda": dict(grid=(21, 30, 52), heads=12, head_dim=128), "cpu": dict(grid=(8, 16, 16), heads=6, head_dim=64)}
 

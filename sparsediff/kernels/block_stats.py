@@ -57,8 +57,8 @@ def _block_stats_kernel(
     s2 = tl.sum(s * s, axis=0)
     sim = tl.where(n >= 2.0, (s2 - n) / tl.maximum(n * (n - 1.0), 1.0), 1.0)
     tl.store(sim_ptr + bh * n_blocks + blk, sim)
-    if BELOW:  # not (sim >= threshold): a NaN similarity counts as below; a threshold of 0 trusts every
-        # block (similarities may be negative: down to -1 / (n - 1)), a threshold of 1 trusts none
+    if BELOW:  # not (sim >= threshold): a NaN similarity counts as below; a threshold of 0 or less trusts
+        # every block, NaN ones too (similarities may be negative: down to -1 / (n - 1)), one of 1 none
         thr = tl.load(thr_ptr + h)
         tl.store(below_ptr + bh * n_blocks + blk, (((sim >= thr) == 0) & ((thr <= 0.0) == 0)) | (thr >= 1.0))
 
