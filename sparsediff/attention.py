@@ -103,6 +103,8 @@ def _per_head(value: Threshold, name: str, heads: int, device: torch.device) -> 
     """A threshold as an fp32 (H,) tensor in its range and its largest value; ValueError naming `name`
     otherwise. A number is checked on the host; a tensor's values are read back (a device sync)."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool:  # as a Python bool: True would read as 1.0
+            raise ValueError(f"{name} must be a float or a tensor of shape ({heads},), got a bool tensor")
         if value.dim() == 0:
             value = value.item()
         elif tuple(value.shape) != (heads,):

@@ -391,6 +391,8 @@ def test_sample_rows_cover_each_block_segment(samples):
         (dict(cdf_threshold=0.0), r"cdf_threshold must lie in \(0.0, 1.0\]"),  # as profiles: no mass asked for
         (dict(sim_threshold=float("nan")), "sim_threshold"),
         (dict(sim_threshold=True), "sim_threshold"),
+        (dict(sim_threshold=torch.tensor([True, True])), "sim_threshold.*bool tensor"),  # was read as 1.0
+        (dict(cdf_threshold=torch.tensor(True)), "cdf_threshold.*bool tensor"),
         (dict(sim_threshold=torch.tensor([0.5, 0.5, 0.5])), "sim_threshold"),
         (dict(sim_threshold=torch.tensor([0.5, float("nan")])), "sim_threshold"),
         (dict(cdf_threshold=torch.tensor([0.5, 2.0])), "cdf_threshold"),
