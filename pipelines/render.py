@@ -346,17 +346,18 @@ def _item(index: int, spec: PromptSpec, args: argparse.Namespace, recipe: Recipe
 
 def _forward_argv(args: argparse.Namespace) -> list[str]:
     """The command line of `args` without --num-processes (for the relaunched workers)."""
-    argv = ["render", "--prompts", str(args.prompts), "--out", str(args.out), "--seed", str(args.seed),
-            "--context-parallel", str(args.context_parallel)]
+    # `--flag=value`: a value starting with "-" (a negative prompt, a path) would be read as an option.
+    argv = ["render", f"--prompts={args.prompts}", f"--out={args.out}", f"--seed={args.seed}",
+            f"--context-parallel={args.context_parallel}"]
     if args.model is not None:
-        argv += ["--model", args.model]
+        argv += [f"--model={args.model}"]
     for flag, value in (("--profile", args.profile), ("--steps", args.steps), ("--height", args.height),
                         ("--width", args.width), ("--frames", args.frames),
                         ("--guidance-scale", args.guidance_scale), ("--negative-prompt", args.negative_prompt),
                         ("--cdf-threshold", args.cdf_threshold), ("--sim-threshold", args.sim_threshold),
                         ("--dense-steps", args.dense_steps)):
         if value is not None:
-            argv += [flag, str(value)]
+            argv += [f"{flag}={value}"]
     argv += ["--dense"] * args.dense + ["--compare-dense"] * args.compare_dense
     argv += ["--random-weights"] * args.random_weights + ["--fp8"] * args.fp8
     argv += ["--no-cuda-graphs"] * (not args.cuda_graphs)

@@ -521,3 +521,15 @@ def test_random_weights_render_records_it_in_sidecars(tmp_path: Path, monkeypatc
     assert "--fp8" in render._forward_argv(parser.parse_args(sparse_argv))  # relaunched workers keep it
     assert "--no-cuda-graphs" in render._forward_argv(parser.parse_args(sparse_argv + ["--no-cuda-graphs"]))
     assert "--no-cuda-graphs" not in render._forward_argv(parser.parse_args(sparse_argv))
+
+
+def test_relaunched_workers_parse_values_starting_with_a_dash() -> None:
+    from sparsediff.cli import build_parser
+    from sparsediff.pipelines import render as render_module
+
+    parser = build_parser()
+    args = parser.parse_args(["render", "--prompts=-p.txt", "--out=-out", "--negative-prompt=-blurry",
+                              "--guidance-scale=-1", "--num-processes", "2"])
+    again = parser.parse_args(render_module._forward_argv(args))
+    assert (again.prompts, again.out, again.negative_prompt, again.guidance_scale) == \
+        (args.prompts, args.out, "-blurry", -1.0)
