@@ -668,9 +668,10 @@ def render_plan(plan: Plan) -> int:
     part = plan.out_dir / (SUMMARY if world == 1 or not sharded else f"summary.rank{rank}-of-{world}.csv")
     if writes:
         remove_stale_temps(part)
-        if world == 1:  # an interrupted multi-process run's parts: their items' sidecars say what they did
+        if rank == 0:  # an interrupted run's parts of another layout: their items' sidecars say what they did
             for stale in plan.out_dir.glob("summary.rank*-of-*.csv"):
-                stale.unlink(missing_ok=True)
+                if not (sharded and world > 1 and stale.name.endswith(f"-of-{world}.csv")):
+                    stale.unlink(missing_ok=True)
     rows: list[dict[str, Any]] = []
 
     def save_rows() -> None:

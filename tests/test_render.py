@@ -533,3 +533,31 @@ def test_relaunched_workers_parse_values_starting_with_a_dash() -> None:
     again = parser.parse_args(render_module._forward_argv(args))
     assert (again.prompts, again.out, again.negative_prompt, again.guidance_scale) == \
         (args.prompts, args.out, "-blurry", -1.0)
+
+
+def test_summary_parts_of_another_process_count_are_dropped(rendered: Path, tmp_path: Path, monkeypatch) -> None:
+    import accelerate
+
+    class TwoProcesses:  # rank 0 of a 2-process run; its share is done, so no collective is needed
+        def __init__(self, **kwargs):
+            self.process_index, self.num_processes, self.is_main_process = 0, 2, True
+            self.device = torch.device("cpu")
+
+        def wait_for_everyone(self):
+            pass
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a finished batch must not load the model again")
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    monkeypatch.setattr(Recipe, "load", no_load)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in rendered.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    (out / "summary.rank3-of-4.csv").write_text("index,status,prompt\n9,failed,an item of an interrupted run\n")
+    argv = ["render", *FAST, "--dense", "--num-processes", "2", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]
+    assert main(argv) == 0
+    assert [r["index"] for r in _summary(out)] == ["0", "2"]  # rank 0's share
+    assert not list(out.glob("summary.rank*"))
