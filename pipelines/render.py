@@ -247,6 +247,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise RenderError(f"--num-processes: must be >= 1, got {args.num_processes}")
     if args.context_parallel < 1:
         raise RenderError(f"--context-parallel: must be >= 1, got {args.context_parallel}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and max(args.num_processes, args.context_parallel) not in (1, launched):
+        # Under a launcher the processes exist already: the flag would be ignored without a word.
+        raise RenderError(f"--num-processes {args.num_processes} / --context-parallel {args.context_parallel}: this "
+                          f"command already runs as one of {launched} launched processes (WORLD_SIZE); give "
+                          f"{launched} or leave the process count to the launcher")
     if args.context_parallel > 1 and args.num_processes not in (1, args.context_parallel):
         raise RenderError(f"--num-processes {args.num_processes} and --context-parallel {args.context_parallel}: "
                           f"under context parallelism all processes render each prompt together; give one of them")

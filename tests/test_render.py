@@ -355,6 +355,15 @@ def test_bad_inputs_refused_before_loading(tmp_path, capsys, no_model) -> None:
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_a_process_count_unlike_the_launchers_is_refused(tmp_path, capsys, monkeypatch, no_model) -> None:
+    # Under `accelerate launch --num_processes 2`, --num-processes 4 was ignored without a word.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["render", "--prompts", str(_prompts(tmp_path)), "--out", str(tmp_path / "o"), "--model", "tiny-wan"]
+    assert "one of 2 launched processes" in _error(capsys, [*argv, "--num-processes", "4"])
+    assert "one of 2 launched processes" in _error(capsys, [*argv, "--context-parallel", "4"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_model) -> None:
     layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
     profile = {"format_version": 1, "model_id": "wan2.1-t2v-14b", "family": "wan",
