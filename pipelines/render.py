@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
     except (RenderError, PromptFileError) as e:
         print(f"sparsediff render: error: {e}", file=sys.stderr)
         return 2
-    processes = max(args.num_processes, args.context_parallel)
-    relaunch = processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    processes = _processes_asked(args)
+    relaunch = processes > 1 and _launched_processes() == 1
     try:
         return _relaunch(args, processes) if relaunch else render_plan(plan)
     except KeyboardInterrupt:
@@ -206,6 +206,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- planning (no model loaded)
+
+
+def _processes_asked(args: argparse.Namespace) -> int:
+    """The process count the command line asks for (--num-processes, or --context-parallel's degree)."""
+    return max(args.num_processes, args.context_parallel)
+
+
+def _launched_processes() -> int:
+    """How many processes a launcher (accelerate launch, torchrun, our own relaunch) started: WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _file_sha256(path: Path) -> str:
@@ -247,8 +257,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise RenderError(f"--num-processes: must be >= 1, got {args.num_processes}")
     if args.context_parallel < 1:
         raise RenderError(f"--context-parallel: must be >= 1, got {args.context_parallel}")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and max(args.num_processes, args.context_parallel) not in (1, launched):
+    launched = _launched_processes()
+    if launched > 1 and _processes_asked(args) not in (1, launched):
         # Under a launcher the processes exist already: the flag would be ignored without a word.
         raise RenderError(f"--num-processes {args.num_processes} / --context-parallel {args.context_parallel}: this "
                           f"command already runs as one of {launched} launched processes (WORLD_SIZE); give "
