@@ -655,13 +655,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsediff.bench.kernel", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as error:  # as `sparsediff bench kernel` does: the argument named, no traceback
-        parser.error(str(error))
+    """`python -m sparsediff.bench.kernel ARGS` is `sparsediff bench kernel ARGS`."""
+    from sparsediff.cli import main as cli_main
+
+    return cli_main(["bench", "kernel", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
