@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ TEMP_MARKER = ".tmp-"
 # A name (one path component) may hold 255 bytes on common filesystems; tempfile adds 8 random characters.
 _NAME_MAX = 255
 _RANDOM_CHARS = 8
+_HASH_CHARS = 8  # of a shortened stem's tag
 # mkstemp creates 0600 files; finished files get the mode a plain open() would give them.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -49,13 +51,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _temp_prefix(path: Path) -> str:
-    """"." + `path`'s stem + TEMP_MARKER, the stem shortened where the temporary name would be longer
-    than a name may be (a final name of up to _NAME_MAX bytes must still be writable)."""
+    """"." + `path`'s stem + TEMP_MARKER. Where the temporary name would be longer than a name may be
+    (a final name of up to _NAME_MAX bytes must still be writable), the stem is shortened and ends in a
+    hash of the whole name, so that two long names sharing their first bytes keep apart temporaries."""
     budget = _NAME_MAX - len(os.fsencode(f".{TEMP_MARKER}{path.suffix}")) - _RANDOM_CHARS
     stem = path.stem
-    while stem and len(os.fsencode(stem)) > budget:
-        stem = stem[:-1]
+    if len(os.fsencode(stem)) > budget:
+        tag = "~" + hashlib.sha1(os.fsencode(path.name)).hexdigest()[:_HASH_CHARS]
+        while len(os.fsencode(stem + tag)) > budget:
+            stem = stem[:-1]
+        stem += tag
     return f".{stem}{TEMP_MARKER}"
+
+
+def _temp_pattern(path: Path) -> str:
+    """The glob of `atomic_output(path)`'s temporaries: the prefix, exactly the random characters, the suffix
+    (so that "a.mp4" does not claim the temporaries of a file named "a.tmp-x.mp4")."""
+    return glob.escape(_temp_prefix(path)) + "[a-z0-9_]" * _RANDOM_CHARS + glob.escape(path.suffix)
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -64,7 +76,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     Only call this while no other process may be writing `path`. Returns what was removed.
     """
     path = Path(path)
-    stale = sorted(path.parent.glob(f"{glob.escape(_temp_prefix(path))}*{glob.escape(path.suffix)}"))
+    stale = sorted(path.parent.glob(_temp_pattern(path)))
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

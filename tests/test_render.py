@@ -454,6 +454,21 @@ def test_atomic_writes_take_the_longest_names_a_folder_allows(tmp_path: Path) ->
         target.unlink()
 
 
+def test_stale_temporaries_are_only_those_of_the_name_asked(tmp_path: Path) -> None:
+    # Two 255-byte names sharing their first 249 bytes shortened to one temporary prefix, and "a.json"'s
+    # pattern matched the temporaries of a file named "a.tmp-x.json": cleaning one removed the other's.
+    for mine, other in (("q" * 249 + "1.json", "q" * 249 + "2.json"), ("a.json", "a.tmp-x.json")):
+        with atomic_output(tmp_path / other) as other_tmp:
+            with pytest.raises(KeyboardInterrupt):
+                with atomic_output(tmp_path / mine) as tmp:
+                    assert remove_stale_temps(tmp_path / mine) == [tmp]
+                    raise KeyboardInterrupt
+            assert other_tmp.exists() and remove_stale_temps(tmp_path / other) == [other_tmp]
+            other_tmp.write_text("{}")  # atomic_output's exit moves it onto `other`
+        (tmp_path / other).unlink()
+    assert not list(tmp_path.iterdir())
+
+
 def test_video_and_png_writers(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     frames = rng.random((3, 17, 21, 3), dtype=np.float32)  # odd sizes: padded to even for yuv420p
