@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt i is SEED + i unless the file sets one")
     if sweep:
         parser.add_argument("--budgets", default="0.05,0.1,0.2,0.3,0.5",
-                            help="comma list of per-head error budgets in (0, 1), each selected and validated")
+                            help="comma list of per-head error budgets in (0, 1), each selected and validated "
+                                 "(default 0.05,0.1,0.2,0.3,0.5)")
     else:
         parser.add_argument("--budget", type=float, default=0.05,
                             help="per-head relative L1 error budget of the attention output, in (0, 1) (default 0.05)")
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
                         help="token order the profile runs with (default tiles)")
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help=f"mask predictor the profile runs with (default {DEFAULT_METHOD}; sampled8: four times "
-                             "the sampled queries, closer masks for 1.6-3.5x the prediction time)")
+                             "the sampled queries, closer masks for 1.3-3.6x the prediction time)")
     if not sweep:
         parser.add_argument("--validate", action="store_true",
                             help="render held-out prompts dense and with the new profile; PSNR, SSIM, speed-up, "

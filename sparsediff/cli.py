@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import sys
 
 # (words, module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
@@ -18,7 +19,13 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `argv`, only the subcommand it names gets its options (its module
+    imported), so that `sparsediff --help` and one command's start do not import every command's."""
+    chosen = None
+    if argv is not None:
+        asked = tuple(itertools.takewhile(lambda arg: not arg.startswith("-"), argv))
+        chosen = next((cmd for cmd, _, _ in COMMANDS if asked[: len(cmd)] == cmd), ())
     parser = argparse.ArgumentParser(prog="sparsediff", description=__doc__)
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -32,12 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
             subparsers = groups[key]
         sub = subparsers.add_parser(words[-1], help=help_text, description=help_text)
         sub.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(sub)
+        if chosen is None or chosen == words:
+            importlib.import_module(module).add_arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except ValueError as error:  # an argument found bad after parsing (the benches check theirs in run)

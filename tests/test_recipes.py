@@ -280,6 +280,22 @@ def test_cli_names_a_bad_argument_instead_of_a_traceback(argv, name, capsys):
     assert err.startswith("sparsediff: error:") and name in err and "Traceback" not in err
 
 
+def test_cli_help_imports_only_the_command_asked_for() -> None:
+    # `sparsediff --help` imported every command's module, and with them torch and diffusers (~10 s).
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom sparsediff.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'sparsediff.bench.kernel') if m in sys.modules))")
+    def imported(*argv: str) -> str:
+        return subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                              check=True).stdout.splitlines()[-1]
+
+    assert imported("--help") == "[]"
+    assert imported("bench", "--help") == "[]"
+    assert imported("bench", "kernel", "--help") == "['sparsediff.bench.kernel']"
+
+
 def test_bench_kernel_module_entry_names_a_bad_argument_instead_of_a_traceback(capsys) -> None:
     # `python -m sparsediff.bench.kernel --keeps 0` ended in a ValueError traceback.
     from sparsediff.bench import kernel
