@@ -172,20 +172,26 @@ def _partial_mass_kernel(
             # Anti-diagonal sums (XAttention): sum_s q[a*S + S-1-s] . k[b*S + s]. A loop, not
             # unrolled: unrolled, the S tile pairs' loads all stay in flight and overflow shared memory.
             # A ragged sub-block (past q's or k's end, or past the valid keys) is averaged over the
-            # products it has (scale carries 1 / S), -inf where none, as `feature_scores`.
+            # products it has (scale carries 1 / S), -inf where none, as `feature_scores`. A ragged
+            # query sub-row (q's last, q_len < S tokens) takes the anti-diagonal of its q_len x q_len
+            # corner, q[a*S + q_len-1-s] . k[b*S + s] for s < q_len: the full one's would pair its tokens
+            # with keys S-q_len.. only, none of them in a last key sub-row of at most S - q_len keys
+            # (n % S <= S/2), whose key block then got no mass at all from a last query block of them.
             s = tl.zeros((QT, KT), dtype=tl.float32)
             count = tl.zeros((QT, KT), dtype=tl.float32)
             k_base = k_src + b.to(tl.int64) * skb + h.to(tl.int64) * skh
             k_end = tl.minimum(nk_src, kv_len)
+            q_len = tl.minimum(nq_src - a_idx * S, S)  # <= 0 past q's end
             for j in range(S):
-                qr = a_idx * S + (S - 1 - j)
+                q_ok = j < q_len
+                qr = a_idx * S + (q_len - 1 - j)
                 kr = b_idx * S + j
                 qj = tl.load(q_base + qr[:, None] * sqn + cols[None, :] * sqd,
-                             mask=(qr[:, None] < nq_src) & (cols[None, :] < D), other=0.0)
+                             mask=q_ok[:, None] & (cols[None, :] < D), other=0.0)
                 kj = tl.load(k_base + kr[:, None] * skn + cols[None, :] * skd,
                              mask=(kr[:, None] < k_end) & (cols[None, :] < D), other=0.0)
                 s += _dot_rows(qj, kj, DOT_FP32)
-                count += ((qr[:, None] < nq_src) & (kr[None, :] < k_end)).to(tl.float32)
+                count += (q_ok[:, None] & (kr[None, :] < k_end)).to(tl.float32)
             s = tl.where(count > 0, s * (S / tl.maximum(count, 1.0)), float("-inf"))
         # Per-column weights for pooled rows (their valid keys), untrusted key blocks and keys past
         # the valid length; a tile of one-key rows wholly within the valid keys skips them.

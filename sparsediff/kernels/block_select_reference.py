@@ -17,13 +17,21 @@ def feature_scores(
     S x S sub-block's anti-diagonal (XAttention), averaged over its products of tokens that are
     there: a ragged sub-block (past the end of q or k, or past the valid keys, k_valid: bool
     (B, 1, Nk, 1)) is averaged over its fewer products, not biased towards 0 by padding (softmax
-    invariance: a per-query logit offset must not favour it); -inf where it has none.
+    invariance: a per-query logit offset must not favour it); -inf where it has none. A ragged
+    last query sub-row of r < S tokens takes the anti-diagonal of its r x r corner,
+    sum_{s<r} qf[a*S + r-1-s] . kf[b*S + s], so that it meets every key sub-row that has a key
+    (the full anti-diagonal's products with a last key sub-row of at most S - r keys are all absent).
     """
     def rows(x: torch.Tensor, flip: bool) -> torch.Tensor:
-        m = -(-x.shape[-2] // stride)
-        x = torch.nn.functional.pad(x.float(), (0, 0, 0, m * stride - x.shape[-2]))
+        n = x.shape[-2]
+        m = -(-n // stride)
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, m * stride - n))
         x = x.reshape(*x.shape[:-2], m, stride, x.shape[-1])
-        return (x.flip(-2) if flip else x).flatten(-2)
+        if flip:
+            x = x.flip(-2)
+            if n < m * stride:  # the ragged last row: its r tokens reversed first, the padding after
+                x = torch.cat([x[..., :-1, :, :], x[..., -1:, :, :].roll(n - m * stride, dims=-2)], dim=-3)
+        return x.flatten(-2)
 
     if stride == 1:
         return rows(qf, True) @ rows(kf, False).transpose(-1, -2) * scale
