@@ -58,6 +58,7 @@ from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_sparse_attn import (
     BLOCK_M,
     BLOCK_N,
+    MAX_HEAD_DIM,
     BlockLut,
     block_sparse_attention,
     build_block_lut,
@@ -165,6 +166,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor | None
         raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype}")
     if min(q.shape) < 1:
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
+    if q.shape[-1] > MAX_HEAD_DIM:  # as sparse_attention's; the prediction kernels' tiles are sized for it
+        raise ValueError(f"q head dim {q.shape[-1]} is not supported (1..{MAX_HEAD_DIM})")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n = q.shape[2]

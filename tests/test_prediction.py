@@ -429,7 +429,33 @@ def test_bad_threshold_lists_name_themselves():
     (torch.randn(1, 2, 64, 16), torch.randn(1, 2, 32, 16), "k"),
     (torch.randn(1, 2, 64, 16).int(), torch.randn(1, 2, 64, 16), "q"),
     (torch.randn(1, 2, 64, 16).half(), torch.randn(1, 2, 64, 16).bfloat16(), "k has dtype"),
+    # D=256 ran out of shared memory on an H100 (antidiag, fp32) instead of being refused as sparse_attention does
+    (torch.randn(1, 1, 64, 256), torch.randn(1, 1, 64, 256), "q head dim 256 is not supported"),
 ])
 def test_bad_tensors_name_themselves(q, k, name):
     with pytest.raises(ValueError, match=name):
         predict_block_mask(q, k)
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+def test_antidiag_ragged_last_query_block_meets_the_last_key_block(r):
+    # n % 128 = r <= 4: the last query block and the last key block are each one 8-token sub-row of
+    # r tokens. The full anti-diagonal pairs query offset i with key offset 7 - i, none of them
+    # there: the block scored -inf, got mass 0 and was dropped at any cdf below 1, even under local
+    # attention, where the last queries put most of their mass on it (they attend to themselves).
+    # Likewise a key block of 8 - r valid keys (kv_lens) against that last query block.
+    n, d = 2 * BLOCK_M + r, 32
+    pos = torch.arange(n).float()[:, None]
+    freq = 1.0 / (4.0 ** (torch.arange(d // 2).float() / (d // 2)) * 3.0)
+    pe = 2.2 * torch.cat([torch.cos(pos * freq), torch.sin(pos * freq)], -1)
+    q, k = pe + 0.3 * torch.randn(1, 1, n, d), pe + 0.3 * torch.randn(1, 1, n, d)
+    true = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, -1)[0, 0, 2 * BLOCK_M:, 4 * BLOCK_N:].sum(-1).mean()
+    assert true > 0.3  # the last query block puts 0.44-0.9 of its attention on its own key block
+    for lens, kb in ((None, -1), (torch.tensor([BLOCK_N + 8 - r]), 1)):
+        kw = dict(stride=8, q_tokens=8, k_tokens=8, n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=d**-0.5,
+                  kv_lens=lens)
+        ref = block_mass_reference(q, k, **kw)
+        mass = block_select(q, k, torch.tensor([0.9]), **kw)[1]
+        torch.testing.assert_close(mass, ref, atol=1e-5, rtol=1e-4)
+        assert ref[0, 0, -1, kb] > 0, (r, lens)
+    assert predict_block_mask(q, k, 0.9, 0.0, method="antidiag")[0, 0, -1, -1]
