@@ -258,6 +258,29 @@ def test_pv_threshold_large_skips(step_blocks):
     _assert_close(out, _reference(q, k, v, mask), torch.float16)
 
 
+@pytest.mark.parametrize("step_blocks", [1, 2])
+def test_pv_skip_needs_every_row_of_the_query_block_negligible(step_blocks):
+    # Rows 0-63 attend almost only to key block 0, rows 64-127 almost only to key block 2: block 2 is
+    # negligible for the first half of the query block and dominant for the second, so it must not be
+    # skipped (a skip when any row, not every row, is negligible gave an error of 0.41).
+    n, D = 256, 64
+    q = torch.randn(1, 1, n, D).abs() * 0.05
+    k = torch.randn(1, 1, n, D) * 0.05
+    q[:, :, :64, :32] = 1.0
+    q[:, :, 64:128, 32:] = 1.0
+    q[:, :, 128:] = 1.0
+    k[:, :, :BLOCK_N, :32] = 2.0
+    k[:, :, 2 * BLOCK_N:3 * BLOCK_N, 32:] = 2.0
+    v = torch.randn(1, 1, n, D)
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    mask = torch.ones(_mask_shape(1, 1, n, n), dtype=torch.bool)
+    out, skips = attention_from_lut(q, k, v, build_block_lut(mask, n), 1 / 8, pv_threshold=1e-3,
+                                    return_pv_skips=True, config=TileConfig(step_blocks, 4, 2))
+    _assert_close(out, _reference(q, k, v, mask, scale=1 / 8), torch.float16)
+    if step_blocks == 1:
+        assert int(skips.sum()) > 0  # key blocks 1 and 3 are negligible for every row: the filter is on
+
+
 @pytest.mark.parametrize("value", ["0", "false", "off"])  # Triton reads all three as off
 def test_cpu_fallback_without_interpreter(monkeypatch, value):
     monkeypatch.setenv("TRITON_INTERPRET", value)

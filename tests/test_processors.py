@@ -24,6 +24,8 @@ from sparsediff.processors import (
 from sparsediff.processors import controller as controller_module
 from sparsediff.processors import api, cogvideox, families, wan
 from sparsediff.processors.controller import FALLBACK_CAUSES
+from sparsediff.kernels.block_sparse_attn import BLOCK_M, BLOCK_N
+from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
 from sparsediff.processors.flux import image_grid_from_ids
 from sparsediff.profile import SparsityProfile
 from tiny_models import GRID, TEXT_TOKENS, TINY, build_cogvideox, build_wan, build_wan_pipeline, cogvideox_inputs, wan_inputs
@@ -56,19 +58,48 @@ def test_every_block_kept_equals_stock(family):
     remove(model)
 
 
+class _RecordingController(AttentionController):
+    """Keeps every sparse call's inputs, output and mask."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def run_sparse(self, call, q, k, v):
+        out, mask = super().run_sparse(call, q, k, v)
+        self.calls.append((call, q, k, v, out, mask))
+        return out, mask
+
+
 @pytest.mark.parametrize("family", list(TINY))
-def test_sparse_setting_changes_output_and_stays_finite(family):
+def test_sparse_setting_is_the_kernel_on_its_mask_with_the_text_dense(family):
     build, make_inputs = TINY[family]
     model = build()
-    inputs = make_inputs(model)
+    inputs = make_inputs(model, batch=BATCH.get(family, 1))
     ref = _run(model, inputs)
-    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=0)
+    handle = apply(model, cdf_threshold=0.3, sim_threshold=0.0, dense_steps=0, controller_cls=_RecordingController)
     out = _run(model, inputs)
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, ref, atol=1e-4)
     per_head = handle.stats.per_layer_head()
     assert per_head.shape == (len(handle.stats.layer_names), 2)
     assert (per_head > 0).all() and (per_head < 1).all()
+    # Each sparse call is the kernel's attention on its own mask, and the text segment (moved last)
+    # is attended densely both ways: its query blocks keep every valid key block, and every query
+    # block keeps the key blocks that hold text.
+    calls = handle.controller.calls
+    assert calls and (family == "wan" or all(call.text_tokens > 0 for call, *_ in calls))
+    for call, q, k, v, o, mask in calls:
+        torch.testing.assert_close(o, block_sparse_attention_reference(
+            q, k, v, mask, block_m=BLOCK_M, block_n=BLOCK_N, kv_lens=call.kv_lens).to(o.dtype), atol=2e-5, rtol=1e-4)
+        n, text = q.shape[2], call.text_tokens
+        kv_lens = call.kv_lens.tolist() if call.kv_lens is not None else [n] * q.shape[0]
+        for b, kv_len in enumerate(kv_lens):
+            valid_kb = -(-kv_len // BLOCK_N)
+            if text:
+                assert mask[b, :, (n - text) // BLOCK_M:, :valid_kb].all()
+                assert mask[b, :, :, (n - text) // BLOCK_N:valid_kb].all()
+            assert not mask[b, :, :, valid_kb:].any()
     remove(model)
 
 
