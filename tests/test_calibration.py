@@ -157,6 +157,9 @@ def test_select_rule_on_known_statistics():
     assert forced.dense_steps == 0 and forced.dense_steps_source == "argument"
     assert [c.cdf for c in forced.choice[0]] == [0.9, 0.9]
     assert CalibrationStats.from_dict(json.loads(json.dumps(stats.to_dict()))).to_dict() == stats.to_dict()
+    # An error exactly at the budget is within it (the rule is worst <= budget).
+    stats.err_max[0, :, 0, 1] = 0.05
+    assert [c.cdf for c in select(stats, 0.05, total_steps=4, lead_steps=2, dense_steps=1).choice[0]] == [0.5, 0.5]
 
 
 # --------------------------------------------------------------------------- one measured call

@@ -98,7 +98,7 @@ def test_tile_order_keeps_text_last():
     perm = tile_permutation((2, 4, 4), (1, 2, 2))
     assert torch.equal(y[0, 0, :32, 0], perm.float())
     assert y[0, 0, 32:, 0].tolist() == [32.0, 33.0, 34.0]
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match=r"^x has 10 tokens, fewer than the grid's 32"):
         to_tile_order(x[..., :10, :], (2, 4, 4), (1, 2, 2))
 
 

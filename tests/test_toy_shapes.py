@@ -64,6 +64,12 @@ def test_metric_rejects_the_wrong_colour_and_the_wrong_direction():
     assert not metrics.check_clip(frames, [("blue", "square", "moves left")])["colour_ok"]
     assert not metrics.check_clip(frames, [("red", "square", "moves right")])["motion_ok"]
     assert not metrics.check_clip(frames.flip(0), objs)["motion_ok"]  # played backwards
+    # A track that drifts across more than it moves along is not that direction.
+    n = 8
+    track = {"valid": torch.ones(n, dtype=torch.bool), "count": torch.full((n,), 50.0),
+             "cx": torch.linspace(10, 30, n), "cy": torch.linspace(10, 34, n)}
+    assert not metrics.motion_ok(track, "moves right") and metrics.motion_ok(track, "moves down")
+    assert metrics.motion_ok({**track, "cy": torch.full((n,), 10.0)}, "moves right")
 
 
 def test_metric_reads_uint8_frames_and_refuses_other_scales():
