@@ -15,6 +15,7 @@ link only with --share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -23,7 +24,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,7 @@ class Comparison:
     sparse_s: float
     stats: SparsityStats  # of the sparse render only
     settings: str  # the sparse settings used, in words
+    request: Request  # what was rendered (checked: whole numbers as ints, the prompt stripped)
     psnr_db: float  # inf when the outputs are identical
     ssim: float
     notes: list[str]
@@ -132,6 +134,29 @@ def _in_range(name: str, value: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise InputError(f"{name}: must be between {low} and {high}, got {value}")
     return value
+
+
+@contextlib.contextmanager
+def _warnings_logged() -> Iterator[list[str]]:
+    """The distinct warnings that the pipelines (sparsediff's recipes) and diffusers log meanwhile: a
+    prompt's unknown or truncated words, say, which a page user would otherwise never see. Not those of
+    the "sparsediff" logger itself: its dense fallbacks have their own row, counted per render."""
+    warned: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name != "sparsediff" and (message := record.getMessage()) not in warned:
+                warned.append(message)
+
+    handler = Collect(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("sparsediff", "diffusers")]
+    for log in loggers:
+        log.addHandler(handler)
+    try:
+        yield warned
+    finally:
+        for log in loggers:
+            log.removeHandler(handler)
 
 
 class DemoSession:
@@ -247,7 +272,8 @@ class DemoSession:
 
         notes = []
         if not kernels_available(self.device):
-            notes.append("No GPU and TRITON_INTERPRET unset: the sparse layers fall back to dense attention here.")
+            notes.append("No GPU and TRITON_INTERPRET unset: the sparse layers fall back to dense attention here "
+                         "(start the demo with TRITON_INTERPRET=1 to run the sparse kernels in Triton's interpreter).")
         elif self.device.type == "cpu" and triton_interpreting():
             notes.append("The sparse kernels run in the Triton interpreter on this CPU: the sparse time shows "
                          "that they run, not how fast they are.")
@@ -267,7 +293,7 @@ class DemoSession:
         profile, settings = self.sparse_profile(request)
         if request.fp8:
             settings += "; FP8 (e4m3) attention"
-        with self._lock:
+        with self._lock, _warnings_logged() as warned:
             setting = (request.height, request.width, request.frames, request.fp8)
             dense, dense_s = self._render(request, "dense", on_step)
             new_sparse_settings = self._handle is None or self._handle_key != (profile, request.fp8)
@@ -282,12 +308,13 @@ class DemoSession:
                 sparse, sparse_s = self._render(request, "sparse", on_step)
             finally:
                 handle.remove()  # a failed sparse render must leave the pipeline dense for the next request
-            notes = self._notes(setting not in self._warmed, new_sparse_settings)
+            notes = self._notes(setting not in self._warmed, new_sparse_settings) + [f"Logged: {w}" for w in warned]
             self._warmed.add(setting)
             stats = copy.deepcopy(handle.stats)  # before another request resets them
         return Comparison(
             dense=dense, sparse=sparse, dense_s=dense_s, sparse_s=sparse_s, stats=stats,
-            settings=settings, psnr_db=video_psnr(sparse, dense), ssim=video_ssim(sparse, dense), notes=notes,
+            settings=settings, request=request, psnr_db=video_psnr(sparse, dense), ssim=video_ssim(sparse, dense),
+            notes=notes,
         )
 
 
@@ -313,7 +340,10 @@ def stats_markdown(c: Comparison) -> str:
     where = (f"steps {sparse_steps[0] + 1}–{sparse_steps[-1] + 1}" if len(sparse_steps) > 1
              else f"step {sparse_steps[0] + 1}" if sparse_steps else "no sparse step")
     psnr = "∞ (identical)" if math.isinf(c.psnr_db) else f"{c.psnr_db:.2f} dB"
+    r = c.request
+    frames = f", {r.frames} frames" if r.frames > 1 else ""
     rows = [
+        ("rendered", f"{_escaped(r.prompt)} — seed {r.seed}, {r.width}×{r.height}{frames}, {r.steps} steps"),
         ("wall time, dense", f"**{c.dense_s:.2f} s**"),
         ("wall time, sparse", f"**{c.sparse_s:.2f} s**"),
         ("speed-up (dense / sparse)", f"**{c.speedup:.2f}×**"),
@@ -325,8 +355,17 @@ def stats_markdown(c: Comparison) -> str:
         ("largest pixel difference", f"{255 * c.max_abs_diff:.1f} / 255"),
         ("sparse settings", c.settings),
     ]
+    if fallbacks := stats.fallback_summary():  # why a sparsity is lower than the settings would give
+        rows.append(("ran dense instead of sparse",
+                     "; ".join(f"{f['calls']} call(s): {f['reason']}" for f in fallbacks)))
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     return table + "".join(f"\n\n*{note}*" for note in c.notes)
+
+
+def _escaped(text: str) -> str:
+    """`text` as literal Markdown table cell content (a prompt may hold |, *, _ or a newline)."""
+    text = " ".join(text.split())
+    return "".join(f"\\{ch}" if ch in "\\`*_[]<>|~" else ch for ch in text)
 
 
 def _short(layer: str) -> str:
@@ -427,14 +466,20 @@ def build_app(session: DemoSession, out_dir: Path) -> gr.Blocks:
             desc = f"{label}: step {step}/{total}" + (" — decoding" if step == total else "")
             progress((done, 2 * total), desc=desc, unit="steps")
 
+        def refused(title: str, message: str) -> list[Any]:
+            """The message stays in the page where the numbers go, and the last render's outputs are
+            cleared: they do not belong to the inputs now on the page."""
+            gr.Warning(message, title=title)
+            return [None, None, None, f"**{title}:** {_escaped(message)}", None, None]
+
         progress(0.0, desc="dense: encoding the prompt")
         try:
             c = session.compare(request, on_step)
         except InputError as e:
-            raise gr.Error(str(e), title="Invalid input", print_exception=False) from None
+            return refused("Invalid input", str(e))
         except Exception as e:  # a failed render is reported in the page; the next request starts clean
             logger.exception("sparsediff demo: render failed")
-            raise gr.Error(f"{type(e).__name__}: {e}", title="Render failed", print_exception=False) from None
+            return refused("Render failed", f"{type(e).__name__}: {e}")
         by_head, by_step = heatmaps(c.stats)
         return [show(c.dense, "dense"), show(c.sparse, "sparse"), show(difference(c.dense, c.sparse), "difference"),
                 stats_markdown(c), by_head, by_step]
@@ -450,13 +495,15 @@ def build_app(session: DemoSession, out_dir: Path) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="e.g. a red circle moving to the right")
+                                    placeholder="e.g. a red circle moves right on a black background")
                 # FLUX's guidance is distilled: its pipeline reads a negative prompt only with true CFG, which
                 # the recipes leave off.
                 negative = gr.Textbox(label="Negative prompt", value=recipe.negative_prompt or "", lines=2,
                                       visible=recipe.family != "flux", elem_id="negative-prompt")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+                    # No precision or bounds here: gradio would round 1.5 to 2 without a word, and refuse
+                    # -1 in a message that does not name the field. The session's checks say both.
+                    seed = gr.Number(label="Seed", value=0, elem_id="seed")
                     steps = gr.Slider(1, lim.max_steps, value=recipe.steps, step=1, label="Steps", elem_id="steps")
                 with gr.Row():
                     height = gr.Slider(m, lim.max_height, value=recipe.height, step=m, label="Height", elem_id="height")
@@ -499,10 +546,13 @@ def build_app(session: DemoSession, out_dir: Path) -> gr.Blocks:
 
         source.change(lambda s: (gr.Group(visible=s == PROFILE), gr.Group(visible=s == THRESHOLDS)),
                       inputs=source, outputs=[profile_group, threshold_group], queue=False)
-        button.click(generate,
-                     inputs=[prompt, negative, seed, steps, height, width, frames, source, upload, cdf, sim,
-                             dense_steps, fp8],
-                     outputs=[out_dense, out_sparse, out_diff, stats, plot_heads, plot_steps])
+        # The button is off while a render runs: a click then would otherwise be dropped without a word,
+        # leaving that click's inputs on the page beside the earlier inputs' outputs.
+        button.click(lambda: gr.Button(interactive=False), outputs=button, queue=False).then(
+            generate,
+            inputs=[prompt, negative, seed, steps, height, width, frames, source, upload, cdf, sim, dense_steps, fp8],
+            outputs=[out_dense, out_sparse, out_diff, stats, plot_heads, plot_steps],
+        ).then(lambda: gr.Button(interactive=True), outputs=button, queue=False)
     # One model instance: renders must not interleave (and timings must not share the device).
     app.queue(default_concurrency_limit=1)
     return app

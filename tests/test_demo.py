@@ -106,9 +106,10 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
             generate = page.locator("#generate")
             expect(generate).to_be_visible(timeout=30_000)
 
-            # Bad input: a message in the page, and the app goes on serving.
+            # Bad input: a message in the page (where the numbers go, so that it stays), and the app goes on serving.
+            stats = page.locator("#stats")
             generate.click()
-            expect(page.get_by_text("enter a prompt", exact=False)).to_be_visible(timeout=30_000)
+            expect(stats).to_contain_text("Invalid input: Prompt: enter a prompt", timeout=30_000)
 
             page.locator("#prompt textarea").fill("a red circle moving to the right")
             page.locator("#source").get_by_text("profile", exact=True).click()
@@ -117,7 +118,7 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
             # Gradio renders the file's stem and extension in separate cells: at times with a space between.
             expect(page.locator("#profile-upload")).to_contain_text(re.compile(r"flux-profile\s*\.json"), timeout=30_000)
             generate.click()
-            expect(page.get_by_text("is a profile for the flux family", exact=False)).to_be_visible(timeout=30_000)
+            expect(stats).to_contain_text("is a profile for the flux family", timeout=30_000)
 
             # A real render, kept small for the Triton interpreter: 5 frames of 256x256 are 512 video tokens
             # (4 query blocks, the fewest that run sparse), one dense and one sparse step, thresholds that
@@ -131,13 +132,15 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
                 expect(box).to_have_value(value)
             page.get_by_label("FP8 attention").check()
             generate.click()
+            # Off while the render runs: a click then would be dropped without a word.
+            expect(generate).to_be_disabled(timeout=10_000)
             # Progress comes from the pipeline's step callback.
             expect(page.get_by_text(re.compile(r"(dense|sparse): step \d+/\d+")).first).to_be_visible(
                 timeout=RENDER_TIMEOUT_MS)
             for output in ("#dense-output", "#sparse-output", "#difference-output"):
                 expect(page.locator(f"{output} video")).to_be_attached(timeout=RENDER_TIMEOUT_MS)
-            stats = page.locator("#stats")
             expect(stats).to_contain_text("speed-up", timeout=30_000)
+            expect(generate).to_be_enabled(timeout=30_000)
             for plot in ("#heads-plot", "#steps-plot"):
                 expect(page.locator(f"{plot} img")).to_be_attached(timeout=30_000)
             text = stats.inner_text()
@@ -151,9 +154,16 @@ def test_demo_page(server: str, tmp_path: Path) -> None:
             assert re.search(r"PSNR, sparse vs dense\s+([\d.]+ dB|∞)", text), text
             assert "cdf 0.6, sim 0, 1 dense step(s); FP8 (e4m3) attention" in text, \
                 "the sparse settings shown must be the ones asked for"
+            assert "a red circle moving to the right — seed 0, 256×256, 5 frames, 2 steps" in text, text
 
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+
+            # A refused request after a render clears that render's outputs: they belong to other inputs.
+            page.locator("#prompt textarea").fill("")
+            generate.click()
+            expect(stats).to_contain_text("enter a prompt", timeout=30_000)
+            expect(page.locator("#dense-output video")).not_to_be_attached(timeout=30_000)
         finally:
             browser.close()
 
@@ -304,6 +314,29 @@ def test_an_interrupt_while_gradio_starts_stops_the_server_cleanly(tmp_path: Pat
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert closed and not list(tmp_path.glob("sparsediff-demo-*"))
+
+
+def test_the_page_shows_what_was_rendered_why_calls_ran_dense_and_the_models_warnings(session, monkeypatch) -> None:
+    # The numbers named neither the prompt nor the seed they belong to, a 0 % sparsity came without the
+    # reason (here: too few query blocks), and a prompt's unknown or truncated words were logged only.
+    import logging
+
+    from sparsediff.apps.demo import THRESHOLDS, DemoSession, Request, stats_markdown
+
+    render = DemoSession._render
+
+    def warned_render(self, *args, **kwargs):
+        logging.getLogger("sparsediff.pipelines.toy_shapes.pipeline").warning("caption 'x': words the model does not know")
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(DemoSession, "_render", warned_render)
+    c = session.compare(Request(prompt="a red | *circle*", negative_prompt=None, seed=3, steps=2, height=64, width=64,
+                                frames=1, source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1))
+    text = stats_markdown(c)
+    assert "| rendered | a red \\| \\*circle\\* — seed 3, 64×64, 2 steps |" in text, text
+    assert re.search(r"\| ran dense instead of sparse \| \d+ call\(s\): sequence of only a few query blocks \|", text), text
+    logged = [note for note in c.notes if note.startswith("Logged: ")]
+    assert logged == ["Logged: caption 'x': words the model does not know"], c.notes  # once, though logged twice
 
 
 def test_the_smallest_size_offered_gets_its_comparison() -> None:
