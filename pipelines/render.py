@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 SUMMARY = "summary.csv"
+_EXT = {True: ".mp4", False: ".png"}  # output file type by recipe.is_video
 ERROR_LOG = "render-errors.log"
 SIDECAR_VERSION = 1
 SUMMARY_FIELDS = (
@@ -124,7 +125,7 @@ class Plan:
 
     @property
     def ext(self) -> str:
-        return ".mp4" if self.recipe.is_video else ".png"
+        return _EXT[self.recipe.is_video]
 
     def output(self, item: Item) -> Path:
         return self.out_dir / f"{item.stem}{self.ext}"
@@ -135,9 +136,12 @@ class Plan:
     def sidecar(self, item: Item) -> Path:
         return self.out_dir / f"{item.stem}.json"
 
-    def files(self, item: Item) -> tuple[Path, Path, Path]:
-        """Every file of `item`, the sidecar first (it is what marks the item done)."""
-        return self.sidecar(item), self.output(item), self.dense_output(item)
+    def files(self, item: Item) -> list[Path]:
+        """Every file `item` may have, the sidecar first (it is what marks the item done): its outputs
+        under either output type, since an earlier run of the same item with a video model left .mp4
+        files where an image model writes .png (and the other way round)."""
+        outputs = [self.out_dir / f"{item.stem}{kind}{ext}" for ext in _EXT.values() for kind in ("", ".dense")]
+        return [self.sidecar(item), *outputs]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -576,6 +580,12 @@ class Renderer:
         per_step = [_finite(x) for x in handle.stats.per_step().tolist()] if handle else None
         fallbacks = handle.stats.fallback_summary() if handle else None
         dense_steps = handle.profile.dense_steps if handle else None
+        if handle is not None and item.steps <= dense_steps:
+            from sparsediff._runtime import warn_once
+
+            warn_once(f"render:all-dense:{item.steps}:{dense_steps}",
+                      f"sparsediff: {item.steps} step(s) lie within the profile's {dense_steps} dense step(s): the "
+                      f"render runs dense throughout (sparsity null); render more than {dense_steps} steps")
         self._write(plan.output(item), frames)
 
         comparison, dense_wall = None, None
@@ -635,7 +645,9 @@ def _row(item: Item, plan: Plan, status: str, sidecar: dict[str, Any] | None, er
     if sidecar:
         comparison = sidecar.get("compare_dense") or {}
         row.update(wall_time_s=sidecar["wall_time_s"], sparsity=sidecar["sparsity"],
-                   psnr_db=comparison.get("psnr_db"), ssim=comparison.get("ssim"),
+                   # identical frames: "inf" (the sidecar's psnr_db is null, JSON has no infinity), not a blank
+                   psnr_db="inf" if comparison.get("frames_identical") else comparison.get("psnr_db"),
+                   ssim=comparison.get("ssim"),
                    peak_gpu_memory_bytes=sidecar["peak_gpu_memory_bytes"])
     return row
 

@@ -146,7 +146,7 @@ def test_summary_parts_of_an_interrupted_multi_process_run_are_dropped(rendered:
     for path in rendered.iterdir():
         (out / path.name).write_bytes(path.read_bytes())
     (out / "summary.rank1-of-2.csv").write_text("index,status,prompt\n9,failed,an item of another batch\n")
-    killed = out / f".0000-a-red-ball-bouncing-s0{TEMP_MARKER}x1.mp4"  # a killed rerun's, of other settings
+    killed = out / f".0000-a-red-ball-bouncing-s0{TEMP_MARKER}x1y2z3w4.mp4"  # a killed rerun's, of other settings
     killed.write_bytes(b"partial")
     assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
     assert [r["index"] for r in _summary(out)] == ["0", "1", "2"] and not list(out.glob("summary.rank*"))
@@ -567,6 +567,30 @@ def test_random_weights_render_records_it_in_sidecars(tmp_path: Path, monkeypatc
     assert "--fp8" in render._forward_argv(parser.parse_args(sparse_argv))  # relaunched workers keep it
     assert "--no-cuda-graphs" in render._forward_argv(parser.parse_args(sparse_argv + ["--no-cuda-graphs"]))
     assert "--no-cuda-graphs" not in render._forward_argv(parser.parse_args(sparse_argv))
+
+
+def test_another_output_type_replaces_the_earlier_items_files(tmp_path: Path) -> None:
+    # An image model's rerun of a video model's item kept the old .mp4 beside the new .png and its sidecar.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\n")
+    out = tmp_path / "out"
+    size = ["--height", "64", "--width", "64", "--steps", "1", "--dense", "--prompts", str(prompts), "--out", str(out)]
+    assert main(["render", "--model", "tiny-wan", "--frames", "5", *size]) == 0
+    assert sorted(p.name for p in out.glob("0000-*")) == ["0000-a-red-ball-s0.json", "0000-a-red-ball-s0.mp4"]
+    assert main(["render", "--model", "tiny-flux", *size]) == 0
+    assert sorted(p.name for p in out.glob("0000-*")) == ["0000-a-red-ball-s0.json", "0000-a-red-ball-s0.png"]
+
+
+def test_a_render_within_the_dense_steps_says_it_runs_dense(tmp_path: Path, caplog, monkeypatch) -> None:
+    from sparsediff import _runtime
+
+    monkeypatch.setattr(_runtime, "_said", set())  # warnings are logged once a process
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\n")
+    with caplog.at_level("WARNING", logger="sparsediff"):
+        assert main(["render", *FAST, "--dense-steps", "2", "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 0
+    assert "2 step(s) lie within the profile's 2 dense step(s): the render runs dense throughout" in caplog.text
+    assert json.loads(next((tmp_path / "o").glob("*.json")).read_text())["sparsity"] is None
 
 
 def test_relaunched_workers_parse_values_starting_with_a_dash() -> None:
