@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, sweep: bool = False) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsediff.calibration.driver import calibrate, make_plan
+    from sparsediff.calibration.driver import CalibrationError, calibrate, make_plan
     from sparsediff.pipelines.recipes import ModelUnavailableError
 
     try:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         calibrate(plan)
-    except ModelUnavailableError as e:
+    except (ModelUnavailableError, CalibrationError) as e:  # the model's; or nothing measurable at this size
         print(f"sparsediff calibrate: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

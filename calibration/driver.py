@@ -275,9 +275,14 @@ def _resumable_state(plan: CalibrationPlan) -> dict[str, Any] | None:
                                "start over") from None
     wanted = [p.as_dict() for p in plan.prompts]
     if finished != wanted[: len(finished)]:
-        raise CalibrationError(f"{path} holds statistics of {len(finished)} prompt(s) that are not the first "
-                               f"{len(finished)} of this run's {len(wanted)}; pass --fresh to discard them, or "
-                               "choose another --out")
+        if len(finished) > len(wanted):
+            what = f"more than this run's {len(wanted)} (--prompts or --max-prompts)"
+        else:
+            i = next(i for i, (then, now) in enumerate(zip(finished, wanted)) if then != now)
+            what = f"prompt {i + 1} differs: " + ", ".join(
+                f"{k} {finished[i][k]!r} then, {wanted[i][k]!r} now" for k in wanted[i] if finished[i][k] != wanted[i][k])
+        raise CalibrationError(f"{path} holds statistics of {len(finished)} prompt(s), {what}; pass --fresh to "
+                               "discard them, or choose another --out")
     return state
 
 
@@ -351,6 +356,14 @@ def measure(plan: CalibrationPlan, renderer: Renderer | None) -> tuple[Calibrati
             handle.reset()
             _, wall, peak = renderer._generate(_item(plan, index, prompt))
             stats.add(controller.drain())
+            if not bool(stats.calls.any()):  # every call ran dense: there is nothing to select from
+                causes = "; ".join(f["reason"] for f in handle.stats.fallback_summary()) or "dense steps only"
+                r = plan.recipe
+                raise CalibrationError(
+                    f"no attention call could be measured at {plan.height}x{plan.width}"
+                    + (f", {plan.frames} frames" if r.is_video else "") + f": every call ran dense ({causes}). "
+                    f"Calibrate at the size the profile is for (the recipe's default: {r.height}x{r.width}"
+                    + (f", {r.frames} frames" if r.is_video else "") + ").")
             done.append(dict(prompt.as_dict(), wall_time_s=wall, peak_gpu_memory_bytes=peak, resumed=False))
             _save_state(plan, stats, [{k: v for k, v in p.items() if k != "resumed"} for p in done], versions)
     finally:

@@ -224,6 +224,20 @@ class _Remeasure(AttentionController):
         return ref, mask
 
 
+def test_a_size_where_every_call_runs_dense_is_refused_without_a_profile(tmp_path, capsys):
+    # 64x64, 5 frames of tiny-wan are too few query blocks to run sparse: calibrate wrote a profile that
+    # claimed "dense steps 0 (measured)" and a worst error of 0 in every layer.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog\na cat\n")
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--model", "tiny-wan", "--out", str(out), "--prompts", str(prompts), "--height", "64",
+                 "--width", "64", "--frames", "5", "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "no attention call could be measured at 64x64, 5 frames: every call ran dense (sequence of only a few " \
+           "query blocks). Calibrate at the size the profile is for (the recipe's default: 256x256, 9 frames)" in err, err
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     mp = pytest.MonkeyPatch()
@@ -321,6 +335,11 @@ def test_rerun_with_other_settings(e2e, monkeypatch, capsys):
     assert main(["calibrate", *changed, "--out", out]) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "--fresh" in err
+    # Other prompts than those measured: the message names what changed.
+    assert main(["calibrate", *common, "--out", out, "--seed", "5"]) == 2
+    assert "holds statistics of 2 prompt(s), prompt 1 differs: seed 0 then, 5 now; pass --fresh" in capsys.readouterr().err
+    assert main(["calibrate", *common, "--out", out, "--max-prompts", "1"]) == 2
+    assert "holds statistics of 2 prompt(s), more than this run's 1 (--prompts or --max-prompts)" in capsys.readouterr().err
     # Selection-only options re-select from the saved statistics without loading the model.
     assert main(["calibrate", *common, "--out", out, "--budget", "0.01", "--dense-steps", "1"]) == 0
     profile = SparsityProfile.load(out)
