@@ -54,6 +54,15 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
+def _nearest(value: int, step: int, lowest: int, offset: int = 0) -> str:
+    """The valid values beside `value` + `offset`, where valid ones are multiples of `step` >= `lowest`
+    (plus `offset`): "e.g. 48 or 64", or "e.g. 16" below the lowest."""
+    below = value - value % step
+    if below < lowest:
+        return f"e.g. {lowest + offset}"
+    return f"e.g. {below + offset} or {below + step + offset}"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to load one model and what to render with it by default.
@@ -116,7 +125,7 @@ class Recipe:
         for arg, value in (("height", height), ("width", width)):
             if value < m or value % m:
                 raise ValueError(f"{arg}: {self.name} needs a positive multiple of {m}, got {value} "
-                                 f"(e.g. {max(m, value - value % m)})")
+                                 f"({_nearest(value, m, m)})")
         if not self.is_video:
             if frames != 1:
                 raise ValueError(f"frames: {self.name} makes images; frames must be 1, got {frames}")
@@ -124,7 +133,7 @@ class Recipe:
         tc = self.frame_step
         if frames < 1 or (frames - 1) % tc:
             raise ValueError(f"frames: {self.name} needs k*{tc}+1 frames, got {frames} "
-                             f"(e.g. {max(1, frames - (frames - 1) % tc)})")
+                             f"({_nearest(frames - 1, tc, 0, offset=1)})")
 
     def shipped_profile(self) -> Path | None:
         """The calibrated profile shipped for this recipe (calibration/profiles/<name>.json), if any."""

@@ -46,12 +46,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
     try:
+        args = build_parser(argv).parse_args(argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except ValueError as error:  # an argument found bad after parsing (the benches check theirs in run)
         print(f"sparsediff: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C before a command's own handler (imports, planning, loading)
+        print("\nsparsediff: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

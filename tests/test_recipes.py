@@ -296,6 +296,31 @@ def test_cli_help_imports_only_the_command_asked_for() -> None:
     assert imported("bench", "kernel", "--help") == "['sparsediff.bench.kernel']"
 
 
+def test_a_bad_size_suggests_the_valid_sizes_beside_it() -> None:
+    # --height 60 suggested 48 only, though 64 is as near.
+    wan = get_recipe("tiny-wan")
+    with pytest.raises(ValueError, match=r"^height: tiny-wan needs a positive multiple of 16, got 60 \(e.g. 48 or 64\)$"):
+        wan.check_size(60, 64, 5)
+    with pytest.raises(ValueError, match=r"got 8 \(e.g. 16\)$"):
+        wan.check_size(64, 8, 5)
+    with pytest.raises(ValueError, match=r"^frames: tiny-wan needs k\*4\+1 frames, got 7 \(e.g. 5 or 9\)$"):
+        wan.check_size(64, 64, 7)
+    with pytest.raises(ValueError, match=r"got 0 \(e.g. 1\)$"):
+        wan.check_size(64, 64, 0)
+
+
+def test_ctrl_c_before_a_commands_own_handler_is_one_line(monkeypatch, capsys) -> None:
+    # Ctrl+C during the first seconds (imports, planning) printed a KeyboardInterrupt traceback.
+    from sparsediff.pipelines import recipes
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "run", interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "\nsparsediff: interrupted\n"
+
+
 def test_bench_kernel_module_entry_names_a_bad_argument_instead_of_a_traceback(capsys) -> None:
     # `python -m sparsediff.bench.kernel --keeps 0` ended in a ValueError traceback.
     from sparsediff.bench import kernel
