@@ -308,11 +308,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise RenderError(f"--{e}") from None
     specs = load_prompts(args.prompts)
     items = [_item(i, spec, args, recipe) for i, spec in enumerate(specs)]
-    try:
-        writable_dir(args.out)
-    except ValueError as e:
-        raise RenderError(str(e)) from None
-
     mode = "dense" if args.dense else "sparse"
     profile_path, profile_source, profile = None, None, None
     if args.profile is not None:
@@ -321,6 +316,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     elif mode == "sparse" and recipe.shipped_profile() is not None:
         profile_path, profile_source = recipe.shipped_profile(), "shipped"
         profile = _load_profile(profile_path, recipe, "shipped profile")
+    try:  # last: a command refused for another reason leaves no new empty folder
+        writable_dir(args.out)
+    except ValueError as e:
+        raise RenderError(str(e)) from None
     return Plan(
         recipe=recipe, out_dir=args.out, items=items, mode=mode, profile_path=profile_path,
         profile_source=profile_source, profile_sha256=_file_sha256(profile_path) if profile_path else None,

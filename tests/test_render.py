@@ -389,6 +389,7 @@ def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_
     assert "for the flux family, but tiny-wan is wan" in _error(capsys, argv)
     path.write_text("{not json")
     assert "is not a valid sparsity profile" in _error(capsys, argv)
+    assert not (tmp_path / "o").exists()  # a refused command leaves no empty --out folder behind
     # A profile naming no model is checked against the model once it loads: one failure for the batch.
     path.write_text(json.dumps({**profile, "model_id": ""}))
     monkeypatch.undo()  # the model may load now
