@@ -739,10 +739,14 @@ def render_plan(plan: Plan) -> int:
             failed, todo = len(todo), []
             save_rows()
     bar = tqdm(todo, desc=f"render[{rank}/{world}]" if world > 1 else "render", unit="item", position=rank)
-    for item in bar:
+    for done, item in enumerate(bar):
         bar.set_postfix_str(item.stem[:40])
         try:
             rows.append(_row(item, plan, "ok", renderer.render(item, rank, world)))
+        except KeyboardInterrupt:  # the summary lists what is left, so it does not read as a finished batch
+            rows.extend(_row(rest, plan, "interrupted", None, "not rendered: interrupted") for rest in todo[done:])
+            save_rows()
+            raise
         except Exception:  # one failing prompt must not stop the batch
             summary = _log_failure(plan, item, rank)
             failed += 1

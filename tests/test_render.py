@@ -153,6 +153,27 @@ def test_summary_parts_of_an_interrupted_multi_process_run_are_dropped(rendered:
     assert not killed.exists()
 
 
+def test_an_interrupted_batch_lists_the_items_it_did_not_reach(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The summary of a batch stopped after its first item read as a finished one-item batch.
+    from sparsediff.pipelines.render import Renderer
+
+    render = Renderer.render
+
+    def stopped_at_the_second(self, item, rank, world):
+        if item.index == 1:
+            raise KeyboardInterrupt
+        return render(self, item, rank, world)
+
+    monkeypatch.setattr(Renderer, "render", stopped_at_the_second)
+    out = tmp_path / "out"
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    assert [(r["index"], r["status"]) for r in _summary(out)] == [("0", "ok"), ("1", "interrupted"), ("2", "interrupted")]
+    monkeypatch.undo()
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
+    assert [r["status"] for r in _summary(out)] == ["skipped", "ok", "ok"]
+
+
 def test_interrupted_launcher_passes_the_interrupt_to_torchrun(monkeypatch) -> None:
     from sparsediff.pipelines import render as render_module
 
