@@ -359,11 +359,14 @@ def measure(plan: CalibrationPlan, renderer: Renderer | None) -> tuple[Calibrati
             if not bool(stats.calls.any()):  # every call ran dense: there is nothing to select from
                 causes = "; ".join(f["reason"] for f in handle.stats.fallback_summary()) or "dense steps only"
                 r = plan.recipe
+
+                def size(height: int, width: int, frames: int) -> str:
+                    return f"{height}x{width}" + (f", {frames} frames" if r.is_video else "")
+
                 raise CalibrationError(
-                    f"no attention call could be measured at {plan.height}x{plan.width}"
-                    + (f", {plan.frames} frames" if r.is_video else "") + f": every call ran dense ({causes}). "
-                    f"Calibrate at the size the profile is for (the recipe's default: {r.height}x{r.width}"
-                    + (f", {r.frames} frames" if r.is_video else "") + ").")
+                    f"no attention call could be measured at {size(plan.height, plan.width, plan.frames)}: every "
+                    f"call ran dense ({causes}). Calibrate at the size the profile is for (the recipe's default: "
+                    f"{size(r.height, r.width, r.frames)}).")
             done.append(dict(prompt.as_dict(), wall_time_s=wall, peak_gpu_memory_bytes=peak, resumed=False))
             _save_state(plan, stats, [{k: v for k, v in p.items() if k != "resumed"} for p in done], versions)
     finally:

@@ -127,11 +127,14 @@ class Plan:
     def ext(self) -> str:
         return _EXT[self.recipe.is_video]
 
+    def _output(self, item: Item, ext: str, dense: bool) -> Path:
+        return self.out_dir / f"{item.stem}{'.dense' if dense else ''}{ext}"
+
     def output(self, item: Item) -> Path:
-        return self.out_dir / f"{item.stem}{self.ext}"
+        return self._output(item, self.ext, dense=False)
 
     def dense_output(self, item: Item) -> Path:
-        return self.out_dir / f"{item.stem}.dense{self.ext}"
+        return self._output(item, self.ext, dense=True)
 
     def sidecar(self, item: Item) -> Path:
         return self.out_dir / f"{item.stem}.json"
@@ -140,8 +143,7 @@ class Plan:
         """Every file `item` may have, the sidecar first (it is what marks the item done): its outputs
         under either output type, since an earlier run of the same item with a video model left .mp4
         files where an image model writes .png (and the other way round)."""
-        outputs = [self.out_dir / f"{item.stem}{kind}{ext}" for ext in _EXT.values() for kind in ("", ".dense")]
-        return [self.sidecar(item), *outputs]
+        return [self.sidecar(item), *(self._output(item, ext, dense) for ext in _EXT.values() for dense in (False, True))]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -692,12 +694,13 @@ def render_plan(plan: Plan) -> int:
     sharded = plan.context_parallel == 1
     writes = sharded or rank == 0
     mine = plan.items[rank::world] if sharded else plan.items  # index striding: deterministic and balanced
-    part = plan.out_dir / (SUMMARY if world == 1 or not sharded else f"summary.rank{rank}-of-{world}.csv")
+    part = plan.out_dir / (SUMMARY if world == 1 or not sharded else _summary_part(rank, world))
     if writes:
         remove_stale_temps(part)
         if rank == 0:  # an interrupted run's parts of another layout: their items' sidecars say what they did
-            for stale in plan.out_dir.glob("summary.rank*-of-*.csv"):
-                if not (sharded and world > 1 and stale.name.endswith(f"-of-{world}.csv")):
+            ours = {_summary_part(r, world) for r in range(world)} if sharded and world > 1 else set()
+            for stale in plan.out_dir.glob(_summary_part("*", "*")):
+                if stale.name not in ours:
                     stale.unlink(missing_ok=True)
     rows: list[dict[str, Any]] = []
 
@@ -764,13 +767,18 @@ def render_plan(plan: Plan) -> int:
     return 1 if failed else 0
 
 
+def _summary_part(rank: int | str, world: int | str) -> str:
+    """The name of one process's part of the summary (a glob with "*")."""
+    return f"summary.rank{rank}-of-{world}.csv"
+
+
 def _merge_summaries(out_dir: Path, world: int) -> bool:
     """Merge the per-process summaries into summary.csv (then delete them); True if any item failed."""
     from sparsediff.io import remove_stale_temps
 
     remove_stale_temps(out_dir / SUMMARY)
     rows: list[dict[str, Any]] = []
-    parts = [out_dir / f"summary.rank{r}-of-{world}.csv" for r in range(world)]
+    parts = [out_dir / _summary_part(r, world) for r in range(world)]
     for part in parts:
         if part.is_file():
             with open(part, newline="", encoding="utf-8") as f:
