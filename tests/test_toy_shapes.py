@@ -313,6 +313,37 @@ def test_window_curriculum_trains_on_windows_and_refuses_settings_it_cannot_run(
         ts.TrainConfig(minutes=5.0, window_frames=5, window_fraction=0.5)
 
 
+def test_single_object_curriculum_draws_one_object_clips_for_its_share_of_the_steps(tmp_path, monkeypatch):
+    from sparsediff.pipelines.toy_shapes import train as train_module
+    from sparsediff.pipelines.toy_shapes.data import COLOURS
+
+    cfg = ts.TrainConfig(batch_size=16, single_object_fraction=0.5)
+    gens = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+
+    def colours_named(single_object):
+        _, captions, _, _, _ = train_module.training_batch(cfg, *gens, torch.device("cpu"), single_object=single_object)
+        return [sum(word.strip(",") in COLOURS for word in c.split()) for c in captions if c]
+
+    assert set(colours_named(True)) == {1}
+    assert max(colours_named(False)) > 1  # 1-3 objects otherwise
+    with pytest.raises(ValueError, match="single_object_fraction"):
+        ts.TrainConfig(single_object_fraction=1.5)
+
+    flags = []
+    real = train_module.training_batch
+
+    def recording(*args, single_object=False, **kwargs):
+        flags.append(single_object)
+        return real(*args, single_object=single_object, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_batch", recording)
+    args = ["--out", str(tmp_path), "--steps", "4", "--bf16", "false", "--device", "cpu", "--num-layers", "1",
+            "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64", "--height", "32",
+            "--width", "32", "--num-frames", "3", "--batch-size", "2", "--single-object-fraction", "0.5"]
+    assert train_module.main(args) == 0
+    assert flags == [True, True, False, False]
+
+
 def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
     # The first step trains on a 2-frame window, the second on whole clips: the compiled forward
     # meets both lengths.

@@ -47,6 +47,9 @@ class TrainConfig:
     width: int = DEFAULT_WIDTH
     num_frames: int = DEFAULT_FRAMES
     max_objects: int = 3
+    # curriculum: the first `single_object_fraction` of the steps train on one-object clips, where a
+    # caption's motion words can belong to one object only (binding them comes before telling objects apart)
+    single_object_fraction: float = 0.0
     # curriculum for slow hardware: the first `window_fraction` of the steps train on random
     # `window_frames`-frame windows of the clips (same motion per frame, far fewer tokens)
     window_frames: int | None = None
@@ -78,8 +81,9 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.window_frames is not None and not 2 <= self.window_frames <= self.num_frames:
             raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
-        if not 0.0 <= self.window_fraction <= 1.0:
-            raise ValueError(f"window_fraction must be in [0, 1], got {self.window_fraction}")
+        for name in ("window_fraction", "single_object_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if (self.window_frames is None) != (self.window_fraction == 0.0):
             raise ValueError("window_frames and window_fraction go together (a window length and the share of the "
                              f"steps that use it), got window_frames={self.window_frames}, "

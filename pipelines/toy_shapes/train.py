@@ -67,12 +67,13 @@ def token_weights(coverage: torch.Tensor, foreground_weight: float) -> torch.Ten
 
 
 def training_batch(cfg: TrainConfig, data_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device,
-                   *, windowed: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor,
-                                                       torch.Tensor | None]:
+                   *, windowed: bool = False, single_object: bool = False
+                   ) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One training batch of ``cfg.batch_size`` generated clips: latents x0, captions (dropped to ""
     at ``cfg.caption_dropout``), t, noise and the token weights (None without a foreground weight).
-    ``windowed``: the clips cut to a random ``cfg.window_frames``-frame window (the curriculum)."""
-    batch = sample_batch(cfg.batch_size, data_gen, split="train", max_objects=cfg.max_objects,
+    ``windowed``: the clips cut to a random ``cfg.window_frames``-frame window; ``single_object``: one
+    object a clip (the curricula)."""
+    batch = sample_batch(cfg.batch_size, data_gen, split="train", max_objects=1 if single_object else cfg.max_objects,
                          num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     if windowed:
         start_frame = int(torch.randint(0, cfg.num_frames - cfg.window_frames + 1, (1,), generator=data_gen))
@@ -216,8 +217,9 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         lr = _lr(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = training_batch(
-            cfg, data_gen, noise_gen, dev, windowed=cfg.window_frames is not None and step < cfg.window_fraction * total)
+        batch = training_batch(cfg, data_gen, noise_gen, dev,
+                               windowed=cfg.window_frames is not None and step < cfg.window_fraction * total,
+                               single_object=step < cfg.single_object_fraction * total)
         loss = train_step(cfg, pipe, train_transformer, opt, params, batch, autocast)
         # EMA with a short ramp so that early weights do not linger in a short run.
         decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
