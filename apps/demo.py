@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sparsediff")
 
 DIFF_GAIN = 8.0  # the difference view shows |dense - sparse| times this: small errors become visible
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # the seed box travels as a JavaScript double: far below 2**53, every seed stays exact
 SIZE_HEADROOM = 1.5  # height and width may go this far above the recipe's default
 PROFILE, THRESHOLDS = "profile", "thresholds"  # the two ways of choosing the sparse settings
 

@@ -308,14 +308,13 @@ def toy_shapes_available() -> bool:
 
 def _toy_shapes_recipe() -> Recipe:
     from sparsediff.pipelines import toy_shapes as ts
-    from sparsediff.pipelines.toy_shapes.pipeline import PATCH
 
     # No VAE: pixels are folded PATCH x PATCH into channels and every frame is a latent frame.
     return Recipe(
         TOY_SHAPES, "wan", "ToyShapesPipeline", "toy-shapes", None,
         "the project's trained toy-shapes Wan model (offline)", dtype="float32", output="video",
         height=ts.DEFAULT_HEIGHT, width=ts.DEFAULT_WIDTH, frames=ts.DEFAULT_FRAMES, steps=ts.DEFAULT_STEPS,
-        guidance_scale=ts.DEFAULT_GUIDANCE, fps=ts.DEFAULT_FPS, size_multiple=PATCH, frame_step=1,
+        guidance_scale=ts.DEFAULT_GUIDANCE, fps=ts.DEFAULT_FPS, size_multiple=ts.PATCH, frame_step=1,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import os
 import sys
 
 # (words, module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl+C before a command's own handler (imports, planning, loading)
         print("\nsparsediff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`sparsediff models | head`)
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
 
 
 if __name__ == "__main__":

@@ -294,6 +294,24 @@ def test_cli_help_imports_only_the_command_asked_for() -> None:
     assert imported("--help") == "[]"
     assert imported("bench", "--help") == "[]"
     assert imported("bench", "kernel", "--help") == "['sparsediff.bench.kernel']"
+    # `sparsediff models` loaded diffusers (~5 s) for the toy model's defaults.
+    assert imported("models") == "['torch']"
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly() -> None:
+    # `sparsediff models | head -1` ended in a BrokenPipeError traceback.
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "sparsediff", "models"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_a_bad_size_suggests_the_valid_sizes_beside_it() -> None:

@@ -13,6 +13,7 @@ DEFAULT_STEPS = 16
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_FPS = 8
 FLOW_SHIFT = 3.0  # timestep shift of training's t distribution and of the sampling schedule
+PATCH = 4  # each frame is pixel-unshuffled by this: 3 * PATCH**2 channels on an (H / PATCH, W / PATCH) grid
 
 
 @dataclass

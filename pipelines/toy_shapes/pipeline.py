@@ -25,13 +25,12 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
+from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, PATCH
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
 
 logger = logging.getLogger(__name__)
 
-PATCH = 4
 CHANNELS = 3 * PATCH * PATCH
 # What save_folder writes and from_folder reads.
 FOLDER_FILES = tuple(f"{name}/{file}" for name, file in (
