@@ -14,7 +14,9 @@ the exit code is 1 if any prompt failed.
 
 Several processes (one device each) split the prompts by index striding:
 `accelerate launch -m sparsediff render ...`, `torchrun --nproc_per_node N -m sparsediff render ...`
-or `--num-processes N` (relaunches itself through torch.distributed.run; gloo on CPU). Seeds are
+or `--num-processes N` (relaunches itself as N workers with torchrun's environment and supervises
+them: Ctrl-C or SIGTERM stops each at its current item, and one failing stops the others; gloo on
+CPU). Seeds are
 drawn from CPU generators, so a prompt renders the same whichever process renders it.
 
 With --context-parallel N the N processes instead render every prompt together: the transformer runs
@@ -34,6 +36,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -188,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(RANDOM_WEIGHT_RECIPES))
     parser.add_argument("--num-processes", type=int, default=1,
                         help="split the prompts over N processes (one GPU each; gloo on CPU) by relaunching "
-                             "through torch.distributed.run")
+                             "itself as N workers")
     parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
                         help="render each prompt with N processes together (one GPU each; gloo on CPU): "
                              "Ulysses context parallelism, sparse attention per head over the whole sequence; "
@@ -385,20 +388,69 @@ def _forward_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+STOP_GRACE_S = 30.0  # how long stopped workers get to save their summary parts before they are killed
+
+
 def _relaunch(args: argparse.Namespace, processes: int) -> int:
-    """Run this render in `processes` processes through torch.distributed.run."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "sparsediff", *_forward_argv(args)]
-    launcher = subprocess.Popen(cmd)
+    """Run this render in `processes` worker processes of this machine, each given the environment
+    torchrun gives its workers (RANK, WORLD_SIZE, MASTER_ADDR, ...), and supervise them."""
+    with socket.socket() as probe:  # a free port for the workers' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+           "LOCAL_WORLD_SIZE": str(processes)}
+    # Not torchrun's one thread a process, which leaves a CPU render most of the machine idle.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    cmd = [sys.executable, "-m", "sparsediff", *_forward_argv(args)]
+    # In their own session, Ctrl-C in a terminal reaches this process alone, which passes it on once:
+    # a worker hit twice would be stopped while it saves its summary part.
+    workers = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True)
+               for rank in range(processes)]
+    previous = signal.signal(signal.SIGTERM, _interrupted)  # a scheduler's stop is taken as Ctrl-C
     try:
-        code = launcher.wait()
+        return _supervise(workers)
     except KeyboardInterrupt:
-        # Ctrl-C in a terminal reaches every process; a SIGINT to this one alone is passed on. torchrun
-        # stops its workers on it (killed, as subprocess.run would, it would leave them rendering).
-        launcher.send_signal(signal.SIGINT)
-        launcher.wait()
+        _stop(workers)
         raise
-    return 0 if code == 0 else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _supervise(workers: list[subprocess.Popen]) -> int:
+    """Wait for every worker; 0 when all succeed, else 1. Once one fails the others are stopped: they
+    would wait for it at the final barrier (a worker's failed items end it with 1 only after that
+    barrier, so its peers are exiting too: they get a few seconds first)."""
+    while True:
+        codes = [w.poll() for w in workers]
+        if None not in codes:
+            return 0 if not any(codes) else 1
+        if any(codes):
+            _stop(workers, after_s=5.0)
+            return 1
+        time.sleep(0.1)
+
+
+def _stop(workers: list[subprocess.Popen], after_s: float = 0.0) -> None:
+    """Stop the running workers, after waiting `after_s` for them to exit on their own: a SIGINT each
+    (it saves its summary part and exits), then a kill for any still running after STOP_GRACE_S (a
+    worker blocked in the final barrier never sees the SIGINT)."""
+    deadline = time.monotonic() + after_s
+    while time.monotonic() < deadline and any(w.poll() is None for w in workers):
+        time.sleep(0.1)
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for w in workers:
+        try:
+            w.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
 
 
 # --------------------------------------------------------------------------- rendering

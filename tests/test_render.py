@@ -174,29 +174,74 @@ def test_an_interrupted_batch_lists_the_items_it_did_not_reach(tmp_path: Path, m
     assert [r["status"] for r in _summary(out)] == ["skipped", "ok", "ok"]
 
 
-def test_interrupted_launcher_passes_the_interrupt_to_torchrun(monkeypatch) -> None:
+def _worker(code: str) -> subprocess.Popen:
+    """A stand-in render worker: `code` in its own session, as _relaunch starts them."""
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
+STOPS_ON_SIGINT = "import sys, time\ntry:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    sys.exit(130)"
+IGNORES_SIGINT = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(120)"
+
+
+def test_supervisor_stops_the_other_workers_when_one_fails(monkeypatch) -> None:
     from sparsediff.pipelines import render as render_module
 
-    sent = []
+    assert render_module._supervise([_worker("pass"), _worker("pass")]) == 0
+    # A worker's peers would wait for it at the final barrier: stopped by SIGINT (their summary parts
+    # saved), or killed when they do not see it (blocked in the barrier).
+    monkeypatch.setattr(render_module, "STOP_GRACE_S", 2.0)
+    workers = [_worker("import sys; sys.exit(3)"), _worker(STOPS_ON_SIGINT), _worker(IGNORES_SIGINT)]
+    start = time.monotonic()
+    assert render_module._supervise(workers) == 1
+    assert time.monotonic() - start < 30
+    assert [w.returncode for w in workers] == [3, 130, -signal.SIGKILL]
 
-    class Launcher:
-        def __init__(self, cmd):
-            self.waits = 0
 
-        def wait(self):
-            self.waits += 1
-            if self.waits == 1:
-                raise KeyboardInterrupt
-            return -signal.SIGINT
+def test_interrupted_launcher_stops_its_workers_once_each(monkeypatch) -> None:
+    from sparsediff.pipelines import render as render_module
 
-        def send_signal(self, sig):
-            sent.append(sig)
+    started = []
+    real_popen = subprocess.Popen
 
-    monkeypatch.setattr(render_module.subprocess, "Popen", Launcher)
+    def popen(cmd, env, start_new_session):
+        assert start_new_session  # else Ctrl-C in a terminal would hit each worker a second time
+        started.append((env["RANK"], env["WORLD_SIZE"]))
+        return real_popen([sys.executable, "-c", STOPS_ON_SIGINT], start_new_session=True)
+
+    def interrupted(workers):
+        interrupted.workers = workers
+        time.sleep(3)  # the workers are in their try block by then
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render_module.subprocess, "Popen", popen)
     monkeypatch.setattr(render_module, "_forward_argv", lambda args: [])
+    monkeypatch.setattr(render_module, "_supervise", interrupted)
     with pytest.raises(KeyboardInterrupt):
         render_module._relaunch(None, 2)
-    assert sent == [signal.SIGINT]  # stopped through torchrun, which stops its workers, not killed
+    assert started == [("0", "2"), ("1", "2")]
+    assert [w.returncode for w in interrupted.workers] == [130, 130]  # stopped at their item, not killed
+
+
+def test_ctrl_c_stops_a_multi_process_render_quietly_and_a_rerun_resumes(tmp_path: Path) -> None:
+    # Through torchrun, Ctrl-C printed its SignalException traceback and torchrun hit each worker again.
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(8)))
+    argv = ["render", *FAST, "--dense", "--num-processes", "2", "--prompts", str(prompts), "--out", str(out)]
+    proc = _cli(*argv, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the launcher's process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted; run the same command again to resume" in stderr
+    proc = _cli(*argv)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    statuses = [r["status"] for r in _summary(out)]
+    assert len(statuses) == 8 and "skipped" in statuses and set(statuses) <= {"ok", "skipped"}
 
 
 def test_same_seed_same_frames_and_seed_from_prompt_file(rendered: Path, tmp_path: Path) -> None:
