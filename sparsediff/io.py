@@ -55,9 +55,14 @@ def _temp_prefix(path: Path) -> str:
     (a final name of up to _NAME_MAX bytes must still be writable), the stem is shortened and ends in a
     hash of the whole name, so that two long names sharing their first bytes keep apart temporaries."""
     budget = _NAME_MAX - len(os.fsencode(f".{TEMP_MARKER}{path.suffix}")) - _RANDOM_CHARS
+    if budget < 0:
+        raise ValueError(f"{path}: a suffix of {len(os.fsencode(path.suffix))} bytes leaves no room for the temporary "
+                         f"name of an atomic write (at most {_NAME_MAX - _RANDOM_CHARS - len(TEMP_MARKER) - 1})")
     stem = path.stem
     if len(os.fsencode(stem)) > budget:
         tag = "~" + hashlib.sha1(os.fsencode(path.name)).hexdigest()[:_HASH_CHARS]
+        if len(tag) > budget:  # a suffix this long leaves room for part of the stem at most
+            tag = ""
         while len(os.fsencode(stem + tag)) > budget:
             stem = stem[:-1]
         stem += tag

@@ -347,6 +347,38 @@ def test_rerun_with_other_settings(e2e, monkeypatch, capsys):
     assert all(layer.dense for layer in profile.layers.values())  # nothing fits 1% on random weights
 
 
+@pytest.mark.parametrize("extra, key", [
+    (["--guidance-scale", "7.5"], "guidance_scale"),
+    (["--row-fraction", "0.5"], "row_fraction"),
+    (["--height", "128"], "height"),
+    (["--token-order", "raster"], "token_order"),
+    (["--method", "sampled8"], "method"),
+])
+def test_resume_is_refused_when_a_setting_of_the_statistics_changed(e2e, monkeypatch, capsys, extra, key):
+    # Statistics measured with other settings must not be mixed with new ones: each is named, nothing loads.
+    root, common, _ = e2e
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_model_load(monkeypatch)
+    out = root / "fresh.json"
+    before = sidecar_paths(out)[1].read_text()
+    assert main(["calibrate", *common, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"holds statistics measured with other settings ({key}: " in err and "--fresh" in err
+    assert sidecar_paths(out)[1].read_text() == before
+
+
+def test_state_of_another_version_is_refused(e2e, monkeypatch, capsys, tmp_path):
+    root, common, _ = e2e
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _no_model_load(monkeypatch)
+    state = json.loads(sidecar_paths(root / "resumed.json")[1].read_text())
+    out = tmp_path / "old.json"
+    sidecar_paths(out)[1].write_text(json.dumps({**state, "state_version": state["state_version"] + 1}))
+    assert main(["calibrate", *common, "--out", str(out)]) == 2
+    assert f"state version {state['state_version'] + 1}, this sparsediff writes {state['state_version']}" \
+        in capsys.readouterr().err
+
+
 def test_method_is_measured_with_and_saved(e2e, monkeypatch):
     # --method sampled8: calibration measures the candidates with that predictor and the profile
     # runs with it; without --method, profiles name the default predictor they were calibrated with.

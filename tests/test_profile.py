@@ -79,6 +79,9 @@ def test_profile_that_does_not_fit_is_refused_with_what_differs():
     with pytest.raises(ValueError, match=r"head counts differ in 1 layer\(s\): transformer.blocks.0.attn1.processor "
                                          r"\(profile 3, model 2\)"):
         wrong_heads.check_fits(build_wan(num_layers=2))
+    # A model with layers the profile lacks does not fit either (apply() would leave them without thresholds).
+    with pytest.raises(ValueError, match=r"1 model layer\(s\) missing from the profile: transformer.blocks.2.attn1"):
+        profile.check_fits(build_wan(num_layers=3))
 
 
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, True, float(FORMAT_VERSION), str(FORMAT_VERSION)])
@@ -110,6 +113,15 @@ def test_unknown_format_version_is_refused(tmp_path, version):
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf_threshold=[0.9]), "one per head"),
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf_threshold=[0.0, 0.5]), r"\(0.0, 1.0\]"),
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(sim_threshold=[2.0, 0.5]), "sim_threshold"),
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(
+        heads=0, cdf_threshold=[], sim_threshold=[], pv_threshold=[]), r"heads must be a positive int, got 0"),
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(dense="false"), "dense must be a bool"),
+    # A layer's keys are checked as the top level's: a typo was a TypeError from LayerProfile(**entry).
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].update(cdf=[0.9, 0.9]), r"unknown key\(s\) \['cdf'\]"),
+    (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].pop("heads"), r"lacks required key\(s\) \['heads'\]"),
+    (lambda d: d.update(tile=[0, 8, 8]), r"tile must be None or three positive ints \(t, h, w\), got \(0, 8, 8\)"),
+    (lambda d: d.update(dense_steps=True), "dense_steps must be a non-negative int, got True"),
+    (lambda d: d["calibration"].update(budget=0.0), r"calibration.budget must be None or a number in \(0, 1\]"),
 ])
 def test_malformed_profiles_are_refused(edit, match):
     data = _profile().to_dict()
@@ -135,3 +147,20 @@ def test_numpy_thresholds_are_numbers_and_save_as_json(tmp_path):
     assert loaded.layers["transformer.blocks.0.attn1.processor"].pv_threshold == [0.125, 0.25]
     with pytest.raises(ValueError, match="tile must be None or three positive ints"):
         _profile().with_overrides(tile=5)
+
+
+def test_save_refuses_a_profile_made_invalid_after_construction(tmp_path):
+    # Fields are plain attributes: a profile edited in code after it was built is checked again on save,
+    # so no file is written that load() would refuse.
+    path = tmp_path / "p.json"
+    profile = _profile()
+    profile.save(path)
+    before = path.read_text()
+    profile.layers["transformer.blocks.0.attn1.processor"].cdf_threshold = [0.9, 1.5]
+    with pytest.raises(ValueError, match=r"cdf_threshold values must be numbers in \(0.0, 1.0\], got 1.5"):
+        profile.save(path)
+    profile = _profile()
+    profile.dense_steps = -1
+    with pytest.raises(ValueError, match="dense_steps must be a non-negative int, got -1"):
+        profile.save(path)
+    assert path.read_text() == before and os.listdir(tmp_path) == ["p.json"]

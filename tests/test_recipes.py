@@ -585,6 +585,17 @@ def test_bench_e2e_records_a_non_finite_sparse_output_instead_of_losing_the_repo
     assert capsys.readouterr().out.splitlines()[-1].endswith("nan  NON-FINITE")
 
 
+def test_bench_values_record_every_non_finite_number_as_text() -> None:
+    # A reference of zeros gives a relative L1 of inf, which the strict JSON writer refuses as it does NaN.
+    from sparsediff.bench.values import as_text, finite, recorded_rel_l1
+
+    assert [finite(x) for x in (0.25, float("nan"), float("inf"), float("-inf"))] == [0.25, "nan", "inf", "-inf"]
+    recorded = recorded_rel_l1(torch.ones(4), torch.zeros(4))
+    assert recorded == "inf" and json.loads(json.dumps({"rel_l1": recorded}, allow_nan=False)) == {"rel_l1": "inf"}
+    assert recorded_rel_l1(torch.zeros(4), torch.zeros(4)) == 0.0
+    assert (as_text(recorded, ".4f"), as_text(0.25, ".2f")) == ("inf", "0.25")
+
+
 def test_bench_e2e_kernel_ratio_takes_graphed_times_against_cudnns_graphed_call(monkeypatch) -> None:
     # The bound's kernel time is a CUDA-graph replay (GPU time alone); cuDNN's, its yardstick, was a
     # plain call, which carries the host's launch: two conditions in one ratio.

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,8 +18,8 @@ import pytest
 import torch
 
 from sparsediff.cli import main
-from sparsediff.io import (TEMP_MARKER, atomic_output, atomic_write_json, pad_to_even, remove_stale_temps, write_png,
-                           write_video_mp4)
+from sparsediff.io import (TEMP_MARKER, atomic_output, atomic_write_json, atomic_write_text, pad_to_even,
+                           remove_stale_temps, write_png, write_video_mp4)
 from sparsediff.metrics import relative_l1, video_psnr, video_ssim
 from sparsediff.pipelines.prompts import PromptFileError, load_prompts, slugify
 from sparsediff.pipelines.recipes import Recipe
@@ -531,6 +532,15 @@ def test_atomic_writes_take_the_longest_names_a_folder_allows(tmp_path: Path) ->
                 assert _temps(tmp_path) == [tmp] and remove_stale_temps(target) == [tmp]
                 raise KeyboardInterrupt
         target.unlink()
+    # A suffix leaving no room for the shortened stem's hash tag: the shortening never ended.
+    for stem, x_count in (("q", 240), ("q" * 10, 235)):  # 0 and 5 bytes left for the stem
+        target = tmp_path / f"{stem}.{'x' * x_count}"
+        atomic_write_text(target, "hi")
+        assert target.read_text() == "hi" and not _temps(tmp_path)
+        target.unlink()
+    with pytest.raises(ValueError, match=r"a suffix of 250 bytes leaves no room for the temporary name"):
+        atomic_write_text(tmp_path / ("q." + "x" * 249), "hi")
+    assert not list(tmp_path.iterdir())
 
 
 def test_stale_temporaries_are_only_those_of_the_name_asked(tmp_path: Path) -> None:
@@ -591,6 +601,60 @@ def test_metrics() -> None:
     assert relative_l1(out.half(), ref.bfloat16()).dtype == torch.float32
     assert float(relative_l1(torch.zeros(3), torch.zeros(3))) == 0.0
     assert float(relative_l1(torch.ones(3), torch.zeros(3))) == float("inf")
+
+
+def test_atomic_writes_give_files_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
+    # mkstemp creates 0600 files: a profile, sidecar or video written atomically would be unreadable to others.
+    plain = tmp_path / "plain.txt"
+    plain.write_text("{}")
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    write_png(tmp_path / "i.png", np.zeros((4, 4, 3), dtype=np.uint8))
+    for name in ("x.json", "i.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_at_once(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from sparsediff.io import writable_dir
+
+    assert writable_dir(tmp_path / "new" / "sub") == tmp_path / "new" / "sub" and (tmp_path / "new" / "sub").is_dir()
+    assert not list((tmp_path / "new" / "sub").iterdir())  # the write check leaves nothing behind
+
+    def read_only(*args, **kwargs):  # as a read-only mount or a folder of another user answers
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ValueError, match=r"^--dir: cannot write to .* \(Permission denied\)$"):
+        writable_dir(tmp_path, "--dir")
+
+
+def test_writers_clip_pixels_and_refuse_a_frame_rate_that_is_not_positive(tmp_path: Path) -> None:
+    # Float pixels a little outside [0, 1] (a decoder's overshoot) are clipped, not wrapped around in uint8.
+    write_png(tmp_path / "c.png", np.array([[[1.25, -0.5, 0.5]]], dtype=np.float32))
+    np.testing.assert_array_equal(iio.imread(tmp_path / "c.png"), [[[255, 0, 128]]])
+    frames = np.zeros((2, 16, 16, 3), dtype=np.float32)
+    for fps in (0, -8, float("nan")):
+        with pytest.raises(ValueError, match="fps: must be positive"):
+            write_video_mp4(tmp_path / "v.mp4", frames, fps=fps)
+    assert not list(tmp_path.glob("*.mp4")) and not _temps(tmp_path)
+
+
+def test_ssim_of_frames_smaller_than_its_window_and_only_float_pixels() -> None:
+    g = torch.Generator().manual_seed(0)
+    # 8x10: an even side (8) shrinks the window to 7; 5x5 and 3x40: the window (and its sigma) shrink below 6.
+    for h, w in ((8, 10), (5, 5), (3, 40)):
+        a = torch.rand(2, h, w, 3, generator=g)
+        noisy = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+        assert video_ssim(a, a) == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 < video_ssim(noisy, a) < 0.99
+    with pytest.raises(ValueError, match="too small for SSIM"):
+        video_ssim(torch.rand(1, 2, 8, 3), torch.rand(1, 2, 8, 3))
+    # uint8 frames (0-255) against data_range 1.0 would give meaningless numbers: refused.
+    pixels = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    for metric in (video_psnr, video_ssim):
+        with pytest.raises(ValueError, match=r"a: expected float pixels in \[0, 1\], got torch.uint8"):
+            metric(pixels, pixels.astype(np.float32))
 
 
 # --------------------------------------------------------------------------- --random-weights
@@ -698,3 +762,115 @@ def test_summary_parts_of_another_process_count_are_dropped(rendered: Path, tmp_
     assert main(argv) == 0
     assert [r["index"] for r in _summary(out)] == ["0", "2"]  # rank 0's share
     assert not list(out.glob("summary.rank*"))
+
+
+# --------------------------------------------------------------------------- resume: what counts as done
+
+
+def _copy(rendered: Path, out: Path) -> Path:
+    out.mkdir()
+    for path in rendered.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def test_rerun_renders_again_an_item_whose_output_is_gone(rendered: Path, tmp_path: Path) -> None:
+    # A sidecar marks its item done only beside its output: a video deleted by hand is rendered again.
+    out = _copy(rendered, tmp_path / "out")
+    gone = out / "0001-a-blue-square-sliding-left-s0.mp4"
+    gone.unlink()
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
+    assert [r["status"] for r in _summary(out)] == ["skipped", "ok", "skipped"]
+    assert len(list(iio.imiter(gone))) == 5
+
+
+def test_rerun_with_compare_dense_needs_the_dense_output_too(tmp_path: Path, monkeypatch) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red ball\n")
+    out = tmp_path / "out"
+    argv = ["render", *FAST, "--compare-dense", "--prompts", str(prompts), "--out", str(out)]
+    assert main(argv) == 0
+    dense = out / "0000-a-red-ball-s0.dense.mp4"
+    assert dense.is_file()
+    dense.unlink()
+    assert main(argv) == 0
+    assert [r["status"] for r in _summary(out)] == ["ok"] and dense.is_file()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a finished item must not load the model again")
+
+    monkeypatch.setattr(Recipe, "load", no_load)
+    assert main(argv) == 0
+    assert [r["status"] for r in _summary(out)] == ["skipped"]
+
+
+def test_a_sidecar_missing_keys_does_not_mark_its_item_done(rendered: Path, tmp_path: Path) -> None:
+    # A sidecar without every key of SIDECAR_KEYS (an older sparsediff's, or one cut by hand) is not trusted.
+    out = _copy(rendered, tmp_path / "out")
+    sidecar = out / "0002-green-triangle-spins-s0.json"
+    data = json.loads(sidecar.read_text())
+    del data["versions"]
+    sidecar.write_text(json.dumps(data))
+    assert main(["render", *FAST, "--dense", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]) == 0
+    assert [r["status"] for r in _summary(out)] == ["skipped", "skipped", "ok"]
+    assert SIDECAR_KEYS <= json.loads(sidecar.read_text()).keys()
+
+
+def test_what_makes_an_earlier_sidecar_stale(render_plan, tmp_path: Path) -> None:
+    from sparsediff.pipelines.render import _changes
+
+    layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
+    profile = {"format_version": 1, "model_id": "", "family": "wan",
+               "layers": {"transformer.blocks.0.attn1.processor": layer}}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    plan = render_plan("--model", "tiny-wan", "--profile", str(path))
+    item = plan.items[0]
+    # As read back from the sidecar an earlier run wrote.
+    earlier = json.loads(json.dumps({"prompt": item.prompt, "negative_prompt": item.negative_prompt,
+                                     "seed": item.seed, "settings": item.settings(plan)}))
+    assert _changes(plan, item, earlier) == []
+
+    def changes(*argv: str) -> list[str]:
+        again = render_plan("--model", "tiny-wan", "--profile", str(path), *argv)
+        return _changes(again, again.items[0], earlier)
+
+    assert changes("--guidance-scale", "7.25") == ["guidance_scale"]
+    assert changes("--cdf-threshold", "0.5") == ["cdf_threshold"]
+    # The same profile path with other thresholds in it: its hash changed.
+    path.write_text(json.dumps({**profile, "layers": {"transformer.blocks.0.attn1.processor": {
+        **layer, "cdf_threshold": [0.8, 0.8]}}}))
+    assert changes() == ["profile_sha256"]
+    path.write_text(json.dumps(profile))
+    # A prompt differing only where its slug does not (same file name) is another prompt.
+    assert slugify("A red ball!") == slugify(item.prompt)
+    assert _changes(plan, item, {**earlier, "prompt": "A red ball!"}) == ["prompt"]
+
+
+def test_summary_rows_are_in_index_order_and_identical_frames_read_inf(render_plan, tmp_path: Path) -> None:
+    from sparsediff.pipelines.render import _row, _write_summary
+
+    plan = render_plan("--model", "tiny-wan")
+    item = plan.items[0]
+    sidecar = {"wall_time_s": 1.0, "sparsity": 0.5, "peak_gpu_memory_bytes": None,
+               "compare_dense": {"psnr_db": None, "frames_identical": True, "ssim": 1.0}}
+    assert _row(item, plan, "ok", sidecar)["psnr_db"] == "inf"  # JSON's null, not a blank cell
+    # Indices past 9 sort as numbers, also where a merge read them back from the processes' CSV parts as text.
+    rows = [{"index": i, "status": "ok"} for i in ("10", "2", "1", "11")]
+    _write_summary(tmp_path / "s.csv", rows)
+    with open(tmp_path / "s.csv", newline="") as f:
+        assert [r["index"] for r in csv.DictReader(f)] == ["1", "2", "10", "11"]
+
+
+def test_merged_summary_of_several_processes_says_whether_any_item_failed(tmp_path: Path) -> None:
+    from sparsediff.pipelines.render import _merge_summaries
+
+    header = "index,status,prompt\n"
+    (tmp_path / "summary.rank0-of-2.csv").write_text(header + "0,ok,a\n2,ok,c\n")
+    (tmp_path / "summary.rank1-of-2.csv").write_text(header + "1,failed,b\n")
+    assert _merge_summaries(tmp_path, 2) is True  # the exit code of a multi-process batch with a failure is 1
+    assert [(r["index"], r["status"]) for r in _summary(tmp_path)] == [("0", "ok"), ("1", "failed"), ("2", "ok")]
+    assert not list(tmp_path.glob("summary.rank*"))
+    (tmp_path / "summary.rank0-of-2.csv").write_text(header + "0,ok,a\n")
+    (tmp_path / "summary.rank1-of-2.csv").write_text(header + "1,skipped,b\n")
+    assert _merge_summaries(tmp_path, 2) is False
