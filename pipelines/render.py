@@ -15,8 +15,8 @@ the exit code is 1 if any prompt failed.
 Several processes (one device each) split the prompts by index striding:
 `accelerate launch -m sparsediff render ...`, `torchrun --nproc_per_node N -m sparsediff render ...`
 or `--num-processes N` (relaunches itself as N workers with torchrun's environment and supervises
-them: Ctrl-C or SIGTERM stops each at its current item, and one failing stops the others; gloo on
-CPU). Seeds are
+them: Ctrl-C or SIGTERM stops them, a rerun renders the items they were on, and one failing stops
+the others; gloo on CPU). Seeds are
 drawn from CPU generators, so a prompt renders the same whichever process renders it.
 
 With --context-parallel N the N processes instead render every prompt together: the transformer runs
