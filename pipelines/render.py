@@ -275,6 +275,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.context_parallel > 1 and args.num_processes not in (1, args.context_parallel):
         raise RenderError(f"--num-processes {args.num_processes} and --context-parallel {args.context_parallel}: "
                           f"under context parallelism all processes render each prompt together; give one of them")
+    if launched == 1 and _processes_asked(args) > 1:
+        import torch
+
+        gpus = torch.cuda.device_count()  # 0: CPU processes (gloo), as many as asked
+        if 0 < gpus < _processes_asked(args):
+            # Each worker takes the GPU of its rank: the surplus ones failed, each with its own traceback.
+            raise RenderError(f"--num-processes {args.num_processes} / --context-parallel {args.context_parallel}: "
+                              f"one GPU a process, and {gpus} GPU(s) are visible here")
     if args.dense and args.profile is not None:
         raise RenderError("--profile and --dense exclude each other")
     if args.dense and (args.fp8 or not args.cuda_graphs or args.compare_dense

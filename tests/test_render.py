@@ -443,6 +443,21 @@ def test_a_process_count_unlike_the_launchers_is_refused(tmp_path, capsys, monke
     assert not (tmp_path / "o").exists()
 
 
+def test_more_processes_than_gpus_is_refused_before_any_start(tmp_path, capsys, monkeypatch, no_model) -> None:
+    # On a 1-GPU machine --num-processes 2 started two workers, and the second failed on a GPU it did not have.
+    from sparsediff.pipelines import render as render_module
+
+    def no_start(*args):
+        raise AssertionError("no worker may start")
+
+    monkeypatch.setattr(render_module, "_relaunch", no_start)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["render", "--prompts", str(_prompts(tmp_path)), "--out", str(tmp_path / "o"), "--model", "tiny-wan"]
+    for flag in ("--num-processes", "--context-parallel"):
+        assert "one GPU a process, and 1 GPU(s) are visible here" in _error(capsys, [*argv, flag, "2"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_model) -> None:
     layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
     profile = {"format_version": 1, "model_id": "wan2.1-t2v-14b", "family": "wan",
