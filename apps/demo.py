@@ -589,6 +589,7 @@ def _serve_problem(host: str, port: int) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from sparsediff.io import mp4_writer_problem
     from sparsediff.pipelines.recipes import default_recipe_name, get_recipe
     from sparsediff.pipelines.render import _load_profile
 
@@ -604,6 +605,8 @@ def run(args: argparse.Namespace) -> int:
         recipe = get_recipe(args.model or default_recipe_name())
     except ValueError as e:
         return fail(str(e).replace("model:", "--model:", 1))
+    if recipe.is_video and (problem := mp4_writer_problem()) is not None:  # each Generate would fail at its end
+        return fail(problem)
     path = args.profile or recipe.shipped_profile()
     profile, label = None, None
     if path is not None:

@@ -259,7 +259,7 @@ def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate every input and resolve every setting; raise RenderError/PromptFileError on bad input."""
-    from sparsediff.io import writable_dir
+    from sparsediff.io import mp4_writer_problem, writable_dir
     from sparsediff.profile import check_overrides
 
     if args.num_processes < 1:
@@ -319,6 +319,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         recipe.check_size(args.height or recipe.height, args.width or recipe.width, args.frames or recipe.frames)
     except ValueError as e:
         raise RenderError(f"--{e}") from None
+    if recipe.is_video and (problem := mp4_writer_problem()) is not None:
+        # Found here, not after the first item's render (each item failed at its end, the batch rendered for nothing).
+        raise RenderError(problem)
     specs = load_prompts(args.prompts)
     items = [_item(i, spec, args, recipe) for i, spec in enumerate(specs)]
     mode = "dense" if args.dense else "sparse"

@@ -183,6 +183,20 @@ def write_video_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, *, 
             writer.close()
 
 
+def mp4_writer_problem() -> str | None:
+    """Why `write_video_mp4` cannot write here, or None: imageio's FFMPEG plugin needs the imageio-ffmpeg
+    package and the ffmpeg binary it ships (or IMAGEIO_FFMPEG_EXE names)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return "writing MP4 needs the imageio-ffmpeg package, which is not installed (pip install imageio-ffmpeg)"
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as e:
+        return f"writing MP4 needs an ffmpeg binary, and none was found ({e})"
+    return None
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an (H, W, 3) image (float in [0, 1] or uint8) as PNG, atomically."""
     import imageio.v3 as iio

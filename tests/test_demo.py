@@ -270,6 +270,16 @@ def test_cli_refuses_an_address_it_cannot_serve_on_before_loading(host: str, cap
     assert "loading" not in err
 
 
+def test_cli_refuses_a_video_model_without_an_mp4_writer_before_loading(capsys, monkeypatch) -> None:
+    # Without imageio-ffmpeg the page came up and every Generate failed once both renders were done.
+    from sparsediff.cli import main
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # not installed
+    assert main(["demo", "--model", "tiny-wan", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "sparsediff demo: error: writing MP4 needs the imageio-ffmpeg package" in err and "loading" not in err
+
+
 def test_sigterm_removes_the_output_folder(tmp_path: Path) -> None:
     # SIGTERM used to kill the server at once, leaving its sparsediff-demo-* folder (and the videos in it).
     port = _free_port()

@@ -458,6 +458,23 @@ def test_more_processes_than_gpus_is_refused_before_any_start(tmp_path, capsys, 
     assert not (tmp_path / "o").exists()
 
 
+def test_a_missing_mp4_writer_is_refused_before_any_render(tmp_path, capsys, monkeypatch, no_model) -> None:
+    # Without imageio-ffmpeg every item rendered in full, then failed when its video was written.
+    import imageio_ffmpeg
+
+    argv = ["render", "--prompts", str(_prompts(tmp_path)), "--out", str(tmp_path / "o"), "--model", "tiny-wan"]
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "imageio_ffmpeg", None)  # not installed
+        assert "writing MP4 needs the imageio-ffmpeg package, which is not installed" in _error(capsys, argv)
+
+    def no_binary():
+        raise RuntimeError("No ffmpeg exe could be found.")
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_binary)
+    assert "writing MP4 needs an ffmpeg binary, and none was found (No ffmpeg exe could be found.)" in _error(capsys, argv)
+    assert not (tmp_path / "o").exists()
+
+
 def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_model) -> None:
     layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
     profile = {"format_version": 1, "model_id": "wan2.1-t2v-14b", "family": "wan",
