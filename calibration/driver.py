@@ -432,7 +432,7 @@ def build_report(plan: CalibrationPlan, stats: CalibrationStats, sel: Selection,
         "wall_time_s": sum(p["wall_time_s"] for p in prompts),
         "dense_steps": {"value": sel.dense_steps, "source": sel.dense_steps_source,
                         "estimated_attention_cost": {str(d): c for d, c in sel.cost_by_dense_steps.items()}},
-        "steps": [{"step": s, "weight": w, "dense": s < sel.dense_steps, "worst_error": finite(e),
+        "steps": [{"step": s, "weight": w, "dense": s + w <= sel.dense_steps, "worst_error": finite(e),
                    "mean_sparsity": finite(sp)}
                   for s, w, e, sp in zip(stats.steps, step_weights(stats.steps, plan.steps), sel.step_error,
                                          sel.step_sparsity)],

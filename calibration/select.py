@@ -17,7 +17,9 @@ Selection rule (budget B on the per-head relative L1 error of the attention outp
    sum over steps >= d of (dense layers: 1; sparse: keep / KERNEL_SPEED), per layer. The steps
    below the chosen d are then exactly the leading steps whose error at the chosen thresholds
    exceeds the budget or costs more than it saves; the report lists each step's error.
-   `--dense-steps` fixes d instead.
+   `--dense-steps` fixes d instead. A measured step stands for the steps up to the next measured one:
+   "steps >= d" are the measured steps standing for any step >= d (a d between two measured steps,
+   as `--dense-steps` may give, takes the one below it too, for the sparse steps it stands for).
 """
 from __future__ import annotations
 
@@ -120,15 +122,17 @@ def select(stats: CalibrationStats, budget: float, *, total_steps: int, lead_ste
     costs: dict[int, float] = {}
     best = None
     for d in options:
-        sel = _select_for(stats, budget, d, weights, step_idx, called, work, min_layer_sparsity)
-        costs[d] = _cost(sel, d, weights, step_idx, called, work)
+        sparse_weights = _sparse_weights(step_idx, weights, d)
+        sel = _select_for(stats, budget, sparse_weights, called, work, min_layer_sparsity)
+        costs[d] = _cost(sel, d, sparse_weights, called, work)
         if best is None or costs[d] < best[0] - 1e-9:
             best = (costs[d], d, sel)
     _, d, (choice, idx, dense_layers, measured) = best
+    sparse_weights = _sparse_weights(step_idx, weights, d)
 
     n_layers = len(stats.layers)
     head_error, head_sparsity = [], []
-    after = (step_idx >= d)
+    after = sparse_weights > 0
     for i in range(n_layers):
         errs, sps = [], []
         for h in range(stats.heads[i]):
@@ -139,7 +143,7 @@ def select(stats: CalibrationStats, budget: float, *, total_steps: int, lead_ste
                 sps.append(0.0)
                 continue
             errs.append(float(stats.err_max[i, ok, c, h].max()))
-            w = weights[ok]
+            w = sparse_weights[ok]
             sps.append(float((sparsity[i, ok, c, h] * w).sum() / w.sum()))
         head_error.append(errs)
         head_sparsity.append(sps)
@@ -167,12 +171,19 @@ def select(stats: CalibrationStats, budget: float, *, total_steps: int, lead_ste
     )
 
 
-def _select_for(stats: CalibrationStats, budget: float, d: int, weights: torch.Tensor, step_idx: torch.Tensor,
-                called: torch.Tensor, work: torch.Tensor, min_layer_sparsity: float):
-    """Per-head choice for d dense steps: (candidates, candidate indices (-1: dense head), dense layers, measured)."""
+def _sparse_weights(step_idx: torch.Tensor, weights: torch.Tensor, d: int) -> torch.Tensor:
+    """How many sparse steps (those >= d) each measured step stands for: its span [step, step + weight)
+    from d on."""
+    return (step_idx.double() + weights - step_idx.clamp(min=d).double()).clamp(min=0.0)
+
+
+def _select_for(stats: CalibrationStats, budget: float, sparse_weights: torch.Tensor, called: torch.Tensor,
+                work: torch.Tensor, min_layer_sparsity: float):
+    """Per-head choice for the dense steps that leave `sparse_weights` (`_sparse_weights`): (candidates,
+    candidate indices (-1: dense head), dense layers, measured)."""
     choice, idx, dense_layers, measured = [], [], [], []
     for i, heads in enumerate(stats.heads):
-        ok = (step_idx >= d) & called[i]
+        ok = (sparse_weights > 0) & called[i]
         if not ok.any():
             choice.append([DENSE_HEAD] * heads)
             idx.append([-1] * heads)
@@ -180,7 +191,7 @@ def _select_for(stats: CalibrationStats, budget: float, d: int, weights: torch.T
             measured.append(bool(called[i].any()))
             continue
         worst = stats.err_max[i, ok, :, :heads].amax(dim=0)  # (C, H)
-        w = weights[ok][:, None, None]
+        w = sparse_weights[ok][:, None, None]
         mean_work = (work[i, ok, :, :heads] * w).sum(0) / w.sum()  # (C, H)
         score = torch.where(worst <= budget, mean_work, torch.full_like(mean_work, -math.inf))
         best_val, best_c = score.max(dim=0)
@@ -195,18 +206,18 @@ def _select_for(stats: CalibrationStats, budget: float, d: int, weights: torch.T
     return choice, idx, dense_layers, measured
 
 
-def _cost(sel, d: int, weights: torch.Tensor, step_idx: torch.Tensor, called: torch.Tensor, work: torch.Tensor) -> float:
+def _cost(sel, d: int, sparse_weights: torch.Tensor, called: torch.Tensor, work: torch.Tensor) -> float:
     """Estimated attention time of a generation in dense-layer-step units (see the module docstring)."""
     _, idx, dense_layers, _ = sel
     total = 0.0
     for i, heads in enumerate(len(x) for x in idx):
         total += d
-        for j in range(len(step_idx)):
-            if step_idx[j] < d:
+        for j, w in enumerate(sparse_weights.tolist()):
+            if w == 0:
                 continue
             if dense_layers[i] or not called[i, j]:
-                total += float(weights[j])
+                total += w
                 continue
             keep = sum(1.0 - (float(work[i, j, c, h]) if c >= 0 else 0.0) for h, c in enumerate(idx[i])) / heads
-            total += float(weights[j]) * keep / KERNEL_SPEED
+            total += w * keep / KERNEL_SPEED
     return total

@@ -162,6 +162,54 @@ def test_select_rule_on_known_statistics():
     assert [c.cdf for c in select(stats, 0.05, total_steps=4, lead_steps=2, dense_steps=1).choice[0]] == [0.5, 0.5]
 
 
+def test_select_breaks_ties_toward_fewer_dense_steps_and_reports_dense_layers_as_dense():
+    # Mutation round 2: these went unnoticed: ties between dense-step counts going to the most, a feasible
+    # candidate that skips nothing chosen over keeping every block, a layer exactly at min_layer_sparsity made
+    # dense, a dense layer's heads counted in the per-step error and sparsity, and a layer's unmeasured step
+    # costed as a sparse one.
+    cands = [Candidate(0.5, 0.0), Candidate(0.9, 0.0)]
+    stats = CalibrationStats(["a", "b"], [2, 2], cands, steps=[0, 1, 2, 3])
+    stats.calls[:] = 1
+    stats.err_max = torch.full(stats.err_max.shape, 0.01, dtype=torch.float64)
+    # Nothing skips anything: every d costs 4 per layer, and every head keeps every block.
+    sel = select(stats, 0.05, total_steps=4, lead_steps=2)
+    assert sel.dense_steps == 0 and sel.cost_by_dense_steps == {0: 8.0, 1: 8.0, 2: 8.0}
+    assert [[c.cdf for c in layer] for layer in sel.choice] == [[1.0, 1.0], [1.0, 1.0]]
+
+    stats.sparsity_sum[0, :, 0, :] = 0.5  # layer a: cdf 0.5 skips half, exactly the floor below
+    stats.err_max[1] = 0.04
+    stats.sparsity_sum[1, :, 1, :] = 0.2  # layer b: cdf 0.9 skips 20%, under the floor: dense
+    stats.calls[0, 3] = 0  # layer a was not measured at step 3: it costs a dense call there
+    sel = select(stats, 0.05, total_steps=4, lead_steps=0, min_layer_sparsity=0.5)
+    assert sel.dense_layers == [False, True]
+    assert [[c.cdf for c in layer] for layer in sel.choice] == [[0.5, 0.5], [0.9, 0.9]]
+    assert sel.step_error == pytest.approx([0.01, 0.01, 0.01, None])
+    assert sel.step_sparsity == pytest.approx([0.25, 0.25, 0.25, 0.0])
+    assert sel.cost_by_dense_steps == pytest.approx({0: 4.0 + 3 * 0.5 / 0.7 + 1.0})
+
+
+def test_dense_steps_between_two_measured_steps_keep_the_lower_ones_measurement_for_the_sparse_steps():
+    # Measured steps [0, 1, 2, 6, 7] of 8: step 2 stands for steps 2-5. With --dense-steps 3, steps 3-5 run
+    # sparse, but selection looked at steps >= 3 only (6 and 7): step 2's 0.9 error went unseen, the sparse
+    # steps 3-5 were left out of the cost, and the report called step 2 dense. The shipped toy-shapes profile
+    # (dense steps 6, measured 4 then 8) was selected so.
+    steps = measure.measured_steps(8, 2, 4)
+    assert steps == [0, 1, 2, 6, 7]
+    stats = CalibrationStats(["a"], [1], [Candidate(0.5, 0.0)], steps=steps)
+    stats.calls[:] = 1
+    stats.err_max[:] = 0.01
+    stats.sparsity_sum[:] = 0.5
+    stats.err_max[0, 2] = 0.9
+    sel = select(stats, 0.05, total_steps=8, lead_steps=2, dense_steps=3)
+    assert [c.cdf for c in sel.choice[0]] == [1.0] and sel.dense_layers == [True]  # cdf 0.5 fails at step 2
+    assert sel.cost_by_dense_steps == {3: 8.0}  # 3 dense steps + 5 steps of a dense layer
+    stats.err_max[0, 2] = 0.01
+    sel = select(stats, 0.05, total_steps=8, lead_steps=2, dense_steps=3)
+    # Step 2 stands for 3 of the 5 sparse steps: weights 3, 1, 1 in the layer's sparsity.
+    assert sel.head_sparsity == [[pytest.approx(0.5)]]
+    assert sel.cost_by_dense_steps == pytest.approx({3: 3 + 5 * 0.5 / 0.7})
+
+
 # --------------------------------------------------------------------------- one measured call
 
 

@@ -381,3 +381,39 @@ def test_warm_up_is_noted_at_each_new_size_not_only_the_first_generate(session) 
     assert warm_up_noted(32, 1)
     assert warm_up_noted(64, 5)
     assert not warm_up_noted(32, 1)
+
+
+def test_checked_request_and_its_stats_table(session) -> None:
+    # Mutation round 2: these went unnoticed: a dense-steps slider's 1.0 passed on unchecked (the profile
+    # refuses a float), a seed one past the cap, a blank negative prompt kept as "  ", the width checked
+    # against the height's limit (equal on square recipes), and the first sparse step left out of the
+    # table's "in the sparse step(s)".
+    import dataclasses
+    import math
+
+    import numpy as np
+    import torch
+
+    from sparsediff.apps.demo import MAX_SEED, THRESHOLDS, Comparison, DemoSession, InputError, Request, stats_markdown
+    from sparsediff.processors.controller import SparsityStats
+
+    fields = dict(prompt=" a red circle ", negative_prompt="  ", seed=MAX_SEED, steps=2.0, height=64, width=64,
+                  frames=1, source=THRESHOLDS, cdf_threshold=0.5, sim_threshold=0.0, dense_steps=1.0)
+    checked = session._check(Request(**fields))
+    assert (checked.prompt, checked.negative_prompt, checked.seed, checked.steps, checked.dense_steps) == \
+        ("a red circle", None, 2**32 - 1, 2, 1)
+    assert type(checked.dense_steps) is int and session.sparse_profile(checked)[0].dense_steps == 1
+    assert session._check(Request(**{**fields, "negative_prompt": " blur "})).negative_prompt == "blur"
+    with pytest.raises(InputError, match=re.escape(f"Seed: must be between 0 and {MAX_SEED}, got {MAX_SEED + 1}")):
+        session._check(Request(**{**fields, "seed": MAX_SEED + 1}))
+    wide = DemoSession(dataclasses.replace(session.recipe, height=256, width=128), None, torch.device("cpu"))
+    with pytest.raises(InputError, match=re.escape("Width: must be between 1 and 192, got 256")):
+        wide._check(Request(**{**fields, "height": 256, "width": 256}))
+
+    stats = SparsityStats(["l"], [2], dense_steps=1)
+    stats.record("l", 0, torch.tensor([4.0, 4.0]), 4)  # the dense step keeps every pair
+    stats.record("l", 1, torch.tensor([2.0, 2.0]), 4)
+    c = Comparison(dense=np.zeros((1, 4, 4, 3)), sparse=np.zeros((1, 4, 4, 3)), dense_s=2.0, sparse_s=1.0,
+                   stats=stats, settings="s", request=checked, psnr_db=math.inf, ssim=1.0, notes=[])
+    assert "| sparsity (attention blocks skipped) | **50.0 %** in the sparse step 2; 25.0 % over all steps |" \
+        in stats_markdown(c)

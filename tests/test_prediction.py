@@ -402,6 +402,9 @@ def test_sample_rows_cover_each_block_segment(samples):
         (dict(kv_lens=torch.tensor([1.0])), "kv_lens"),
         (dict(kv_lens=torch.tensor([10, 10])), "kv_lens"),
         (dict(kv_lens=torch.tensor([0])), "kv_lens"),
+        # Mutation round 2: past the sequence and bool lengths were not caught by the cases above.
+        (dict(kv_lens=torch.tensor([65])), r"kv_lens values must lie in \[1, 64\]"),
+        (dict(kv_lens=torch.tensor([True])), "kv_lens must be an integer tensor, got torch.bool"),
         # A CPU kv_lens beside CUDA q, k ended in Triton's "Pointer argument (at 5) cannot be accessed"
         # (H100, 2026-12-06); meta stands for the other device here.
         (dict(kv_lens=torch.tensor([64], device="meta")), "kv_lens is on meta but q is on cpu"),
@@ -422,6 +425,12 @@ def test_bad_threshold_lists_name_themselves():
             predict_block_masks(q, k, bad)
     with pytest.raises(ValueError, match="cdf_threshold"):
         predict_block_masks(q, k, [0.5, 1.2])
+
+
+def test_a_text_tail_of_the_whole_sequence_keeps_every_block():
+    # Mutation round 2: dense_tail_tokens == N (the whole sequence is text) was not covered by any case.
+    q, k = torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16)
+    assert predict_block_mask(q, k, 0.1, 0.0, dense_tail_tokens=200).all()
 
 
 @pytest.mark.parametrize("q,k,name", [

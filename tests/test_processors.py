@@ -633,3 +633,64 @@ def test_lora_on_token_order_sites_loaded_after_apply_and_unloaded(family):
     assert handle.stats.mean_sparsity() == 0.0 and not handle.stats.fallbacks  # the calls ran sparse
     remove(model)
     assert not any("sparsediff.token_order" in m._diffusers_hook.hooks for m in model.modules() if hasattr(m, "_diffusers_hook"))
+
+
+class _Recorded(AttentionController):
+    """A controller whose sparse calls keep every block (the mask the stats count) and are recorded."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def run_sparse(self, call, q, k, v):
+        self.calls.append(call)
+        mask = torch.ones(q.shape[0], q.shape[1], -(-q.shape[2] // BLOCK_M), -(-k.shape[2] // BLOCK_N), dtype=torch.bool)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v), mask
+
+
+def _one_layer_controller(**layer_fields):
+    from sparsediff.profile import LayerProfile
+
+    layer = LayerProfile(heads=2, cdf_threshold=[0.5, 0.5], sim_threshold=[0.0, 0.0], **layer_fields)
+    return _Recorded(SparsityProfile(model_id="", family="wan", layers={"l": layer}, dense_steps=0))
+
+
+def _attend(controller, n_q, n_k=None, batch=1, mask=None):
+    q = torch.randn(batch, n_q, 2, 16)
+    k = v = torch.randn(batch, n_q if n_k is None else n_k, 2, 16)
+
+    def dense():
+        return torch.full_like(q, 7.0)
+
+    return controller.attend("l", q, k, v, dense=dense, text_tokens=0, attention_mask=mask)
+
+
+def test_controller_decides_dense_or_sparse_per_call_and_counts_why():
+    # Mutation round 2: these went unnoticed: a cross-attention call (keys of another length) sent to the
+    # kernel, a call of exactly min_query_blocks query blocks refused as "short", a padding mask leaving a
+    # batch element no key taken as kv_lens 0, a profile's per-head pv thresholds given to the kernel as their
+    # largest (not the strictest, smallest) value, and padded calls counted over the padding's key blocks.
+    controller = _one_layer_controller()
+    assert torch.equal(_attend(controller, 512, n_k=77), torch.full((1, 512, 2, 16), 7.0))
+    assert dict(controller.stats.fallbacks) == {"cross": 1} and controller.calls == []
+    _attend(controller, 4 * BLOCK_M)  # exactly min_query_blocks=4 query blocks: sparse
+    _attend(controller, 3 * BLOCK_M)
+    assert len(controller.calls) == 1 and dict(controller.stats.fallbacks) == {"cross": 1, "short": 1}
+    empty_row = torch.ones(2, 1, 1, 512, dtype=torch.bool)
+    empty_row[1] = False
+    _attend(controller, 512, batch=2, mask=empty_row)
+    assert len(controller.calls) == 1 and controller.stats.fallbacks["mask"] == 1
+    controller.stats.reset()
+    padded = torch.ones(2, 1, 1, 512, dtype=torch.bool)
+    padded[1, ..., 100:] = False
+    _attend(controller, 512, batch=2, mask=padded)
+    assert controller.calls[-1].kv_lens.tolist() == [512, 100]
+    assert controller.stats.mean_sparsity() == 0.0  # every valid block kept; 2 + 8 key blocks of 16 are valid
+    assert controller.stats._total[(0, 0)] == 4 * (8 + 2)
+
+    strict = _one_layer_controller(pv_threshold=[0.05, 0.02])
+    _attend(strict, 512)
+    assert strict.calls[-1].pv_threshold == 0.02
+    never = _one_layer_controller(pv_threshold=[0.0, 0.02])  # a head that never skips: no P·V skip for the call
+    _attend(never, 512)
+    assert never.calls[-1].pv_threshold is None

@@ -327,6 +327,18 @@ def test_a_bad_size_suggests_the_valid_sizes_beside_it() -> None:
         wan.check_size(64, 64, 0)
 
 
+def test_sizes_below_one_step_are_refused_with_the_neighbours_named() -> None:
+    # Mutation round 2: height 0 (a multiple of 16) and frames -3 (-4 is a multiple of 4) passed unnoticed
+    # without their lower bounds, and 20 suggested only 16 where 32 is as valid.
+    wan = get_recipe("tiny-wan")
+    with pytest.raises(ValueError, match=r"^height: tiny-wan needs a positive multiple of 16, got 0 \(e.g. 16\)$"):
+        wan.check_size(0, 64, 5)
+    with pytest.raises(ValueError, match=r"^frames: tiny-wan needs k\*4\+1 frames, got -3 \(e.g. 1\)$"):
+        wan.check_size(64, 64, -3)
+    with pytest.raises(ValueError, match=r"^width: tiny-wan needs a positive multiple of 16, got 20 \(e.g. 16 or 32\)$"):
+        wan.check_size(64, 20, 5)
+
+
 def test_ctrl_c_before_a_commands_own_handler_is_one_line(monkeypatch, capsys) -> None:
     # Ctrl+C during the first seconds (imports, planning) printed a KeyboardInterrupt traceback.
     from sparsediff.pipelines import recipes

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -659,6 +660,29 @@ def test_an_output_folder_that_cannot_be_written_is_refused_at_once(tmp_path: Pa
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(ValueError, match=r"^--dir: cannot write to .* \(Permission denied\)$"):
         writable_dir(tmp_path, "--dir")
+
+
+def test_prompt_file_fields_are_checked_by_type_and_range(tmp_path: Path) -> None:
+    # Mutation round 2: these went unnoticed: seed 0 refused as steps 0 is, a JSON true read as seed 1,
+    # a number taken as the negative prompt, a short CSV row ending in AttributeError, a CSV row of empty
+    # cells refused for its missing prompt instead of skipped, and an upper-case suffix refused.
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a", "seed": 0}\n')
+    assert [(s.prompt, s.seed) for s in load_prompts(jsonl)] == [("a", 0)]
+    for line, message in (('{"prompt": "a", "seed": true}', "p.jsonl:1: 'seed' must be an integer, got True"),
+                          ('{"prompt": "a", "negative_prompt": 5}', "p.jsonl:1: 'negative_prompt' must be a string")):
+        jsonl.write_text(line + "\n")
+        with pytest.raises(PromptFileError, match=re.escape(message)):
+            load_prompts(jsonl)
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("prompt,seed\nonly\n")
+    with pytest.raises(PromptFileError, match="p.csv:2: fewer cells than header columns"):
+        load_prompts(csv_path)
+    csv_path.write_text("prompt,seed\n,\nx,1\n")
+    assert [(s.prompt, s.seed, s.line) for s in load_prompts(csv_path)] == [("x", 1, 3)]
+    upper = tmp_path / "P.TXT"
+    upper.write_text("hi\n")
+    assert [(s.prompt, s.line) for s in load_prompts(upper)] == [("hi", 1)]
 
 
 def test_writers_clip_pixels_and_refuse_a_frame_rate_that_is_not_positive(tmp_path: Path) -> None:

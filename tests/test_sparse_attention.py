@@ -40,6 +40,8 @@ def test_cdf_one_with_kv_lens_equals_masked_sdpa():
     key_ok = torch.arange(160)[None, :] < lens[:, None]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok[:, None, None, :], scale=0.2)
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    # Key blocks wholly in the padding are no pairs to skip (mutation round 2: they were counted as skipped).
+    assert sparse_attention(q, k, v, 1.0, 0.6, kv_lens=lens, scale=0.2, return_sparsity=True)[1] == 0.0
 
 
 @pytest.fixture(scope="module")
