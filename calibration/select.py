@@ -94,8 +94,8 @@ class Selection:
     choice: list[list[Candidate]]  # per layer, per head
     dense_layers: list[bool]
     measured: list[bool]  # per layer: was it measured at all (else it is dense)
-    head_error: list[list[float]]  # worst error over calls at steps >= dense_steps (0 for dense heads)
-    head_sparsity: list[list[float]]  # step-weighted mean mask sparsity at steps >= dense_steps
+    head_error: list[list[float]]  # worst error over calls standing for steps >= dense_steps (0 for dense heads)
+    head_sparsity: list[list[float]]  # mean mask sparsity over the steps >= dense_steps, weighted as they stand
     step_error: list[float | None]  # per measured step: worst error over sparse layers/heads at the choice
     step_sparsity: list[float | None]  # per measured step: mean sparsity over all layers at the choice
     cost_by_dense_steps: dict[int, float]  # estimated attention cost (dense step = 1 per layer)
