@@ -126,9 +126,8 @@ def select(stats: CalibrationStats, budget: float, *, total_steps: int, lead_ste
         sel = _select_for(stats, budget, sparse_weights, called, work, min_layer_sparsity)
         costs[d] = _cost(sel, d, sparse_weights, called, work)
         if best is None or costs[d] < best[0] - 1e-9:
-            best = (costs[d], d, sel)
-    _, d, (choice, idx, dense_layers, measured) = best
-    sparse_weights = _sparse_weights(step_idx, weights, d)
+            best = (costs[d], d, sel, sparse_weights)
+    _, d, (choice, idx, dense_layers, measured), sparse_weights = best
 
     n_layers = len(stats.layers)
     head_error, head_sparsity = [], []

@@ -266,8 +266,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise RenderError(f"--num-processes: must be >= 1, got {args.num_processes}")
     if args.context_parallel < 1:
         raise RenderError(f"--context-parallel: must be >= 1, got {args.context_parallel}")
-    launched = _launched_processes()
-    if launched > 1 and _processes_asked(args) not in (1, launched):
+    launched, asked = _launched_processes(), _processes_asked(args)
+    if launched > 1 and asked not in (1, launched):
         # Under a launcher the processes exist already: the flag would be ignored without a word.
         raise RenderError(f"--num-processes {args.num_processes} / --context-parallel {args.context_parallel}: this "
                           f"command already runs as one of {launched} launched processes (WORLD_SIZE); give "
@@ -275,11 +275,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.context_parallel > 1 and args.num_processes not in (1, args.context_parallel):
         raise RenderError(f"--num-processes {args.num_processes} and --context-parallel {args.context_parallel}: "
                           f"under context parallelism all processes render each prompt together; give one of them")
-    if launched == 1 and _processes_asked(args) > 1:
+    if launched == 1 and asked > 1:
         import torch
 
         gpus = torch.cuda.device_count()  # 0: CPU processes (gloo), as many as asked
-        if 0 < gpus < _processes_asked(args):
+        if 0 < gpus < asked:
             # Each worker takes the GPU of its rank: the surplus ones failed, each with its own traceback.
             raise RenderError(f"--num-processes {args.num_processes} / --context-parallel {args.context_parallel}: "
                               f"one GPU a process, and {gpus} GPU(s) are visible here")
