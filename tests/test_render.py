@@ -38,6 +38,14 @@ def _prompts(tmp_path: Path) -> Path:
     return path
 
 
+def _copy(rendered: Path, out: Path) -> Path:
+    """A copy of the finished batch `rendered` in the new folder `out`."""
+    out.mkdir()
+    for path in rendered.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
 def _outputs(out: Path, ext: str = ".mp4") -> list[Path]:
     return sorted(p for p in out.iterdir() if p.suffix == ext and not p.name.startswith(".") and ".dense" not in p.name)
 
@@ -143,10 +151,7 @@ def test_summary_parts_of_an_interrupted_multi_process_run_are_dropped(rendered:
         raise AssertionError("a finished batch must not load the model again")
 
     monkeypatch.setattr(Recipe, "load", no_load)
-    out = tmp_path / "out"
-    out.mkdir()
-    for path in rendered.iterdir():
-        (out / path.name).write_bytes(path.read_bytes())
+    out = _copy(rendered, tmp_path / "out")
     (out / "summary.rank1-of-2.csv").write_text("index,status,prompt\n9,failed,an item of another batch\n")
     killed = out / f".0000-a-red-ball-bouncing-s0{TEMP_MARKER}x1y2z3w4.mp4"  # a killed rerun's, of other settings
     killed.write_bytes(b"partial")
@@ -809,10 +814,7 @@ def test_summary_parts_of_another_process_count_are_dropped(rendered: Path, tmp_
     monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
     monkeypatch.setattr(Recipe, "load", no_load)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "out"
-    out.mkdir()
-    for path in rendered.iterdir():
-        (out / path.name).write_bytes(path.read_bytes())
+    out = _copy(rendered, tmp_path / "out")
     (out / "summary.rank3-of-4.csv").write_text("index,status,prompt\n9,failed,an item of an interrupted run\n")
     argv = ["render", *FAST, "--dense", "--num-processes", "2", "--prompts", str(_prompts(tmp_path)), "--out", str(out)]
     assert main(argv) == 0
@@ -821,13 +823,6 @@ def test_summary_parts_of_another_process_count_are_dropped(rendered: Path, tmp_
 
 
 # --------------------------------------------------------------------------- resume: what counts as done
-
-
-def _copy(rendered: Path, out: Path) -> Path:
-    out.mkdir()
-    for path in rendered.iterdir():
-        (out / path.name).write_bytes(path.read_bytes())
-    return out
 
 
 def test_rerun_renders_again_an_item_whose_output_is_gone(rendered: Path, tmp_path: Path) -> None:
