@@ -70,9 +70,14 @@ for stage in "$@"; do
     toy)      python3 -m sparsediff calibrate --model toy-shapes --out "$res/toy/toy-shapes.json" --validate ;;
     # The toy model's sparsity-quality curves, one calibrate-sweep per count of dense warm-up steps
     # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor,
-    # SWEEP_BUDGETS the per-head error budgets.
+    # SWEEP_BUDGETS the per-head error budgets; SWEEP_STATE_FROM, a folder of earlier sweeps' sweep-denseN/,
+    # resumes from their statistics (calibration.calib-state.json), so that only selection and validation run.
     sweep)    for dense in ${SWEEP_DENSE_STEPS:-auto 4 6 8 10}; do
                 flag=(); [ "$dense" = auto ] || flag=(--dense-steps "$dense")
+                if [ -n "${SWEEP_STATE_FROM:-}" ]; then
+                  mkdir -p "$res/sweep-dense$dense" &&
+                      cp "$SWEEP_STATE_FROM/sweep-dense$dense/calibration.calib-state.json" "$res/sweep-dense$dense/" || exit 1
+                fi
                 python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets "${SWEEP_BUDGETS:-0.1,0.2,0.3,0.5,0.7}" "${flag[@]}" \
                     --method "${SWEEP_METHOD:-sampled}" --out "$res/sweep-dense$dense" || exit 1
               done ;;

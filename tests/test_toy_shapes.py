@@ -309,8 +309,44 @@ def test_window_curriculum_trains_on_windows_and_refuses_settings_it_cannot_run(
     for bad in (dict(window_frames=5), dict(window_fraction=0.5, steps=100)):
         with pytest.raises(ValueError, match="go together"):
             ts.TrainConfig(**bad)
-    with pytest.raises(ValueError, match="--minutes run cannot switch"):
+    with pytest.raises(ValueError, match="--minutes run cannot switch window_frames"):
         ts.TrainConfig(minutes=5.0, window_frames=5, window_fraction=0.5)
+
+
+def test_start_size_curriculum_trains_small_clips_for_its_share_of_the_steps(tmp_path, monkeypatch):
+    from sparsediff.pipelines.toy_shapes import train as train_module
+
+    cfg = ts.TrainConfig(batch_size=2, start_size=48, start_size_fraction=1.0)
+    gens = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    x0, _, _, _, _ = train_module.training_batch(cfg, *gens, torch.device("cpu"), at_start_size=True)
+    assert x0.shape[-2:] == (12, 12)  # 48 px / PATCH
+    x0, _, _, _, _ = train_module.training_batch(cfg, *gens, torch.device("cpu"))
+    assert x0.shape[-2:] == (16, 16)
+    ts.TrainConfig(steps=100, start_size=48, start_size_fraction=0.5)  # a fixed step count can switch
+    for bad, said in [(dict(start_size=48), "go together"), (dict(start_size_fraction=0.5, steps=100), "go together"),
+                      (dict(start_size=50, start_size_fraction=1.0), "multiple of 4"),
+                      (dict(start_size=28, start_size_fraction=1.0), "start_size"),
+                      (dict(start_size=80, start_size_fraction=1.0), "start_size"),
+                      (dict(start_size=48, start_size_fraction=1.5), "start_size_fraction"),
+                      (dict(minutes=5.0, start_size=48, start_size_fraction=0.5), "--minutes run cannot switch start_size")]:
+        with pytest.raises(ValueError, match=said):
+            ts.TrainConfig(**bad)
+
+    sizes = []
+    real = train_module.training_batch
+
+    def recording(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        sizes.append(batch[0].shape[-1] * 4)
+        return batch
+
+    monkeypatch.setattr(train_module, "training_batch", recording)
+    args = ["--out", str(tmp_path), "--steps", "4", "--bf16", "false", "--device", "cpu", "--num-layers", "1",
+            "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64", "--height", "48",
+            "--width", "48", "--num-frames", "3", "--batch-size", "2", "--start-size", "32",
+            "--start-size-fraction", "0.5"]
+    assert train_module.main(args) == 0
+    assert sizes == [32, 32, 48, 48]
 
 
 def test_single_object_curriculum_draws_one_object_clips_for_its_share_of_the_steps(tmp_path, monkeypatch):

@@ -55,6 +55,10 @@ class TrainConfig:
     # `window_frames`-frame windows of the clips (same motion per frame, far fewer tokens)
     window_frames: int | None = None
     window_fraction: float = 0.0
+    # curriculum: the first `start_size_fraction` of the steps train on `start_size` x `start_size` clips
+    # (the shipped weights began with a run at 48x48: 2,448 tokens a clip against 4,352 at 64x64)
+    start_size: int | None = None
+    start_size_fraction: float = 0.0
     # transformer (WanTransformer3DModel)
     num_layers: int = 6
     num_heads: int = 4
@@ -82,17 +86,22 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.window_frames is not None and not 2 <= self.window_frames <= self.num_frames:
             raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
-        for name in ("window_fraction", "single_object_fraction"):
+        if self.start_size is not None and (self.start_size % PATCH or not 32 <= self.start_size <= min(self.height,
+                                                                                                    self.width)):
+            raise ValueError(f"start_size must be a multiple of {PATCH} in [32, min(height, width)], got "
+                             f"{self.start_size}")
+        for name in ("window_fraction", "single_object_fraction", "start_size_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if (self.window_frames is None) != (self.window_fraction == 0.0):
-            raise ValueError("window_frames and window_fraction go together (a window length and the share of the "
-                             f"steps that use it), got window_frames={self.window_frames}, "
-                             f"window_fraction={self.window_fraction}")
-        if self.steps is None and 0.0 < self.window_fraction < 1.0:
-            # A minutes run fixes its step count from the speed of its first steps, which would be windowed ones.
-            raise ValueError("a --minutes run cannot switch from windowed to whole clips: its step count comes from "
-                             "the first steps' speed; give --steps (with --max-minutes), or window_fraction 1")
+        for what, value, fraction in (("window_frames", self.window_frames, "window_fraction"),
+                                      ("start_size", self.start_size, "start_size_fraction")):
+            if (value is None) != (getattr(self, fraction) == 0.0):
+                raise ValueError(f"{what} and {fraction} go together (a curriculum's setting and the share of the "
+                                 f"steps that use it), got {what}={value}, {fraction}={getattr(self, fraction)}")
+            if self.steps is None and 0.0 < getattr(self, fraction) < 1.0:
+                # A minutes run fixes its step count from the speed of its first steps, which are the curriculum's.
+                raise ValueError(f"a --minutes run cannot switch {what} halfway: its step count comes from the first "
+                                 f"steps' speed; give --steps (with --max-minutes), or {fraction} 1")
         if self.foreground_weight < 0.0:
             raise ValueError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:

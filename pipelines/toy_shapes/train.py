@@ -67,14 +67,15 @@ def token_weights(coverage: torch.Tensor, foreground_weight: float) -> torch.Ten
 
 
 def training_batch(cfg: TrainConfig, data_gen: torch.Generator, noise_gen: torch.Generator, device: torch.device,
-                   *, windowed: bool = False, single_object: bool = False
+                   *, windowed: bool = False, single_object: bool = False, at_start_size: bool = False
                    ) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One training batch of ``cfg.batch_size`` generated clips: latents x0, captions (dropped to ""
     at ``cfg.caption_dropout``), t, noise and the token weights (None without a foreground weight).
     ``windowed``: the clips cut to a random ``cfg.window_frames``-frame window; ``single_object``: one
-    object a clip (the curricula)."""
+    object a clip; ``at_start_size``: ``cfg.start_size`` square clips (the curricula)."""
+    height, width = (cfg.start_size, cfg.start_size) if at_start_size else (cfg.height, cfg.width)
     batch = sample_batch(cfg.batch_size, data_gen, split="train", max_objects=1 if single_object else cfg.max_objects,
-                         num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+                         num_frames=cfg.num_frames, height=height, width=width)
     if windowed:
         start_frame = int(torch.randint(0, cfg.num_frames - cfg.window_frames + 1, (1,), generator=data_gen))
         batch = batch.window(start_frame, cfg.window_frames)
@@ -158,8 +159,8 @@ def compiled_for_training(transformer: WanTransformer3DModel) -> Callable[..., t
     """``torch.compile`` of the transformer for the training step, inductor's persistent reductions off:
     with them, the kernel fusing each layer's q/k RMS norm with the rotary embedding took 2.8 ms a call
     at batch 32, 17 frames (22% of an H100 step); without, 0.29 ms, and the step 83.6 -> 69.4 ms.
-    Static shapes: a window curriculum's switch to whole clips compiles a second graph for their length
-    instead of one with a symbolic length for both."""
+    Static shapes: a curriculum's switch to whole clips or to the full size compiles a second graph for
+    them instead of one with symbolic sizes for both."""
     return torch.compile(transformer, dynamic=False, options={"triton.persistent_reductions": False})
 
 
@@ -219,7 +220,8 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
             group["lr"] = lr
         batch = training_batch(cfg, data_gen, noise_gen, dev,
                                windowed=cfg.window_frames is not None and step < cfg.window_fraction * total,
-                               single_object=step < cfg.single_object_fraction * total)
+                               single_object=step < cfg.single_object_fraction * total,
+                               at_start_size=cfg.start_size is not None and step < cfg.start_size_fraction * total)
         loss = train_step(cfg, pipe, train_transformer, opt, params, batch, autocast)
         # EMA with a short ramp so that early weights do not linger in a short run.
         decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
