@@ -163,8 +163,8 @@ class SparsityProfile:
             raise ValueError("calibration must be a CalibrationInfo")
         budget = self.calibration.budget
         if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
-                                   or not 0.0 < budget <= 1.0):  # NaN fails too
-            raise ValueError(f"calibration.budget must be None or a number in (0, 1] (an error budget), got {budget!r}")
+                                   or not 0.0 < budget < 1.0):  # NaN fails too; as `calibrate --budget` takes
+            raise ValueError(f"calibration.budget must be None or a number in (0, 1) (an error budget), got {budget!r}")
         for key in ("errors", "sparsity", "extra"):
             if not isinstance(getattr(self.calibration, key), dict):
                 raise ValueError(f"calibration.{key} must be a dict")

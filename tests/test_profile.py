@@ -105,7 +105,7 @@ def test_unknown_format_version_is_refused(tmp_path, version):
     (lambda d: d.update(dense_steps=-1), "dense_steps"),
     (lambda d: d.update(method="magic"), "method must be None or one of"),
     (lambda d: d.update(tile=5), r"tile must be None or three positive ints \(t, h, w\), got 5"),
-    (lambda d: d["calibration"].update(budget=float("nan")), r"calibration.budget must be None or a number in \(0, 1\]"),
+    (lambda d: d["calibration"].update(budget=float("nan")), r"calibration.budget must be None or a number in \(0, 1\)"),
     (lambda d: d["calibration"].update(budget=-5), "calibration.budget"),
     (lambda d: d.update(calibration=0), "calibration must be a JSON object"),
     (lambda d: d.update(calibration=None), "calibration must be a JSON object"),
@@ -121,7 +121,8 @@ def test_unknown_format_version_is_refused(tmp_path, version):
     (lambda d: d["layers"]["transformer.blocks.0.attn1.processor"].pop("heads"), r"lacks required key\(s\) \['heads'\]"),
     (lambda d: d.update(tile=[0, 8, 8]), r"tile must be None or three positive ints \(t, h, w\), got \(0, 8, 8\)"),
     (lambda d: d.update(dense_steps=True), "dense_steps must be a non-negative int, got True"),
-    (lambda d: d["calibration"].update(budget=0.0), r"calibration.budget must be None or a number in \(0, 1\]"),
+    (lambda d: d["calibration"].update(budget=0.0), r"calibration.budget must be None or a number in \(0, 1\)"),
+    (lambda d: d["calibration"].update(budget=1.0), r"calibration.budget must be None or a number in \(0, 1\)"),
 ])
 def test_malformed_profiles_are_refused(edit, match):
     data = _profile().to_dict()

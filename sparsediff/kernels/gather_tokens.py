@@ -71,7 +71,8 @@ def gather_tokens(
 
     outs: where to write (B, H, M, D) each, all of one layout; default: new tensors stored as the
     first x is ((B, N, H, D) or (B, H, N, D)). Runs the Triton kernel where kernels are available,
-    else the reference."""
+    else the reference. `index`'s values are not checked against N: that would read them back to the
+    host, a sync per call that a CUDA graph cannot capture; the token orders that build it keep them in range."""
     if not 1 <= len(xs) <= 3:
         raise ValueError(f"xs must hold 1 to 3 tensors, got {len(xs)}")
     first = xs[0]
