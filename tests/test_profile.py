@@ -97,6 +97,14 @@ def test_unknown_format_version_is_refused(tmp_path, version):
         dataclasses.replace(_profile(), format_version=version)
 
 
+@pytest.mark.parametrize("budget", [None, 1e-6, 0.15, 0.999])
+def test_budgets_inside_zero_one_are_kept(budget):
+    # (0, 1) open, as `calibrate --budget` takes it: 1.0 is refused, a budget just under it is not
+    data = _profile().to_dict()
+    data["calibration"]["budget"] = budget
+    assert SparsityProfile.from_dict(data).calibration.budget == budget
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d.update(typo=1), r"unknown key\(s\) \['typo'\]"),
     (lambda d: d.pop("family"), r"lacks required key\(s\) \['family'\]"),

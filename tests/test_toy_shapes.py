@@ -323,11 +323,18 @@ def test_start_size_curriculum_trains_small_clips_for_its_share_of_the_steps(tmp
     x0, _, _, _, _ = train_module.training_batch(cfg, *gens, torch.device("cpu"))
     assert x0.shape[-2:] == (16, 16)
     ts.TrainConfig(steps=100, start_size=48, start_size_fraction=0.5)  # a fixed step count can switch
+    # up to the smaller side, as window_frames goes up to num_frames
+    for size, height, width in ((64, 64, 64), (48, 64, 48), (48, 48, 64)):
+        ts.TrainConfig(start_size=size, start_size_fraction=1.0, height=height, width=width)
     for bad, said in [(dict(start_size=48), "go together"), (dict(start_size_fraction=0.5, steps=100), "go together"),
                       (dict(start_size=50, start_size_fraction=1.0), "multiple of 4"),
-                      (dict(start_size=28, start_size_fraction=1.0), "start_size"),
-                      (dict(start_size=80, start_size_fraction=1.0), "start_size"),
+                      (dict(start_size=28, start_size_fraction=1.0), r"in \[32, min\(height, width\)\] = \[32, 64\]"),
+                      (dict(start_size=80, start_size_fraction=1.0), r"in \[32, min\(height, width\)\] = \[32, 64\]"),
+                      (dict(start_size=64, start_size_fraction=1.0, height=64, width=48), r"\[32, 48\], got 64"),
+                      (dict(start_size=64, start_size_fraction=1.0, height=48, width=64), r"\[32, 48\], got 64"),
                       (dict(start_size=48, start_size_fraction=1.5), "start_size_fraction"),
+                      (dict(start_size=48, start_size_fraction=-0.5, steps=100),
+                       r"start_size_fraction must be in \[0, 1\], got -0.5"),
                       (dict(minutes=5.0, start_size=48, start_size_fraction=0.5), "--minutes run cannot switch start_size")]:
         with pytest.raises(ValueError, match=said):
             ts.TrainConfig(**bad)
@@ -347,6 +354,32 @@ def test_start_size_curriculum_trains_small_clips_for_its_share_of_the_steps(tmp
             "--start-size-fraction", "0.5"]
     assert train_module.main(args) == 0
     assert sizes == [32, 32, 48, 48]
+
+
+def test_each_curriculum_takes_its_share_of_the_steps_without_float_error(tmp_path, monkeypatch):
+    # 0.28 * 25 is 7.000000000000001 in floats: `step < fraction * total` gave 8 steps, not 7.
+    from sparsediff.pipelines.toy_shapes import train as train_module
+
+    assert [s for s in range(4) if train_module.in_first_share(s, 0.1, 4)] == [0]  # a started step counts
+    assert sum(train_module.in_first_share(s, 0.55, 100) for s in range(100)) == 55
+    calls = []
+    real = train_module.training_batch
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_batch", recording)
+    # no optimisation: only which batches the loop asks for matters
+    monkeypatch.setattr(train_module, "train_step", lambda *args: torch.zeros(()))
+    args = ["--out", str(tmp_path), "--steps", "25", "--bf16", "false", "--device", "cpu", "--num-layers", "1",
+            "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64", "--height", "36",
+            "--width", "36", "--num-frames", "3", "--batch-size", "1", "--start-size", "32",
+            "--start-size-fraction", "0.28", "--window-frames", "2", "--window-fraction", "0.56",
+            "--single-object-fraction", "0.28"]
+    assert train_module.main(args) == 0
+    for key, share in (("at_start_size", 7), ("windowed", 14), ("single_object", 7)):
+        assert [c[key] for c in calls] == [True] * share + [False] * (25 - share), key
 
 
 def test_single_object_curriculum_draws_one_object_clips_for_its_share_of_the_steps(tmp_path, monkeypatch):

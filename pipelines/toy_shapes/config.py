@@ -88,8 +88,8 @@ class TrainConfig:
             raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
         if self.start_size is not None and (self.start_size % PATCH or not 32 <= self.start_size <= min(self.height,
                                                                                                     self.width)):
-            raise ValueError(f"start_size must be a multiple of {PATCH} in [32, min(height, width)], got "
-                             f"{self.start_size}")
+            raise ValueError(f"start_size must be a multiple of {PATCH} in [32, min(height, width)] = "
+                             f"[32, {min(self.height, self.width)}], got {self.start_size}")
         for name in ("window_fraction", "single_object_fraction", "start_size_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -34,6 +34,13 @@ from .tokenizer import ToyTokenizer
 _MEASURE_FROM, _MEASURE_TO = 10, 30  # steps timed to fix the step count of a --minutes run
 
 
+def in_first_share(step: int, fraction: float, total: int) -> bool:
+    """Whether step ``step`` (0-based) is among the first ``fraction`` of ``total`` steps, a curriculum's
+    share: the first ceil(fraction * total). The product is rounded first: unrounded, float error added a
+    step (0.28 * 25 = 7.000000000000001 gave 8 steps, 0.55 * 100 gave 56)."""
+    return step < round(fraction * total, 9)
+
+
 def build_pipeline(cfg: TrainConfig) -> ToyShapesPipeline:
     """A freshly initialised (untrained) pipeline of ``cfg``'s shape, on the CPU, fp32."""
     tokenizer = ToyTokenizer(caption_words(), cfg.max_length)
@@ -218,10 +225,11 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         lr = _lr(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = training_batch(cfg, data_gen, noise_gen, dev,
-                               windowed=cfg.window_frames is not None and step < cfg.window_fraction * total,
-                               single_object=step < cfg.single_object_fraction * total,
-                               at_start_size=cfg.start_size is not None and step < cfg.start_size_fraction * total)
+        windowed = cfg.window_frames is not None and in_first_share(step, cfg.window_fraction, total)
+        at_start_size = cfg.start_size is not None and in_first_share(step, cfg.start_size_fraction, total)
+        batch = training_batch(cfg, data_gen, noise_gen, dev, windowed=windowed,
+                               single_object=in_first_share(step, cfg.single_object_fraction, total),
+                               at_start_size=at_start_size)
         loss = train_step(cfg, pipe, train_transformer, opt, params, batch, autocast)
         # EMA with a short ramp so that early weights do not linger in a short run.
         decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
