@@ -13,6 +13,7 @@ DEFAULT_STEPS = 16
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_FPS = 8
 FLOW_SHIFT = 3.0  # timestep shift of training's t distribution and of the sampling schedule
+MIN_SIZE = 32  # px: the smallest clip height and width the data generator draws (objects must fit with margins)
 PATCH = 4  # each frame is pixel-unshuffled by this: 3 * PATCH**2 channels on an (H / PATCH, W / PATCH) grid
 
 
@@ -86,10 +87,10 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.window_frames is not None and not 2 <= self.window_frames <= self.num_frames:
             raise ValueError(f"window_frames must be in [2, num_frames], got {self.window_frames}")
-        if self.start_size is not None and (self.start_size % PATCH or not 32 <= self.start_size <= min(self.height,
-                                                                                                    self.width)):
-            raise ValueError(f"start_size must be a multiple of {PATCH} in [32, min(height, width)] = "
-                             f"[32, {min(self.height, self.width)}], got {self.start_size}")
+        if self.start_size is not None and (self.start_size % PATCH
+                                            or not MIN_SIZE <= self.start_size <= min(self.height, self.width)):
+            raise ValueError(f"start_size must be a multiple of {PATCH} in [{MIN_SIZE}, min(height, width)] = "
+                             f"[{MIN_SIZE}, {min(self.height, self.width)}], got {self.start_size}")
         for name in ("window_fraction", "single_object_fraction", "start_size_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

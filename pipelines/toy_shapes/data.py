@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .config import MIN_SIZE
+
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.10, 0.10),
     "orange": (1.00, 0.55, 0.00),
@@ -137,8 +139,8 @@ class ClipBatch:
 def _check_geometry(num_frames: int, height: int, width: int) -> None:
     if num_frames < 2:
         raise ValueError(f"num_frames must be >= 2, got {num_frames}")
-    if height < 32 or width < 32:
-        raise ValueError(f"height and width must be >= 32 px, got {height}x{width}")
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ValueError(f"height and width must be >= {MIN_SIZE} px, got {height}x{width}")
 
 
 def _uniform(g: torch.Generator, shape: tuple[int, ...], lo, hi) -> torch.Tensor:

@@ -225,11 +225,11 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         lr = _lr(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        windowed = cfg.window_frames is not None and in_first_share(step, cfg.window_fraction, total)
-        at_start_size = cfg.start_size is not None and in_first_share(step, cfg.start_size_fraction, total)
-        batch = training_batch(cfg, data_gen, noise_gen, dev, windowed=windowed,
+        # A curriculum without its setting has fraction 0 (TrainConfig checks they go together).
+        batch = training_batch(cfg, data_gen, noise_gen, dev,
+                               windowed=in_first_share(step, cfg.window_fraction, total),
                                single_object=in_first_share(step, cfg.single_object_fraction, total),
-                               at_start_size=at_start_size)
+                               at_start_size=in_first_share(step, cfg.start_size_fraction, total))
         loss = train_step(cfg, pipe, train_transformer, opt, params, batch, autocast)
         # EMA with a short ramp so that early weights do not linger in a short run.
         decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
