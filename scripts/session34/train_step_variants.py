@@ -3,7 +3,7 @@ it shorten the step? (GPU; the device has no sparsediff install: run with the to
 
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor PYTHONPATH=/tmp/site:$PWD/pipelines \
         python3 scripts/session34/train_step_variants.py [--variants stock stack-rope no-persistent coordinate-descent] \
-        [--frames 17 7] [--kernels-out DIR] [--out X.json]
+        [--frames 17 7] [--size 64 48] [--kernels-out DIR] [--out X.json]
 
 The thirty-third session's version of this script (`scripts/session33/train_step_backends.py`, commit
 42a1124) timed torch's SDPA backends instead: the default is cuDNN's kernel on the H100 already.
@@ -20,7 +20,10 @@ Variants (the model and its math are the same in each):
   38.4 ms a step for 20.9 ms of GPU kernels). Thirty-sixth session (H100): 7 frames 31.7 ms against 42.2 ms
   for no-persistent in the same call, 17 frames 71.7 against 71.4 ms.
 
-Each (variant, frames) cell: a fresh compiled model (TrainConfig defaults, batch 32, foreground weight 4;
+`--size` (fortieth session): square clip sizes, to time the 48x48 phase that a `--start-size 48` training
+begins with.
+
+Each (size, frames, variant) cell: a fresh compiled model (TrainConfig defaults, batch 32, foreground weight 4;
 clips shorter than 17 frames are windows), 25 warm-up steps, the median of 5 timed groups of 10 steps
 (CUDA-synchronised), then the heaviest CUDA kernels of 5 profiled steps. With ``--kernels-out`` the
 generated source of each cell's heaviest inductor kernels is copied there (needs TORCHINDUCTOR_CACHE_DIR).
@@ -39,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-from toy_shapes.config import DEFAULT_FRAMES, TrainConfig
+from toy_shapes.config import DEFAULT_FRAMES, DEFAULT_HEIGHT, TrainConfig
 from toy_shapes.train import _sync, build_pipeline, compiled_for_training, optimizer, train_step, training_batch
 
 VARIANTS = ("stock", "stack-rope", "no-persistent", "coordinate-descent", "cuda-graphs")
@@ -96,9 +99,9 @@ def make_step(cfg: TrainConfig, variant: str, dev: torch.device):
     return step
 
 
-def cell_config(frames: int) -> TrainConfig:
+def cell_config(frames: int, size: int) -> TrainConfig:
     window = dict(window_frames=frames, window_fraction=1.0) if frames < DEFAULT_FRAMES else {}
-    return TrainConfig(steps=1, batch_size=32, foreground_weight=4.0, **window)
+    return TrainConfig(steps=1, batch_size=32, foreground_weight=4.0, height=size, width=size, **window)
 
 
 def heaviest_kernels(prof: torch.profiler.profile, steps: int, top: int = 12) -> list[dict]:
@@ -124,8 +127,8 @@ def copy_kernel_sources(names: list[str], dest: Path) -> list[str]:
     return found
 
 
-def run_cell(variant: str, frames: int, dev: torch.device, kernels_out: Path | None) -> dict:
-    cfg = cell_config(frames)
+def run_cell(variant: str, frames: int, size: int, dev: torch.device, kernels_out: Path | None) -> dict:
+    cfg = cell_config(frames, size)
     torch._dynamo.reset()
     with inductor_settings(variant):
         step = make_step(cfg, variant, dev)
@@ -146,12 +149,12 @@ def run_cell(variant: str, frames: int, dev: torch.device, kernels_out: Path | N
                 step()
             _sync(dev)
     ms = statistics.median(groups) * 1000
-    cell = {"variant": variant, "frames": frames, "ms_per_step": round(ms, 2), "clips_per_s": round(32 / ms * 1000, 1),
+    cell = {"variant": variant, "frames": frames, "size": size, "ms_per_step": round(ms, 2), "clips_per_s": round(32 / ms * 1000, 1),
             "warmup_s": round(warm_s, 1), "groups_ms": [round(g * 1000, 2) for g in groups],
             "kernels": heaviest_kernels(prof, 5)}
     if kernels_out is not None:
         generated = [k["kernel"] for k in cell["kernels"][:6] if k["kernel"].startswith("triton_")]
-        cell["sources_copied"] = copy_kernel_sources(generated, kernels_out / f"{variant}-{frames}f")
+        cell["sources_copied"] = copy_kernel_sources(generated, kernels_out / f"{variant}-{frames}f-{size}px")
     return cell
 
 
@@ -159,6 +162,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--frames", nargs="+", type=int, default=[DEFAULT_FRAMES])
+    p.add_argument("--size", nargs="+", type=int, default=[DEFAULT_HEIGHT], help="square clip sizes in px")
     p.add_argument("--kernels-out", type=Path, help="copy the heaviest generated kernels' source here")
     p.add_argument("--out", default="train_step_variants.json")
     args = p.parse_args()
@@ -169,16 +173,17 @@ def main() -> None:
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "cells": []}
-    for frames in args.frames:
-        for variant in args.variants:
-            try:
-                cell = run_cell(variant, frames, dev, args.kernels_out)
-            except Exception as e:  # a variant that fails is a result, not a crash
-                cell = {"variant": variant, "frames": frames, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(json.dumps(cell), flush=True)
-            result["cells"].append(cell)
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+    for size in args.size:
+        for frames in args.frames:
+            for variant in args.variants:
+                try:
+                    cell = run_cell(variant, frames, size, dev, args.kernels_out)
+                except Exception as e:  # a variant that fails is a result, not a crash
+                    cell = {"variant": variant, "frames": frames, "size": size, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                print(json.dumps(cell), flush=True)
+                result["cells"].append(cell)
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
