@@ -8,11 +8,12 @@ Selection rule (budget B on the per-head relative L1 error of the attention outp
    candidate, or none that skips anything: the head keeps every block (cdf 1.0). Worst case rather than a quantile: the samples
    are few (prompts x measured steps x branches), where a high quantile is nearly the maximum
    anyway, and "every measured call stayed within budget" is a promise a user can check.
-2. A layer whose mean chosen sparsity is under `min_layer_sparsity` runs dense: the Triton kernel
+2. A layer whose mean chosen work (as in 1; the sparsity alone without a pv grid) is under
+   `min_layer_sparsity` runs dense: the Triton kernel
    computes a kept block at 0.63-0.75x cuDNN's speed (DESIGN.md), so below ~30% skipped a sparse
    call is not faster than the dense one.
 3. d: the measured leading steps are sensitive (the global layout forms there); running them
-   sparse forces denser thresholds everywhere. Every d in [0, lead] is tried and the one with the
+   sparse forces denser thresholds everywhere. Every d in [0, min(lead, steps - 1)] is tried and the one with the
    lowest estimated attention cost wins (ties: fewer dense steps): cost(d) = d dense steps +
    sum over steps >= d of (dense layers: 1; sparse: keep / KERNEL_SPEED), per layer. The steps
    below the chosen d are then exactly the leading steps whose error at the chosen thresholds

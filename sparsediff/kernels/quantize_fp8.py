@@ -110,7 +110,8 @@ def _quantize_fp8_kernel(
 def quantize_fp8(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int, kv_lens: torch.Tensor | None = None
 ) -> Fp8Operands:
-    """`quantize_fp8_reference` by one Triton kernel (arguments validated by the caller).
+    """`quantize_fp8_reference` by Triton kernels: `channel_stats_fp8`'s two passes, then the quantising
+    kernel (arguments validated by the caller).
 
     q (B, H, Nq, D), k and v (B, H, Nk, D), any strides; kv_lens int32 (B,) or None; block_m a
     multiple of block_n. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1.

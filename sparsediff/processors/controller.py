@@ -2,7 +2,7 @@
 
 Processors compute q, k, v as the stock ones do and hand them, through the `sparsediff::attend`
 custom op (ops.py), to `AttentionController.attend`, which decides dense or sparse for this call,
-reorders the tokens (layout.py), runs `run_sparse` (the one method calibration overrides), records
+reorders the tokens (layout.py), runs `run_sparse` (what calibration overrides, with `can_run_sparse`), records
 the sparsity reached and returns the output in the caller's token order and tensor layout.
 """
 from __future__ import annotations
@@ -416,7 +416,7 @@ class AttentionController:
         raster, then the text segment). Returns (output (B, H, N, D) in the same order, the bool block
         mask used (B, H, ceil(N/BLOCK_M), ceil(N/BLOCK_N)), for the stats).
 
-        The one method to override: calibration evaluates candidate thresholds here and may return
+        The method to override (with `can_run_sparse`): calibration evaluates candidate thresholds here and may return
         any output (e.g. dense) with the mask it wants counted.
         """
         from sparsediff.attention import DEFAULT_METHOD, block_sparse_attention, predict_with
