@@ -28,6 +28,7 @@ only (their diffusers transformers have a context-parallel plan).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -39,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -208,10 +210,56 @@ def run(args: argparse.Namespace) -> int:
     processes = _processes_asked(args)
     relaunch = processes > 1 and _launched_processes() == 1
     try:
-        return _relaunch(args, processes) if relaunch else render_plan(plan)
+        with INTERRUPTS.installed():
+            return _relaunch(args, processes) if relaunch else render_plan(plan)
     except KeyboardInterrupt:
         print("\nsparsediff render: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+class InterruptLatch:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python's own handler does, and is remembered.
+
+    Python drops a KeyboardInterrupt raised where it cannot propagate (a finalizer: one landed in
+    logging's lock release) after printing it as "Exception ignored"; the process then rendered on
+    into the final barrier, which its stopped peers had left, and died there with gloo's traceback
+    (tests/test_render.py's Ctrl-C test, 1 run in 3 on a 2-core CPU). While installed, that dropped
+    interrupt prints nothing and `check()`, at the item boundaries, raises it again."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._hook = sys.unraisablehook
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if not (self.requested and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            self._hook(unraisable)
+
+    def check(self) -> None:
+        """Raise the KeyboardInterrupt of a Ctrl-C received since `installed()`."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle SIGINT here while the block runs (in the main thread only: elsewhere signals are not ours)."""
+        self.requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous, self._hook = signal.signal(signal.SIGINT, self._on_sigint), sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            sys.unraisablehook = self._hook
+
+
+INTERRUPTS = InterruptLatch()
 
 
 # --------------------------------------------------------------------------- planning (no model loaded)
@@ -436,6 +484,7 @@ def _supervise(workers: list[subprocess.Popen]) -> int:
     would wait for it at the final barrier (a worker's failed items end it with 1 only after that
     barrier, so its peers are exiting too: they get a few seconds first)."""
     while True:
+        INTERRUPTS.check()
         codes = [w.poll() for w in workers]
         if None not in codes:
             return 0 if not any(codes) else 1
@@ -808,6 +857,7 @@ def render_plan(plan: Plan) -> int:
     for done, item in enumerate(bar):
         bar.set_postfix_str(item.stem[:40])
         try:
+            INTERRUPTS.check()
             rows.append(_row(item, plan, "ok", renderer.render(item, rank, world)))
         except KeyboardInterrupt:  # the summary lists what is left, so it does not read as a finished batch
             rows.extend(_row(rest, plan, "interrupted", None, "not rendered: interrupted") for rest in todo[done:])
@@ -823,6 +873,7 @@ def render_plan(plan: Plan) -> int:
     bar.close()
 
     if world > 1:
+        INTERRUPTS.check()  # not into the barrier after a Ctrl-C: the stopped peers never reach it
         state.wait_for_everyone()
         if sharded and state.is_main_process:
             failed_anywhere = _merge_summaries(plan.out_dir, world)

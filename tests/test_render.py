@@ -229,6 +229,51 @@ def test_interrupted_launcher_stops_its_workers_once_each(monkeypatch) -> None:
     assert [w.returncode for w in interrupted.workers] == [130, 130]  # stopped at their item, not killed
 
 
+def _interrupt_inside_a_finalizer() -> None:
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next check of pending signals, still in __del__
+                len("")
+
+    Finalized()
+
+
+def test_a_ctrl_c_that_a_finalizer_drops_is_raised_at_the_next_check_without_a_traceback(monkeypatch) -> None:
+    # Python drops a KeyboardInterrupt raised in a finalizer after passing it to sys.unraisablehook (which
+    # prints "Exception ignored ... Traceback"); a multi-process render's worker then rendered on into the
+    # final barrier (1 run in 3 of the Ctrl-C test below).
+    from sparsediff.pipelines.render import InterruptLatch
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    latch = InterruptLatch()
+    previous_handler = signal.getsignal(signal.SIGINT)
+    with latch.installed():
+        _interrupt_inside_a_finalizer()  # dropped: no exception reaches this frame
+        with pytest.raises(KeyboardInterrupt):
+            latch.check()
+    assert reported == []  # nothing printed
+    assert signal.getsignal(signal.SIGINT) is previous_handler and sys.unraisablehook == reported.append
+    with latch.installed():  # installing again forgets the interrupt; other dropped exceptions are still reported
+        latch.check()
+
+        class Failing:
+            def __del__(self) -> None:
+                raise ValueError("a finalizer's own error")
+
+        Failing()
+    assert [type(u.exc_value) for u in reported] == [ValueError]
+
+
+def test_without_the_latch_a_finalizer_drops_the_ctrl_c(monkeypatch) -> None:
+    # What the latch is for: under Python's own handler the interrupt only reaches the unraisable hook.
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    _interrupt_inside_a_finalizer()
+    assert [type(u.exc_value) for u in reported] == [KeyboardInterrupt]
+
+
 def test_ctrl_c_stops_a_multi_process_render_quietly_and_a_rerun_resumes(tmp_path: Path) -> None:
     # Through torchrun, Ctrl-C printed its SignalException traceback and torchrun hit each worker again.
     out = tmp_path / "out"
