@@ -220,11 +220,12 @@ def run(args: argparse.Namespace) -> int:
 class InterruptLatch:
     """Ctrl-C (SIGINT) raises KeyboardInterrupt, as Python's own handler does, and is remembered.
 
-    Python drops a KeyboardInterrupt raised where it cannot propagate (a finalizer: one landed in
-    logging's lock release) after printing it as "Exception ignored"; the process then rendered on
-    into the final barrier, which its stopped peers had left, and died there with gloo's traceback
-    (tests/test_render.py's Ctrl-C test, 1 run in 3 on a 2-core CPU). While installed, that dropped
-    interrupt prints nothing and `check()`, at the item boundaries, raises it again."""
+    Python drops a KeyboardInterrupt raised where it cannot propagate (a finalizer, an at-fork hook)
+    after printing it as "Exception ignored". imageio-ffmpeg starts ffmpeg with a `preexec_fn`, so each
+    MP4 write runs logging's at-fork `_releaseLock`; a SIGINT landing there was dropped, and the worker
+    rendered on into the final barrier, which its stopped peers had left, and died there with gloo's
+    traceback (tests/test_render.py's Ctrl-C test, 1 run in 3 on a 2-core CPU). While installed, that
+    dropped interrupt prints nothing and `check()`, at the item boundaries, raises it again."""
 
     def __init__(self) -> None:
         self.requested = False
