@@ -231,7 +231,8 @@ class InterruptLatch:
         self.requested = False
         self._hook = sys.unraisablehook
 
-    def _on_sigint(self, signum: int, frame: object) -> None:
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The handler: SIGINT while installed, and the launcher's SIGTERM (a scheduler's stop, taken as Ctrl-C)."""
         self.requested = True
         raise KeyboardInterrupt
 
@@ -251,7 +252,7 @@ class InterruptLatch:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous, self._hook = signal.signal(signal.SIGINT, self._on_sigint), sys.unraisablehook
+        previous, self._hook = signal.signal(signal.SIGINT, self.on_signal), sys.unraisablehook
         sys.unraisablehook = self._unraisable
         try:
             yield
@@ -466,7 +467,7 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     # a worker hit twice would be stopped while it saves its summary part.
     workers = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True)
                for rank in range(processes)]
-    previous = signal.signal(signal.SIGTERM, _interrupted)  # a scheduler's stop is taken as Ctrl-C
+    previous = signal.signal(signal.SIGTERM, INTERRUPTS.on_signal)  # a scheduler's stop is taken as Ctrl-C
     try:
         return _supervise(workers)
     except KeyboardInterrupt:
@@ -474,10 +475,6 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _supervise(workers: list[subprocess.Popen]) -> int:
