@@ -303,6 +303,15 @@ def eval_clips(split: str = "held-out") -> list[tuple[list[tuple[str, str, str]]
     return [([triple], BACKGROUNDS[i % len(BACKGROUNDS)]) for i, triple in enumerate(triples)]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A CPU tensor bound for a GPU is copied from pinned memory without blocking:
+    a copy from pageable memory waits for the GPU to finish all queued work, which, once a training step,
+    left the GPU idle while the host prepared the next step."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _backgrounds(batch: ClipBatch, device: torch.device) -> torch.Tensor:
     H, W = batch.height, batch.width
     y = torch.arange(H, device=device)[:, None]
@@ -311,14 +320,14 @@ def _backgrounds(batch: ClipBatch, device: torch.device) -> torch.Tensor:
     stripes = torch.where((((x + y) // 6) % 2) == 0, 0.25, 0.40)
     plain = [torch.full((H, W), v, device=device) for v in (0.06, 0.50, 0.94)]
     bank = torch.stack(plain + [checker, stripes])  # order of BACKGROUNDS
-    bg = bank[batch.background.to(device)] + batch.bg_level.to(device)[:, None, None]
+    bg = bank[to_device(batch.background, device)] + to_device(batch.bg_level, device)[:, None, None]
     return bg.clamp(0.0, 1.0)
 
 
 def _alphas(batch: ClipBatch, device: torch.device) -> torch.Tensor:
     """Each object's coverage of each pixel, (B, K, F, H, W) in [0, 1] (0 for inactive objects)."""
     H, W = batch.height, batch.width
-    cx, cy, size, angle = (t.to(device)[..., None, None] for t in (batch.cx, batch.cy, batch.size, batch.angle))
+    cx, cy, size, angle = (to_device(t, device)[..., None, None] for t in (batch.cx, batch.cy, batch.size, batch.angle))
     px = torch.arange(W, device=device, dtype=torch.float32) + 0.5 - cx  # (B, K, F, 1, W)
     py = torch.arange(H, device=device, dtype=torch.float32)[:, None] + 0.5 - cy  # (B, K, F, H, 1)
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -329,9 +338,9 @@ def _alphas(batch: ClipBatch, device: torch.device) -> torch.Tensor:
     # Equilateral triangle, apex up: the farthest of its three edge half-planes.
     h = 0.5 * math.sqrt(3.0)
     d_tri = torch.maximum(torch.maximum(v, -h * u - 0.5 * v), h * u - 0.5 * v) - 0.5 * _TRI_R * size
-    shape = batch.shape.to(device)[..., None, None, None]
+    shape = to_device(batch.shape, device)[..., None, None, None]
     dist = torch.where(shape == _CIRCLE, d_circle, torch.where(shape == _SQUARE, d_square, d_tri))
-    return (0.5 - dist).clamp(0.0, 1.0) * batch.active.to(device)[..., None, None, None]  # 1-px anti-aliasing
+    return (0.5 - dist).clamp(0.0, 1.0) * to_device(batch.active, device)[..., None, None, None]  # 1-px anti-aliasing
 
 
 def render(batch: ClipBatch, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -345,7 +354,7 @@ def render_with_coverage(batch: ClipBatch, device: torch.device | str = "cpu") -
     dev = torch.device(device)
     alpha = _alphas(batch, dev)
     img = _backgrounds(batch, dev)[:, None, None].expand(-1, batch.num_frames, 3, -1, -1)  # (B, F, 3, H, W)
-    rgb = batch.rgb.to(dev)
+    rgb = to_device(batch.rgb, dev)
     for k in range(alpha.shape[1]):
         a = alpha[:, k, :, None]  # (B, F, 1, H, W)
         img = img * (1.0 - a) + a * rgb[:, k, None, :, None, None]

@@ -26,7 +26,8 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from .config import TrainConfig
-from .data import batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch
+from .data import (batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch,
+                   to_device)
 from .pipeline import PATCH, ToyShapesPipeline, frames_to_latents
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
@@ -107,7 +108,7 @@ def predict_velocity(pipe: ToyShapesPipeline, xt: torch.Tensor, t: torch.Tensor,
     """The model's velocity at ``xt``; ``transformer`` runs in place of ``pipe.transformer`` (a compiled
     wrapper of it)."""
     ids, mask = pipe.tokenizer(captions)
-    emb = pipe.text_encoder(ids.to(xt.device), mask.to(xt.device))
+    emb = pipe.text_encoder(to_device(ids, xt.device), to_device(mask, xt.device))
     model = pipe.transformer if transformer is None else transformer
     return model(hidden_states=xt, timestep=t * 1000.0, encoder_hidden_states=emb, return_dict=False)[0]
 
