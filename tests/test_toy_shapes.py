@@ -217,6 +217,35 @@ def test_a_folder_missing_files_is_refused_naming_them(tmp_path):
         ts.ToyShapesPipeline.from_folder(tmp_path / "nowhere")
 
 
+def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporaries(tmp_path, monkeypatch):
+    # save_folder, the training's config and log wrote straight onto their final names: a run stopped
+    # while saving left a truncated weights file that from_folder then failed to read.
+    from sparsediff.pipelines.toy_shapes import pipeline as pipeline_module
+
+    pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
+    pipe.save_folder(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(1.0)
+
+    def stopped(state, filename):  # half a file written, then the process is interrupted
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 64)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_module, "save_file", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.save_folder(tmp_path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # the old weights whole, nothing partial, no temporary left
+    ts.ToyShapesPipeline.from_folder(tmp_path)
+    monkeypatch.undo()
+    pipe.save_folder(tmp_path)
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() != \
+        before[tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"]
+
+
 def test_a_vocabulary_that_does_not_fit_the_text_encoder_is_refused(tmp_path):
     # A shorter word list rendered with the wrong embeddings unsaid; another max_length failed at the first call.
     pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))

@@ -6,6 +6,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
+from .files import write_json_atomically
+
 DEFAULT_HEIGHT = 64
 DEFAULT_WIDTH = 64
 DEFAULT_FRAMES = 17
@@ -123,8 +125,7 @@ class TrainConfig:
                     num_heads=self.text_heads, ffn_dim=self.text_ffn_dim, max_length=self.max_length)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(asdict(self), f, indent=1)
+        write_json_atomically(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":

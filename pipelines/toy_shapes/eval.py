@@ -14,12 +14,9 @@ other colours), which separates what was not learned from what does not generali
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ import torch
 
 from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
 from .data import DIRECTIONS, batch_from_objects, caption_for, eval_clips, render
+from .files import write_atomically, write_json_atomically
 from .metrics import check_clip
 from .pipeline import ToyShapesPipeline
 
@@ -93,22 +91,7 @@ def save_grid(frames: np.ndarray, path: str | Path, every: int = 4) -> None:
     from PIL import Image
 
     rows = [np.concatenate(list(clip[::every]), axis=1) for clip in frames]
-    _write_atomically(path, Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)).save)
-
-
-def _write_atomically(path: str | Path, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``, so that a run
-    stopped while writing leaves no partial file. Not sparsediff.io's: this package also runs as the
-    top-level ``toy_shapes`` (scripts/gpu_train_toy.sh)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 otherwise
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomically(path, Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)).save)
 
 
 def _check_writable(path: str, flag: str) -> None:
@@ -169,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_repeats > 0:
         report["single_clip_render_seconds"] = round(time_render(pipe, repeats=args.time_repeats), 3)
         print(f"[toy_shapes eval] one clip at {DEFAULT_STEPS} steps: {report['single_clip_render_seconds']} s", flush=True)
-    _write_atomically(args.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    write_json_atomically(args.out, report)
     return 0
 
 

@@ -26,6 +26,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, PATCH
+from .files import write_atomically
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
 
@@ -107,16 +108,18 @@ class ToyShapesPipeline(DiffusionPipeline):
         return cls(transformer.eval(), text_encoder.eval(), tokenizer, scheduler).to(device)
 
     def save_folder(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors."""
+        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors. Each
+        file is written atomically: a save stopped midway leaves whole files only (old or new)."""
         root = Path(path)
-        for name in ("transformer", "text_encoder"):
+        for name in ("transformer", "text_encoder", "tokenizer", "scheduler"):
+            (root / name).mkdir(parents=True, exist_ok=True)
+        for name in ("transformer", "text_encoder", "scheduler"):
             module = getattr(self, name)
-            module.save_config(root / name)
-            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
-            save_file(state, root / name / SAFETENSORS_WEIGHTS_NAME)
-        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+            write_atomically(root / name / module.config_name, lambda tmp: Path(tmp).write_text(module.to_json_string()))
+        for name in ("transformer", "text_encoder"):
+            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in getattr(self, name).state_dict().items()}
+            write_atomically(root / name / SAFETENSORS_WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
         self.tokenizer.save(root / "tokenizer" / "vocab.json")
-        self.scheduler.save_pretrained(root / "scheduler")
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """``save_folder`` in the weights' own dtype. DiffusionPipeline's saves only diffusers and

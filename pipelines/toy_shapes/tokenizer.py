@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from .files import write_json_atomically
+
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 _WORD = re.compile(r"[a-z]+|,")
 
@@ -79,8 +81,7 @@ class ToyTokenizer:
         return ids, ids != self.ids[PAD]
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump({"words": self.tokens[3:], "max_length": self.max_length}, f, indent=1)
+        write_json_atomically(path, {"words": self.tokens[3:], "max_length": self.max_length})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ToyTokenizer":

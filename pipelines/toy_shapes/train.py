@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from .config import TrainConfig
 from .data import (batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch,
                    to_device)
+from .files import write_json_atomically
 from .pipeline import PATCH, ToyShapesPipeline, frames_to_latents
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
@@ -290,8 +291,7 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         "final_val_loss_ema": round(ema_val, 5),
         "history": history,
     }
-    with open(out / "train_log.json", "w") as f:
-        json.dump(log, f, indent=1)
+    write_json_atomically(out / "train_log.json", log)
     return log
 
 
