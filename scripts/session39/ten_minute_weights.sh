@@ -2,10 +2,11 @@
 # Thirty-ninth session, on the lent GPU (carry .whl): score the ten-minute weights against the shipped ones
 # (seeds 0-2, 16 steps), then put them in place of the shipped ones (in the device's copy of the tree) and
 # calibrate them (sampled8, 6 and 10 dense steps) as the shipped profile was. $OUT gets the evaluations,
-# results6.tgz (the 6-dense sweep) and results.tgz (the 10-dense one). The default weights' two .safetensors
-# files left the tree in the forty-first session: `git checkout 09e5d06 -- <that folder>` restores them;
-# that session scored its own run with WEIGHTS=bench-results/h100-2026-12-06-session41/toy-10min-nosync/weights.
-new=${WEIGHTS:-bench-results/h100-2026-12-06-session39/toy-10min-start48/weights}
+# results6.tgz (the 6-dense sweep) and results.tgz (the 10-dense one). WEIGHTS names the folder to score:
+# this session scored bench-results/h100-2026-12-06-session39/toy-10min-start48/weights, whose two .safetensors
+# files left the tree in the forty-first session (`git checkout 09e5d06 -- <that folder>` restores them); that
+# session scored its own run with WEIGHTS=bench-results/h100-2026-12-06-session41/toy-10min-nosync/weights.
+new=${WEIGHTS:?set WEIGHTS to the weights folder to score}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/pipelines PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
