@@ -305,8 +305,8 @@ def eval_clips(split: str = "held-out") -> list[tuple[list[tuple[str, str, str]]
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``. A CPU tensor bound for a GPU is copied from pinned memory without blocking:
-    a copy from pageable memory waits for the GPU to finish all queued work, which, once a training step,
-    left the GPU idle while the host prepared the next step."""
+    a copy from pageable memory waits for all queued GPU work, and in training that left the GPU idle at
+    every step while the host prepared the next one."""
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
