@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from sparsediff.pipelines import toy_shapes as ts
 from sparsediff.pipelines.toy_shapes import data, metrics
@@ -217,19 +218,26 @@ def test_a_folder_missing_files_is_refused_naming_them(tmp_path):
         ts.ToyShapesPipeline.from_folder(tmp_path / "nowhere")
 
 
-def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporaries(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stopped_at", [0, 1])
+def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporaries(tmp_path, monkeypatch, stopped_at):
     # save_folder, the training's config and log wrote straight onto their final names: a run stopped
-    # while saving left a truncated weights file that from_folder then failed to read.
+    # while saving left a truncated weights file that from_folder then failed to read. Written file by
+    # file, a run stopped at the text encoder's weights (stopped_at 1) left the new transformer beside
+    # the old text encoder.
     from sparsediff.pipelines.toy_shapes import pipeline as pipeline_module
 
     pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
     pipe.save_folder(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with torch.no_grad():
-        for p in pipe.transformer.parameters():
+        for p in [*pipe.transformer.parameters(), *pipe.text_encoder.parameters()]:
             p.add_(1.0)
+    calls = []
 
-    def stopped(state, filename):  # half a file written, then the process is interrupted
+    def stopped(state, filename):  # the first weights file whole, the next one half written, then interrupted
+        calls.append(filename)
+        if len(calls) <= stopped_at:
+            return save_file(state, filename)
         with open(filename, "wb") as f:
             f.write(b"\0" * 64)
         raise KeyboardInterrupt
@@ -237,13 +245,15 @@ def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporarie
     monkeypatch.setattr(pipeline_module, "save_file", stopped)
     with pytest.raises(KeyboardInterrupt):
         pipe.save_folder(tmp_path)
+    assert len(calls) == stopped_at + 1
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert after == before  # the old weights whole, nothing partial, no temporary left
+    assert after == before  # the old weights whole, nothing partial or new, no temporary left
     ts.ToyShapesPipeline.from_folder(tmp_path)
     monkeypatch.undo()
     pipe.save_folder(tmp_path)
-    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() != \
-        before[tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"]
+    for name in ("transformer", "text_encoder"):
+        file = tmp_path / name / "diffusion_pytorch_model.safetensors"
+        assert file.read_bytes() != before[file]
 
 
 def test_a_vocabulary_that_does_not_fit_the_text_encoder_is_refused(tmp_path):

@@ -9,25 +9,49 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``, so that a run
-    stopped while writing leaves the old file or the new one, never a partial file under ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
-    os.close(fd)
+def write_files_atomically(writes: Mapping[str | os.PathLike, Callable[[str], object]]) -> None:
+    """Each ``write(tmp)`` to a temporary file beside its path, then every temporary renamed onto its path.
+
+    A run stopped while writing (the seconds a weights file takes) leaves all the old files, never a
+    partial file under a final name nor a new file beside old ones it belongs with; only one stopped
+    among the renames, microseconds apart, can mix old and new. No fsync: a power loss is not covered.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 otherwise
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 otherwise
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """One file by ``write_files_atomically``: the old file or the new one, never a partial file."""
+    write_files_atomically({path: write})
+
+
+def text_writer(text: str) -> Callable[[str], object]:
+    """A ``write`` for the functions above that writes ``text``."""
+    return lambda tmp: Path(tmp).write_text(text)
+
+
+def json_writer(obj: Any) -> Callable[[str], object]:
+    """A ``write`` for the functions above: ``obj`` as JSON (indent 1)."""
+    return text_writer(json.dumps(obj, indent=1))
 
 
 def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as JSON (indent 1) at ``path``, written by ``write_atomically``."""
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    write_atomically(path, json_writer(obj))

@@ -15,6 +15,7 @@ import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME, BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, PATCH
-from .files import write_atomically
+from .files import json_writer, text_writer, write_files_atomically
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
 
@@ -108,18 +109,21 @@ class ToyShapesPipeline(DiffusionPipeline):
         return cls(transformer.eval(), text_encoder.eval(), tokenizer, scheduler).to(device)
 
     def save_folder(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors. Each
-        file is written atomically: a save stopped midway leaves whole files only (old or new)."""
+        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors, all
+        files by one ``write_files_atomically``: a save stopped midway leaves the previous save's files,
+        never new weights beside old ones (the two models of one save belong together)."""
         root = Path(path)
-        for name in ("transformer", "text_encoder", "tokenizer", "scheduler"):
-            (root / name).mkdir(parents=True, exist_ok=True)
+        writes: dict[Path, Callable[[str], object]] = {}
         for name in ("transformer", "text_encoder", "scheduler"):
             module = getattr(self, name)
-            write_atomically(root / name / module.config_name, lambda tmp: Path(tmp).write_text(module.to_json_string()))
+            writes[root / name / module.config_name] = text_writer(module.to_json_string())
         for name in ("transformer", "text_encoder"):
             state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in getattr(self, name).state_dict().items()}
-            write_atomically(root / name / SAFETENSORS_WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
-        self.tokenizer.save(root / "tokenizer" / "vocab.json")
+            writes[root / name / SAFETENSORS_WEIGHTS_NAME] = partial(save_file, state)
+        writes[root / "tokenizer" / "vocab.json"] = json_writer(self.tokenizer.to_dict())
+        for file in writes:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        write_files_atomically(writes)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """``save_folder`` in the weights' own dtype. DiffusionPipeline's saves only diffusers and

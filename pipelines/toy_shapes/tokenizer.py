@@ -80,8 +80,12 @@ class ToyTokenizer:
             ids[b, : len(e)] = torch.tensor(e)
         return ids, ids != self.ids[PAD]
 
+    def to_dict(self) -> dict:
+        """What ``save`` writes and ``load`` reads."""
+        return {"words": self.tokens[3:], "max_length": self.max_length}
+
     def save(self, path: str | os.PathLike) -> None:
-        write_json_atomically(path, {"words": self.tokens[3:], "max_length": self.max_length})
+        write_json_atomically(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ToyTokenizer":
