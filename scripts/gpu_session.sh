@@ -71,7 +71,8 @@ for stage in "$@"; do
     # The toy model's sparsity-quality curves, one calibrate-sweep per count of dense warm-up steps
     # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor,
     # SWEEP_BUDGETS the per-head error budgets; SWEEP_STATE_FROM, a folder of earlier sweeps' sweep-denseN/,
-    # resumes from their statistics (calibration.calib-state.json), so that only selection and validation run.
+    # resumes from their statistics (calibration.calib-state.json), so that only selection and validation run;
+# SWEEP_FLAGS passes more calibrate-sweep flags (e.g. "--cdf-grid 0.5,0.7,0.9 --min-layer-sparsity 0").
     sweep)    for dense in ${SWEEP_DENSE_STEPS:-auto 4 6 8 10}; do
                 flag=(); [ "$dense" = auto ] || flag=(--dense-steps "$dense")
                 if [ -n "${SWEEP_STATE_FROM:-}" ]; then
@@ -79,7 +80,7 @@ for stage in "$@"; do
                       cp "$SWEEP_STATE_FROM/sweep-dense$dense/calibration.calib-state.json" "$res/sweep-dense$dense/" || exit 1
                 fi
                 python3 -m sparsediff calibrate-sweep --model toy-shapes --budgets "${SWEEP_BUDGETS:-0.1,0.2,0.3,0.5,0.7}" "${flag[@]}" \
-                    --method "${SWEEP_METHOD:-sampled}" --out "$res/sweep-dense$dense" || exit 1
+                    --method "${SWEEP_METHOD:-sampled}" --out "$res/sweep-dense$dense" ${SWEEP_FLAGS:-} || exit 1
               done ;;
     flux)     python3 -m sparsediff bench e2e --steps 10 --modes eager,compiled --families flux --setting-a-cdf 0.04 --setting-b-cdf 0.02 \
                   --out "$res/steps" ;;

@@ -1,9 +1,10 @@
 """Several `calibrate-sweep` curves in one plot: PSNR and SSIM against sparsity after the dense steps.
 
-    python scripts/plot_sweeps.py OUT.png LABEL=DIR/sweep.json [LABEL=DIR/sweep.json ...] [--title T]
+    python scripts/plot_sweeps.py OUT.png LABEL=DIR/sweep.json[,DIR2/sweep.json] [LABEL=...] [--title T]
 
-Each curve is one sweep (one predictor and count of dense steps); the dotted lines mark 30 dB and
-SSIM 0.95, the bar #9 sets for the toy model.
+Each curve is one sweep (one predictor and count of dense steps), or several joined (comma list: budgets
+of one setting measured in separate sweeps), its points in order of sparsity; the dotted lines mark 30 dB
+and SSIM 0.95, the bar #9 sets for the toy model.
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("curves", nargs="+", help="LABEL=path/to/sweep.json")
+    p.add_argument("curves", nargs="+", help="LABEL=path/to/sweep.json[,path/to/another/sweep.json]")
     p.add_argument("--title", default="sparsity vs quality")
     args = p.parse_args()
     fig, (psnr, ssim) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -26,7 +27,8 @@ def main() -> None:
         label, _, path = spec.partition("=")
         if not path:
             p.error(f"expected LABEL=path/to/sweep.json, got {spec!r}")
-        points = json.loads(Path(path).read_text())["points"]
+        points = sorted((q for one in path.split(",") for q in json.loads(Path(one).read_text())["points"]),
+                        key=lambda q: q["sparsity_after_dense_steps"])
         xs = [q["sparsity_after_dense_steps"] for q in points]
         style = dict(color=f"C{i}", marker="os^v<>"[i % 6], ls="-" if "sampled8" in label else "--", label=label)
         psnr.plot(xs, [q["mean_psnr_db"] for q in points], **style)
@@ -37,7 +39,7 @@ def main() -> None:
         ax.set_xlabel("attention block sparsity after the dense steps (held-out renders)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    psnr.legend(fontsize=7)
+    psnr.legend(fontsize=7, loc="lower left")
     fig.suptitle(args.title, fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
