@@ -72,7 +72,7 @@ for stage in "$@"; do
     # ("auto": calibration chooses); SWEEP_DENSE_STEPS="6" runs one; SWEEP_METHOD picks the predictor,
     # SWEEP_BUDGETS the per-head error budgets; SWEEP_STATE_FROM, a folder of earlier sweeps' sweep-denseN/,
     # resumes from their statistics (calibration.calib-state.json), so that only selection and validation run;
-# SWEEP_FLAGS passes more calibrate-sweep flags (e.g. "--cdf-grid 0.5,0.7,0.9 --min-layer-sparsity 0").
+    # SWEEP_FLAGS passes more calibrate-sweep flags (e.g. "--cdf-grid 0.5,0.7,0.9 --min-layer-sparsity 0").
     sweep)    for dense in ${SWEEP_DENSE_STEPS:-auto 4 6 8 10}; do
                 flag=(); [ "$dense" = auto ] || flag=(--dense-steps "$dense")
                 if [ -n "${SWEEP_STATE_FROM:-}" ]; then

@@ -39,9 +39,10 @@ def main() -> None:
         ax.set_xlabel("attention block sparsity after the dense steps (held-out renders)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    psnr.legend(fontsize=7, loc="lower left")
+    # Below the axes: inside, the legend hid points of the curves.
+    fig.legend(*psnr.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
     fig.suptitle(args.title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(args.curves) + 1) // 2), 1, 1))
     fig.savefig(args.out, dpi=110)
 
 

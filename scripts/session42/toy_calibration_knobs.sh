@@ -11,6 +11,7 @@ mkdir -p /tmp/knobs
 variant() {  # NAME DENSE_STEPS BUDGETS [calibrate-sweep flags...]; STATE_FROM=<variant> reuses its statistics
   local name=$1 dense=$2 budgets=$3
   shift 3
+  rm -rf /tmp/gpu-results  # a call that stops before emptying it must not pass the last variant's results off as its own
   SWEEP_STATE_FROM=${STATE_FROM:+/tmp/knobs/$STATE_FROM} SWEEP_DENSE_STEPS=$dense SWEEP_BUDGETS=$budgets \
     SWEEP_METHOD=sampled8 SWEEP_FLAGS="$*" timeout 170 bash scripts/gpu_session.sh sweep > "/tmp/knobs-$name.log" 2>&1
   echo "$name exit $? $(( $(date +%s) - start )) s"
