@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from sparsediff.pipelines import toy_shapes as ts
 from sparsediff.pipelines.toy_shapes import data, metrics
+from sparsediff.pipelines.toy_shapes.files import json_writer
 from sparsediff.pipelines.toy_shapes.tokenizer import ToyTokenizer
 from sparsediff.pipelines.toy_shapes.train import build_pipeline
 
@@ -223,11 +224,11 @@ def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporarie
     # save_folder, the training's config and log wrote straight onto their final names: a run stopped
     # while saving left a truncated weights file that from_folder then failed to read. Written file by
     # file, a run stopped at the text encoder's weights (stopped_at 1) left the new transformer beside
-    # the old text encoder.
+    # the old text encoder, and the training's log, written after the weights, belonged to the last run.
     from sparsediff.pipelines.toy_shapes import pipeline as pipeline_module
 
     pipe = build_pipeline(ts.TrainConfig(num_layers=1, steps=1))
-    pipe.save_folder(tmp_path)
+    pipe.save_folder(tmp_path, extra={"train_log.json": json_writer({"run": 1})})
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with torch.no_grad():
         for p in [*pipe.transformer.parameters(), *pipe.text_encoder.parameters()]:
@@ -244,7 +245,7 @@ def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporarie
 
     monkeypatch.setattr(pipeline_module, "save_file", stopped)
     with pytest.raises(KeyboardInterrupt):
-        pipe.save_folder(tmp_path)
+        pipe.save_folder(tmp_path, extra={"train_log.json": json_writer({"run": 2})})
     assert len(calls) == stopped_at + 1
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # the old weights whole, nothing partial or new, no temporary left
@@ -254,6 +255,7 @@ def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporarie
     for name in ("transformer", "text_encoder"):
         file = tmp_path / name / "diffusion_pytorch_model.safetensors"
         assert file.read_bytes() != before[file]
+    assert json.loads((tmp_path / "train_log.json").read_text()) == {"run": 1}  # the last save passed no extra
 
 
 def test_a_vocabulary_that_does_not_fit_the_text_encoder_is_refused(tmp_path):
@@ -469,6 +471,21 @@ def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt="a red circle", height=32, width=32, num_frames=3, num_inference_steps=1).frames
     assert out.shape == (1, 3, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_training_refuses_an_output_folder_it_cannot_write_before_training(tmp_path, monkeypatch, capsys):
+    # The folder was first written after the training (ten minutes on the GPU), and a bad one failed there.
+    from sparsediff.pipelines.toy_shapes import train as toy_train
+
+    (tmp_path / "file").write_text("")
+    built = []
+    monkeypatch.setattr(toy_train, "build_pipeline", lambda cfg: built.append(cfg))
+    with pytest.raises(SystemExit) as exc:
+        toy_train.main(["--out", str(tmp_path / "file" / "w"), "--steps", "1", "--device", "cpu"])
+    assert exc.value.code == 2 and "--out: cannot write to" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out: cannot write to"):
+        toy_train.train(ts.TrainConfig(steps=1), tmp_path / "file" / "w", "cpu")
+    assert not built
 
 
 def test_eval_refuses_bad_arguments_before_rendering_and_writes_its_report_atomically(tmp_path, monkeypatch, capsys):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
-from .files import write_json_atomically
 
 DEFAULT_HEIGHT = 64
 DEFAULT_WIDTH = 64
@@ -123,9 +122,6 @@ class TrainConfig:
     def text_encoder_config(self, vocab_size: int) -> dict:
         return dict(vocab_size=vocab_size, dim=self.text_dim, num_layers=self.text_layers,
                     num_heads=self.text_heads, ffn_dim=self.text_ffn_dim, max_length=self.max_length)
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_json_atomically(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":

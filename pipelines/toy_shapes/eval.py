@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from .config import DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
 from .data import DIRECTIONS, batch_from_objects, caption_for, eval_clips, render
-from .files import write_atomically, write_json_atomically
+from .files import check_writable, write_atomically, write_json_atomically
 from .metrics import check_clip
 from .pipeline import ToyShapesPipeline
 
@@ -94,16 +93,6 @@ def save_grid(frames: np.ndarray, path: str | Path, every: int = 4) -> None:
     write_atomically(path, Image.fromarray((np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)).save)
 
 
-def _check_writable(path: str, flag: str) -> None:
-    """Create ``path``'s folder and check a file can be made in it; ValueError naming ``flag`` otherwise."""
-    folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write to {folder} ({e.strerror or e})") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="report JSON path")
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for flag, path in (("--out", args.out), ("--png", args.png)):
             if path:
-                _check_writable(path, flag)
+                check_writable(Path(path).parent, flag)
         pipe = ToyShapesPipeline.from_folder(args.weights or WEIGHTS_DIR, device=args.device, torch_dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))

@@ -55,3 +55,14 @@ def json_writer(obj: Any) -> Callable[[str], object]:
 def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as JSON (indent 1) at ``path``, written by ``write_atomically``."""
     write_atomically(path, json_writer(obj))
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Create ``folder`` and check a file can be made in it; ValueError naming ``flag`` otherwise. For
+    commands to call before their long work, not after it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write to {folder} ({e.strerror or e})") from None

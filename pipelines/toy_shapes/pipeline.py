@@ -13,7 +13,7 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -108,10 +108,12 @@ class ToyShapesPipeline(DiffusionPipeline):
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
         return cls(transformer.eval(), text_encoder.eval(), tokenizer, scheduler).to(device)
 
-    def save_folder(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors, all
-        files by one ``write_files_atomically``: a save stopped midway leaves the previous save's files,
-        never new weights beside old ones (the two models of one save belong together)."""
+    def save_folder(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                    extra: Mapping[str, Callable[[str], object]] | None = None) -> None:
+        """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors, and the
+        ``extra`` files (name in the folder -> ``files`` writer: a training's config and log), all by one
+        ``write_files_atomically``: a save stopped midway leaves the previous save's files, never new
+        weights beside old ones or beside another run's log (the files of one save belong together)."""
         root = Path(path)
         writes: dict[Path, Callable[[str], object]] = {}
         for name in ("transformer", "text_encoder", "scheduler"):
@@ -121,6 +123,7 @@ class ToyShapesPipeline(DiffusionPipeline):
             state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in getattr(self, name).state_dict().items()}
             writes[root / name / SAFETENSORS_WEIGHTS_NAME] = partial(save_file, state)
         writes[root / "tokenizer" / "vocab.json"] = json_writer(self.tokenizer.to_dict())
+        writes.update({root / name: write for name, write in (extra or {}).items()})
         for file in writes:
             file.parent.mkdir(parents=True, exist_ok=True)
         write_files_atomically(writes)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from .config import TrainConfig
 from .data import (batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch,
                    to_device)
-from .files import write_json_atomically
+from .files import check_writable, json_writer
 from .pipeline import PATCH, ToyShapesPipeline, frames_to_latents
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
@@ -174,8 +174,10 @@ def compiled_for_training(transformer: WanTransformer3DModel) -> Callable[..., t
 
 
 def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None = None) -> dict:
-    """Run one training and write the model and logs to ``out``; returns the log dict."""
+    """Run one training and write the model and logs to ``out``; returns the log dict. An ``out`` that
+    cannot be written is refused (ValueError) before the training, not after it."""
     out = Path(out)
+    check_writable(out, "out")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
@@ -272,9 +274,6 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
     ema_val = val_loss()
     for m in modules:
         m.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_folder(out, dtype=torch.float16)
-    cfg.save(out / "train_config.json")
     log = {
         "config": asdict(cfg),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -291,7 +290,8 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         "final_val_loss_ema": round(ema_val, 5),
         "history": history,
     }
-    write_json_atomically(out / "train_log.json", log)
+    pipe.save_folder(out, dtype=torch.float16,
+                     extra={"train_config.json": json_writer(asdict(cfg)), "train_log.json": json_writer(log)})
     return log
 
 
@@ -313,10 +313,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     base = asdict(TrainConfig.load(args.config)) if args.config else {}
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**{**base, **overrides})
+    try:
+        check_writable(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
     log = train(cfg, args.out, args.device)
     print(f"[toy_shapes] done: {log['steps']} steps in {log['seconds']} s, train loss {log['final_train_loss']}, "
           f"held-out loss {log['final_val_loss_ema']} (EMA)", flush=True)
