@@ -256,6 +256,9 @@ def test_a_save_stopped_midway_leaves_the_previous_files_whole_and_no_temporarie
         file = tmp_path / name / "diffusion_pytorch_model.safetensors"
         assert file.read_bytes() != before[file]
     assert json.loads((tmp_path / "train_log.json").read_text()) == {"run": 1}  # the last save passed no extra
+    for bad in ("transformer", "sub/log.json", "/tmp/log.json", ".."):
+        with pytest.raises(ValueError, match="not a plain file name"):
+            pipe.save_folder(tmp_path, extra={bad: json_writer({})})
 
 
 def test_a_vocabulary_that_does_not_fit_the_text_encoder_is_refused(tmp_path):
@@ -454,7 +457,7 @@ def test_single_object_curriculum_draws_one_object_clips_for_its_share_of_the_st
     assert flags == [True, True, False, False]
 
 
-def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
+def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path, monkeypatch):
     # The first step trains on a 2-frame window, the second on whole clips: the compiled forward
     # meets both lengths.
     from sparsediff.pipelines.toy_shapes.train import main
@@ -471,6 +474,22 @@ def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt="a red circle", height=32, width=32, num_frames=3, num_inference_steps=1).frames
     assert out.shape == (1, 3, 32, 32, 3) and np.isfinite(out).all()
+    # A second training into the same folder, stopped while writing its log, leaves the first one's
+    # weights, config and log together: the log used to be written after the new weights were in place.
+    from sparsediff.pipelines.toy_shapes import train as toy_train
+
+    def stopped_at_the_log(obj):
+        if "history" not in obj:
+            return json_writer(obj)
+        def write(tmp):
+            raise KeyboardInterrupt
+        return write
+
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(toy_train, "json_writer", stopped_at_the_log)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--steps", "1", "--compile", "false"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_training_refuses_an_output_folder_it_cannot_write_before_training(tmp_path, monkeypatch, capsys):
@@ -483,7 +502,7 @@ def test_training_refuses_an_output_folder_it_cannot_write_before_training(tmp_p
     with pytest.raises(SystemExit) as exc:
         toy_train.main(["--out", str(tmp_path / "file" / "w"), "--steps", "1", "--device", "cpu"])
     assert exc.value.code == 2 and "--out: cannot write to" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="out: cannot write to"):
+    with pytest.raises(ValueError, match="^out: cannot write to"):
         toy_train.train(ts.TrainConfig(steps=1), tmp_path / "file" / "w", "cpu")
     assert not built
 

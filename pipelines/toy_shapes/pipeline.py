@@ -111,10 +111,15 @@ class ToyShapesPipeline(DiffusionPipeline):
     def save_folder(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16,
                     extra: Mapping[str, Callable[[str], object]] | None = None) -> None:
         """Write the four components in diffusers' folder layout, weights as ``dtype`` safetensors, and the
-        ``extra`` files (name in the folder -> ``files`` writer: a training's config and log), all by one
-        ``write_files_atomically``: a save stopped midway leaves the previous save's files, never new
-        weights beside old ones or beside another run's log (the files of one save belong together)."""
+        ``extra`` files (a file name in the folder -> a ``files`` writer: a training's config and log), all
+        by one ``write_files_atomically``: a save stopped midway leaves the previous save's files, never new
+        weights beside old ones, nor beside an earlier run's files that this save passes in ``extra``
+        (files it does not write, it leaves as they are)."""
         root = Path(path)
+        components = ("transformer", "text_encoder", "tokenizer", "scheduler")
+        for name in extra or {}:
+            if Path(name).name != name or name in (*components, ".."):
+                raise ValueError(f"extra: {name!r} is not a plain file name beside the components {components}")
         writes: dict[Path, Callable[[str], object]] = {}
         for name in ("transformer", "text_encoder", "scheduler"):
             module = getattr(self, name)
