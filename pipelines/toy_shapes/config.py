@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import dataclass, fields
 
-
 DEFAULT_HEIGHT = 64
 DEFAULT_WIDTH = 64
 DEFAULT_FRAMES = 17
