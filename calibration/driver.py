@@ -392,7 +392,7 @@ def build_profile(plan: CalibrationPlan, stats: CalibrationStats, sel: Selection
         sparsity={name: reached(i, sel.head_sparsity[i]) for i, name in enumerate(stats.layers)},
         extra={"report": plan.report_path.name, "prompts": len(plan.prompts), "steps": plan.steps,
                "measured_steps": plan.measured_steps, "height": plan.height, "width": plan.width,
-               "frames": plan.frames,
+               "frames": plan.frames, "guidance_scale": plan.guidance_scale,
                "error": "worst per-head relative L1 over the measured calls standing for steps >= dense_steps",
                "dense_steps_source": sel.dense_steps_source},
     )

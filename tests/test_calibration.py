@@ -488,6 +488,7 @@ def test_sweep_writes_one_validated_profile_per_budget(tmp_path, monkeypatch, ca
         profile = SparsityProfile.load(out / f"budget-{p['budget']:g}.json")
         assert profile.calibration.budget == p["budget"]
         assert profile.calibration.extra["report"] == f"budget-{p['budget']:g}.report.json"  # its own report
+        assert profile.calibration.extra["guidance_scale"] == 5.0  # tiny-wan's: the errors depend on it
         assert json.loads((out / profile.calibration.extra["report"]).read_text())["budget"] == p["budget"]
         assert p["heads_over_budget"] == 0 and p["max_head_error"] <= p["budget"]
     assert (out / "sweep.png").stat().st_size > 0

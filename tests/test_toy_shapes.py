@@ -560,10 +560,11 @@ def test_shipped_weights_load_and_render(shipped):
 
 
 def test_shipped_model_draws_the_named_colour_in_the_named_motion(shipped):
-    # The evaluation's checks at its settings (17 frames, 16 steps, guidance 4, clip i from seed i)
-    # on one held-out caption (a triple never trained on) and one trained triple; both pass in
-    # weights/eval_report.json on the GPU and on the CPU. Not every caption does: on the GPU 7 in 10
-    # held-out and 3 in 4 seen ones pass; 2 held-out clips on white show no object (pipelines/toy_shapes/README.md).
+    # The evaluation's checks at its settings (17 frames, 16 steps, the default guidance 3, clip i from
+    # seed i) on one held-out caption (a triple never trained on) and one trained triple; both pass on
+    # the CPU at guidance 3 (bench-results/h100-2026-12-06-session43/cpu-eval-g3.json) and at 4
+    # (weights/eval_report.json, GPU and CPU). Not every caption does: on the CPU at guidance 3, 17 in 20
+    # held-out and 12 in 20 seen ones pass (pipelines/toy_shapes/README.md).
     clips = [(data.eval_clips()[8], 8), (data.eval_clips("seen")[4], 4)]
     captions = [data.caption_for(objs, bg) for (objs, bg), _ in clips]
     assert captions == ["a orange triangle moves up on a checkered background",
