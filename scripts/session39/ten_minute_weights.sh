@@ -5,7 +5,8 @@
 # results6.tgz (the 6-dense sweep) and results.tgz (the 10-dense one). WEIGHTS names the folder to score:
 # this session scored bench-results/h100-2026-12-06-session39/toy-10min-start48/weights, whose two .safetensors
 # files left the tree in the forty-first session (`git checkout 09e5d06 -- <that folder>` restores them); that
-# session scored its own run with WEIGHTS=bench-results/h100-2026-12-06-session41/toy-10min-nosync/weights.
+# session scored its own run with WEIGHTS=bench-results/h100-2026-12-06-session41/toy-10min-nosync/weights, whose
+# .safetensors files left the tree in the forty-third (`git checkout 3945b91 -- <that folder>` restores them).
 new=${WEIGHTS:?set WEIGHTS to the weights folder to score}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/pipelines PYTHONUNBUFFERED=1
