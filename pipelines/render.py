@@ -33,6 +33,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -52,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 from sparsediff.pipelines.prompts import MAX_SEED, PromptFileError, PromptSpec, load_prompts, slugify
 from sparsediff.pipelines.random_weights import RANDOM_WEIGHT_RECIPES, check_random_weights
 from sparsediff.pipelines.recipes import PROFILE_FAMILY, Recipe, default_recipe_name, get_recipe
+
+logger = logging.getLogger("sparsediff")
 
 if TYPE_CHECKING:
     import numpy as np
@@ -307,6 +310,18 @@ def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
     return profile
 
 
+def _warn_if_calibrated_at_another_guidance(profile: Any, path: Path, guidance_scale: float) -> None:
+    """A profile keeps each head's error within its budget at the guidance it was calibrated at (recorded
+    since 2026-12-06). Guidance multiplies the sparse error of the conditional half, so at another scale
+    the frames may stray further from dense: said, not refused (the render is still what was asked)."""
+    calibrated = profile.calibration.extra.get("guidance_scale")
+    if isinstance(calibrated, (int, float)) and not math.isclose(calibrated, guidance_scale):
+        logger.warning("%s was calibrated at guidance %g and this render uses %g: its thresholds hold each head "
+                       "within the error budget at %g, and frames may stray further from dense at another scale "
+                       "(`sparsediff calibrate --guidance-scale %g` fits this one)",
+                       path, calibrated, guidance_scale, calibrated, guidance_scale)
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate every input and resolve every setting; raise RenderError/PromptFileError on bad input."""
     from sparsediff.io import mp4_writer_problem, writable_dir
@@ -382,6 +397,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     elif mode == "sparse" and recipe.shipped_profile() is not None:
         profile_path, profile_source = recipe.shipped_profile(), "shipped"
         profile = _load_profile(profile_path, recipe, "shipped profile")
+    guidance_scale = recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    if profile is not None:
+        _warn_if_calibrated_at_another_guidance(profile, profile_path, guidance_scale)
     try:  # last: a command refused for another reason leaves no new empty folder
         writable_dir(args.out)
     except ValueError as e:
@@ -390,7 +408,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         recipe=recipe, out_dir=args.out, items=items, mode=mode, profile_path=profile_path,
         profile_source=profile_source, profile_sha256=_file_sha256(profile_path) if profile_path else None,
         cdf_threshold=args.cdf_threshold, sim_threshold=args.sim_threshold, dense_steps=args.dense_steps,
-        guidance_scale=recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        guidance_scale=guidance_scale,
         compare_dense=args.compare_dense, profile=profile, random_weights=args.random_weights,
         context_parallel=args.context_parallel, fp8=args.fp8, cuda_graphs=args.cuda_graphs,
     )

@@ -553,6 +553,33 @@ def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_
         assert f"--profile: {bad}" in (err := _error(capsys, [*argv[:-1], str(bad)])) and needle in err
 
 
+def test_a_profile_calibrated_at_another_guidance_is_named(tmp_path, render_plan, caplog) -> None:
+    # Guidance multiplies the conditional half's sparse error: a render at another scale than the
+    # profile's calibration is warned about, once, and still planned.
+    layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
+    profile = {"format_version": 1, "model_id": "tiny-wan", "family": "wan",
+               "layers": {"transformer.blocks.0.attn1.processor": layer},
+               "calibration": {"budget": 0.1, "errors": {}, "sparsity": {}, "extra": {"guidance_scale": 5.0}}}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    args = ["--model", "tiny-wan", "--profile", str(path)]
+    with caplog.at_level("WARNING", logger="sparsediff"):
+        assert render_plan(*args).guidance_scale == 5.0  # tiny-wan's own scale, the profile's: silent
+        assert render_plan(*args, "--guidance-scale", "5").guidance_scale == 5.0
+        assert not caplog.records
+        assert render_plan(*args, "--guidance-scale", "7.5").guidance_scale == 7.5
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path} was calibrated at guidance 5 and this render uses 7.5: its thresholds hold each head within the "
+        "error budget at 5, and frames may stray further from dense at another scale (`sparsediff calibrate "
+        "--guidance-scale 7.5` fits this one)"]
+    caplog.clear()
+    del profile["calibration"]["extra"]["guidance_scale"]  # profiles calibrated before it was recorded
+    path.write_text(json.dumps(profile))
+    with caplog.at_level("WARNING", logger="sparsediff"):
+        render_plan(*args, "--guidance-scale", "7.5")
+    assert not caplog.records
+
+
 # --------------------------------------------------------------------------- prompts, io, metrics
 
 
