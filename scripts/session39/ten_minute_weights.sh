@@ -15,7 +15,6 @@ s=$(date +%s)
 for w in shipped ten-minute; do for seed in 0 1 2; do d=pipelines/toy_shapes/weights; [ $w = ten-minute ] && d=$new
 timeout 45 python3 -m toy_shapes.eval --weights $d --out "$OUT/eval-$w-seed$seed.json" --steps 16 --seed $seed --time-repeats 0 2>&1 | grep "pass rates" | sed "s/^/$w $seed /"; done; done; echo "eval $(( $(date +%s) - s )) s"
 for m in transformer text_encoder; do cp "$new/$m/diffusion_pytorch_model.safetensors" pipelines/toy_shapes/weights/$m/; done
-SWEEP_DENSE_STEPS=6 SWEEP_BUDGETS=0.1,0.15,0.2,0.25,0.3 SWEEP_METHOD=sampled8 timeout 200 bash scripts/gpu_session.sh sweep > "$OUT/sweep6.log" 2>&1; echo "sweep6 exit $? $(( $(date +%s) - s )) s"
-rm -rf /tmp/first; cp -r /tmp/gpu-results /tmp/first; mkdir -p /tmp/first/sweep-dense10; cp /tmp/first/sweep-dense6/calibration.calib-state.json /tmp/first/sweep-dense10/
-cp "$OUT/results.tgz" "$OUT/results6.tgz"
-SWEEP_STATE_FROM=/tmp/first SWEEP_DENSE_STEPS="10" SWEEP_BUDGETS=0.15,0.2,0.25,0.3 SWEEP_METHOD=sampled8 timeout 90 bash scripts/gpu_session.sh sweep > "$OUT/sweep10.log" 2>&1; echo "sweep10 exit $? $(( $(date +%s) - s )) s"
+# The calibration as the shipped profile's, 6 then 10 dense steps on the same statistics: the sweeps that
+# scripts/session43/continued_weights.sh runs (the same budgets, time limits and $OUT files).
+EVAL=0 bash scripts/session43/continued_weights.sh

@@ -5,7 +5,7 @@
 # the guidance-3 call ran on the shipped weights with EVAL=0). Seeds 0-2 at 16
 # steps, then the shipped profile's calibration (sampled8, fresh statistics) at 6 dense steps and, on
 # the same statistics, 10. $OUT gets evals.tgz, sweep6.log, results6.tgz, sweep10.log, results.tgz.
-# EVAL=0 skips the scoring; SWEEP_FLAGS (e.g. "--guidance-scale 3"), BUDGETS6 and BUDGETS10 reach the sweeps.
+# EVAL=0 skips the scoring (scripts/session39/ten_minute_weights.sh runs it so, after its own scoring); SWEEP_FLAGS (e.g. "--guidance-scale 3"), BUDGETS6 and BUDGETS10 reach the sweeps.
 # Scoring and sweeps take the pipeline's default guidance: 4 when the continued weights' call ran, 3 since
 # (to repeat that call: SWEEP_FLAGS="--guidance-scale 4", and --guidance 4 in the evaluation below).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
