@@ -398,7 +398,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         profile_path, profile_source = recipe.shipped_profile(), "shipped"
         profile = _load_profile(profile_path, recipe, "shipped profile")
     guidance_scale = recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    if profile is not None:
+    if profile is not None and os.environ.get("RANK", "0") == "0":  # once, not again from each launched worker
         _warn_if_calibrated_at_another_guidance(profile, profile_path, guidance_scale)
     try:  # last: a command refused for another reason leaves no new empty folder
         writable_dir(args.out)

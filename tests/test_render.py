@@ -553,9 +553,9 @@ def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_
         assert f"--profile: {bad}" in (err := _error(capsys, [*argv[:-1], str(bad)])) and needle in err
 
 
-def test_a_profile_calibrated_at_another_guidance_is_named(tmp_path, render_plan, caplog) -> None:
+def test_a_profile_calibrated_at_another_guidance_is_named(tmp_path, render_plan, caplog, monkeypatch) -> None:
     # Guidance multiplies the conditional half's sparse error: a render at another scale than the
-    # profile's calibration is warned about, once, and still planned.
+    # profile's calibration is warned about, once (by process 0 of a multi-process render), and still planned.
     layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
     profile = {"format_version": 1, "model_id": "tiny-wan", "family": "wan",
                "layers": {"transformer.blocks.0.attn1.processor": layer},
@@ -573,6 +573,11 @@ def test_a_profile_calibrated_at_another_guidance_is_named(tmp_path, render_plan
         "error budget at 5, and frames may stray further from dense at another scale (`sparsediff calibrate "
         "--guidance-scale 7.5` fits this one)"]
     caplog.clear()
+    monkeypatch.setenv("RANK", "1")  # a launched worker: process 0 has said it
+    with caplog.at_level("WARNING", logger="sparsediff"):
+        render_plan(*args, "--guidance-scale", "7.5")
+    assert not caplog.records
+    monkeypatch.delenv("RANK")
     del profile["calibration"]["extra"]["guidance_scale"]  # profiles calibrated before it was recorded
     path.write_text(json.dumps(profile))
     with caplog.at_level("WARNING", logger="sparsediff"):
