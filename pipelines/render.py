@@ -310,16 +310,31 @@ def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
     return profile
 
 
-def _warn_if_calibrated_at_another_guidance(profile: Any, path: Path, guidance_scale: float) -> None:
-    """A profile keeps each head's error within its budget at the guidance it was calibrated at (recorded
-    since 2026-12-06). Guidance multiplies the sparse error of the conditional half, so at another scale
-    the frames may stray further from dense: said, not refused (the render is still what was asked)."""
-    calibrated = profile.calibration.extra.get("guidance_scale")
-    if isinstance(calibrated, (int, float)) and not math.isclose(calibrated, guidance_scale):
-        logger.warning("%s was calibrated at guidance %g and this render uses %g: its thresholds hold each head "
-                       "within the error budget at %g, and frames may stray further from dense at another scale "
-                       "(`sparsediff calibrate --guidance-scale %g` fits this one)",
-                       path, calibrated, guidance_scale, calibrated, guidance_scale)
+# The render settings a profile records its calibration at (calibration/driver.py), with their flags.
+CALIBRATED_SETTINGS = (("height", "--height"), ("width", "--width"), ("frames", "--frames"), ("steps", "--steps"),
+                       ("guidance_scale", "--guidance-scale"))
+
+
+def _warn_if_calibrated_at_other_settings(profile: Any, path: Path, items: list[Item], guidance_scale: float) -> None:
+    """A profile keeps each head's error within its budget at the settings it was calibrated at (recorded in
+    calibration.extra). Another size changes the token grid and so the attention; more steps shrink the share
+    of dense warm-up steps (``dense_steps`` counts steps); guidance multiplies the conditional half's sparse
+    error. Frames may then stray further from dense: said once, not refused (the render is still what was asked)."""
+    rendered = {"guidance_scale": {guidance_scale}, **{key: {getattr(item, key) for item in items}
+                                                        for key in ("height", "width", "frames", "steps")}}
+    differences = []
+    for key, flag in CALIBRATED_SETTINGS:
+        calibrated = profile.calibration.extra.get(key)
+        if not isinstance(calibrated, (int, float)) or isinstance(calibrated, bool):
+            continue  # not recorded (profiles calibrated before 2026-12-06 lack the guidance)
+        other = sorted(v for v in rendered[key] if v is not None and not math.isclose(v, calibrated))
+        if other:
+            differences.append(f"{flag.lstrip('-')} {calibrated:g} (this render: {', '.join(f'{v:g}' for v in other)})")
+    if differences:
+        logger.warning("%s was calibrated at other settings than this render's: %s. Its thresholds hold each head "
+                       "within the error budget at the calibrated settings, and frames may stray further from dense "
+                       "at others (`sparsediff calibrate` with this render's settings fits them)",
+                       path, "; ".join(differences))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -399,7 +414,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         profile = _load_profile(profile_path, recipe, "shipped profile")
     guidance_scale = recipe.guidance_scale if args.guidance_scale is None else args.guidance_scale
     if profile is not None and os.environ.get("RANK", "0") == "0":  # once, not again from each launched worker
-        _warn_if_calibrated_at_another_guidance(profile, profile_path, guidance_scale)
+        _warn_if_calibrated_at_other_settings(profile, profile_path, items, guidance_scale)
     try:  # last: a command refused for another reason leaves no new empty folder
         writable_dir(args.out)
     except ValueError as e:

@@ -553,35 +553,38 @@ def test_profile_for_another_model_is_refused(tmp_path, capsys, monkeypatch, no_
         assert f"--profile: {bad}" in (err := _error(capsys, [*argv[:-1], str(bad)])) and needle in err
 
 
-def test_a_profile_calibrated_at_another_guidance_is_named(tmp_path, render_plan, caplog, monkeypatch) -> None:
-    # Guidance multiplies the conditional half's sparse error: a render at another scale than the
-    # profile's calibration is warned about, once (by process 0 of a multi-process render), and still planned.
+def test_a_profile_calibrated_at_other_settings_is_named(tmp_path, render_plan, caplog, monkeypatch) -> None:
+    # Another size, step count or guidance than the profile's calibration changes the errors its thresholds
+    # were chosen at: warned about once (by process 0 of a multi-process render), listing each, and still planned.
     layer = {"heads": 2, "cdf_threshold": [0.9, 0.9], "sim_threshold": [0.0, 0.0]}
+    tiny_wan_settings = {"height": 256, "width": 256, "frames": 9, "steps": 4, "guidance_scale": 5.0}
     profile = {"format_version": 1, "model_id": "tiny-wan", "family": "wan",
                "layers": {"transformer.blocks.0.attn1.processor": layer},
-               "calibration": {"budget": 0.1, "errors": {}, "sparsity": {}, "extra": {"guidance_scale": 5.0}}}
+               "calibration": {"budget": 0.1, "errors": {}, "sparsity": {}, "extra": dict(tiny_wan_settings)}}
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(profile))
     args = ["--model", "tiny-wan", "--profile", str(path)]
     with caplog.at_level("WARNING", logger="sparsediff"):
-        assert render_plan(*args).guidance_scale == 5.0  # tiny-wan's own scale, the profile's: silent
-        assert render_plan(*args, "--guidance-scale", "5").guidance_scale == 5.0
+        assert render_plan(*args).guidance_scale == 5.0  # tiny-wan's own settings, the profile's: silent
+        render_plan(*args, "--guidance-scale", "5", "--steps", "4", "--height", "256")
         assert not caplog.records
-        assert render_plan(*args, "--guidance-scale", "7.5").guidance_scale == 7.5
+        plan = render_plan(*args, "--guidance-scale", "7.5", "--steps", "8", "--height", "128")
+        assert (plan.guidance_scale, plan.items[0].steps, plan.items[0].height) == (7.5, 8, 128)
     assert [r.getMessage() for r in caplog.records] == [
-        f"{path} was calibrated at guidance 5 and this render uses 7.5: its thresholds hold each head within the "
-        "error budget at 5, and frames may stray further from dense at another scale (`sparsediff calibrate "
-        "--guidance-scale 7.5` fits this one)"]
+        f"{path} was calibrated at other settings than this render's: height 256 (this render: 128); steps 4 (this "
+        "render: 8); guidance-scale 5 (this render: 7.5). Its thresholds hold each head within the error budget at "
+        "the calibrated settings, and frames may stray further from dense at others (`sparsediff calibrate` with "
+        "this render's settings fits them)"]
     caplog.clear()
     monkeypatch.setenv("RANK", "1")  # a launched worker: process 0 has said it
     with caplog.at_level("WARNING", logger="sparsediff"):
         render_plan(*args, "--guidance-scale", "7.5")
     assert not caplog.records
     monkeypatch.delenv("RANK")
-    del profile["calibration"]["extra"]["guidance_scale"]  # profiles calibrated before it was recorded
+    profile["calibration"]["extra"] = {}  # profiles that record none (the guidance is recorded since 2026-12-06)
     path.write_text(json.dumps(profile))
     with caplog.at_level("WARNING", logger="sparsediff"):
-        render_plan(*args, "--guidance-scale", "7.5")
+        render_plan(*args, "--guidance-scale", "7.5", "--steps", "8")
     assert not caplog.records
 
 
