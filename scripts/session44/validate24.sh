@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Forty-fourth session, on the lent GPU (carry .whl): the toy model's sparsity-quality curves validated on the
+# 24 captions of captions24.txt (8 each of one, two and three objects) instead of the 4 bundled held-out ones.
+# PART=1: guidance 3 (the default), from the forty-third session's statistics (its toy-guidance3/sweep-dense6
+#    state; reselection from it reproduces the shipped profile exactly, checked on the CPU): 6, 8 and 10 dense
+#    steps, and sweep24.py's trade-off selection rule at 6.
+# PART=2: guidance 2.5 from fresh statistics (6 and 10 dense steps), and what the model renders there: the held-out
+#    colour / motion scores at seeds 0-2.
+# $OUT/results.tgz holds every sweep's folder and log; it is packed after each part.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || exit 1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+res=/tmp/validate24 s=$(date +%s)
+rm -rf "$res" && mkdir -p "$res"
+state43=bench-results/h100-2026-12-06-session43/toy-guidance3/sweep-dense6/calibration.calib-state.json
+
+# sweep NAME DENSE BUDGETS STATE|- [calibrate-sweep flags]: one curve, validated on the 24 captions
+# (RULE=--tradeoff: sweep24.py's experimental selection rule).
+sweep() {
+  local rule=${RULE:-} name=$1 dense=$2 budgets=$3 state=$4; shift 4
+  mkdir -p "$res/$name"
+  [ "$state" = - ] || cp "$state" "$res/$name/calibration.calib-state.json"
+  timeout 240 python3 scripts/session44/sweep24.py $rule --model toy-shapes --method sampled8 --dense-steps "$dense" \
+      --budgets "$budgets" --validate-prompts scripts/session44/captions24.txt --out "$res/$name" "$@" > "$res/$name.log" 2>&1
+  echo "$name exit $? at $(( $(date +%s) - s )) s"
+  python3 -c "import json, sys
+for p in json.load(open(sys.argv[1]))['points']:
+    print(f\"  budget {p['budget']}: {p['sparsity_after_dense_steps']:.1%} {p['mean_psnr_db']:.2f} dB SSIM {p['mean_ssim']:.3f}\",
+          f\"max head {p['max_head_error']:.3f} over {p['heads_over_budget']}\")" "$res/$name/sweep.json"
+  tar -C "$res" -czf "$OUT/results.tgz" .
+}
+
+if [ "${PART:-1}" = 1 ]; then
+  sweep g3-dense6 6 0.15,0.175,0.2,0.225,0.25 "$state43"
+  RULE=--tradeoff sweep g3-tradeoff-dense6 6 0.3,0.35,0.4,0.45 "$state43"
+  sweep g3-dense8 8 0.15,0.2,0.25 "$state43"
+  sweep g3-dense10 10 0.2,0.25,0.3 "$state43"
+  exit 0
+fi
+sweep g2.5-dense6 6 0.15,0.2,0.25 - --guidance-scale 2.5
+sweep g2.5-dense10 10 0.25 "$res/g2.5-dense6/calibration.calib-state.json" --guidance-scale 2.5
+for seed in 0 1 2; do
+  timeout 60 python3 -m sparsediff.pipelines.toy_shapes.eval --weights pipelines/toy_shapes/weights --steps 16 --seed $seed \
+      --guidance 2.5 --time-repeats 0 --out "$res/eval-g2.5-seed$seed.json" 2>&1 | grep "pass rates" | sed "s/^/seed $seed /"
+done
+echo "done at $(( $(date +%s) - s )) s"
+tar -C "$res" -czf "$OUT/results.tgz" .
