@@ -1,7 +1,8 @@
-"""Draw the 24 validation captions of scripts/session44/captions24.txt: 8 each of one, two and three objects,
-from the training generator (split "all", seed 2026), none among the calibration or bundled held-out captions.
+"""Draw toy-shapes captions: PER_COUNT each of one, two and three objects from the training generator
+(split "all"), none among the calibration or bundled held-out captions or the files given after the seed.
 
-    python scripts/session44/draw_captions.py > scripts/session44/captions24.txt
+    python scripts/session44/draw_captions.py 2026 > scripts/session44/captions24.txt      # the validation set
+    python scripts/session44/draw_captions.py 7 scripts/session44/captions24.txt > scripts/session44/calibration24.txt
 """
 
 import sys
@@ -15,15 +16,18 @@ from toy_shapes.data import sample_batch  # noqa: E402
 
 PER_COUNT = 8
 
-used = {line.strip() for name in ("toy-shapes.txt", "toy-shapes.holdout.txt")
-        for line in (ROOT / "calibration" / "prompts" / name).read_text().splitlines() if not line.startswith("#")}
+seed, excluded = int(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+prompts = ROOT / "calibration" / "prompts"
+used = {line.strip() for path in [prompts / "toy-shapes.txt", prompts / "toy-shapes.holdout.txt", *excluded]
+        for line in path.read_text().splitlines() if not line.startswith("#")}
 by_count: dict[int, list[str]] = {1: [], 2: [], 3: []}
-for caption in sample_batch(80, torch.Generator().manual_seed(2026), split="all").captions:
+for caption in sample_batch(80, torch.Generator().manual_seed(seed), split="all").captions:
     chosen = by_count[caption.count(", a ") + 1]
     if caption not in used and caption not in chosen and len(chosen) < PER_COUNT:
         chosen.append(caption)
 if any(len(c) < PER_COUNT for c in by_count.values()):
     sys.exit(f"too few distinct captions drawn: {[len(c) for c in by_count.values()]}")
-print("# 24 toy-shapes captions for validating sparse against dense renders (scripts/session44/draw_captions.py):")
-print("# 8 each of one, two and three objects; none is a calibration or bundled held-out caption.")
+print(f"# {3 * PER_COUNT} toy-shapes captions drawn by scripts/session44/draw_captions.py {' '.join(sys.argv[1:])}:")
+print(f"# {PER_COUNT} each of one, two and three objects; none is a calibration or bundled held-out caption"
+      + (f" or in {', '.join(p.name for p in excluded)}." if excluded else "."))
 print("\n".join(c for count in (1, 2, 3) for c in by_count[count]))

@@ -4,8 +4,10 @@
 # PART=1: guidance 3 (the default), from the forty-third session's statistics (its toy-guidance3/sweep-dense6
 #    state; reselection from it reproduces the shipped profile exactly, checked on the CPU): 6, 8 and 10 dense
 #    steps, and sweep24.py's trade-off selection rule at 6.
-# PART=2: guidance 2.5 from fresh statistics (6 and 10 dense steps), and what the model renders there: the held-out
+# PART=2: guidance 2.5 from fresh statistics (6 and 8 dense steps), and what the model renders there: the held-out
 #    colour / motion scores at seeds 0-2.
+# PART=3: guidance 3 calibrated on 36 captions (the 12 bundled and calibration24.txt's, none a validation one)
+#    instead of 12, from fresh statistics: does a larger calibration set hold held-out heads within budget?
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each part.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -33,18 +35,21 @@ for p in json.load(open(sys.argv[1]))['points']:
   tar -C "$res" -czf "$OUT/results.tgz" .
 }
 
-if [ "${PART:-1}" = 1 ]; then
-  sweep g3-dense6 6 0.15,0.175,0.2,0.225,0.25 "$state43"
-  RULE=--tradeoff sweep g3-tradeoff-dense6 6 0.3,0.35,0.4,0.45 "$state43"
-  sweep g3-dense8 8 0.15,0.2,0.25 "$state43"
-  sweep g3-dense10 10 0.2,0.25,0.3 "$state43"
-  exit 0
-fi
-sweep g2.5-dense6 6 0.15,0.2,0.25 - --guidance-scale 2.5
-sweep g2.5-dense10 10 0.25 "$res/g2.5-dense6/calibration.calib-state.json" --guidance-scale 2.5
-for seed in 0 1 2; do
-  timeout 60 python3 -m sparsediff.pipelines.toy_shapes.eval --weights pipelines/toy_shapes/weights --steps 16 --seed $seed \
-      --guidance 2.5 --time-repeats 0 --out "$res/eval-g2.5-seed$seed.json" 2>&1 | grep "pass rates" | sed "s/^/seed $seed /"
-done
+case ${PART:-1} in
+1)  sweep g3-dense6 6 0.15,0.175,0.2,0.225,0.25 "$state43"
+    RULE=--tradeoff sweep g3-tradeoff-dense6 6 0.3,0.35,0.4,0.45 "$state43"
+    sweep g3-dense8 8 0.15,0.2,0.25 "$state43"
+    sweep g3-dense10 10 0.2,0.25,0.3 "$state43" ;;
+2)  sweep g2.5-dense6 6 0.2,0.25 - --guidance-scale 2.5
+    sweep g2.5-dense8 8 0.2,0.25 "$res/g2.5-dense6/calibration.calib-state.json" --guidance-scale 2.5
+    for seed in 0 1 2; do
+      timeout 60 python3 -m sparsediff.pipelines.toy_shapes.eval --weights pipelines/toy_shapes/weights --steps 16 \
+          --seed $seed --guidance 2.5 --time-repeats 0 --out "$res/eval-g2.5-seed$seed.json" 2>&1 | grep "pass rates" |
+          sed "s/^/seed $seed /"
+    done ;;
+3)  grep -hv "^#" calibration/prompts/toy-shapes.txt scripts/session44/calibration24.txt > /tmp/calibration36.txt
+    sweep g3-calib36-dense6 6 0.2,0.25,0.3 - --prompts /tmp/calibration36.txt
+    sweep g3-calib36-dense8 8 0.2,0.25,0.3 "$res/g3-calib36-dense6/calibration.calib-state.json" --prompts /tmp/calibration36.txt ;;
+esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .
