@@ -2,7 +2,6 @@
 (split "all"), none among the calibration or bundled held-out captions or the files given after the seed.
 
     python scripts/session44/draw_captions.py 2026 > scripts/session44/captions24.txt      # the validation set
-    python scripts/session44/draw_captions.py 7 scripts/session44/captions24.txt > scripts/session44/calibration24.txt
 """
 
 import sys

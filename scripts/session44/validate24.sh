@@ -6,9 +6,7 @@
 #    steps, and sweep24.py's trade-off selection rule at 6.
 # PART=2: guidance 2.5 from fresh statistics (6 and 8 dense steps), and what the model renders there: the held-out
 #    colour / motion scores at seeds 0-2.
-# PART=3: guidance 3 calibrated on 36 captions (the 12 bundled and calibration24.txt's, none a validation one)
-#    instead of 12, from fresh statistics: does a larger calibration set hold held-out heads within budget?
-# $OUT/results.tgz holds every sweep's folder and log; it is packed after each part.
+# $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -47,9 +45,6 @@ case ${PART:-1} in
           --seed $seed --guidance 2.5 --time-repeats 0 --out "$res/eval-g2.5-seed$seed.json" 2>&1 | grep "pass rates" |
           sed "s/^/seed $seed /"
     done ;;
-3)  grep -hv "^#" calibration/prompts/toy-shapes.txt scripts/session44/calibration24.txt > /tmp/calibration36.txt
-    sweep g3-calib36-dense6 6 0.2,0.25,0.3 - --prompts /tmp/calibration36.txt
-    sweep g3-calib36-dense8 8 0.2,0.25,0.3 "$res/g3-calib36-dense6/calibration.calib-state.json" --prompts /tmp/calibration36.txt ;;
 esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .
