@@ -308,7 +308,9 @@ class DemoSession:
                 sparse, sparse_s = self._render(request, "sparse", on_step)
             finally:
                 handle.remove()  # a failed sparse render must leave the pipeline dense for the next request
-            notes = self._notes(setting not in self._warmed, new_sparse_settings) + [f"Logged: {w}" for w in warned]
+            notes = (self._notes(setting not in self._warmed, new_sparse_settings)
+                     + _calibration_notes(profile, request, self.recipe.guidance_scale)
+                     + [f"Logged: {w}" for w in warned])
             self._warmed.add(setting)
             stats = copy.deepcopy(handle.stats)  # before another request resets them
         return Comparison(
@@ -316,6 +318,18 @@ class DemoSession:
             settings=settings, request=request, psnr_db=video_psnr(sparse, dense), ssim=video_ssim(sparse, dense),
             notes=notes,
         )
+
+
+def _calibration_notes(profile: SparsityProfile, request: Request, guidance_scale: float) -> list[str]:
+    """A note when the profile was calibrated at another size, step count or guidance than this render's."""
+    differences = profile.calibration_differences(
+        height=[request.height], width=[request.width], frames=[request.frames], steps=[request.steps],
+        guidance_scale=[guidance_scale])
+    if not differences:
+        return []
+    return [f"The profile was calibrated at other settings: {'; '.join(differences)}. It holds each head within "
+            "its error budget at the calibrated ones; here the sparse render may stray further from the dense one "
+            "(PSNR and SSIM above say how far)."]
 
 
 # --------------------------------------------------------------------------- presentation

@@ -310,26 +310,12 @@ def _load_profile(path: Path, recipe: Recipe, origin: str) -> Any:
     return profile
 
 
-# The render settings a profile records its calibration at (calibration/driver.py), with their flags.
-CALIBRATED_SETTINGS = (("height", "--height"), ("width", "--width"), ("frames", "--frames"), ("steps", "--steps"),
-                       ("guidance_scale", "--guidance-scale"))
-
-
 def _warn_if_calibrated_at_other_settings(profile: Any, path: Path, items: list[Item], guidance_scale: float) -> None:
-    """A profile keeps each head's error within its budget at the settings it was calibrated at (recorded in
-    calibration.extra). Another size changes the token grid and so the attention; more steps shrink the share
-    of dense warm-up steps (``dense_steps`` counts steps); guidance multiplies the conditional half's sparse
-    error. Frames may then stray further from dense: said once, not refused (the render is still what was asked)."""
-    rendered = {"guidance_scale": {guidance_scale}, **{key: {getattr(item, key) for item in items}
-                                                        for key in ("height", "width", "frames", "steps")}}
-    differences = []
-    for key, flag in CALIBRATED_SETTINGS:
-        calibrated = profile.calibration.extra.get(key)
-        if not isinstance(calibrated, (int, float)) or isinstance(calibrated, bool):
-            continue  # not recorded (profiles calibrated before 2026-12-06 lack the guidance)
-        other = sorted(v for v in rendered[key] if v is not None and not math.isclose(v, calibrated))
-        if other:
-            differences.append(f"{flag.lstrip('-')} {calibrated:g} (this render: {', '.join(f'{v:g}' for v in other)})")
+    """A profile keeps each head's error within its budget at the settings it was calibrated at: at others
+    frames may stray further from dense. Said once, not refused (the render is still what was asked)."""
+    differences = profile.calibration_differences(
+        guidance_scale=[guidance_scale], **{key: [getattr(item, key) for item in items]
+                                            for key in ("height", "width", "frames", "steps")})
     if differences:
         logger.warning("%s was calibrated at other settings than this render's: %s. Its thresholds hold each head "
                        "within the error budget at the calibrated settings, and frames may stray further from dense "

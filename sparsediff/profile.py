@@ -10,7 +10,9 @@ Without a profile, `apply()` uses `SparsityProfile.uniform(...)` with the defaul
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +32,12 @@ FORMAT_VERSION = 1
 # Defaults when no profile is given: the predictor's own (see sparsediff.attention for why).
 DEFAULT_DENSE_STEPS = 2  # the first steps fix the global layout; keep them exact
 DEFAULT_TOKEN_ORDER = "tiles"
+# The render settings calibration records in calibration.extra (calibration/driver.py), and their names in
+# messages. Each changes the errors the thresholds were chosen at: the size the token grid and so the
+# attention, the step count the share of dense warm-up steps (dense_steps counts steps), guidance the scale
+# of the conditional half's sparse error.
+CALIBRATED_SETTINGS = {"height": "height", "width": "width", "frames": "frames", "steps": "steps",
+                       "guidance_scale": "guidance"}
 
 FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux")
 
@@ -259,6 +267,24 @@ class SparsityProfile:
         problem = self.mismatch(pipe_or_transformer)
         if problem is not None:
             raise ValueError(f"profile for {self.model_id or 'an unnamed model'} does not fit this model: {problem}")
+
+    def calibration_differences(self, **rendered: Iterable[float | None]) -> list[str]:
+        """Each setting of CALIBRATED_SETTINGS that this profile was calibrated at and some of the `rendered`
+        values (setting -> the values a render uses) differ from, as "height 64 (this render: 96, 128)".
+        Settings the profile does not record (guidance only since 2026-12-06) or a render leaves None are skipped."""
+        unknown = set(rendered) - set(CALIBRATED_SETTINGS)
+        if unknown:
+            raise ValueError(f"calibration_differences: unknown setting(s) {sorted(unknown)}; "
+                             f"known: {list(CALIBRATED_SETTINGS)}")
+        differences = []
+        for key, name in CALIBRATED_SETTINGS.items():
+            calibrated = self.calibration.extra.get(key)
+            if key not in rendered or not isinstance(calibrated, (int, float)) or isinstance(calibrated, bool):
+                continue
+            other = sorted({v for v in rendered[key] if v is not None and not math.isclose(v, calibrated)})
+            if other:
+                differences.append(f"{name} {calibrated:g} (this render: {', '.join(f'{v:g}' for v in other)})")
+        return differences
 
     # ------------------------------------------------------------------ JSON
 

@@ -349,6 +349,29 @@ def test_the_page_shows_what_was_rendered_why_calls_ran_dense_and_the_models_war
     assert logged == ["Logged: caption 'x': words the model does not know"], c.notes  # once, though logged twice
 
 
+def test_a_profile_calibrated_at_other_settings_is_noted(session, tmp_path: Path) -> None:
+    # As `sparsediff render` warns: the page says which of the profile's calibrated settings this render
+    # differs from (here size and steps; tiny-wan's guidance is the calibrated one), and nothing when none.
+    from sparsediff.apps.demo import PROFILE, Request
+    from sparsediff.profile import SparsityProfile
+
+    profile = SparsityProfile.uniform(session.pipe, model_id="tiny-wan", cdf_threshold=0.5, dense_steps=1)
+    profile.calibration.extra.update(height=64, width=64, frames=1, steps=4, guidance_scale=5.0)
+    path = tmp_path / "calibrated.json"
+    profile.save(path)
+
+    def calibration_notes(**size) -> list[str]:
+        request = Request(prompt="a red circle", negative_prompt=None, seed=0, **{"steps": 2, **size},
+                          frames=1, source=PROFILE, profile_file=str(path))
+        return [note for note in session.compare(request).notes if "calibrated" in note]
+
+    assert calibration_notes(height=64, width=64, steps=4) == []
+    assert calibration_notes(height=32, width=64) == [
+        "The profile was calibrated at other settings: height 64 (this render: 32); steps 4 (this render: 2). It "
+        "holds each head within its error budget at the calibrated ones; here the sparse render may stray further "
+        "from the dense one (PSNR and SSIM above say how far)."]
+
+
 def test_the_smallest_size_offered_gets_its_comparison() -> None:
     # toy-shapes (the default model) offers frames down to 4 px; SSIM failed on them after both renders
     # ("Render failed: RuntimeError: ... Padding size should be less than the corresponding input dimension").

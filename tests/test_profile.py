@@ -45,6 +45,18 @@ def test_json_round_trip(tmp_path):
     assert SparsityProfile.load(path) == profile
 
 
+def test_calibration_differences_name_each_setting_a_render_changes():
+    profile = _profile()
+    profile.calibration.extra.update(height=480, width=832, frames=81, steps=50, guidance_scale=5.0)
+    assert profile.calibration_differences(height=[480], width=[832, None], steps=[50, 50.0]) == []
+    assert profile.calibration_differences(height=[720, 480, 360, 720], frames=[81], guidance_scale=[6.0]) == [
+        "height 480 (this render: 360, 720)", "guidance 5 (this render: 6)"]
+    del profile.calibration.extra["guidance_scale"]  # not recorded (profiles before 2026-12-06): not compared
+    assert profile.calibration_differences(guidance_scale=[6.0]) == []
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['fps'\]"):
+        profile.calibration_differences(fps=[24])
+
+
 def test_uniform_profile_covers_the_sparse_layers():
     profile = SparsityProfile.uniform(build_wan(num_layers=2), model_id="tiny-wan")
     assert list(profile.layers) == ["transformer.blocks.0.attn1.processor", "transformer.blocks.1.attn1.processor"]

@@ -572,7 +572,7 @@ def test_a_profile_calibrated_at_other_settings_is_named(tmp_path, render_plan, 
         assert (plan.guidance_scale, plan.items[0].steps, plan.items[0].height) == (7.5, 8, 128)
     assert [r.getMessage() for r in caplog.records] == [
         f"{path} was calibrated at other settings than this render's: height 256 (this render: 128); steps 4 (this "
-        "render: 8); guidance-scale 5 (this render: 7.5). Its thresholds hold each head within the error budget at "
+        "render: 8); guidance 5 (this render: 7.5). Its thresholds hold each head within the error budget at "
         "the calibrated settings, and frames may stray further from dense at others (`sparsediff calibrate` with "
         "this render's settings fits them)"]
     caplog.clear()
