@@ -588,6 +588,10 @@ def test_shipped_profile_fits_the_shipped_model_and_is_what_render_uses(shipped,
     profile = SparsityProfile.load(path)
     profile.check_fits(shipped)
     assert profile.model_id == "toy-shapes" and profile.dense_steps < recipe.steps
+    # Calibrated at the recipe's own settings: a default render or demo Generate says nothing about them.
+    assert profile.calibration_differences(height=[recipe.height], width=[recipe.width], frames=[recipe.frames],
+                                           steps=[recipe.steps], guidance_scale=[recipe.guidance_scale]) == []
+    assert profile.calibration.extra["guidance_scale"] == recipe.guidance_scale
     assert any(not layer.dense for layer in profile.layers.values())
     plan = render_plan()
     assert (plan.recipe.name, plan.mode, plan.profile_source, plan.profile_path) == ("toy-shapes", "sparse",
