@@ -375,7 +375,7 @@ def measure(plan: CalibrationPlan, renderer: Renderer | None) -> tuple[Calibrati
 
 
 def build_profile(plan: CalibrationPlan, stats: CalibrationStats, sel: Selection) -> SparsityProfile:
-    from sparsediff.profile import CalibrationInfo, LayerProfile, SparsityProfile
+    from sparsediff.profile import CALIBRATED_SETTINGS, CalibrationInfo, LayerProfile, SparsityProfile
 
     layers = {}
     for i, name in enumerate(stats.layers):
@@ -390,9 +390,9 @@ def build_profile(plan: CalibrationPlan, stats: CalibrationStats, sel: Selection
         budget=plan.budget,
         errors={name: reached(i, sel.head_error[i]) for i, name in enumerate(stats.layers)},
         sparsity={name: reached(i, sel.head_sparsity[i]) for i, name in enumerate(stats.layers)},
-        extra={"report": plan.report_path.name, "prompts": len(plan.prompts), "steps": plan.steps,
-               "measured_steps": plan.measured_steps, "height": plan.height, "width": plan.width,
-               "frames": plan.frames, "guidance_scale": plan.guidance_scale,
+        # The render settings that SparsityProfile.calibration_differences compares, under their plan names.
+        extra={"report": plan.report_path.name, "prompts": len(plan.prompts), "measured_steps": plan.measured_steps,
+               **{key: getattr(plan, key) for key in CALIBRATED_SETTINGS},
                "error": "worst per-head relative L1 over the measured calls standing for steps >= dense_steps",
                "dense_steps_source": sel.dense_steps_source},
     )

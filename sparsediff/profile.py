@@ -32,8 +32,8 @@ FORMAT_VERSION = 1
 # Defaults when no profile is given: the predictor's own (see sparsediff.attention for why).
 DEFAULT_DENSE_STEPS = 2  # the first steps fix the global layout; keep them exact
 DEFAULT_TOKEN_ORDER = "tiles"
-# The render settings calibration records in calibration.extra (calibration/driver.py), and their names in
-# messages. Each changes the errors the thresholds were chosen at: the size the token grid and so the
+# The render settings calibration records in calibration.extra (calibration/driver.py writes these keys, its
+# plan's attribute names), and their names in messages. Each changes the errors the thresholds were chosen at: the size the token grid and so the
 # attention, the step count the share of dense warm-up steps (dense_steps counts steps), guidance the scale
 # of the conditional half's sparse error.
 CALIBRATED_SETTINGS = {"height": "height", "width": "width", "frames": "frames", "steps": "steps",
