@@ -10,6 +10,7 @@
 #    the 12 bundled ones and 24 others) instead of 12 at 8 dense steps; 9 dense steps from the forty-third session's
 #    statistics; sweep24.py's per-step thresholds (--per-step) at 8 and 6 dense steps from those statistics; the 36
 #    captions' statistics at 9 dense steps; a finer cdf grid on the 12 bundled captions at 8 dense steps.
+# C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -50,7 +51,7 @@ case ${PART:-1} in
           sed "s/^/seed $seed /"
     done ;;
 3)  c36=scripts/session45/captions36.txt
-    sweep c36-dense8 8 0.2,0.225,0.25 - --prompts $c36
+    sweep c36-dense8 8 "${C36_BUDGETS:-0.2,0.225,0.25}" - --prompts $c36
     sweep g3-dense9 9 0.2,0.225,0.25 "$state43"
     RULE=--per-step sweep ps-dense8 8 0.15,0.175,0.2 "$state43"
     RULE=--per-step sweep ps-dense6 6 0.175,0.2 "$state43"
