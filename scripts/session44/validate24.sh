@@ -6,11 +6,11 @@
 #    steps, and sweep24.py's trade-off selection rule at 6.
 # PART=2: guidance 2.5 from fresh statistics (6 and 8 dense steps), and what the model renders there: the held-out
 #    colour / motion scores at seeds 0-2.
-# PART=3 (forty-fifth session; not yet run), guidance 3, in this order: calibration on 36 captions
-#    (scripts/session45/captions36.txt: the 12 bundled ones and 24 others) instead of 12, at 8 dense steps; 9 dense
-#    steps from the forty-third session's statistics; sweep24.py's per-step thresholds (--per-step) at 8 dense steps
-#    from those statistics (on the CPU, 6 captions: scripts/session45/per_step_cpu.py); the 36 captions' statistics
-#    at 9 dense steps.
+# PART=3 (forty-fifth session; not yet run), guidance 3: calibration on 36 captions (scripts/session45/captions36.txt:
+#    the 12 bundled ones and 24 others) instead of 12, at 8 and 9 dense steps.
+# PART=4 (forty-fifth session), guidance 3, from the forty-third session's statistics (no calibration: a short call):
+#    9 dense steps, and sweep24.py's per-step thresholds (--per-step) at 8 dense steps (on the CPU, 6 captions:
+#    scripts/session45/per_step_cpu.py).
 # C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
 set -uo pipefail
@@ -53,9 +53,9 @@ case ${PART:-1} in
     done ;;
 3)  c36=scripts/session45/captions36.txt
     sweep c36-dense8 8 "${C36_BUDGETS:-0.2,0.225,0.25}" - --prompts $c36
-    sweep g3-dense9 9 0.2,0.225,0.25 "$state43"
-    RULE=--per-step sweep ps-dense8 8 0.15,0.175,0.2 "$state43"
     sweep c36-dense9 9 0.2,0.25 "$res/c36-dense8/calibration.calib-state.json" --prompts $c36 ;;
+4)  sweep g3-dense9 9 0.2,0.225,0.25 "$state43"
+    RULE=--per-step sweep ps-dense8 8 0.15,0.175,0.2 "$state43" ;;
 esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .
