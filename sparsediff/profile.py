@@ -33,9 +33,9 @@ FORMAT_VERSION = 1
 DEFAULT_DENSE_STEPS = 2  # the first steps fix the global layout; keep them exact
 DEFAULT_TOKEN_ORDER = "tiles"
 # The render settings calibration records in calibration.extra (calibration/driver.py writes these keys, its
-# plan's attribute names), and their names in messages. Each changes the errors the thresholds were chosen at: the size the token grid and so the
-# attention, the step count the share of dense warm-up steps (dense_steps counts steps), guidance the scale
-# of the conditional half's sparse error.
+# plan's attribute names), and their names in messages. Each changes the errors the thresholds were chosen at:
+# the size the token grid and so the attention, the step count the share of dense warm-up steps (dense_steps
+# counts steps), guidance the scale of the conditional half's sparse error.
 CALIBRATED_SETTINGS = {"height": "height", "width": "width", "frames": "frames", "steps": "steps",
                        "guidance_scale": "guidance"}
 
