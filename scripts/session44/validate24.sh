@@ -8,9 +8,9 @@
 #    colour / motion scores at seeds 0-2.
 # PART=3 (forty-fifth session; not yet run), guidance 3: calibration on 36 captions (scripts/session45/captions36.txt:
 #    the 12 bundled ones and 24 others) instead of 12, at 8 and 9 dense steps.
-# PART=4 (forty-fifth session; not yet run), guidance 3, from the forty-third session's statistics (no calibration: a short call):
-#    9 dense steps, and sweep24.py's per-step thresholds (--per-step) at 8 dense steps (on the CPU, 6 captions:
-#    scripts/session45/per_step_cpu.py).
+# PART=4 (forty-fifth session; not yet run), guidance 3, from the forty-third session's statistics (no calibration:
+#    a short call): 9 dense steps, and sweep24.py's per-step thresholds (--per-step) at 8 dense steps (on the CPU,
+#    6 captions: scripts/session45/per_step_cpu.py).
 # C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
 set -uo pipefail

@@ -5,7 +5,7 @@
 The toy model (shipped weights, 16 steps, guidance 3, 8 dense steps), from the forty-third session's guidance-3
 statistics, renders some of scripts/session44/captions24.txt (caption i from seed i, as the GPU validation's
 calibrate-sweep does) dense and with each profile below, sparse attention computed by the torch references
-(a controller that runs sparse on the CPU, as calibration's does): PSNR / SSIM against dense and the blocks
+(calibration's `_MeasuringController`, which runs sparse calls on the CPU): PSNR / SSIM against dense and the blocks
 skipped after the dense steps. Profiles: the budget rule at 0.2 (the shipped profile) and 0.225, and
 scripts/session44/sweep24.py's per-step rule at 0.2. A CPU stand-in for the GPU sweep when no device is lent.
 """
@@ -26,6 +26,7 @@ import sweep24  # noqa: E402
 
 import sparsediff  # noqa: E402
 from sparsediff.calibration import driver  # noqa: E402
+from sparsediff.calibration.measure import _MeasuringController  # noqa: E402  (runs sparse on the CPU, references)
 from sparsediff.cli import main as cli  # noqa: E402
 from sparsediff.metrics import video_psnr, video_ssim  # noqa: E402
 from sparsediff.pipelines.toy_shapes import load_pipeline  # noqa: E402
@@ -33,13 +34,6 @@ from sparsediff.processors.controller import AttentionController  # noqa: E402
 
 STATE = ROOT / "bench-results/h100-2026-12-06-session43/toy-guidance3/sweep-dense6/calibration.calib-state.json"
 CONFIGS = [("budget rule 0.2", 0.2, False), ("budget rule 0.225", 0.225, False), ("per-step 0.2", 0.2, True)]
-
-
-class ReferenceController(AttentionController):
-    """Runs the profile's sparse calls through the torch references on the CPU."""
-
-    def can_run_sparse(self, device: torch.device) -> bool:
-        return True
 
 
 @contextlib.contextmanager
@@ -85,7 +79,7 @@ for i in chosen:
         profile, phases = profiles[name]
         sweep24.PHASES[:] = phases
         with per_step(stepwise):
-            handle = sparsediff.apply(pipe, profile, controller_cls=ReferenceController)
+            handle = sparsediff.apply(pipe, profile, controller_cls=_MeasuringController)
             try:
                 started = time.perf_counter()
                 sparse = render()
