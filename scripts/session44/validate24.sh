@@ -6,11 +6,15 @@
 #    steps, and sweep24.py's trade-off selection rule at 6.
 # PART=2: guidance 2.5 from fresh statistics (6 and 8 dense steps), and what the model renders there: the held-out
 #    colour / motion scores at seeds 0-2.
-# PART=3 (forty-fifth session; not yet run), guidance 3: calibration on 36 captions (scripts/session45/captions36.txt:
-#    the 12 bundled ones and 24 others) instead of 12, at 8 and 9 dense steps.
-# PART=4 (forty-fifth session; not yet run), guidance 3, from the forty-third session's statistics (no calibration:
-#    a short call): 9 dense steps, and sweep24.py's per-step thresholds (--per-step) at 8 dense steps (on the CPU,
-#    6 captions: scripts/session45/per_step_cpu.py).
+# PART=3 (forty-fifth session; run in the forty-sixth), guidance 3: calibration on 36 captions
+#    (scripts/session45/captions36.txt: the 12 bundled ones and 24 others) instead of 12, at 8 and 9 dense steps.
+# PART=4 (forty-fifth session; run in the forty-sixth), guidance 3, from the forty-third session's statistics (no
+#    calibration: a short call): 9 dense steps, and sweep24.py's per-step thresholds (--per-step) at 8 dense steps
+#    (on the CPU, 6 captions: scripts/session45/per_step_cpu.py).
+# PART=5 (forty-sixth session), guidance 3, from the forty-third session's statistics: the 9-dense budget-0.225 profile
+#    (60.4% at 30.82 dB on the 24, PART=4) and the 8-dense budget-0.2 one shipped before it, validated on 24 fresh
+#    captions (scripts/session46/captions24b.txt, drawn after PART=4 had picked the budget on captions24.txt).
+# VALIDATE overrides the validation captions.
 # C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
 set -uo pipefail
@@ -30,7 +34,8 @@ sweep() {
   mkdir -p "$res/$name"
   [ "$state" = - ] || cp "$state" "$res/$name/calibration.calib-state.json"
   timeout 240 python3 scripts/session44/sweep24.py $rule --model toy-shapes --method sampled8 --dense-steps "$dense" \
-      --budgets "$budgets" --validate-prompts scripts/session44/captions24.txt --out "$res/$name" "$@" > "$res/$name.log" 2>&1
+      --budgets "$budgets" \
+      --validate-prompts "${VALIDATE:-scripts/session44/captions24.txt}" --out "$res/$name" "$@" > "$res/$name.log" 2>&1
   echo "$name exit $? at $(( $(date +%s) - s )) s"
   python3 -c "import json, sys
 for p in json.load(open(sys.argv[1]))['points']:
@@ -56,6 +61,9 @@ case ${PART:-1} in
     sweep c36-dense9 9 0.2,0.25 "$res/c36-dense8/calibration.calib-state.json" --prompts $c36 ;;
 4)  sweep g3-dense9 9 0.2,0.225,0.25 "$state43"
     RULE=--per-step sweep ps-dense8 8 0.15,0.175,0.2 "$state43" ;;
+5)  export VALIDATE=scripts/session46/captions24b.txt
+    sweep fresh24-dense9 9 0.225 "$state43"
+    sweep fresh24-dense8 8 0.2 "$state43" ;;
 esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .

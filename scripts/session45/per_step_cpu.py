@@ -1,13 +1,16 @@
 """Per-step thresholds against one threshold per head at nearly the same sparsity, rendered on the CPU (fp32).
 
-    python scripts/session45/per_step_cpu.py [--captions 0,1,8,9,16,17] [--out X.json]
+    python scripts/session45/per_step_cpu.py [--prompts P.txt] [--captions 0,1,8,9,16,17] [--configs 0,1,2]
+        [--out X.json]
 
-The toy model (shipped weights, 16 steps, guidance 3, 8 dense steps), from the forty-third session's guidance-3
-statistics, renders some of scripts/session44/captions24.txt (caption i from seed i, as the GPU validation's
-calibrate-sweep does) dense and with each profile below, sparse attention computed by the torch references
-(calibration's `_MeasuringController`, which runs sparse calls on the CPU): PSNR / SSIM against dense and the blocks
-skipped after the dense steps. Profiles: the budget rule at 0.2 (the shipped profile) and 0.225, and
-scripts/session44/sweep24.py's per-step rule at 0.2. A CPU stand-in for the GPU sweep when no device is lent.
+The toy model (shipped weights, 16 steps, guidance 3), from the forty-third session's guidance-3 statistics,
+renders some of --prompts (scripts/session44/captions24.txt by default; caption i from seed i, as the GPU
+validation's calibrate-sweep does) dense and with each profile below, sparse attention computed by the torch
+references (calibration's `_MeasuringController`, which runs sparse calls on the CPU): PSNR / SSIM against dense
+and the blocks skipped after the dense steps. Profiles (--configs picks them by index; 0-2 by default): after 8
+dense steps, the budget rule at 0.2 (the profile shipped until the forty-sixth session) and 0.225, and
+scripts/session44/sweep24.py's per-step rule at 0.2; after 9 dense steps (forty-sixth session), the budget rule at
+0.225 (the profile shipped since) and 0.25. A CPU stand-in for the GPU sweep when no device is lent.
 """
 
 import argparse
@@ -33,7 +36,8 @@ from sparsediff.pipelines.toy_shapes import load_pipeline  # noqa: E402
 from sparsediff.processors.controller import AttentionController  # noqa: E402
 
 STATE = ROOT / "bench-results/h100-2026-12-06-session43/toy-guidance3/sweep-dense6/calibration.calib-state.json"
-CONFIGS = [("budget rule 0.2", 0.2, False), ("budget rule 0.225", 0.225, False), ("per-step 0.2", 0.2, True)]
+CONFIGS = [("budget rule 0.2", 0.2, 8, False), ("budget rule 0.225", 0.225, 8, False), ("per-step 0.2", 0.2, 8, True),
+           ("9 dense, budget rule 0.225", 0.225, 9, False), ("9 dense, budget rule 0.25", 0.25, 9, False)]
 
 
 @contextlib.contextmanager
@@ -48,34 +52,38 @@ def per_step(enabled: bool):
         driver.select_for, AttentionController._layer_thresholds = saved
 
 
-def profile_for(budget: float, folder: Path) -> sparsediff.SparsityProfile:
+def profile_for(budget: float, dense_steps: int, folder: Path) -> sparsediff.SparsityProfile:
     folder.mkdir(parents=True)
     out = folder / f"budget-{budget:g}.json"
     (folder / f"budget-{budget:g}.calib-state.json").write_text(STATE.read_text())
-    cli(["calibrate", "--model", "toy-shapes", "--out", str(out), "--budget", str(budget), "--dense-steps", "8",
-         "--method", "sampled8", "--device", "cpu"])
+    cli(["calibrate", "--model", "toy-shapes", "--out", str(out), "--budget", str(budget),
+         "--dense-steps", str(dense_steps), "--method", "sampled8", "--device", "cpu"])
     return sparsediff.SparsityProfile.load(out)
 
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--captions", default="0,1,8,9,16,17")
+parser.add_argument("--prompts", type=Path, default=ROOT / "scripts/session44/captions24.txt")
+parser.add_argument("--captions", default="0,1,8,9,16,17", help="indices into --prompts")
+parser.add_argument("--configs", default="0,1,2")
 parser.add_argument("--out", default="per-step-cpu.json")
 args = parser.parse_args()
-lines = [x for x in (ROOT / "scripts/session44/captions24.txt").read_text().splitlines() if not x.startswith("#")]
+configs = [CONFIGS[int(c)] for c in args.configs.split(",")]
+lines = [x for x in args.prompts.read_text().splitlines() if not x.startswith("#")]
 chosen = [int(i) for i in args.captions.split(",")]
 pipe = load_pipeline()
-results = {name: [] for name, _, _ in CONFIGS}
+results = {name: [] for name, *_ in configs}
 with tempfile.TemporaryDirectory() as tmp:
     profiles = {}
-    for name, budget, stepwise in CONFIGS:
+    for name, budget, dense_steps, stepwise in configs:
         with per_step(stepwise):
-            profiles[name] = (profile_for(budget, Path(tmp) / name.replace(" ", "-")), list(sweep24.PHASES))
+            folder = Path(tmp) / name.replace(" ", "-").replace(",", "")
+            profiles[name] = (profile_for(budget, dense_steps, folder), list(sweep24.PHASES))
 for i in chosen:
     render = lambda: pipe(prompt=lines[i], generator=torch.Generator().manual_seed(i)).frames[0]  # noqa: E731
     started = time.perf_counter()
     dense = render()
     print(f"caption {i}: {lines[i]!r}, dense {time.perf_counter() - started:.0f} s", flush=True)
-    for name, _, stepwise in CONFIGS:
+    for name, *_, stepwise in configs:
         profile, phases = profiles[name]
         sweep24.PHASES[:] = phases
         with per_step(stepwise):
