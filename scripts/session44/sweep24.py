@@ -61,11 +61,16 @@ LAYERS: list[str] = []  # the statistics' layer names, in PHASES' order
 select_whole_run = driver.select_for
 
 
+def sparse_step_weights(stats, steps: int, dense_steps: int) -> torch.Tensor:
+    """Per measured step, how many of the `steps` steps after the dense ones it stands for (0: none)."""
+    weights = torch.tensor(step_weights(stats.steps, steps), dtype=torch.float64)
+    return select._sparse_weights(torch.tensor(stats.steps), weights, dense_steps)
+
+
 def select_for_per_step(plan, stats):
     """The usual selection (dense steps, report), and in PHASES each measured sparse step's own choice."""
     sel = select_whole_run(plan, stats)
-    sparse = select._sparse_weights(torch.tensor(stats.steps), torch.tensor(step_weights(stats.steps, plan.steps),
-                                                                          dtype=torch.float64), sel.dense_steps)
+    sparse = sparse_step_weights(stats, plan.steps, sel.dense_steps)
     called = stats.calls > 0
     calls = stats.calls.clamp(min=1).double()[:, :, None, None]
     work = (stats.sparsity_sum + select.PV_SKIP_WEIGHT * stats.pv_sum) / calls

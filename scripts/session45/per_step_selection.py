@@ -17,13 +17,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "session44"))
 import sweep24  # noqa: E402
 
 from sparsediff.calibration import select  # noqa: E402
-from sparsediff.calibration.measure import step_weights  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("state")
@@ -34,8 +31,7 @@ args = parser.parse_args()
 
 stats = select.CalibrationStats.from_dict(json.load(open(args.state))["stats"])
 sparsity = stats.sparsity_sum / stats.calls.clamp(min=1).double()[:, :, None, None]
-weights = torch.tensor(step_weights(stats.steps, args.total_steps), dtype=torch.float64)
-sparse = select._sparse_weights(torch.tensor(stats.steps), weights, args.dense_steps)
+sparse = sweep24.sparse_step_weights(stats, args.total_steps, args.dense_steps)
 slot = {first: j for j, first in ((j, max(s, args.dense_steps)) for j, s in enumerate(stats.steps)) if sparse[j] > 0}
 
 
