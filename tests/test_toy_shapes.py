@@ -492,6 +492,49 @@ def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path, monkeypatc
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_muon_trains_the_blocks_weight_matrices_and_adamw_the_rest(tmp_path, capsys):
+    from sparsediff.pipelines.toy_shapes import train as toy_train
+
+    cfg = ts.TrainConfig(num_layers=2, num_heads=1, ffn_dim=64, text_dim=64, text_ffn_dim=64, steps=1,
+                         optimizer="muon")
+    pipe = build_pipeline(cfg)
+    opt = toy_train.optimizer(cfg, pipe, torch.device("cpu"))
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    matrices = {id(p) for n, p in pipe.transformer.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert in_muon == matrices and len(matrices) == 2 * 10  # q, k, v, out of both attentions, two FFN layers
+    assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in toy_train.trained_parameters(pipe)}
+    assert opt.param_groups == muon.param_groups + adamw.param_groups  # the schedule sets every group's lr
+    # One step: a matrix moves by Muon's orthogonalised update (singular values at most about one, scaled
+    # by the RMS-matched lr; a one-batch gradient has few large ones), not AdamW's sign-like one, whose
+    # largest is several times that.
+    weight = pipe.transformer.blocks[0].ffn.net[2].weight
+    before = weight.detach().clone()
+    batch = toy_train.training_batch(ts.TrainConfig(**{**vars(cfg), "height": 32, "width": 32, "num_frames": 3,
+                                                       "batch_size": 2}),
+                                     torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                                     torch.device("cpu"))
+    toy_train.train_step(cfg, pipe, pipe.transformer, opt, toy_train.trained_parameters(pipe), batch,
+                         torch.autocast("cpu", enabled=False))
+    update = before * (1 - cfg.lr * cfg.weight_decay) - weight.detach()
+    singular = torch.linalg.svdvals(update.float()) / (cfg.lr * 0.2 * max(weight.shape) ** 0.5)
+    assert 0.5 < singular.max() < 1.6
+    # From the command line, and bad names refused.
+    args = ["--out", str(tmp_path), "--steps", "2", "--bf16", "false", "--device", "cpu", "--num-layers", "1",
+            "--num-heads", "1", "--ffn-dim", "64", "--text-dim", "64", "--text-ffn-dim", "64", "--height", "32",
+            "--width", "32", "--num-frames", "3", "--batch-size", "2", "--optimizer", "muon"]
+    assert toy_train.main(args) == 0
+    assert ts.TrainConfig.load(tmp_path / "train_config.json").optimizer == "muon"
+    assert all(np.isfinite(e["loss"]) for e in json.loads((tmp_path / "train_log.json").read_text())["history"])
+    with pytest.raises(SystemExit) as exc:
+        toy_train.main([*args[:-1], "sgd"])
+    assert exc.value.code == 2 and "--optimizer: invalid choice: 'sgd'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, muon, got 'sgd'"):
+        ts.TrainConfig(optimizer="sgd")
+
+
 def test_training_refuses_an_output_folder_it_cannot_write_before_training(tmp_path, monkeypatch, capsys):
     # The folder was first written after the training (ten minutes on the GPU), and a bad one failed there.
     from sparsediff.pipelines.toy_shapes import train as toy_train

@@ -17,6 +17,7 @@ DEFAULT_GUIDANCE = 3.0
 DEFAULT_FPS = 8
 FLOW_SHIFT = 3.0  # timestep shift of training's t distribution and of the sampling schedule
 MIN_SIZE = 32  # px: the smallest clip height and width the data generator draws (objects must fit with margins)
+OPTIMIZERS = ("adamw", "muon")
 PATCH = 4  # each frame is pixel-unshuffled by this: 3 * PATCH**2 channels on an (H / PATCH, W / PATCH) grid
 
 
@@ -32,7 +33,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer's training forward (fuses Wan's many small ops)
     batch_size: int = 32
     log_every: int = 50
-    # optimisation
+    # optimisation: "adamw" for every parameter, or "muon": Muon (orthogonalised momentum, its update
+    # RMS matched to AdamW's so that lr and weight_decay mean the same) for the transformer blocks'
+    # weight matrices and AdamW for the rest
+    optimizer: str = "adamw"
     lr: float = 4e-4
     weight_decay: float = 0.01
     warmup_steps: int = 200
@@ -106,6 +110,8 @@ class TrainConfig:
                 # A minutes run fixes its step count from the speed of its first steps, which are the curriculum's.
                 raise ValueError(f"a --minutes run cannot switch {what} halfway: its step count comes from the first "
                                  f"steps' speed; give --steps (with --max-minutes), or {fraction} 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.foreground_weight < 0.0:
             raise ValueError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:

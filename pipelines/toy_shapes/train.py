@@ -25,7 +25,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from .config import TrainConfig
+from .config import OPTIMIZERS, TrainConfig
 from .data import (batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch,
                    to_device)
 from .files import check_writable, json_writer
@@ -131,13 +131,51 @@ def flow_loss(pipe: ToyShapesPipeline, x0: torch.Tensor, captions: list[str], t:
     return velocity_error(pred, noise - x0, weights)
 
 
-def optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
+class Optimizers:
+    """Several optimisers over disjoint parameters, stepped as one: ``param_groups`` lists all of their groups
+    (the learning-rate schedule sets each group's "lr")."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def trained_parameters(pipe: ToyShapesPipeline) -> list[torch.nn.Parameter]:
+    """Every parameter a training updates: the transformer's, then the text encoder's."""
+    return [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
+
+
+def optimizer(cfg: TrainConfig, pipe: ToyShapesPipeline, device: torch.device) -> torch.optim.Optimizer | Optimizers:
+    """``cfg.optimizer``'s optimiser over ``trained_parameters(pipe)``. "muon": Muon over the weight matrices
+    of the transformer blocks (attention projections, feed-forward), AdamW over the rest (embeddings, patch
+    and output projections, norms, biases, modulation tables, the text encoder), as Muon is meant to be used.
+    Muon's update RMS is matched to AdamW's (``adjust_lr_fn="match_rms_adamw"``), so ``cfg.lr`` and
+    ``cfg.weight_decay`` serve both."""
+    params = trained_parameters(pipe)
+
+    def adamw(group: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(group, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+                                 fused=device.type == "cuda")
+
+    if cfg.optimizer == "adamw":
+        return adamw(params)
+    matrices = [p for p in pipe.transformer.blocks.parameters() if p.ndim == 2]
+    in_muon = {id(p) for p in matrices}
+    return Optimizers(torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                       adjust_lr_fn="match_rms_adamw"),
+                      adamw([p for p in params if id(p) not in in_muon]))
 
 
 def train_step(cfg: TrainConfig, pipe: ToyShapesPipeline, transformer: Callable[..., tuple],
-               opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], batch: tuple,
+               opt: torch.optim.Optimizer | Optimizers, params: list[torch.nn.Parameter], batch: tuple,
                autocast: torch.autocast) -> torch.Tensor:
     """One optimisation step on `training_batch`'s `batch`: the flow loss under `autocast` through
     `transformer` (pipe's, or a compiled wrapper of it), backward, clipped step; returns the loss."""
@@ -188,9 +226,9 @@ def train(cfg: TrainConfig, out: str | Path, device: str | torch.device | None =
         _load_weights(pipe, Path(cfg.init_from))
     pipe.to(dev)
     modules = [pipe.transformer, pipe.text_encoder]
-    params = [p for m in modules for p in m.parameters()]
+    params = trained_parameters(pipe)
     ema = [p.detach().clone() for p in params]
-    opt = optimizer(cfg, params, dev)
+    opt = optimizer(cfg, pipe, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     # Only the training forward is compiled; the held-out loss runs eager (no second graph to build).
     train_transformer = compiled_for_training(pipe.transformer) if cfg.compile else pipe.transformer
@@ -306,9 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="TrainConfig JSON to start from")
     p.add_argument("--device", help="torch device (default: cuda if available)")
-    kinds = {"int": int, "int | None": int, "float": float, "float | None": float, "bool": _bool, "str | None": str}
+    kinds = {"int": int, "int | None": int, "float": float, "float | None": float, "bool": _bool, "str": str,
+             "str | None": str}
     for f in fields(TrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kinds[f.type], default=None)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kinds[f.type], default=None,
+                       choices=OPTIMIZERS if f.name == "optimizer" else None)
     return p
 
 

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from toy_shapes.config import DEFAULT_FRAMES, DEFAULT_HEIGHT, TrainConfig
-from toy_shapes.train import _sync, build_pipeline, compiled_for_training, optimizer, train_step, training_batch
+from toy_shapes.train import (_sync, build_pipeline, compiled_for_training, optimizer, train_step, trained_parameters,
+                              training_batch)
 
 VARIANTS = ("stock", "stack-rope", "no-persistent", "coordinate-descent", "cuda-graphs")
 
@@ -86,8 +87,8 @@ def make_step(cfg: TrainConfig, variant: str, dev: torch.device):
     pipe = build_pipeline(cfg).to(dev)
     if variant == "stack-rope":
         pipe.transformer.set_attn_processor(StackRopeWanAttnProcessor())
-    params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
-    opt = optimizer(cfg, params, dev)
+    params = trained_parameters(pipe)
+    opt = optimizer(cfg, pipe, dev)
     model = (compiled_for_training(pipe.transformer) if variant in ("no-persistent", "cuda-graphs")
              else torch.compile(pipe.transformer))
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)

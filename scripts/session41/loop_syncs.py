@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 from toy_shapes.config import TrainConfig
-from toy_shapes.train import build_pipeline, compiled_for_training, optimizer, train_step, training_batch
+from toy_shapes.train import (build_pipeline, compiled_for_training, optimizer, train_step, trained_parameters,
+                              training_batch)
 
 
 def training_loop_step(size: int) -> Callable[[], None]:
@@ -30,9 +31,9 @@ def training_loop_step(size: int) -> Callable[[], None]:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = TrainConfig(height=size, width=size, foreground_weight=4.0, compile=True)
     pipe = build_pipeline(cfg).to(dev)
-    params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
+    params = trained_parameters(pipe)
     ema = [p.detach().clone() for p in params]
-    opt = optimizer(cfg, params, dev)
+    opt = optimizer(cfg, pipe, dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     model = compiled_for_training(pipe.transformer)
     data_gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(1)
