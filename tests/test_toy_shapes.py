@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from sparsediff.pipelines import toy_shapes as ts
 from sparsediff.pipelines.toy_shapes import data, metrics
 from sparsediff.pipelines.toy_shapes.files import json_writer
+from sparsediff.pipelines.toy_shapes.muon import Muon
 from sparsediff.pipelines.toy_shapes.tokenizer import ToyTokenizer
 from sparsediff.pipelines.toy_shapes.train import build_pipeline
 
@@ -492,6 +493,27 @@ def test_training_runs_compiled_and_writes_a_loadable_model(tmp_path, monkeypatc
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_muon_steps_like_torch_muon_one_stack_of_matrices_a_shape():
+    # torch.optim.Muon (adjust_lr_fn="match_rms_adamw") steps one matrix at a time; ours stacks the
+    # matrices of each shape. Same update: same parameters after several steps, wide, tall and square
+    # matrices mixed, one of them without a gradient at one step.
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32, 64), (64, 32), (48, 48), (32, 64)]
+    ours = [torch.randn(*s, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    ours_opt = Muon(ours, lr=1e-2, weight_decay=0.1)
+    theirs_opt = torch.optim.Muon(theirs, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            p.grad = q.grad = None if (step, i) == (2, 3) else torch.randn(p.shape)
+        ours_opt.step()
+        theirs_opt.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"2-D weight matrices only, got a parameter of shape \(4,\)"):
+        Muon([torch.zeros(4, requires_grad=True)], lr=1e-3, weight_decay=0.0)
+
+
 def test_muon_trains_the_blocks_weight_matrices_and_adamw_the_rest(tmp_path, capsys):
     from sparsediff.pipelines.toy_shapes import train as toy_train
 
@@ -500,7 +522,7 @@ def test_muon_trains_the_blocks_weight_matrices_and_adamw_the_rest(tmp_path, cap
     pipe = build_pipeline(cfg)
     opt = toy_train.optimizer(cfg, pipe, torch.device("cpu"))
     muon, adamw = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
     matrices = {id(p) for n, p in pipe.transformer.named_parameters() if n.startswith("blocks.") and p.ndim == 2}

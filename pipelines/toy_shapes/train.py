@@ -29,6 +29,7 @@ from .config import OPTIMIZERS, TrainConfig
 from .data import (batch_from_objects, caption_words, eval_clips, render, render_with_coverage, sample_batch,
                    to_device)
 from .files import check_writable, json_writer
+from .muon import Muon
 from .pipeline import PATCH, ToyShapesPipeline, frames_to_latents
 from .text_encoder import ToyTextEncoder
 from .tokenizer import ToyTokenizer
@@ -157,8 +158,7 @@ def optimizer(cfg: TrainConfig, pipe: ToyShapesPipeline, device: torch.device) -
     """``cfg.optimizer``'s optimiser over ``trained_parameters(pipe)``. "muon": Muon over the weight matrices
     of the transformer blocks (attention projections, feed-forward), AdamW over the rest (embeddings, patch
     and output projections, norms, biases, modulation tables, the text encoder), as Muon is meant to be used.
-    Muon's update RMS is matched to AdamW's (``adjust_lr_fn="match_rms_adamw"``), so ``cfg.lr`` and
-    ``cfg.weight_decay`` serve both."""
+    Muon's update RMS is matched to AdamW's (``muon.Muon``), so ``cfg.lr`` and ``cfg.weight_decay`` serve both."""
     params = trained_parameters(pipe)
 
     def adamw(group: list[torch.nn.Parameter]) -> torch.optim.AdamW:
@@ -169,8 +169,7 @@ def optimizer(cfg: TrainConfig, pipe: ToyShapesPipeline, device: torch.device) -
         return adamw(params)
     matrices = [p for p in pipe.transformer.blocks.parameters() if p.ndim == 2]
     in_muon = {id(p) for p in matrices}
-    return Optimizers(torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                       adjust_lr_fn="match_rms_adamw"),
+    return Optimizers(Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay),
                       adamw([p for p in params if id(p) not in in_muon]))
 
 

@@ -14,6 +14,9 @@
 # PART=5 (forty-sixth session), guidance 3, from the forty-third session's statistics: the 9-dense budget-0.225 profile
 #    (60.4% at 30.82 dB on the 24, PART=4) and the 8-dense budget-0.2 one shipped before it, validated on 24 fresh
 #    captions (scripts/session46/captions24b.txt, drawn after PART=4 had picked the budget on captions24.txt).
+# PART=6 (forty-seventh session), guidance 3: the weights in place at pipelines/toy_shapes/weights (the call carries
+#    the Muon ten-minute run's there, scripts/session47/muon_10min.sh): held-out colour / motion at seeds 0-2, then
+#    fresh statistics and 9 dense steps, and 10 from the same statistics.
 # VALIDATE overrides the validation captions.
 # C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
@@ -44,6 +47,16 @@ for p in json.load(open(sys.argv[1]))['points']:
   tar -C "$res" -czf "$OUT/results.tgz" .
 }
 
+# evals TAG [eval flags]: the held-out and seen colour / motion scores of the weights in place, seeds 0-2.
+evals() {
+  local tag=$1; shift
+  for seed in 0 1 2; do
+    timeout 60 python3 -m sparsediff.pipelines.toy_shapes.eval --weights pipelines/toy_shapes/weights --steps 16 \
+        --seed $seed --time-repeats 0 --out "$res/eval-${tag}seed$seed.json" "$@" 2>&1 | grep "pass rates" |
+        sed "s/^/seed $seed /"
+  done
+}
+
 case ${PART:-1} in
 1)  sweep g3-dense6 6 0.15,0.175,0.2,0.225,0.25 "$state43"
     RULE=--tradeoff sweep g3-tradeoff-dense6 6 0.3,0.35,0.4,0.45 "$state43"
@@ -51,11 +64,7 @@ case ${PART:-1} in
     sweep g3-dense10 10 0.2,0.25,0.3 "$state43" ;;
 2)  sweep g2.5-dense6 6 0.2,0.25 - --guidance-scale 2.5
     sweep g2.5-dense8 8 0.2,0.25 "$res/g2.5-dense6/calibration.calib-state.json" --guidance-scale 2.5
-    for seed in 0 1 2; do
-      timeout 60 python3 -m sparsediff.pipelines.toy_shapes.eval --weights pipelines/toy_shapes/weights --steps 16 \
-          --seed $seed --guidance 2.5 --time-repeats 0 --out "$res/eval-g2.5-seed$seed.json" 2>&1 | grep "pass rates" |
-          sed "s/^/seed $seed /"
-    done ;;
+    evals g2.5- --guidance 2.5 ;;
 3)  c36=scripts/session45/captions36.txt
     sweep c36-dense8 8 "${C36_BUDGETS:-0.2,0.225,0.25}" - --prompts $c36
     sweep c36-dense9 9 0.2,0.25 "$res/c36-dense8/calibration.calib-state.json" --prompts $c36 ;;
@@ -64,6 +73,10 @@ case ${PART:-1} in
 5)  export VALIDATE=scripts/session46/captions24b.txt
     sweep fresh24-dense9 9 0.225 "$state43"
     sweep fresh24-dense8 8 0.2 "$state43" ;;
+6)  evals ""
+    echo "eval at $(( $(date +%s) - s )) s"
+    sweep w-dense9 9 "${BUDGETS9:-0.2,0.225,0.25}" -
+    sweep w-dense10 10 "${BUDGETS10:-0.225,0.25,0.3}" "$res/w-dense9/calibration.calib-state.json" ;;
 esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .

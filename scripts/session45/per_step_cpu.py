@@ -1,7 +1,7 @@
 """Per-step thresholds against one threshold per head at nearly the same sparsity, rendered on the CPU (fp32).
 
     python scripts/session45/per_step_cpu.py [--prompts P.txt] [--captions 0,1,8,9,16,17] [--configs 0,1,2]
-        [--out X.json]
+        [--weights DIR] [--out X.json]
 
 The toy model (shipped weights, 16 steps, guidance 3), from the forty-third session's guidance-3 statistics,
 renders some of --prompts (scripts/session44/captions24.txt by default; caption i from seed i, as the GPU
@@ -10,7 +10,8 @@ references (calibration's `_MeasuringController`, which runs sparse calls on the
 and the blocks skipped after the dense steps. Profiles (--configs picks them by index; 0-2 by default): after 8
 dense steps, the budget rule at 0.2 (the profile shipped until the forty-sixth session) and 0.225, and
 scripts/session44/sweep24.py's per-step rule at 0.2; after 9 dense steps (forty-sixth session), the budget rule at
-0.225 (the profile shipped since) and 0.25. A CPU stand-in for the GPU sweep when no device is lent.
+0.225 (the profile shipped since) and 0.25. A CPU stand-in for the GPU sweep when no device is lent. --weights renders
+other weights (a training's output folder) with the same profiles, calibrated on the shipped weights' statistics.
 """
 
 import argparse
@@ -32,7 +33,7 @@ from sparsediff.calibration import driver  # noqa: E402
 from sparsediff.calibration.measure import _MeasuringController  # noqa: E402  (runs sparse on the CPU, references)
 from sparsediff.cli import main as cli  # noqa: E402
 from sparsediff.metrics import video_psnr, video_ssim  # noqa: E402
-from sparsediff.pipelines.toy_shapes import load_pipeline  # noqa: E402
+from sparsediff.pipelines.toy_shapes import ToyShapesPipeline, load_pipeline  # noqa: E402
 from sparsediff.processors.controller import AttentionController  # noqa: E402
 
 STATE = ROOT / "bench-results/h100-2026-12-06-session43/toy-guidance3/sweep-dense6/calibration.calib-state.json"
@@ -65,12 +66,13 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--prompts", type=Path, default=ROOT / "scripts/session44/captions24.txt")
 parser.add_argument("--captions", default="0,1,8,9,16,17", help="indices into --prompts")
 parser.add_argument("--configs", default="0,1,2")
+parser.add_argument("--weights", type=Path, help="a toy weights folder (default: the shipped weights)")
 parser.add_argument("--out", default="per-step-cpu.json")
 args = parser.parse_args()
 configs = [CONFIGS[int(c)] for c in args.configs.split(",")]
 lines = [x for x in args.prompts.read_text().splitlines() if not x.startswith("#")]
 chosen = [int(i) for i in args.captions.split(",")]
-pipe = load_pipeline()
+pipe = ToyShapesPipeline.from_folder(args.weights) if args.weights else load_pipeline()
 results = {name: [] for name, *_ in configs}
 with tempfile.TemporaryDirectory() as tmp:
     profiles = {}
