@@ -7,5 +7,5 @@
 LR=${LR:-4e-4} MAX_MINUTES=${MAX_MINUTES:-8.8}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
-EVAL_STEPS=16 bash scripts/gpu_train_toy.sh 8 --steps 10800 --max-minutes "$MAX_MINUTES" --start-size 48 --start-size-fraction 0.8 \
-    --batch-size 32 --compile true --foreground-weight 4 --lr "$LR" --seed 0 --optimizer muon
+EVAL_STEPS=16 bash scripts/gpu_train_toy.sh 8 --steps 10800 --max-minutes "$MAX_MINUTES" --start-size 48 \
+    --start-size-fraction 0.8 --batch-size 32 --compile true --foreground-weight 4 --lr "$LR" --seed 0 --optimizer muon
