@@ -19,4 +19,5 @@ out = pipe(prompt=captions, generator=[torch.Generator().manual_seed(seed) for _
 for ((objs, _), _), clip, caption in zip(clips, out, captions):
     result = metrics.check_clip(clip, objs)
     backwards = metrics.check_clip(clip[::-1].copy(), objs)
-    print(caption, "colour", result["colour_ok"], "motion", result["motion_ok"], "reversed motion", backwards["motion_ok"])
+    print(caption, "colour", result["colour_ok"], "motion", result["motion_ok"],
+          "reversed motion", backwards["motion_ok"])
