@@ -17,6 +17,8 @@
 # PART=6 (forty-seventh session), guidance 3: the weights in place at pipelines/toy_shapes/weights (the call carries
 #    the Muon ten-minute run's there, scripts/session47/muon_10min.sh): held-out colour / motion at seeds 0-2, then
 #    fresh statistics and 9 dense steps, and 10 from the same statistics.
+# PART=7 (forty-eighth session), guidance 3, the same weights: lower budgets and more dense steps from PART=6's
+#    statistics (STATE), for the checkered-background captions whose SSIM PART=6 left at 0.68-0.80.
 # VALIDATE overrides the validation captions.
 # C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
@@ -77,6 +79,9 @@ case ${PART:-1} in
     echo "eval at $(( $(date +%s) - s )) s"
     sweep w-dense9 9 "${BUDGETS9:-0.2,0.225,0.25}" -
     sweep w-dense10 10 "${BUDGETS10:-0.225,0.25,0.3}" "$res/w-dense9/calibration.calib-state.json" ;;
+7)  sweep w-dense10 10 "${BUDGETS10:-0.1,0.15,0.175}" "$STATE"
+    sweep w-dense12 12 "${BUDGETS12:-0.15,0.2,0.25}" "$STATE"
+    sweep w-dense11 11 "${BUDGETS11:-0.15,0.2}" "$STATE" ;;
 esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .
