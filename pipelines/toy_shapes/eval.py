@@ -9,6 +9,8 @@ growing/shrinking; for "rotates" only staying in place is measured). The same ch
 generator's own clips of those captions are reported as the reference (should be 1.0).
 The "seen" run scores 20 captions training does show (same shapes, motions and backgrounds,
 other colours), which separates what was not learned from what does not generalise.
+``--profile P`` renders sparse with that profile (``sparsediff.apply``): does sparse attention keep what
+the model learned? Each run then records the fraction of blocks it skipped after the dense steps.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--png", help="also write the default-step clips as a PNG grid here")
     p.add_argument("--time-repeats", type=int, default=3, help="renders timed for the single-clip time (0: skip)")
+    p.add_argument("--profile", help="render sparse with this sparsity profile (JSON; default: dense attention)")
     args = p.parse_args(argv)
 
     from . import WEIGHTS_DIR
@@ -125,17 +128,34 @@ def main(argv: list[str] | None = None) -> int:
         pipe = ToyShapesPipeline.from_folder(args.weights or WEIGHTS_DIR, device=args.device, torch_dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    handle = None
+    if args.profile:
+        # Imported here: the device's training script imports this package without sparsediff installed.
+        import sparsediff
+        from sparsediff.profile import SparsityProfile
+
+        try:
+            handle = sparsediff.apply(pipe, SparsityProfile.load(args.profile))
+        except (ValueError, OSError) as e:
+            p.error(f"--profile: {e}")
     pipe.set_progress_bar_config(disable=True)
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "dtype": str(dtype).removeprefix("torch."), "reference_pass_rate": reference_rates(),
-              "reference_pass_rate_seen": reference_rates(split="seen"),
+              "dtype": str(dtype).removeprefix("torch."), "profile": args.profile,
+              "reference_pass_rate": reference_rates(), "reference_pass_rate_seen": reference_rates(split="seen"),
               "runs": []}
     # Held-out captions at every step count; their seen twins at the default one.
     for i, (steps, split) in enumerate([(s, "held-out") for s in args.steps] + [(args.steps[0], "seen")]):
+        if handle is not None:
+            handle.reset()
         run, frames = evaluate(pipe, num_inference_steps=steps, guidance_scale=args.guidance, seed=args.seed,
                                batch_size=args.batch_size, split=split)
+        if handle is not None:
+            mean = handle.stats.mean_sparsity()
+            run["sparsity_after_dense_steps"] = None if math.isnan(mean) else mean
+            run["dense_fallbacks"] = handle.stats.fallback_summary()
         report["runs"].append(run)
-        print(f"[toy_shapes eval] {split} steps={steps} pass rates {run['pass_rate']}", flush=True)
+        skipped = "" if handle is None else f", sparsity after the dense steps {run['sparsity_after_dense_steps']}"
+        print(f"[toy_shapes eval] {split} steps={steps} pass rates {run['pass_rate']}{skipped}", flush=True)
         if i == 0 and args.png:
             save_grid(frames, args.png)
     if args.time_repeats > 0:
