@@ -19,6 +19,9 @@
 #    fresh statistics and 9 dense steps, and 10 from the same statistics.
 # PART=7 (forty-eighth session), guidance 3, the same weights: lower budgets and more dense steps from PART=6's
 #    statistics (STATE), for the checkered-background captions whose SSIM PART=6 left at 0.68-0.80.
+# PART=8 (forty-eighth session; run as scripts/session48/sparse_eval.sh of 450d348, which this replaces): the
+#    weights and profile in place, held-out and seen colour / motion at seeds 0-2 rendered sparse (eval --profile),
+#    then seed 0 sparse and dense again with the single-clip render time (median of 5).
 # VALIDATE overrides the validation captions.
 # C36_BUDGETS overrides the 36-caption sweep's budgets (a short call: fewer validations).
 # $OUT/results.tgz holds every sweep's folder and log; it is packed after each sweep.
@@ -49,12 +52,12 @@ for p in json.load(open(sys.argv[1]))['points']:
   tar -C "$res" -czf "$OUT/results.tgz" .
 }
 
-# evals TAG [eval flags]: the held-out and seen colour / motion scores of the weights in place, seeds 0-2.
+# evals TAG [eval flags]: the held-out and seen colour / motion scores of the weights in place, seeds 0-2 (SEEDS).
 evals() {
   local tag=$1; shift
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     timeout 60 python3 -m sparsediff.pipelines.toy_shapes.eval --weights pipelines/toy_shapes/weights --steps 16 \
-        --seed $seed --time-repeats 0 --out "$res/eval-${tag}seed$seed.json" "$@" 2>&1 | grep "pass rates" |
+        --seed $seed --time-repeats 0 --out "$res/eval-${tag}seed$seed.json" "$@" 2>&1 | grep -E "pass rates|one clip" |
         sed "s/^/seed $seed /"
   done
 }
@@ -82,6 +85,10 @@ case ${PART:-1} in
 7)  sweep w-dense10 10 "${BUDGETS10:-0.1,0.15,0.175}" "$STATE"
     sweep w-dense12 12 "${BUDGETS12:-0.15,0.2,0.25}" "$STATE"
     sweep w-dense11 11 "${BUDGETS11:-0.15,0.2}" "$STATE" ;;
+8)  profile=calibration/profiles/toy-shapes.json
+    evals sparse- --profile $profile
+    SEEDS=0 evals sparse-timed- --profile $profile --time-repeats 5
+    SEEDS=0 evals dense-timed- --time-repeats 5 ;;
 esac
 echo "done at $(( $(date +%s) - s )) s"
 tar -C "$res" -czf "$OUT/results.tgz" .
