@@ -282,7 +282,7 @@ def test_ctrl_c_stops_a_multi_process_render_quietly_and_a_rerun_resumes(tmp_pat
     argv = ["render", *FAST, "--dense", "--num-processes", "2", "--prompts", str(prompts), "--out", str(out)]
     proc = _cli(*argv, start_new_session=True)
     deadline = time.monotonic() + 240
-    # A finished sidecar, not the temporary one being written (".<stem>.tmp-XXXX.json" matches "*.json" too):
+    # A finished sidecar, not the temporary one being written (".<stem>.tmp-<random>.json" matches "*.json" too):
     # interrupted there, no item was done and the rerun rendered all eight, none skipped.
     while not (out.is_dir() and _outputs(out, ".json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)

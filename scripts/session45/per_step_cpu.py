@@ -33,7 +33,7 @@ from sparsediff.calibration import driver  # noqa: E402
 from sparsediff.calibration.measure import _MeasuringController  # noqa: E402  (runs sparse on the CPU, references)
 from sparsediff.cli import main as cli  # noqa: E402
 from sparsediff.metrics import video_psnr, video_ssim  # noqa: E402
-from sparsediff.pipelines.toy_shapes import ToyShapesPipeline, load_pipeline  # noqa: E402
+from sparsediff.pipelines.toy_shapes import WEIGHTS_DIR, ToyShapesPipeline  # noqa: E402
 from sparsediff.processors.controller import AttentionController  # noqa: E402
 
 STATE = ROOT / "bench-results/h100-2026-12-06-session43/toy-guidance3/sweep-dense6/calibration.calib-state.json"
@@ -72,7 +72,7 @@ args = parser.parse_args()
 configs = [CONFIGS[int(c)] for c in args.configs.split(",")]
 lines = [x for x in args.prompts.read_text().splitlines() if not x.startswith("#")]
 chosen = [int(i) for i in args.captions.split(",")]
-pipe = ToyShapesPipeline.from_folder(args.weights) if args.weights else load_pipeline()
+pipe = ToyShapesPipeline.from_folder(args.weights or WEIGHTS_DIR)
 results = {name: [] for name, *_ in configs}
 with tempfile.TemporaryDirectory() as tmp:
     profiles = {}

@@ -1,6 +1,6 @@
-"""The two captions tests/test_toy_shapes.py checks on the shipped weights, rendered on the CPU (fp32, the
-evaluation's settings: 17 frames, 16 steps, guidance 3, clip i from seed i) with other weights: colour, motion,
-and the motion of the clip played backwards (which must fail).
+"""The two captions tests/test_toy_shapes.py checked until the forty-eighth session (on the three-run weights),
+rendered on the CPU (fp32, the evaluation's settings: 17 frames, 16 steps, guidance 3, clip i from seed i) with
+other weights: colour, motion, and the motion of the clip played backwards (which must fail).
 
     python scripts/session47/test_captions_cpu.py WEIGHTS_DIR
 """
