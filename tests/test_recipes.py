@@ -390,12 +390,16 @@ def test_bench_e2e_times_the_chosen_modes_and_settings():
 
 def _steps_report(time: str, speedup: float, with_labels: bool = True) -> dict:
     settings = {"setting_a": {"fp8": False}, "setting_b": {"fp8": True}}
+    result = {"family": "wan", "frames": 81, "steps": 10}
     if with_labels:
-        settings = {name: {**s, "label": name[-1].upper()} for name, s in settings.items()}
-    row = {"setting_a_speedup": speedup, "setting_a_bound_speedup": 2.0,
+        settings = {name: {**s, "label": name[-1].upper(), "dense_steps": 2 if name == "setting_a" else 1}
+                    for name, s in settings.items()}
+    else:  # the format before 2026-12-02: one count of dense steps for the report
+        result["dense_steps"] = 2
+    row = {"dense_s": 10.0, "attention_free_s": 3.0, "setting_a_speedup": speedup, "setting_a_bound_speedup": 2.0,
            "setting_b_speedup": 2.2, "setting_b_bound_speedup": 2.5}
     return {"bench": "e2e-steps", "time": time, "device": "GPU", "versions": {"torch": "t", "triton": "tr"},
-            "results": [{"family": "wan", "frames": 81, "steps": 10, **settings, "runs": {"compiled": row}}]}
+            "results": [{**result, **settings, "runs": {"compiled": row}}]}
 
 
 def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monkeypatch) -> None:
@@ -403,23 +407,40 @@ def test_bench_e2e_plot_draws_the_latest_report_of_each_bar(tmp_path: Path, monk
 
     from sparsediff.bench import e2e
 
-    drawn, real_bar = [], Axes.bar
+    drawn, real_bar, real_hlines = [], Axes.bar, Axes.hlines
 
     def bar(self, x, height, *args, **kwargs):
         drawn.append(round(height, 3))
         return real_bar(self, x, height, *args, **kwargs)
 
+    def hlines(self, y, *args, **kwargs):
+        drawn.append(("ceiling", round(y, 3)))
+        return real_hlines(self, y, *args, **kwargs)
+
     monkeypatch.setattr(Axes, "bar", bar)
+    monkeypatch.setattr(Axes, "hlines", hlines)
     older = _steps_report("2026-12-01T00:00:00+00:00", 1.5, with_labels=False)  # pre-label report format
     newer = _steps_report("2026-12-02T00:00:00+00:00", 1.8)
     e2e.plot_steps([newer, older], tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").stat().st_size > 0
-    assert drawn == [1.8, 2.0, 2.2, 2.5]  # A achieved / bound from the newer report, then B (FP8)
+    # A achieved / bound / ceiling from the newer report (10 / (2 + 8 * 0.3)), then B (FP8, one dense step).
+    assert drawn == [1.8, 2.0, ("ceiling", 2.273), 2.2, 2.5, ("ceiling", 2.703)]
     drawn.clear()
     e2e.plot_steps([newer, older], tmp_path / "b.png", settings=["B"])
-    assert drawn == [2.2, 2.5]
+    assert drawn == [2.2, 2.5, ("ceiling", 2.703)]
     with pytest.raises(ValueError, match="bench e2e --steps"):
         e2e.plot_steps([{**newer, "bench": "e2e"}], tmp_path / "x.png")
+
+
+def test_bench_e2e_bound_and_ceiling_of_a_denoising_loop() -> None:
+    from sparsediff.bench.e2e import attainable_speedup
+
+    # CogVideoX compiled, 2026-12-06 (H100): 10 steps, 2 dense, attention 0.139 of its dense time at setting A.
+    loop = (6.872, 2.963, 10, 2)
+    assert attainable_speedup(*loop, 0.139) == pytest.approx(1.644, abs=5e-4)  # the report's bound
+    assert attainable_speedup(*loop, 0.0) == pytest.approx(10 / (2 + 8 * 2.963 / 6.872))  # attention free
+    assert attainable_speedup(*loop, 1.0) == pytest.approx(1.0)  # attention as slow as dense: no gain
+    assert attainable_speedup(6.872, 2.963, 10, 10, 0.0) == pytest.approx(1.0)  # every step dense
 
 
 def test_bench_kernel_plot_and_table_show_kernel_whole_call_and_graphed_call(tmp_path: Path, monkeypatch) -> None:

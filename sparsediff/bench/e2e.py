@@ -45,9 +45,11 @@ timed in the same run on the family's self-attention shape with a random mask of
 fraction (setting B: the FP8 path, quantisation included), CUDA-graphed on a lookup table built
 beforehand (GPU time: no index building, no launches), against cuDNN's dense call graphed too;
 dense steps cost a dense step.
-Achieved / bound says what prediction, token reordering, index building and launches cost. Beside
-the JSON, `plot_steps` draws each setting's speed-up with its bound (PNG); `scripts/plot_e2e.py`
-draws several saved reports in one plot.
+Achieved / bound says what prediction, token reordering, index building and launches cost. The
+ceiling is the same loop with the sparse steps' attention taking no time at all: no attention
+kernel, however sparse or fast, can make the loop faster than that, since everything outside
+attention and the dense steps stay. Beside the JSON, `plot_steps` draws each setting's speed-up
+with its bound and ceiling (PNG); `scripts/plot_e2e.py` draws several saved reports in one plot.
 """
 from __future__ import annotations
 
@@ -406,6 +408,17 @@ def _kernel_ratio(heads: int, tokens: int, head_dim: int, keep: float, fp8: bool
     return sparse / dense
 
 
+def attainable_speedup(dense_s: float, attention_free_s: float, steps: int, dense_steps: int,
+                       attention_time_ratio: float) -> float:
+    """Speed-up of a loop of `steps` steps, timed dense (dense_s) and attention-free, whose first
+    `dense_steps` steps stay dense and whose other steps take their attention time times
+    `attention_time_ratio`, all else unchanged: the attainable bound at the kernel's measured time
+    ratio, the ceiling at 0 (the sparse steps' attention free)."""
+    step_dense = dense_s / steps
+    step_sparse = attention_free_s / steps + (step_dense - attention_free_s / steps) * attention_time_ratio
+    return dense_s / (dense_steps * step_dense + (steps - dense_steps) * step_sparse)
+
+
 def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[str, Any]:
     """The denoising-loop benchmark of one family (module docstring), eager and optionally compiled."""
     import torch
@@ -452,15 +465,13 @@ def bench_steps(case: E2ECase, frames: int, args: argparse.Namespace) -> dict[st
             print(f"{case.family} {mode}: {row}", flush=True)
     _, heads, tokens, head_dim = max(shapes, key=lambda shape: shape[2])  # the long (video) self-attention
     for row in runs.values():
-        step_dense = row["dense_s"] / steps
-        step_attention = step_dense * row["attention_share"]
         for name, setting in settings.items():
             ratio = _kernel_ratio(heads, tokens, head_dim, 1.0 - (row[f"{name}_sparsity"] or 0.0), fp8=setting["fp8"])
-            step_sparse = step_dense - step_attention + step_attention * ratio
-            bound_s = setting["dense_steps"] * step_dense + (steps - setting["dense_steps"]) * step_sparse
-            speedup, bound = row["dense_s"] / row[f"{name}_s"], row["dense_s"] / bound_s
+            loop = (row["dense_s"], row["attention_free_s"], steps, setting["dense_steps"])
+            speedup, bound = row["dense_s"] / row[f"{name}_s"], attainable_speedup(*loop, ratio)
             row.update({f"{name}_kernel_time_ratio": ratio, f"{name}_bound_speedup": bound, f"{name}_speedup": speedup,
-                        f"{name}_fraction_of_bound": speedup / bound})
+                        f"{name}_fraction_of_bound": speedup / bound,
+                        f"{name}_ceiling_speedup": attainable_speedup(*loop, 0.0)})
     result = {"family": case.family, "model_id": case.model_id, "height": case.height, "width": case.width,
               "frames": frames, "steps": steps, "attention_shape": [1, heads, tokens, head_dim], **settings,
               "runs": runs}
@@ -518,7 +529,7 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
         f"setting {s['label']}: cdf {s['cdf_threshold']}, sim 0, {s['dense_fraction']:.0%} dense steps"
         + (", FP8" if s["fp8"] else "") for s in settings.values()))
     print(f"{'family':<14} {'size':>16} {'mode':>9} {'setting':>12} {'dense s':>8} {'attn share':>10} {'sparse s':>8} "
-          f"{'sparsity':>8} {'speedup':>8} {'bound':>7} {'of bound':>8}")
+          f"{'sparsity':>8} {'speedup':>8} {'bound':>7} {'of bound':>8} {'ceiling':>7}")
     results = []
     for family in families:
         case = CASES[family]
@@ -531,13 +542,14 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
                 print(f"{family:<14} {_size(case, n_frames):>16} {mode:>9} {settings[name]['label']:>12} {row['dense_s']:>8.2f} "
                       f"{row['attention_share']:>10.2f} {row[f'{name}_s']:>8.2f} {sparsity:>8} "
                       f"{row[f'{name}_speedup']:>7.2f}x {row[f'{name}_bound_speedup']:>6.2f}x "
-                      f"{row[f'{name}_fraction_of_bound']:>8.2f}", flush=True)
+                      f"{row[f'{name}_fraction_of_bound']:>8.2f} {row[f'{name}_ceiling_speedup']:>6.2f}x", flush=True)
     return {"steps": args.steps, **settings, "modes": _items(args.modes)}, results
 
 
 def plot_steps(reports: list[dict], path: Path, settings: Collection[str] | None = None) -> None:
     """One bar per (family, mode, sparse setting) of `--steps` reports: the speed-up achieved, the
-    attainable bound drawn around it and the fraction of the bound above it. Where several reports
+    attainable bound drawn around it, the ceiling (the sparse steps' attention free) dashed above it,
+    and the fraction of the bound above them. Where several reports
     hold the same bar, the latest one (by its "time") is drawn. settings: draw only these (by label:
     "A", "B", "A no graphs", ...); None draws all."""
     import matplotlib
@@ -547,7 +559,7 @@ def plot_steps(reports: list[dict], path: Path, settings: Collection[str] | None
 
     from sparsediff.io import atomic_output
 
-    bars: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    bars: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {}
     for report in sorted(reports, key=lambda r: r["time"]):
         if report["bench"] != "e2e-steps":
             raise ValueError(f"plot_steps takes `bench e2e --steps` reports, got a {report['bench']!r} report")
@@ -562,23 +574,30 @@ def plot_steps(reports: list[dict], path: Path, settings: Collection[str] | None
                 group = bars.setdefault((result["family"], f"{size}{mode}, {result['steps']} steps"), {})
                 for name, label in labels.items():
                     if f"{name}_speedup" in row:
-                        group[label] = (row[f"{name}_speedup"], row[f"{name}_bound_speedup"])
+                        # The ceiling from the row (reports before 2026-12-07 lack it); reports before
+                        # 2026-12-02 give one count of dense steps for all settings.
+                        dense_steps = result[name].get("dense_steps", result.get("dense_steps"))
+                        ceiling = attainable_speedup(row["dense_s"], row["attention_free_s"], result["steps"],
+                                                     dense_steps, 0.0)
+                        group[label] = (row[f"{name}_speedup"], row[f"{name}_bound_speedup"], ceiling)
     if not bars:
         raise ValueError("no `bench e2e --steps` results to plot")
     colours = {label: f"C{j}" for j, label in enumerate(sorted({label for group in bars.values() for label in group}))}
     width = 0.8 / max(len(group) for group in bars.values())
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(bars)), 4.4))
     for i, group in enumerate(bars.values()):
-        for j, (label, (achieved, bound)) in enumerate(sorted(group.items())):
+        for j, (label, (achieved, bound, ceiling)) in enumerate(sorted(group.items())):
             x = i + (j + 0.5 - len(group) / 2) * width
             ax.bar(x, achieved, width * 0.9, color=colours[label], label=label)
             ax.bar(x, bound, width * 0.9, fill=False, edgecolor="black", linewidth=0.8)
-            ax.text(x, max(achieved, bound) + 0.03, f"{achieved / bound:.2f}", ha="center", fontsize=7)
+            ax.hlines(ceiling, x - width * 0.45, x + width * 0.45, colors="black", linestyles="dashed", linewidth=0.8)
+            ax.text(x, max(achieved, bound, ceiling) + 0.03, f"{achieved / bound:.2f}", ha="center", va="bottom",
+                    fontsize=7)
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(bars)), [f"{family}\n{how}" for family, how in bars], fontsize=7)
-    ax.set_ylabel("speed-up over dense (black outline: attainable bound)")
+    ax.set_ylabel("speed-up over dense\n(outline: attainable bound; dashed: ceiling)", fontsize=8)
     ax.set_title("whole denoising loop, sparse vs dense; number: achieved / bound", fontsize=9)
     ax.legend(unique.values(), unique.keys(), fontsize=7)
     # One line however many reports: each setup once, with the dates of its runs.
