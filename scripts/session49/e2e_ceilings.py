@@ -85,8 +85,8 @@ def markdown(table: list[dict]) -> str:
         ratio = "—" if r["needed_ratio"] < 0 else f"{r['needed_ratio']:.3f}"
         check = "" if r["attention_share_from_cudnn"] is None else f" ({r['attention_share_from_cudnn']:.3f})"
         lines.append(f"| {r['family']} | {r['setting']} | {r['steps']} ({r['dense_steps']}) | "
-                     f"{r['attention_share']:.3f}{check} | {r['achieved']:.3f}x | {r['bound']:.3f}x | {r['ceiling']:.3f}x | "
-                     f"{r['target']}x | {r['measured_ratio']:.3f} / {ratio} | {needed} |")
+                     f"{r['attention_share']:.3f}{check} | {r['achieved']:.3f}x | {r['bound']:.3f}x | "
+                     f"{r['ceiling']:.3f}x | {r['target']}x | {r['measured_ratio']:.3f} / {ratio} | {needed} |")
     return "\n".join(lines) + "\n"
 
 
