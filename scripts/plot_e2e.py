@@ -3,7 +3,8 @@
     python scripts/plot_e2e.py OUT.png REPORT.json [REPORT.json ...]
 
 Each bar is one family, mode and sparse setting: the speed-up achieved over dense, the attainable
-bound outlined around it, achieved / bound above it; where reports overlap, the latest one counts.
+bound outlined around it, the ceiling (the sparse steps' attention free) dashed, achieved / bound
+above them; where reports overlap, the latest one counts.
 --settings A,B draws only those settings (by label; default: all).
 """
 import argparse

@@ -549,9 +549,9 @@ def _run_steps(families: list[str], frames: dict[str, int], args: argparse.Names
 def plot_steps(reports: list[dict], path: Path, settings: Collection[str] | None = None) -> None:
     """One bar per (family, mode, sparse setting) of `--steps` reports: the speed-up achieved, the
     attainable bound drawn around it, the ceiling (the sparse steps' attention free) dashed above it,
-    and the fraction of the bound above them. Where several reports
-    hold the same bar, the latest one (by its "time") is drawn. settings: draw only these (by label:
-    "A", "B", "A no graphs", ...); None draws all."""
+    and the fraction of the bound above them. Where several reports hold the same bar, the latest one
+    (by its "time") is drawn. settings: draw only these (by label: "A", "B", "A no graphs", ...); None
+    draws all."""
     import matplotlib
 
     matplotlib.use("Agg")
