@@ -41,8 +41,8 @@ for stage in "$@"; do
     hunyuan-compiled-b) python3 -m sparsediff bench e2e --steps 5 --modes compiled --settings B --families hunyuan_video \
                   --out "$res/steps" ;;
     # Setting B at its own 10% of dense steps: ten steps, one dense (about 550 s on an H100).
-    hunyuan-compiled-b10) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings B --families hunyuan_video \
-                  --out "$res/steps" ;;
+    hunyuan-compiled-b10) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings B \
+                  --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
     flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --out "$res/steps" ;;
