@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from sparsediff.bench.e2e import attainable_speedup
-from sparsediff.pipelines import configs
 from sparsediff.io import atomic_write_text
+from sparsediff.pipelines import configs
 
 # Issue #13, compiled runs: setting -> family -> speed-up.
 TARGETS = {"A": {"hunyuan_video": 2.3, "wan": 1.8, "cogvideox": 1.65, "flux": 1.2},
