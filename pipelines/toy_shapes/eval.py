@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         run, frames = evaluate(pipe, num_inference_steps=steps, guidance_scale=args.guidance, seed=args.seed,
                                batch_size=args.batch_size, split=split)
         if handle is not None:
-            mean = handle.stats.mean_sparsity()
-            run["sparsity_after_dense_steps"] = None if math.isnan(mean) else mean
-            run["dense_fallbacks"] = handle.stats.fallback_summary()
+            stats = handle.stats.as_dict()  # JSON-ready: a mean of no sparse call is None, not NaN
+            run["sparsity_after_dense_steps"] = stats["mean_sparsity"]
+            run["dense_fallbacks"] = stats["dense_fallbacks"]
         report["runs"].append(run)
         skipped = "" if handle is None else f", sparsity after the dense steps {run['sparsity_after_dense_steps']}"
         print(f"[toy_shapes eval] {split} steps={steps} pass rates {run['pass_rate']}{skipped}", flush=True)
