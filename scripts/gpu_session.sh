@@ -44,6 +44,7 @@ for stage in "$@"; do
     hunyuan-compiled-b10) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings B \
                   --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
+    pdl)      python3 scripts/session50/pdl_ab.py --out "$res/pdl" ;;  # programmatic dependent launch off / on
     flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --out "$res/steps" ;;
     flux-compiled-a) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings A --families flux \

@@ -22,6 +22,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from sparsediff.kernels import block_select as bs
+    from sparsediff.kernels import block_stats as bst
     from sparsediff.kernels import block_sparse_attn as bsa
     from sparsediff.kernels import channel_stats as cs
     from sparsediff.kernels import gather_tokens as gt
@@ -30,7 +31,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
     target = GPUTarget("cuda", 90, 32)
 
+    waits_first = {}
+
     def compile_kernel(fn, constexprs, pointers, int_args_aligned, **options):
+        constexprs = {**constexprs, "PDL": True}
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
@@ -44,7 +48,14 @@ COMPILE_SCRIPT = textwrap.dedent("""
                  if (signature[name] == "i32" or signature[name].startswith("*")) and int_args_aligned}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=target, options=options)
-        return compiled.metadata.shared, sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", compiled.asm["ptx"])))
+        ptx = compiled.asm["ptx"]
+        # As launched on Hopper (programmatic dependent launch): the wait for the kernel before
+        # comes ahead of the first global memory access, and the next kernel is let launch.
+        wait = ptx.find("griddepcontrol.wait")
+        access = re.search(r"\\b(ld|st|atom|red|cp\\.async)(\\.[\\w:]+)*\\.global|cp\\.async\\.bulk", ptx)
+        waits_first[fn.__name__] = (0 <= wait < (access.start() if access else len(ptx))
+                                    and "griddepcontrol.launch_dependents" in ptx)
+        return compiled.metadata.shared, sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", ptx)))
 
     rows = []
     for dtype, dot_fp32, s, rk in (("bf16", False, 1, 64), ("fp32", True, 1, 64), ("fp32", True, 1, 1),
@@ -115,7 +126,24 @@ COMPILE_SCRIPT = textwrap.dedent("""
     shared, _ = compile_kernel(gt._gather_tokens_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_T=gt.BLOCK_T),
                                {"index_ptr": "*i64", **pointers}, True, num_warps=gt.NUM_WARPS)
     rows.append(["gather_tokens", "bf16", 128, 1, [], shared])
-    print(json.dumps(rows))
+    shared, _ = compile_kernel(bs._select_kernel, dict(NKP=nkp, SR=sr), {"mass_ptr": "*fp32", "thr_ptr": "*fp32",
+                                                                         "mask_ptr": "*i8"}, True, num_warps=warps)
+    rows.append(["select", "fp32", 0, 1, [], shared])
+    lut_rows, lut_warps = bsa._lut_geometry(bs.MAX_KEY_BLOCKS)
+    shared, _ = compile_kernel(bsa._build_lut_kernel,
+                               dict(BLOCK_N=bsa.BLOCK_N, ROWS=lut_rows, KB_P2=bs.MAX_KEY_BLOCKS, HAS_KV_LENS=True,
+                                    HAS_DENSE_ROWS=True, HAS_DENSE_COLS=True, WRITE_MASK=True, stride_mk=1),
+                               {"mask_ptr": "*u8", "kv_lens_ptr": "*i32", "dense_rows_ptr": "*i8",
+                                "dense_cols_ptr": "*i8", "out_mask_ptr": "*i8", "counts_ptr": "*i32",
+                                "indices_ptr": "*i16"}, True, num_warps=lut_warps)
+    rows.append(["build_lut", "u8", 0, 1, [], shared])
+    shared, _ = compile_kernel(bst._block_stats_kernel,
+                               dict(D=128, DP=128, BLOCK=bsa.BLOCK_M, CHUNK=bst.CHUNK_ROWS, POOLED=True, HAS_LENS=True,
+                                    BELOW=True, sxd=1),
+                               {"x_ptr": "*bf16", "pooled_ptr": "*fp32", "sim_ptr": "*fp32", "lens_ptr": "*i32",
+                                "thr_ptr": "*fp32", "below_ptr": "*i8"}, True, num_warps=bst.NUM_WARPS)
+    rows.append(["block_stats", "bf16", 128, 1, [], shared])
+    print(json.dumps({"rows": rows, "waits_first": waits_first}))
 """)
 
 
@@ -126,8 +154,10 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 20 + 3 + 2 * len(TILE_CONFIGS) + 5
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert len(result["waits_first"]) == 11 and all(result["waits_first"].values()), result["waits_first"]
+    assert len(rows) == 20 + 3 + 2 * len(TILE_CONFIGS) + 8
     too_big = [row for row in rows if row[-1] > HOPPER_SHARED_BYTES]
     assert not too_big, f"kernels asking for more shared memory than an sm90 block has: {too_big}"
     # A config that caps its registers does so to run two programs an SM: registers and shared

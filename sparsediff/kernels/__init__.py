@@ -1,4 +1,7 @@
 """Triton kernels, each with a plain-torch reference beside it."""
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,3 +25,35 @@ def tma_compatible(t: torch.Tensor) -> bool:
     16-byte aligned base and other strides."""
     align = 16 // t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % align == 0 for st in t.stride()[:-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index)[0] < 9:  # griddepcontrol is sm90 on
+        return False
+    try:  # Triton's launch option (3.4 on)
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def dependent_launch(device: torch.device) -> dict:
+    """Launch options of our kernels on `device`: programmatic dependent launch (PDL) on Hopper and
+    later, so that a kernel's launch and its programs' start overlap the end of the kernel before
+    it (a prediction is five to six short kernels in a row), else none. SPARSEDIFF_PDL=0 turns it
+    off. Each kernel takes them as its PDL constexpr and calls `wait_for_prior_kernel(PDL)` first."""
+    on = (device.type == "cuda" and os.environ.get("SPARSEDIFF_PDL", "1") != "0"
+          and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def wait_for_prior_kernel(PDL: tl.constexpr):
+    """A PDL-launched kernel's first step: its programs may start while the kernel before it still
+    runs, so they wait until it has finished and its writes are visible (before any load or store:
+    the caching allocator may hand this kernel memory the one before still reads), then let the
+    next kernel launch in turn; it starts once every program here has passed this point."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

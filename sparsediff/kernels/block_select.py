@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels import padded_head_dim, tma_compatible, valid_length
+from sparsediff.kernels import dependent_launch, padded_head_dim, tma_compatible, valid_length, wait_for_prior_kernel
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
 
 # Tile configs. Phase 1: key feature rows per tile; per features' element size, and for fewer or at
@@ -140,8 +140,9 @@ def _partial_mass_kernel(
     H, N, row0, n_rows, nq_src, nk_src, nk, n_tiles, tiles_per_program, scale,
     D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr, RK: tl.constexpr, K_TOKENS: tl.constexpr,
     QT: tl.constexpr, KT: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TRUST: tl.constexpr, DOT_FP32: tl.constexpr,
-    HAS_Q_ROWS: tl.constexpr,
+    HAS_Q_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # Program ids: query-row group fastest, so programs running together share their key tiles in L2.
     bh = tl.program_id(2)
     b = bh // H
@@ -248,8 +249,9 @@ def _top_cdf_keep(m, thr, nk):
 def _combine_select_kernel(
     part_ptr, tmax_ptr, thr_ptr, mass_ptr, mask_ptr,
     H, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr, SELECT: tl.constexpr,
+    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr, SELECT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     bh = tl.program_id(1)
     local_qb = tl.program_id(0) * SR + tl.arange(0, SR)  # query blocks of this chunk
     kcols = tl.arange(0, NKP)
@@ -275,7 +277,8 @@ def _combine_select_kernel(
 
 
 @triton.jit
-def _select_kernel(mass_ptr, thr_ptr, mask_ptr, H, nq, nk, NKP: tl.constexpr, SR: tl.constexpr):
+def _select_kernel(mass_ptr, thr_ptr, mask_ptr, H, nq, nk, NKP: tl.constexpr, SR: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior_kernel(PDL)
     bh = tl.program_id(1)
     rows = tl.program_id(0) * SR + tl.arange(0, SR)
     kcols = tl.arange(0, NKP)
@@ -317,7 +320,8 @@ def select_top_cdf(mass: torch.Tensor, cdf_threshold: torch.Tensor) -> torch.Ten
     mass = mass.contiguous()
     mask = torch.empty(b, h, nq, nk, device=mass.device, dtype=torch.int8)
     nkp, sr, warps = _select_geometry(nk)
-    _select_kernel[(triton.cdiv(nq, sr), b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, SR=sr, num_warps=warps)
+    _select_kernel[(triton.cdiv(nq, sr), b * h)](mass, thr, mask, h, nq, nk, NKP=nkp, SR=sr, num_warps=warps,
+                                                  **dependent_launch(mass.device))
     return mask.view(torch.bool)
 
 
@@ -372,6 +376,7 @@ def block_select(
     part = torch.empty(b * h * chunk_qb * rq * nk, device=device, dtype=torch.float32)
     tmax = torch.empty(b * h * chunk_qb * rq * n_tiles, device=device, dtype=torch.float32)
     interp = triton_interpreting()
+    launch = dependent_launch(device)
     dp = padded_head_dim(qf.shape[-1])
     keys = _key_tiles(kf, dp) if stride == 1 else kf
     n_feature_rows = q_rows.numel() if q_rows is not None else qf.shape[-2]
@@ -388,10 +393,11 @@ def block_select(
             # fp32 dots for fp32 features, and under the interpreter (its bf16 dot is wrong).
             DOT_FP32=interp or (qf.dtype == torch.float32 and kf.dtype == torch.float32),
             HAS_Q_ROWS=q_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch,
         )
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=select_warps,
+            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=select_warps, **launch,
         )
     if not select:
         return top_cdf(mass, thr), mass

@@ -58,7 +58,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import kernels_available, on_tensor_device, triton_interpreting
-from sparsediff.kernels import padded_head_dim, tma_compatible, valid_length
+from sparsediff.kernels import dependent_launch, padded_head_dim, tma_compatible, valid_length, wait_for_prior_kernel
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
@@ -249,8 +249,9 @@ def _build_lut_kernel(
     kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, out_mask_ptr, counts_ptr, indices_ptr,
     n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KB_P2: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    HAS_DENSE_ROWS: tl.constexpr, HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr,
+    HAS_DENSE_ROWS: tl.constexpr, HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     qb = rows % QB
@@ -374,7 +375,7 @@ def build_block_lut(
         n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
         BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=kv_lens is not None,
         HAS_DENSE_ROWS=dense_rows is not None, HAS_DENSE_COLS=dense_cols is not None,
-        WRITE_MASK=out_mask is not None, num_warps=warps,
+        WRITE_MASK=out_mask is not None, num_warps=warps, **dependent_launch(device),
     )
     return BlockLut(counts, indices, heavy_rows_first(counts, KB, WORK_LEVELS))
 
@@ -546,8 +547,9 @@ def _block_sparse_attn_kernel(
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
     row = tl.program_id(0)
     if HEAVY_FIRST:
@@ -666,6 +668,7 @@ def attention_from_lut(
         HEAVY_FIRST=config.heavy_rows_first,
         FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
+        **dependent_launch(q.device),
     )
     return (out, skips) if return_pv_skips else out
 

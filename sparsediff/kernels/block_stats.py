@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels import valid_length
+from sparsediff.kernels import dependent_launch, valid_length, wait_for_prior_kernel
 from sparsediff.kernels.block_stats_reference import block_stats_reference
 
 # Tile config: one program per (block, batch*head), walking its block in CHUNK_ROWS-row chunks that
@@ -29,8 +29,9 @@ def _block_stats_kernel(
     sxb, sxh, sxn, sxd,
     H, N, n_blocks,
     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, POOLED: tl.constexpr,
-    HAS_LENS: tl.constexpr, BELOW: tl.constexpr,
+    HAS_LENS: tl.constexpr, BELOW: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -99,6 +100,6 @@ def block_stats(
         below.view(torch.int8) if below is not None else sim, *x.stride(), h, n, nb,
         D=d, DP=triton.next_power_of_2(d), BLOCK=block, CHUNK=block if triton_interpreting() else min(block, CHUNK_ROWS),
         POOLED=pooled,
-        HAS_LENS=valid_len is not None, BELOW=below is not None, num_warps=NUM_WARPS,
+        HAS_LENS=valid_len is not None, BELOW=below is not None, num_warps=NUM_WARPS, **dependent_launch(x.device),
     )
     return means, sim, below

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff.kernels import padded_head_dim, valid_length
+from sparsediff.kernels import dependent_launch, padded_head_dim, valid_length, wait_for_prior_kernel
 
 # Tile config. 32 keys a tile over 4 warps (32 x 128 fp32 of sums and of maxima in registers), about
 # 1024 programs. Among the candidates of scripts/tune_channel_stats.py none was best at all three
@@ -42,8 +42,9 @@ def _channel_partials_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, n_k, n_chunks, tiles_per_chunk,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, TILE_ROWS: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, TILE_ROWS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -72,8 +73,9 @@ def _channel_partials_kernel(
 def _channel_finish_kernel(
     k_sum_ptr, v_max_ptr, lens_ptr, k_mean_ptr, v_scale_ptr, v_inverse_ptr,
     H, n_k, n_chunks,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LENS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     bh = tl.program_id(0)
     n_valid = valid_length(lens_ptr, bh // H, n_k, HAS_KV_LENS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -113,10 +115,11 @@ def channel_stats_fp8(
     _channel_partials_kernel[(n_chunks, batch * heads)](
         k, v, lens, k_sum, v_max, *k.stride(), *v.stride(), heads, n_k, n_chunks, tiles_per_chunk,
         HEAD_D=head_dim, BLOCK_D=block_d, TILE_ROWS=TILE_ROWS, HAS_KV_LENS=kv_lens is not None,
-        num_warps=PARTIALS_NUM_WARPS,
+        num_warps=PARTIALS_NUM_WARPS, **dependent_launch(k.device),
     )
     _channel_finish_kernel[(batch * heads,)](
         k_sum, v_max, lens, k_mean, v_scale, v_inverse, heads, n_k, n_chunks,
         HEAD_D=head_dim, BLOCK_D=block_d, HAS_KV_LENS=kv_lens is not None, num_warps=1,
+        **dependent_launch(k.device),
     )
     return k_mean, v_scale, v_inverse

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available, triton_interpreting
-from sparsediff.kernels import padded_head_dim
+from sparsediff.kernels import dependent_launch, padded_head_dim, wait_for_prior_kernel
 from sparsediff.kernels.gather_tokens_reference import gather_tokens_reference
 from sparsediff.layout import empty_stored_like
 
@@ -44,8 +44,9 @@ def _gather_tokens_kernel(
     s0_b, s0_h, s0_n, s0_d, s1_b, s1_h, s1_n, s1_d, s2_b, s2_h, s2_n, s2_d,
     o_b, o_h, o_n, o_d,
     H, n_out,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -106,5 +107,6 @@ def gather_tokens(
         index.contiguous(), *padded, *padded_outs, *(s for x in padded for s in x.stride()), *outs[0].stride(),
         heads, index.numel(),
         HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_T=block_t, num_warps=NUM_WARPS,
+        **dependent_launch(index.device),
     )
     return list(outs)

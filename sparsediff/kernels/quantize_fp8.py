@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsediff.kernels import padded_head_dim, valid_length
+from sparsediff.kernels import dependent_launch, padded_head_dim, valid_length, wait_for_prior_kernel
 from sparsediff.kernels.channel_stats import channel_stats_fp8
 from sparsediff.kernels.quantize_fp8_reference import V_ROW_ALIGN, Fp8Operands
 
@@ -63,8 +63,9 @@ def _quantize_fp8_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, n_q, n_k, n_k_padded, QB, KB,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, ROUND_E4M3: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, ROUND_E4M3: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -135,6 +136,6 @@ def quantize_fp8(
         heads, n_q, n_k, n_k_padded, QB, KB,
         HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_KV_LENS=kv_lens is not None, ROUND_E4M3=device.type == "cpu",
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **dependent_launch(device),
     )
     return Fp8Operands(q8, k8, v_t, q_scale, k_scale, v_scale, k_mean)

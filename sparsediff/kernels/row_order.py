@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from sparsediff._runtime import kernels_available
+from sparsediff.kernels import dependent_launch, wait_for_prior_kernel
 from sparsediff.kernels.row_order_reference import heavy_rows_first_reference, work_band
 
 CHUNK = 1024  # rows a pass reads at a time, at most (fewer when there are fewer rows)
@@ -25,7 +26,8 @@ NUM_WARPS = 4
 
 @triton.jit
 def _heavy_rows_first_kernel(counts_ptr, order_ptr, n_rows, head_rows, band_width, LEVELS_P2: tl.constexpr,
-                             CHUNK: tl.constexpr, HEAD_CHUNK: tl.constexpr):
+                             CHUNK: tl.constexpr, HEAD_CHUNK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_prior_kernel(PDL)
     levels = tl.arange(0, LEVELS_P2)
     first_row = tl.program_id(0) * head_rows
     # Pass 1, over every row: rows per band, and rows per band in the heads before this one.
@@ -67,5 +69,6 @@ def heavy_rows_first(counts: torch.Tensor, n_key_blocks: int, levels: int) -> to
     _heavy_rows_first_kernel[(flat.numel() // head_rows,)](
         flat, order, flat.numel(), head_rows, work_band(n_key_blocks, levels),
         LEVELS_P2=triton.next_power_of_2(levels + 1), CHUNK=min(CHUNK, triton.next_power_of_2(flat.numel())),
-        HEAD_CHUNK=min(CHUNK, triton.next_power_of_2(head_rows)), num_warps=NUM_WARPS)
+        HEAD_CHUNK=min(CHUNK, triton.next_power_of_2(head_rows)), num_warps=NUM_WARPS,
+        **dependent_launch(counts.device))
     return order
