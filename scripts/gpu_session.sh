@@ -45,6 +45,13 @@ for stage in "$@"; do
                   --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
     pdl)      python3 scripts/session50/pdl_ab.py --out "$res/pdl" ;;  # programmatic dependent launch off / on
+    # The graphed prediction of another tree (AB_BASE: a folder holding its sparsediff package) and of
+    # this one, in turn.
+    predict-ab) for round in 1 2; do
+                  PYTHONPATH=$AB_BASE:$PYTHONPATH python3 scripts/session50/predict_ab.py --label base \
+                      --out "$res/predict-ab.jsonl" &&
+                  python3 scripts/session50/predict_ab.py --label tree --out "$res/predict-ab.jsonl" || break
+                done ;;
     flux-compiled) python3 -m sparsediff bench e2e --steps 10 --modes compiled --families flux --setting-a-cdf 0.04 \
                   --setting-b-cdf 0.02 --out "$res/steps" ;;
     flux-compiled-a) python3 -m sparsediff bench e2e --steps 10 --modes compiled --settings A --families flux \

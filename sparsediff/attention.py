@@ -64,6 +64,8 @@ from sparsediff.kernels.block_sparse_attn import (
     build_block_lut,
     check_qkv,
     checked_scale,
+    lut_targets,
+    ordered_lut,
 )
 from sparsediff.kernels.block_sparse_attn_reference import valid_key_blocks
 from sparsediff.kernels.block_stats import block_stats
@@ -287,16 +289,19 @@ def predict_with(
     else:
         qf, kf = q, k
         geometry = dict(stride=ANTIDIAG_STRIDE, q_tokens=ANTIDIAG_STRIDE, k_tokens=ANTIDIAG_STRIDE)
+    # Untrusted query blocks attend to every key block, untrusted key blocks are always kept, and so
+    # is the text tail; completing a selection into its lookup table adds them and drops invalid keys
+    # (for the first threshold inside the selection kernel).
+    dense = dict(dense_rows=q_untrusted, dense_cols=k_untrusted, dense_tail_tokens=dense_tail_tokens)
+    first_lut = lut_targets((q.shape[0], q.shape[1], -(-n // BLOCK_M), -(-n // BLOCK_N)), n, q.device, kv_lens,
+                            **dense)
     first, mass = block_select(
         qf, kf, thresholds.cdf[0], n_tokens=n, block_m=BLOCK_M, block_n=BLOCK_N, scale=scale,
-        kv_lens=kv_lens, k_trusted=k_trusted, **geometry,
+        kv_lens=kv_lens, k_trusted=k_trusted, lut=first_lut, **geometry,
     )
-    # Untrusted query blocks attend to every key block, untrusted key blocks are always kept, and so
-    # is the text tail; the lookup-table kernel adds them to each selection and drops invalid keys.
-    dense = dict(dense_rows=q_untrusted, dense_cols=k_untrusted, dense_tail_tokens=dense_tail_tokens)
-    predicted = []
-    for mask in [first] + [select_top_cdf(mass, cdf) for cdf in thresholds.cdf[1:]]:
-        mask = mask.contiguous()
+    predicted = [PredictedBlocks(first, ordered_lut(first_lut))]
+    for cdf in thresholds.cdf[1:]:
+        mask = select_top_cdf(mass, cdf).contiguous()
         predicted.append(PredictedBlocks(mask, build_block_lut(mask, n, kv_lens, out_mask=mask, **dense)))
     return predicted
 

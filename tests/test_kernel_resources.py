@@ -75,10 +75,14 @@ COMPILE_SCRIPT = textwrap.dedent("""
                                        num_warps=config.num_warps, num_stages=config.num_stages)
             rows.append(["partial_mass", dtype, s, rk, long_keys, loop, shared])
     nkp, sr, warps = bs._select_geometry(bs.MAX_KEY_BLOCKS)
-    pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8"}
-    for rq in (1, 2, 16):
-        shared, _ = compile_kernel(bs._combine_select_kernel, dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True), pointers,
-                                True, num_warps=warps)
+    pointers = {"part_ptr": "*fp32", "tmax_ptr": "*fp32", "thr_ptr": "*fp32", "mass_ptr": "*fp32", "mask_ptr": "*i8",
+                "kv_lens_ptr": "*i32", "dense_rows_ptr": "*i8", "dense_cols_ptr": "*i8", "counts_ptr": "*i32",
+                "indices_ptr": "*i16"}
+    for rq in (1, 2, 16):  # the first threshold's selection, which builds its lookup table too
+        shared, _ = compile_kernel(bs._combine_select_kernel,
+                                   dict(RQ=rq, KB=64, NKP=nkp, SR=sr, SELECT=True, LUT=True, BLOCK_N=bsa.BLOCK_N,
+                                        HAS_KV_LENS=True, HAS_DENSE_ROWS=True, HAS_DENSE_COLS=True),
+                                   pointers, True, num_warps=warps)
         rows.append(["combine_select", "fp32", 1, rq, False, shared])
     # Each declared config with and without the P·V skip (pv_threshold; it keeps the running maximum).
     for ((arch, head_dim, dtype), config), pv_skip in itertools.product(bsa.TILE_CONFIGS.items(), (False, True)):
@@ -174,3 +178,17 @@ def test_kernels_fit_hopper_shared_memory_and_fp8_dots_are_e4m3_wgmma():
         mma = row[4]
         assert mma and all(re.search(r"\.f32\.e4m3\.e4m3$", m) for m in mma), row
         assert any(f"n{row[2]}k32" in m for m in mma) and any("n64k32" in m for m in mma), row
+
+
+def test_dependent_launch_is_on_for_capable_gpus_unless_turned_off(monkeypatch):
+    import torch
+
+    from sparsediff import kernels
+
+    assert kernels.dependent_launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setattr(kernels, "_pdl_capable", lambda index: index == 0)  # GPU 0 Hopper, GPU 1 older
+    monkeypatch.delenv("SPARSEDIFF_PDL", raising=False)
+    assert kernels.dependent_launch(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    assert kernels.dependent_launch(torch.device("cuda", 1)) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setenv("SPARSEDIFF_PDL", "0")
+    assert kernels.dependent_launch(torch.device("cuda", 0)) == {"PDL": False, "launch_pdl": False}

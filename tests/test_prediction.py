@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from sparsediff.attention import (
-    BLOCK_M, BLOCK_N, METHODS, SAMPLED_QUERIES, predict_block_mask, predict_block_masks, sample_rows,
+    BLOCK_M, BLOCK_N, METHODS, SAMPLED_QUERIES, head_thresholds, predict_block_mask, predict_block_masks, predict_with,
+    sample_rows,
 )
 from sparsediff.kernels import block_select as block_select_module
+from sparsediff.kernels import block_sparse_attn as block_sparse_attn_module
 from sparsediff.kernels import block_stats as block_stats_module
 from sparsediff.kernels.block_select import block_select, select_top_cdf
 from sparsediff.kernels.block_select_reference import block_mass_reference, block_select_reference, top_cdf
@@ -352,6 +354,35 @@ def test_dense_tail_and_kv_lens(workload):
     assert not mask[1][..., dead].any()
     assert mask[1, :, first_tail_q:][..., ~dead].all()
     assert torch.equal(mask[0], predict_block_mask(q[:1], k[:1], 0.3, 0.0, dense_tail_tokens=40)[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_first_selection_builds_the_lookup_table_build_block_lut_would(workload, method, kernels, monkeypatch):
+    # The first threshold's selection is completed into its lookup table inside the selection kernel;
+    # a second threshold (the same value) goes through select_top_cdf and build_block_lut. Untrusted
+    # query blocks (sim 0.62: head 0's blocks 2 and 3), untrusted key blocks ("pooled"), the text tail
+    # and kv_lens all apply.
+    if not kernels:
+        for module in (block_select_module, block_sparse_attn_module):
+            monkeypatch.setattr(module, "kernels_available", lambda device: False)
+    q, k = workload.q.expand(2, -1, -1, -1), workload.k.expand(2, -1, -1, -1)
+    n = q.shape[2]
+    lens = torch.tensor([n, n - 100])
+    thresholds = head_thresholds([0.6, 0.6], 0.62, q.shape[1], q.device)
+    fused, plain = predict_with(q, k, thresholds, method=method, scale=q.shape[-1] ** -0.5, kv_lens=lens,
+                                dense_tail_tokens=40)
+    assert torch.equal(fused.mask, plain.mask)
+    dead = torch.arange(fused.mask.shape[-1]) * BLOCK_N >= n - 100
+    assert not fused.mask[1][..., dead].any() and fused.mask[:, :, (n - 40) // BLOCK_M].all(dim=0)[:, ~dead].all()
+    assert fused.mask[0, 0, 2:4].all() and not fused.mask[0, 0, :2].all()  # untrusted query blocks' whole rows
+    assert not fused.mask.all()
+    assert torch.equal(fused.lut.counts, fused.mask.sum(-1, dtype=torch.int32))
+    listed = torch.arange(fused.mask.shape[-1]) < fused.lut.counts[..., None]
+    for lut in (fused.lut, plain.lut):
+        assert torch.equal(torch.where(listed, lut.indices.long(), -1),
+                           torch.where(listed, fused.mask.long().argsort(dim=-1, descending=True, stable=True), -1))
+    assert torch.equal(fused.lut.counts, plain.lut.counts) and torch.equal(fused.lut.order, plain.lut.order)
 
 
 def test_key_resolved_estimates_beat_pooled(workload):

@@ -33,6 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels import dependent_launch, padded_head_dim, tma_compatible, valid_length, wait_for_prior_kernel
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
+from sparsediff.kernels.block_sparse_attn import LutTargets, complete_lut_rows, fill_block_lut
 
 # Tile configs. Phase 1: key feature rows per tile; per features' element size, and for fewer or at
 # least LONG_KEYS key feature rows, the query feature rows per program (>= 16 for tl.dot), warps,
@@ -248,8 +249,11 @@ def _top_cdf_keep(m, thr, nk):
 @triton.jit
 def _combine_select_kernel(
     part_ptr, tmax_ptr, thr_ptr, mass_ptr, mask_ptr,
-    H, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr, SELECT: tl.constexpr, PDL: tl.constexpr,
+    kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, counts_ptr, indices_ptr,
+    H, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens, n_keys, tail_qb, tail_kb,
+    RQ: tl.constexpr, KB: tl.constexpr, NKP: tl.constexpr, SR: tl.constexpr, SELECT: tl.constexpr,
+    LUT: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr,
+    HAS_DENSE_COLS: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_prior_kernel(PDL)
     bh = tl.program_id(1)
@@ -273,7 +277,16 @@ def _combine_select_kernel(
     tl.store(mass_ptr + offs, mass, mask=ok)
     if SELECT:
         keep = _top_cdf_keep(mass, tl.load(thr_ptr + bh % H), nk)
-        tl.store(mask_ptr + offs, keep.to(tl.int8), mask=ok)
+        if LUT:  # the mask completed and its lookup table written here: no LUT launch of its own
+            qb = qb0 + local_qb
+            bh_rows = bh + 0 * local_qb
+            complete_lut_rows(
+                keep, bh_rows * nq + qb, local_qb < n_qb, qb, bh_rows, bh_rows // H, kcols, nk, n_keys, tail_qb,
+                tail_kb, kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, mask_ptr, counts_ptr, indices_ptr,
+                BLOCK_N, HAS_KV_LENS, HAS_DENSE_ROWS, HAS_DENSE_COLS, True,
+            )
+        else:
+            tl.store(mask_ptr + offs, keep.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -340,12 +353,15 @@ def block_select(
     kv_lens: torch.Tensor | None = None,
     k_trusted: torch.Tensor | None = None,
     q_rows: torch.Tensor | None = None,
+    lut: LutTargets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated block masses and their top-CDF selection: returns (mask bool (B, H, nq, nk),
     mass fp32 (B, H, nq, nk)). Arguments and semantics as `block_mass_reference` and `top_cdf`
     (cdf_threshold: fp32 (H,)); q_rows: int64 (M,) indices of qf's rows that are the query
-    feature rows (stride 1 only), read in place instead of gathered first. Runs the Triton
-    kernels where kernels are available."""
+    feature rows (stride 1 only), read in place instead of gathered first. lut: `lut_targets` of the
+    mask, filled from the selection; the returned mask is then the completed one (`build_block_lut`'s
+    out_mask), and the selection kernel does both in its own launch. Runs the Triton kernels where
+    kernels are available."""
     if not scale > 0:  # the kernel takes each tile's maximum before scaling
         raise ValueError(f"scale must be positive, got {scale}")
     if q_rows is not None and (stride != 1 or q_rows.dim() != 1 or q_rows.dtype != torch.int64):
@@ -362,7 +378,11 @@ def block_select(
     kw = dict(stride=stride, q_tokens=q_tokens, k_tokens=k_tokens, n_tokens=n_tokens, block_m=block_m,
               block_n=block_n, scale=scale, kv_lens=kv_lens, k_trusted=k_trusted)
     if not kernels_available(qf.device):
-        return block_select_reference(qf if q_rows is None else qf[:, :, q_rows], kf, cdf_threshold, **kw)
+        mask, mass = block_select_reference(qf if q_rows is None else qf[:, :, q_rows], kf, cdf_threshold, **kw)
+        if lut is not None:
+            mask = mask.contiguous()
+            fill_block_lut(mask, lut, out_mask=mask)
+        return mask, mass
     device = qf.device
     thr = cdf_threshold.to(device=device, dtype=torch.float32).contiguous()
     lens = kv_lens.to(device=device, dtype=torch.int32).contiguous() if kv_lens is not None else thr
@@ -370,6 +390,13 @@ def block_select(
     mass = torch.empty(b, h, nq, nk, device=device, dtype=torch.float32)
     mask = torch.empty(b, h, nq, nk, device=device, dtype=torch.int8)
     select = nk <= MAX_KEY_BLOCKS  # wider rows: torch's sort-based selection below
+    fused = select and lut is not None
+    if fused:  # the selection kernel completes its rows into the lookup table
+        given = (lut.kv_lens, lut.dense_rows, lut.dense_cols)
+        lut_tensors = (*(t.contiguous() if t is not None else thr for t in given), lut.counts, lut.indices)
+        lut_sizes = (lut.n_keys, lut.tail_qb, lut.tail_kb)
+    else:
+        lut_tensors, lut_sizes = (thr,) * 5, (0,) * 3
     nkp, sr, select_warps = _select_geometry(nk)
     n_tiles = triton.cdiv(nk * rk, KEY_ROWS)
     chunk_qb = max(1, min(nq, PARTIAL_ELEMENTS // (b * h * rq * max(nk, n_tiles))))
@@ -396,9 +423,12 @@ def block_select(
             **launch,
         )
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
-            part, tmax, thr, mass, mask, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens,
-            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, num_warps=select_warps, **launch,
+            part, tmax, thr, mass, mask, *lut_tensors, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens, *lut_sizes,
+            RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, LUT=fused, BLOCK_N=block_n,
+            HAS_KV_LENS=fused and lut.kv_lens is not None, HAS_DENSE_ROWS=fused and lut.dense_rows is not None,
+            HAS_DENSE_COLS=fused and lut.dense_cols is not None, num_warps=select_warps, **launch,
         )
-    if not select:
-        return top_cdf(mass, thr), mass
-    return mask.view(torch.bool), mass
+    mask = mask.view(torch.bool) if select else top_cdf(mass, thr).contiguous()
+    if lut is not None and not fused:
+        fill_block_lut(mask, lut, out_mask=mask)
+    return mask, mass

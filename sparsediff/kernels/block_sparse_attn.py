@@ -243,26 +243,58 @@ class BlockLut(NamedTuple):
     order: torch.Tensor
 
 
+class LutTargets(NamedTuple):
+    """A lookup table to be filled from a block mask (`lut_targets`): its tables, and the blocks that
+    every mask keeps or drops whatever its selection (`build_block_lut`'s arguments)."""
+
+    counts: torch.Tensor  # int32 (B, H, QB)
+    indices: torch.Tensor  # (B, H, QB, KB), `_lut_index_dtype`
+    kv_lens: torch.Tensor | None
+    dense_rows: torch.Tensor | None
+    dense_cols: torch.Tensor | None
+    n_keys: int
+    tail_qb: int  # query blocks from tail_qb on keep every key block (the dense tail)
+    tail_kb: int  # key blocks from tail_kb on are kept by every query block
+
+
+def lut_targets(
+    shape: tuple[int, int, int, int],
+    n_keys: int,
+    device: torch.device,
+    kv_lens: torch.Tensor | None = None,
+    *,
+    dense_rows: torch.Tensor | None = None,
+    dense_cols: torch.Tensor | None = None,
+    dense_tail_tokens: int = 0,
+) -> LutTargets:
+    """Checked arguments and empty tables of the lookup table of a (B, H, QB, KB) block mask on
+    `device` (arguments as `build_block_lut`)."""
+    if n_keys < 1:
+        raise ValueError(f"n_keys must be >= 1, got {n_keys}")
+    B, H, QB, KB = shape
+    for name, t, want in (("dense_rows", dense_rows, (B, H, QB)), ("dense_cols", dense_cols, (B, H, KB))):
+        if t is not None and (t.dtype != torch.bool or tuple(t.shape) != want or t.device != device):
+            raise ValueError(f"{name} must be a bool tensor of shape {want} on {device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    tail_qb = QB if dense_tail_tokens == 0 else (n_keys - dense_tail_tokens) // BLOCK_M
+    tail_kb = KB if dense_tail_tokens == 0 else (n_keys - dense_tail_tokens) // BLOCK_N
+    counts = torch.empty((B, H, QB), dtype=torch.int32, device=device)
+    indices = torch.empty((B, H, QB, KB), dtype=_lut_index_dtype(KB), device=device)
+    return LutTargets(counts, indices, kv_lens, dense_rows, dense_cols, n_keys, tail_qb, tail_kb)
+
+
 @triton.jit
-def _build_lut_kernel(
-    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+def complete_lut_rows(
+    keep, rows, row_ok, qb, bh, b, cols, KB, n_keys, tail_qb, tail_kb,
     kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, out_mask_ptr, counts_ptr, indices_ptr,
-    n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KB_P2: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-    HAS_DENSE_ROWS: tl.constexpr, HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr,
+    HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr,
 ):
-    wait_for_prior_kernel(PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
-    qb = rows % QB
-    bh = rows // QB
-    h = bh % H
-    b = bh // H
-    cols = tl.arange(0, KB_P2)
+    """Rows of a selection (keep: bool (R, C), cols: arange(C), C >= KB; rows: their flat (b, h, query
+    block) indices) completed with the blocks every mask keeps or drops, then stored: the kept mask
+    (WRITE_MASK) and the rows' lookup-table entries. The LUT kernel and the selection kernel
+    (`block_select`'s, which builds its table in its own launch) both end with it."""
     col_ok = row_ok[:, None] & (cols[None, :] < KB)
-    row_off = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + qb.to(tl.int64) * stride_mq
-    ptrs = mask_ptr + row_off[:, None] + cols[None, :].to(tl.int64) * stride_mk
-    keep = tl.load(ptrs, mask=col_ok, other=0) != 0
     # Blocks every mask keeps whatever its selection: whole rows, whole columns, the dense tail.
     keep = keep | (qb >= tail_qb)[:, None] | (cols >= tail_kb)[None, :]
     if HAS_DENSE_ROWS:
@@ -283,6 +315,32 @@ def _build_lut_kernel(
     out_ptrs = indices_ptr + rows.to(tl.int64)[:, None] * KB + slot
     tl.store(out_ptrs, cols[None, :].to(indices_ptr.dtype.element_ty), mask=keep)
     tl.store(counts_ptr + rows, tl.sum(keep_i, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _build_lut_kernel(
+    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, out_mask_ptr, counts_ptr, indices_ptr,
+    n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KB_P2: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    HAS_DENSE_ROWS: tl.constexpr, HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr, PDL: tl.constexpr,
+):
+    wait_for_prior_kernel(PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    qb = rows % QB
+    bh = rows // QB
+    h = bh % H
+    b = bh // H
+    cols = tl.arange(0, KB_P2)
+    row_off = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + qb.to(tl.int64) * stride_mq
+    ptrs = mask_ptr + row_off[:, None] + cols[None, :].to(tl.int64) * stride_mk
+    keep = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < KB), other=0) != 0
+    complete_lut_rows(
+        keep, rows, row_ok, qb, bh, b, cols, KB, n_keys, tail_qb, tail_kb,
+        kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, out_mask_ptr, counts_ptr, indices_ptr,
+        BLOCK_N, HAS_KV_LENS, HAS_DENSE_ROWS, HAS_DENSE_COLS, WRITE_MASK,
+    )
 
 
 # The LUT kernel's geometry: one row (b, h, query block) a program and one warp per
@@ -310,6 +368,49 @@ def _lut_index_dtype(n_key_blocks: int) -> torch.dtype:
     return torch.int16 if n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def fill_block_lut(block_mask: torch.Tensor, targets: LutTargets, out_mask: torch.Tensor | None = None) -> None:
+    """`targets`' tables filled from a bool (B, H, QB, KB) mask of any strides (arguments checked by
+    `build_block_lut`): Triton's kernel where kernels are available, else the torch reference."""
+    B, H, QB, KB = block_mask.shape
+    device = block_mask.device
+    if not kernels_available(device):
+        keep = block_mask.clone()
+        keep[:, :, targets.tail_qb:] = True
+        keep[:, :, :, targets.tail_kb:] = True
+        if targets.dense_rows is not None:
+            keep |= targets.dense_rows[..., None]
+        if targets.dense_cols is not None:
+            keep |= targets.dense_cols[..., None, :]
+        keep &= valid_key_blocks(B, KB, BLOCK_N, targets.n_keys, targets.kv_lens, device)[:, None, None, :]
+        if out_mask is not None:
+            out_mask.copy_(keep)
+        counts, indices = block_lut_reference(keep, targets.n_keys, BLOCK_N, targets.kv_lens)
+        targets.counts.copy_(counts)
+        targets.indices.copy_(indices)
+        return
+    kb_p2 = triton.next_power_of_2(KB)
+    rows, warps = _lut_geometry(kb_p2)
+    mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
+    placeholder = targets.counts  # the kernel reads entry b of kv_lens at offset b
+    _build_lut_kernel[(triton.cdiv(B * H * QB, rows),)](
+        mask_bytes, *mask_bytes.stride(),
+        *(t.contiguous() if t is not None else placeholder
+          for t in (targets.kv_lens, targets.dense_rows, targets.dense_cols)),
+        out_mask if out_mask is not None else placeholder, targets.counts, targets.indices,
+        B * H * QB, H, QB, KB, targets.n_keys, targets.tail_qb, targets.tail_kb,
+        BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=targets.kv_lens is not None,
+        HAS_DENSE_ROWS=targets.dense_rows is not None, HAS_DENSE_COLS=targets.dense_cols is not None,
+        WRITE_MASK=out_mask is not None, num_warps=warps, **dependent_launch(device),
+    )
+
+
+def ordered_lut(targets: LutTargets) -> BlockLut:
+    """The filled tables of `targets` with the order in which the attention kernel's programs take
+    their rows (a second launch, one program per head)."""
+    return BlockLut(targets.counts, targets.indices, heavy_rows_first(targets.counts, targets.indices.shape[-1],
+                                                                      WORK_LEVELS))
+
+
 def build_block_lut(
     block_mask: torch.Tensor,
     n_keys: int,
@@ -334,50 +435,16 @@ def build_block_lut(
     """
     if block_mask.ndim != 4 or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be a 4-D bool tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
-    if n_keys < 1:
-        raise ValueError(f"n_keys must be >= 1, got {n_keys}")
-    B, H, QB, KB = block_mask.shape
-    for name, t, shape in (("dense_rows", dense_rows, (B, H, QB)), ("dense_cols", dense_cols, (B, H, KB)),
-                           ("out_mask", out_mask, (B, H, QB, KB))):
-        if t is not None and (t.dtype != torch.bool or tuple(t.shape) != shape or t.device != block_mask.device):
-            raise ValueError(f"{name} must be a bool tensor of shape {shape} on {block_mask.device}, got "
-                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if out_mask is not None and (out_mask.dtype != torch.bool or out_mask.shape != block_mask.shape
+                                 or out_mask.device != block_mask.device):
+        raise ValueError(f"out_mask must be a bool tensor of shape {tuple(block_mask.shape)} on {block_mask.device}, "
+                         f"got {out_mask.dtype} {tuple(out_mask.shape)} on {out_mask.device}")
     if out_mask is not None and not out_mask.is_contiguous():
         raise ValueError("out_mask must be contiguous")
-    tail_qb = QB if dense_tail_tokens == 0 else (n_keys - dense_tail_tokens) // BLOCK_M
-    tail_kb = KB if dense_tail_tokens == 0 else (n_keys - dense_tail_tokens) // BLOCK_N
-    device = block_mask.device
-    if not kernels_available(device):
-        keep = block_mask.clone()
-        keep[:, :, tail_qb:] = True
-        keep[:, :, :, tail_kb:] = True
-        if dense_rows is not None:
-            keep |= dense_rows[..., None]
-        if dense_cols is not None:
-            keep |= dense_cols[..., None, :]
-        keep &= valid_key_blocks(B, KB, BLOCK_N, n_keys, kv_lens, device)[:, None, None, :]
-        if out_mask is not None:
-            out_mask.copy_(keep)
-        counts, indices = block_lut_reference(keep, n_keys, BLOCK_N, kv_lens)
-        return BlockLut(counts, indices.to(_lut_index_dtype(KB)), heavy_rows_first(counts, KB, WORK_LEVELS))
-    counts = torch.empty((B, H, QB), dtype=torch.int32, device=device)
-    indices = torch.empty((B, H, QB, KB), dtype=_lut_index_dtype(KB), device=device)
-    n_rows = B * H * QB
-    kb_p2 = triton.next_power_of_2(KB)
-    rows, warps = _lut_geometry(kb_p2)
-    mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
-    _build_lut_kernel[(triton.cdiv(n_rows, rows),)](
-        mask_bytes, *mask_bytes.stride(),
-        kv_lens.contiguous() if kv_lens is not None else counts,  # the kernel reads entry b at offset b
-        dense_rows.contiguous() if dense_rows is not None else counts,
-        dense_cols.contiguous() if dense_cols is not None else counts,
-        out_mask if out_mask is not None else counts, counts, indices,
-        n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
-        BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=kv_lens is not None,
-        HAS_DENSE_ROWS=dense_rows is not None, HAS_DENSE_COLS=dense_cols is not None,
-        WRITE_MASK=out_mask is not None, num_warps=warps, **dependent_launch(device),
-    )
-    return BlockLut(counts, indices, heavy_rows_first(counts, KB, WORK_LEVELS))
+    targets = lut_targets(tuple(block_mask.shape), n_keys, block_mask.device, kv_lens, dense_rows=dense_rows,
+                          dense_cols=dense_cols, dense_tail_tokens=dense_tail_tokens)
+    fill_block_lut(block_mask, targets, out_mask)
+    return ordered_lut(targets)
 
 
 # ----------------------------------------------------------------------------------------------
