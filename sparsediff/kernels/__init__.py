@@ -41,7 +41,7 @@ def _pdl_capable(device_index: int) -> bool:
 def dependent_launch(device: torch.device) -> dict:
     """Launch options of our kernels on `device`: programmatic dependent launch (PDL) on Hopper and
     later, so that a kernel's launch and its programs' start overlap the end of the kernel before
-    it (a prediction is five to six short kernels in a row), else none. SPARSEDIFF_PDL=0 turns it
+    it (a prediction is three to four short kernels in a row, then attention), else none. SPARSEDIFF_PDL=0 turns it
     off. Each kernel takes them as its PDL constexpr and calls `wait_for_prior_kernel(PDL)` first."""
     on = (device.type == "cuda" and os.environ.get("SPARSEDIFF_PDL", "1") != "0"
           and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))

@@ -112,14 +112,14 @@ def channel_stats_fp8(
     k_mean, v_scale, v_inverse = (torch.empty(batch, heads, head_dim, dtype=torch.float32, device=device)
                                   for _ in range(3))
     lens = kv_lens.contiguous() if kv_lens is not None else k_mean
+    launch = dependent_launch(k.device)
     _channel_partials_kernel[(n_chunks, batch * heads)](
         k, v, lens, k_sum, v_max, *k.stride(), *v.stride(), heads, n_k, n_chunks, tiles_per_chunk,
         HEAD_D=head_dim, BLOCK_D=block_d, TILE_ROWS=TILE_ROWS, HAS_KV_LENS=kv_lens is not None,
-        num_warps=PARTIALS_NUM_WARPS, **dependent_launch(k.device),
+        num_warps=PARTIALS_NUM_WARPS, **launch,
     )
     _channel_finish_kernel[(batch * heads,)](
         k_sum, v_max, lens, k_mean, v_scale, v_inverse, heads, n_k, n_chunks,
-        HEAD_D=head_dim, BLOCK_D=block_d, HAS_KV_LENS=kv_lens is not None, num_warps=1,
-        **dependent_launch(k.device),
+        HEAD_D=head_dim, BLOCK_D=block_d, HAS_KV_LENS=kv_lens is not None, num_warps=1, **launch,
     )
     return k_mean, v_scale, v_inverse
