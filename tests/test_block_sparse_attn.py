@@ -14,7 +14,6 @@ from sparsediff.kernels.block_sparse_attn import (
     BlockLut,
     TileConfig,
     attention_from_lut,
-    attention_programs,
     block_sparse_attention,
     build_block_lut,
 )
@@ -169,30 +168,6 @@ def test_heavy_rows_first_changes_only_the_order_of_the_programs(step_blocks):
     assert torch.equal(runs[0][1], runs[1][1])
     exact = attention_from_lut(q, k, v, lut, 0.125, config=configs[1])
     _assert_close(exact, _reference(q, k, v, mask, scale=0.125), torch.float16)
-
-
-@pytest.mark.parametrize("step_blocks", [1, 2])
-@pytest.mark.parametrize("heavy_first", [False, True])
-def test_a_persistent_grid_computes_every_row_as_one_program_a_row_does(step_blocks, heavy_first):
-    # 3 programs for 2 * 2 * 5 = 20 rows of very different work (full, empty, one block): each
-    # program takes every third row of the order in turn, and every row must come out as when it
-    # has a program of its own, P·V skips, ragged keys and kv_lens included.
-    q, k, v = _qkv(2, 2, 600, 650, 64, torch.float16)
-    mask = torch.rand(_mask_shape(2, 2, 600, 650)) < 0.3
-    mask[:, :, -1] = True
-    mask[0, 1, 2] = False
-    mask[1, 0, 0] = False
-    mask[1, 0, 0, 3] = True
-    kv_lens = torch.tensor([650, 411], dtype=torch.int32)
-    lut = build_block_lut(mask, 650, kv_lens)
-    configs = [TileConfig(step_blocks, 4, 2, heavy_rows_first=heavy_first, programs_per_sm=n) for n in (0, 3)]
-    assert attention_programs(20, configs[1], q.device) == 3
-    runs = [attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, pv_threshold=1e-2, return_pv_skips=True,
-                               config=c) for c in configs]
-    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
-    assert torch.equal(runs[0][1], runs[1][1])
-    exact = attention_from_lut(q, k, v, lut, 0.125, kv_lens=kv_lens, config=configs[1])
-    _assert_close(exact, _reference(q, k, v, mask, scale=0.125, kv_lens=kv_lens), torch.float16)
 
 
 @pytest.mark.parametrize("step_blocks", [1, 2])

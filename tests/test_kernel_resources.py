@@ -93,7 +93,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
         consts = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_M=bsa.BLOCK_M, BLOCK_N=bsa.BLOCK_N,
                       STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=True, PV_SKIP=pv_skip, COUNT_SKIPS=False,
                       DOT_FP32=False, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=False,
-                      HEAVY_FIRST=config.heavy_rows_first, PERSISTENT=config.programs_per_sm > 0,
+                      HEAVY_FIRST=config.heavy_rows_first,
                       FIXED_MAX=bsa.uses_fixed_max(config, fp8, 0.01 if pv_skip else None), TMA=tma,
                       stride_qd=1, stride_kd=1, stride_od=1, **({"stride_vn": 1} if fp8 else {"stride_vd": 1}))
         # With TMA the unmasked steps read key and value tiles through descriptors of one key block.

@@ -101,9 +101,6 @@ class TileConfig:
     tma: the unmasked steps load their key and value tiles through TMA tensor descriptors (one
     instruction a tile, no per-thread addresses) instead of per-thread pointers; one block a step,
     bf16/fp16 only, and only where the layouts suit TMA (16-byte aligned base and strides).
-    programs_per_sm: 0 launches one program a row; n > 0 launches n programs an SM (at most one a
-    row), each taking every grid-th row of the order in turn (a persistent grid; n should be what
-    fits an SM at once, else the later programs wait for a whole earlier one).
     """
 
     step_blocks: int
@@ -114,7 +111,6 @@ class TileConfig:
     fixed_max: bool = True
     max_registers: int | None = None
     tma: bool = False
-    programs_per_sm: int = 0
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`.
@@ -607,8 +603,8 @@ def _attend_row(
 
 
 @triton.jit
-def _attention_row(
-    row, Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
+def _block_sparse_attn_kernel(
+    Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -617,10 +613,14 @@ def _attention_row(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
     COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, FIXED_MAX: tl.constexpr, TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
+    TMA: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Attention of one LUT row (b, h, query block), stored to O."""
+    wait_for_prior_kernel(PDL)
+    # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
+    row = tl.program_id(0)
+    if HEAVY_FIRST:
+        row = tl.load(order_ptr + row)
     qb = row % QB
     bh = row // QB
     b = bh // H
@@ -632,17 +632,11 @@ def _attention_row(
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    # The columns of q's and O's tiles, made to depend on the row (max(row, BLOCK_D) >= BLOCK_D) in a
-    # persistent grid: otherwise the compiler hoists their (BLOCK_M, BLOCK_D) offsets and masks out of
-    # the loop over rows, where they hold 64 registers a thread through every row.
-    tile_d = offs_d
-    if PERSISTENT:
-        tile_d = tl.max_contiguous(tl.multiple_of(tl.minimum(offs_d, tl.maximum(row, BLOCK_D)), BLOCK_D), BLOCK_D)
     d_ok = offs_d < HEAD_D
     row_ok = offs_m < n_q
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
-        + offs_m[:, None] * stride_qn + tile_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (tile_d < HEAD_D)[None, :], other=0.0)
+        + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
     K_bh = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -677,64 +671,10 @@ def _attention_row(
     if FP8:
         out = out * tl.load(v_scale_ptr + bh * HEAD_D + offs_d, mask=d_ok, other=0.0)[None, :]
     o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
-        + offs_m[:, None] * stride_on + tile_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (tile_d < HEAD_D)[None, :])
+        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if COUNT_SKIPS:
         tl.store(skips_ptr + row, n_skipped)
-
-
-@triton.jit
-def _block_sparse_attn_kernel(
-    Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    H, n_q, n_k, QB, KB, n_rows, qk_scale, log2_pv_threshold,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STEP_BLOCKS: tl.constexpr, HAS_KV_LENS: tl.constexpr, PV_SKIP: tl.constexpr,
-    COUNT_SKIPS: tl.constexpr, DOT_FP32: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, HEAVY_FIRST: tl.constexpr, FIXED_MAX: tl.constexpr,
-    TMA: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
-):
-    wait_for_prior_kernel(PDL)
-    # Rows (b, h, query block) taken heavy first (order_ptr) or in row order. One program a row, or
-    # PERSISTENT: the grid is the GPU's program slots, and each program takes the rows pid, pid +
-    # grid, ... of that order, loading the next row's index while it computes the current one.
-    first_slot = tl.program_id(0)
-    row = tl.load(order_ptr + first_slot) if HEAVY_FIRST else first_slot
-    if PERSISTENT:
-        for slot in range(first_slot, n_rows, tl.num_programs(0)):
-            # The next row's index, loaded during this row's work.
-            following = tl.minimum(slot + tl.num_programs(0), n_rows - 1)
-            next_row = tl.load(order_ptr + following) if HEAVY_FIRST else following
-            _attention_row(
-                row, Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr,
-                v_scale_ptr, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                H, n_q, n_k, QB, KB, qk_scale, log2_pv_threshold,
-                HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, STEP_BLOCKS, HAS_KV_LENS, PV_SKIP, COUNT_SKIPS, DOT_FP32,
-                WARP_SPECIALIZE, FP8, ROUND_E4M3, FIXED_MAX, TMA, PERSISTENT,
-            )
-            row = next_row
-    else:
-        _attention_row(
-            row, Q, K, V, K_desc, V_desc, O, counts_ptr, lut_ptr, kv_lens_ptr, skips_ptr, q_scale_ptr, k_scale_ptr,
-            v_scale_ptr, stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-            H, n_q, n_k, QB, KB, qk_scale, log2_pv_threshold,
-            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, STEP_BLOCKS, HAS_KV_LENS, PV_SKIP, COUNT_SKIPS, DOT_FP32,
-            WARP_SPECIALIZE, FP8, ROUND_E4M3, FIXED_MAX, TMA, PERSISTENT,
-        )
-
-
-def attention_programs(n_rows: int, config: TileConfig, device: torch.device) -> int:
-    """Programs the attention kernel launches for n_rows LUT rows: one a row, or a persistent grid of
-    config.programs_per_sm an SM (the interpreter counts as one SM)."""
-    if config.programs_per_sm == 0:
-        return n_rows
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return min(n_rows, config.programs_per_sm * sms)
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -780,12 +720,11 @@ def attention_from_lut(
     k_desc, v_desc = ((TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK_N, padded_head_dim(head_dim)])
                        for t in (k, v)) if tma else (k_in, v_in))
     scales = (quantized.q_scale, quantized.k_scale, quantized.v_scale) if fp8 else (counts,) * 3
-    n_rows = B * H * QB
-    _block_sparse_attn_kernel[(attention_programs(n_rows, config, q.device),)](
+    _block_sparse_attn_kernel[(B * H * QB,)](
         q_in, k_in, v_in, k_desc, v_desc, out, counts, indices, lut.order,
         kv_lens if kv_lens is not None else counts, skips, *scales,
         *q_in.stride(), *k_in.stride(), *v_in.stride(), *out.stride(),
-        H, n_q, n_k, QB, KB, n_rows, scale * math.log2(math.e),
+        H, n_q, n_k, QB, KB, scale * math.log2(math.e),
         math.log2(pv_threshold) if pv_threshold is not None else 0.0,
         HEAD_D=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         STEP_BLOCKS=config.step_blocks, HAS_KV_LENS=kv_lens is not None,
@@ -794,7 +733,7 @@ def attention_from_lut(
         DOT_FP32=interpreting and q.dtype != torch.float16 and not fp8,
         WARP_SPECIALIZE=config.warp_specialize, FP8=fp8, ROUND_E4M3=interpreting,
         HEAVY_FIRST=config.heavy_rows_first,
-        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma, PERSISTENT=config.programs_per_sm > 0,
+        FIXED_MAX=uses_fixed_max(config, fp8, pv_threshold), TMA=tma,
         num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
         **dependent_launch(q.device),
     )
