@@ -29,6 +29,8 @@ for stage in "$@"; do
                   --masks random --out "$res/kernelall" ;;
     kernelbf16) python3 -m sparsediff bench kernel --shapes flux,cogvideox,wan,hunyuan --keeps 1,0.25,0.1 --masks random \
                   --out "$res/kernelbf16" ;;
+    kernelbf16-local) python3 -m sparsediff bench kernel --shapes flux,cogvideox,wan,hunyuan --keeps 1,0.25,0.1 \
+                  --masks random,local --out "$res/kernelbf16-local" ;;  # random and video-like (local) masks
     kernel8)  python3 -m sparsediff bench kernel --fp8 --tune --shapes flux,cogvideox,wan --keeps 1,0.25 --masks random \
                   --out "$res/kernel8" ;;
     stepprof) python3 scripts/profile_step.py cogvideox --compile && python3 scripts/profile_step.py wan --compile &&
