@@ -33,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparsediff._runtime import kernels_available, triton_interpreting
 from sparsediff.kernels import dependent_launch, padded_head_dim, tma_compatible, valid_length, wait_for_prior_kernel
 from sparsediff.kernels.block_select_reference import block_select_reference, top_cdf
-from sparsediff.kernels.block_sparse_attn import LutTargets, complete_lut_rows, fill_block_lut
+from sparsediff.kernels.block_sparse_attn import LutTargets, complete_lut_rows, fill_block_lut, lut_launch_arguments
 
 # Tile configs. Phase 1: key feature rows per tile; per features' element size, and for fewer or at
 # least LONG_KEYS key feature rows, the query feature rows per program (>= 16 for tl.dot), warps,
@@ -392,11 +392,10 @@ def block_select(
     select = nk <= MAX_KEY_BLOCKS  # wider rows: torch's sort-based selection below
     fused = select and lut is not None
     if fused:  # the selection kernel completes its rows into the lookup table
-        given = (lut.kv_lens, lut.dense_rows, lut.dense_cols)
-        lut_tensors = (*(t.contiguous() if t is not None else thr for t in given), lut.counts, lut.indices)
-        lut_sizes = (lut.n_keys, lut.tail_qb, lut.tail_kb)
+        lut_tensors, lut_sizes, lut_flags = lut_launch_arguments(lut, thr)
     else:
         lut_tensors, lut_sizes = (thr,) * 5, (0,) * 3
+        lut_flags = dict(HAS_KV_LENS=False, HAS_DENSE_ROWS=False, HAS_DENSE_COLS=False)
     nkp, sr, select_warps = _select_geometry(nk)
     n_tiles = triton.cdiv(nk * rk, KEY_ROWS)
     chunk_qb = max(1, min(nq, PARTIAL_ELEMENTS // (b * h * rq * max(nk, n_tiles))))
@@ -425,8 +424,7 @@ def block_select(
         _combine_select_kernel[(triton.cdiv(n_qb, sr), b * h)](
             part, tmax, thr, mass, mask, *lut_tensors, h, qb0, n_qb, nq, nk, n_tiles, n_tokens, q_tokens, *lut_sizes,
             RQ=rq, KB=KEY_ROWS // rk, NKP=nkp, SR=sr, SELECT=select, LUT=fused, BLOCK_N=block_n,
-            HAS_KV_LENS=fused and lut.kv_lens is not None, HAS_DENSE_ROWS=fused and lut.dense_rows is not None,
-            HAS_DENSE_COLS=fused and lut.dense_cols is not None, num_warps=select_warps, **launch,
+            num_warps=select_warps, **lut_flags, **launch,
         )
     mask = mask.view(torch.bool) if select else top_cdf(mass, thr).contiguous()
     if lut is not None and not fused:

@@ -319,8 +319,8 @@ def complete_lut_rows(
 
 @triton.jit
 def _build_lut_kernel(
-    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
-    kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, out_mask_ptr, counts_ptr, indices_ptr,
+    mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk, out_mask_ptr,
+    kv_lens_ptr, dense_rows_ptr, dense_cols_ptr, counts_ptr, indices_ptr,
     n_rows, H, QB, KB, n_keys, tail_qb, tail_kb,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, KB_P2: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     HAS_DENSE_ROWS: tl.constexpr, HAS_DENSE_COLS: tl.constexpr, WRITE_MASK: tl.constexpr, PDL: tl.constexpr,
@@ -368,6 +368,17 @@ def _lut_index_dtype(n_key_blocks: int) -> torch.dtype:
     return torch.int16 if n_key_blocks <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def lut_launch_arguments(targets: LutTargets, placeholder: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """What a kernel ending in `complete_lut_rows` takes of `targets`: its tensors (kv_lens, dense
+    rows, dense columns, counts, indices; an absent one as `placeholder`, never read), its sizes
+    (n_keys, tail_qb, tail_kb) and the constexpr flags of the tensors given."""
+    given = (targets.kv_lens, targets.dense_rows, targets.dense_cols)
+    tensors = (*(t.contiguous() if t is not None else placeholder for t in given), targets.counts, targets.indices)
+    flags = dict(HAS_KV_LENS=targets.kv_lens is not None, HAS_DENSE_ROWS=targets.dense_rows is not None,
+                 HAS_DENSE_COLS=targets.dense_cols is not None)
+    return tensors, (targets.n_keys, targets.tail_qb, targets.tail_kb), flags
+
+
 def fill_block_lut(block_mask: torch.Tensor, targets: LutTargets, out_mask: torch.Tensor | None = None) -> None:
     """`targets`' tables filled from a bool (B, H, QB, KB) mask of any strides (arguments checked by
     `build_block_lut`): Triton's kernel where kernels are available, else the torch reference."""
@@ -392,15 +403,12 @@ def fill_block_lut(block_mask: torch.Tensor, targets: LutTargets, out_mask: torc
     rows, warps = _lut_geometry(kb_p2)
     mask_bytes = block_mask.view(torch.uint8)  # same strides; Triton loads int1 pointers poorly
     placeholder = targets.counts  # the kernel reads entry b of kv_lens at offset b
+    lut_tensors, lut_sizes, lut_flags = lut_launch_arguments(targets, placeholder)
     _build_lut_kernel[(triton.cdiv(B * H * QB, rows),)](
-        mask_bytes, *mask_bytes.stride(),
-        *(t.contiguous() if t is not None else placeholder
-          for t in (targets.kv_lens, targets.dense_rows, targets.dense_cols)),
-        out_mask if out_mask is not None else placeholder, targets.counts, targets.indices,
-        B * H * QB, H, QB, KB, targets.n_keys, targets.tail_qb, targets.tail_kb,
-        BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, HAS_KV_LENS=targets.kv_lens is not None,
-        HAS_DENSE_ROWS=targets.dense_rows is not None, HAS_DENSE_COLS=targets.dense_cols is not None,
-        WRITE_MASK=out_mask is not None, num_warps=warps, **dependent_launch(device),
+        mask_bytes, *mask_bytes.stride(), out_mask if out_mask is not None else placeholder, *lut_tensors,
+        B * H * QB, H, QB, KB, *lut_sizes,
+        BLOCK_N=BLOCK_N, ROWS=rows, KB_P2=kb_p2, WRITE_MASK=out_mask is not None, num_warps=warps,
+        **lut_flags, **dependent_launch(device),
     )
 
 
