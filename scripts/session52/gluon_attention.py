@@ -1,0 +1,229 @@
+"""Experiment (fifty-second session): block-sparse flash attention written in Gluon for Hopper, the
+FlashAttention-3 schedule that Triton's compiler does not produce from `block_sparse_attn`'s kernel.
+
+- One program per 128-row query block, one CTA an SM: eight consumer warps (two warpgroups of 64
+  rows) and one producer warp that streams the row's kept K and V tiles by TMA into a ring of
+  STAGES buffers (mbarriers: ready / empty per buffer).
+- In the consumers, the Q·K product of the next kept block and the P·V product of the current one
+  are in flight on the tensor cores while the warps compute the next block's softmax: the
+  intra-warpgroup overlap of FlashAttention-3 (arXiv 2407.08608, section 3.2).
+
+A probe, not a product kernel: no ragged lengths (N a multiple of 128), no kv_lens, no P·V skip,
+contiguous (B, H, N, D) bf16 inputs, at least one kept block a row. `gluon_attention_probe.py`
+checks it against the product kernel and times it against cuDNN and the product kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK = 128  # query rows and key rows of a tile
+CONSUMER_WARPS = gl.constexpr(8)
+PRODUCER_REGISTERS = gl.constexpr(24)
+SPLIT_CONSUMER_REGISTERS = gl.constexpr(240)
+MAX_REGISTERS = 168  # (8 consumer + 4 producer-group warps) x 32 x 168 <= 65,536: the consumers get 240
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+              lut_row, q_row, kv_base, count, max_kept, STAGES: gl.constexpr):
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    for i in range(count):
+        stage = i % STAGES
+        phase = (i // STAGES) & 1
+        kv_row = kv_base + gl.load(lut_ptr + lut_row * max_kept + i) * BLOCK_N
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row, 0], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, count, qk_scale,
+              STAGES: gl.constexpr, WARPS: gl.constexpr):
+    # q_tile: the rows of the query block these WARPS warps own (all of it, or one warpgroup's half).
+    BLOCK_M: gl.constexpr = q_tile.type.shape[0]
+    D: gl.constexpr = q_tile.type.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # The first kept block's scores and softmax, outside the loop.
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    m_i = gl.max(s, axis=1) * qk_scale
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, axis=1)
+
+    for i in range(count - 1):
+        stage = i % STAGES
+        nxt = (i + 1) % STAGES
+        # Next block's Q·K, then this block's P·V: both in flight during the next softmax.
+        mbarrier.wait(k_ready.index(nxt), ((i + 1) // STAGES) & 1)
+        s = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(stage), (i // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(stage), acc, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        mbarrier.arrive(k_empty.index(nxt), count=1)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(stage), count=1)
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+
+    last = (count - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    mbarrier.arrive(v_empty.index(last), count=1)
+
+    o = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    q_tile.store(o.to(o_desc.dtype))  # Q is no longer read: its buffer stages the output
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_tile)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _gluon_attention_kernel(q_desc, k_desc, v_desc, o_desc, lut_ptr, counts_ptr, N, max_kept, qk_scale,
+                            STAGES: gl.constexpr, SPLIT: gl.constexpr):
+    # SPLIT: each warpgroup is its own partition, owning half the query rows, so that the two
+    # synchronise only through the K / V buffers (an 8-warp partition syncs all 8 at every arrive).
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HALF: gl.constexpr = BLOCK_M // 2
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2 if SPLIT else 1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2 if SPLIT else 1)
+
+    qb = gl.program_id(0)
+    bh = gl.program_id(1)
+    lut_row = bh * gl.num_programs(0) + qb
+    q_row = bh * N + qb * BLOCK_M
+    count = gl.load(counts_ptr + lut_row)
+    kv_base = bh * N
+    if SPLIT:
+        gl.warp_specialize([
+            (_consumer, (o_desc, q_smem.slice(0, HALF), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         q_row, count, qk_scale, STAGES, 4)),
+            (_consumer, (o_desc, q_smem.slice(HALF, HALF), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         q_row + HALF, count, qk_scale, STAGES, 4)),
+            (_producer, (q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, lut_row, q_row, kv_base, count, max_kept, STAGES)),
+        ], [4, 1], [SPLIT_CONSUMER_REGISTERS, PRODUCER_REGISTERS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, count,
+                         qk_scale, STAGES, CONSUMER_WARPS)),
+            (_producer, (q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                         v_empty, lut_row, q_row, kv_base, count, max_kept, STAGES)),
+        ], [1], [PRODUCER_REGISTERS])
+
+
+def kept_block_table(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, QB, KB) bool mask -> (int32 (B*H*QB, max kept) kept key blocks in order, int32 counts)."""
+    flat = block_mask.reshape(-1, block_mask.shape[-1])
+    counts = flat.sum(-1).to(torch.int32)
+    if int(counts.min()) < 1:
+        raise ValueError("every query-block row must keep at least one key block")
+    order = torch.argsort((~flat).to(torch.int8), dim=-1, stable=True)[:, :int(counts.max())]
+    return order.to(torch.int32).contiguous(), counts.contiguous()
+
+
+def descriptors(q, k, v, o, split: bool) -> list[TensorDescriptor]:
+    """TMA descriptors of the (B*H*N, D) views; the output's blocks are a partition's rows."""
+    d = q.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, d], gl.bfloat16)
+    o_rows = BLOCK // 2 if split else BLOCK
+    o_layout = gl.NVMMASharedLayout.get_default_for([o_rows, d], gl.bfloat16)
+    return [TensorDescriptor.from_tensor(x.view(-1, d), [BLOCK, d], layout) for x in (q, k, v)] + [
+        TensorDescriptor.from_tensor(o.view(-1, d), [o_rows, d], o_layout)]
+
+
+def gluon_attention(q, k, v, table: tuple[torch.Tensor, torch.Tensor], scale: float | None = None,
+                    stages: int = 2, split: bool = False) -> torch.Tensor:
+    """Block-sparse attention of contiguous bf16 (B, H, N, D) q, k, v over `kept_block_table`'s table."""
+    b, h, n, d = q.shape
+    if n % BLOCK or q.dtype != torch.bfloat16 or not all(x.is_contiguous() for x in (q, k, v)):
+        raise ValueError("the probe takes contiguous bf16 (B, H, N, D) with N a multiple of 128")
+    lut, counts = table
+    o = torch.empty_like(q)
+    scale = d**-0.5 if scale is None else scale
+    _gluon_attention_kernel[(n // BLOCK, b * h)](*descriptors(q, k, v, o, split), lut, counts, n, lut.shape[1],
+                                                  scale * LOG2E, STAGES=stages, SPLIT=split,
+                                                  num_warps=4 if split else CONSUMER_WARPS.value,
+                                                  maxnreg=MAX_REGISTERS)
+    return o
+
+
+def compile_for_sm90(d: int, stages: int, split: bool):
+    """Compile ahead of time for sm90 (no GPU needed): the resources, and a check that it builds."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    x = torch.zeros(2, 1, 2 * BLOCK, d, dtype=torch.bfloat16)
+    descs = [mangle_type(desc) for desc in descriptors(x, x, x, x, split)]
+    signature = dict(zip(("q_desc", "k_desc", "v_desc", "o_desc"), descs))
+    signature.update(lut_ptr="*i32", counts_ptr="*i32", N="i32", max_kept="i32", qk_scale="fp32", STAGES="constexpr",
+                     SPLIT="constexpr")
+    src = GluonASTSource(fn=_gluon_attention_kernel, signature=signature, constexprs={"STAGES": stages, "SPLIT": split})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4 if split else CONSUMER_WARPS.value, "maxnreg": MAX_REGISTERS})
+
+
+if __name__ == "__main__":
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    for d, stages, split in ((128, 2, False), (128, 3, False), (64, 2, False), (128, 2, True), (128, 3, True),
+                             (64, 2, True)):
+        compiled = compile_for_sm90(d, stages, split)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(compiled.asm["ptx"])
+            f.flush()
+            report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
+                                    capture_output=True, text=True).stderr
+        print(f"D={d} stages={stages} split={split}: shared {compiled.metadata.shared} B;",
+              "; ".join(re.findall(r"Used \d+ registers[^\n]*|\d+ bytes spill stores", report)))

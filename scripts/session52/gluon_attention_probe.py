@@ -1,0 +1,119 @@
+"""Experiment (fifty-second session): the Gluon probe kernel (`gluon_attention.py`) against the product
+kernel and cuDNN SDPA on the H100, random masks, the four model shapes with N rounded up to a
+multiple of 128 (the probe takes no ragged length; all three run at that N).
+
+    PYTHONPATH=.:scripts/session52 python scripts/session52/gluon_attention_probe.py --smoke
+    PYTHONPATH=.:scripts/session52 python scripts/session52/gluon_attention_probe.py --out DIR
+
+--smoke checks small shapes against the fp32 masked-attention reference and exits. The full run
+checks each mask against the product kernel (relative L1) and times the three CUDA-graphed
+(`triton.testing.do_bench_cudagraph`, median): ours with its lookup table built beforehand, the
+probe with its table, cuDNN dense. Dense-equivalent throughput of cuDNN: cuDNN time x keep / time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+import triton
+from gluon_attention import BLOCK, gluon_attention, kept_block_table
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sparsediff.bench.kernel import SHAPES, random_mask
+from sparsediff.kernels.block_sparse_attn import block_sparse_attention, build_block_lut
+
+
+VARIANTS = "2,0;3,0;2,1;3,1"  # stages,split;...
+
+
+def parse_variants(text: str) -> list[tuple[int, bool]]:
+    return [(int(stages), bool(int(split))) for stages, split in (v.split(",") for v in text.split(";"))]
+
+
+def variant_name(stages: int, split: bool) -> str:
+    return f"gluon{stages}{'split' if split else ''}"
+
+
+def rel_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref.float()).abs().sum() / ref.float().abs().sum())
+
+
+def masked_reference(q, k, v, block_mask):
+    dense = block_mask.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)[..., :q.shape[2], :k.shape[2]]
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=dense)
+
+
+def smoke(variants: list[tuple[int, bool]]) -> None:
+    torch.manual_seed(0)
+    for b, h, n, d, keep in ((1, 2, 1024, 128, 0.5), (2, 3, 768, 64, 0.34), (1, 1, 512, 128, 1.0),
+                             (1, 2, 2048, 128, 0.07)):
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        k = k + 1.5  # rows whose maximum grows along the keys: the rescale matters
+        qb = n // BLOCK
+        mask = torch.rand(b, h, qb, qb, device="cuda").argsort(-1) < max(1, round(keep * qb))
+        for stages, split in variants:
+            out = gluon_attention(q, k, v, kept_block_table(mask), stages=stages, split=split)
+            torch.cuda.synchronize()
+            err = rel_l1(out, masked_reference(q, k, v, mask))
+            print(f"smoke b={b} h={h} n={n} d={d} keep={keep} stages={stages} split={split}: rel L1 {err:.2e}",
+                  flush=True)
+            assert err < 1e-2, err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--shapes", default="flux,cogvideox,wan,hunyuan")
+    parser.add_argument("--keeps", default="1,0.25,0.1")
+    parser.add_argument("--variants", default=VARIANTS, help="stages,split pairs joined by ';'")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    variants = parse_variants(args.variants)
+    if args.smoke:
+        smoke(variants)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        shape = dataclasses.replace(shape, tokens=math.ceil(shape.tokens / BLOCK) * BLOCK)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(shape.batch, shape.heads, shape.tokens, shape.head_dim, device="cuda",
+                               dtype=torch.bfloat16) for _ in range(3))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = triton.testing.do_bench_cudagraph(
+                lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), rep=500)
+        for keep in (float(x) for x in args.keeps.split(",")):
+            mask = random_mask(shape, keep, "cuda")
+            kept = float(mask.float().mean())
+            lut = build_block_lut(mask, shape.tokens)
+            table = kept_block_table(mask)
+            ours = block_sparse_attention(q, k, v, mask, lut=lut)
+            row = dict(shape=name, tokens=shape.tokens, heads=shape.heads, head_dim=shape.head_dim, keep=keep,
+                       kept=kept, cudnn_ms=cudnn_ms)
+            row["ours_ms"] = triton.testing.do_bench_cudagraph(
+                lambda: block_sparse_attention(q, k, v, mask, lut=lut), rep=500)
+            row["ours_of_cudnn"] = cudnn_ms * kept / row["ours_ms"]
+            text = [f"{name} N={shape.tokens} keep {keep}: cuDNN {cudnn_ms:.4f} ms; of cuDNN: ours "
+                    f"{row['ours_of_cudnn']:.3f}"]
+            for stages, split in variants:
+                impl = variant_name(stages, split)
+                probe = gluon_attention(q, k, v, table, stages=stages, split=split)
+                row[f"{impl}_rel_l1_vs_ours"] = rel_l1(probe, ours)
+                row[f"{impl}_ms"] = triton.testing.do_bench_cudagraph(
+                    lambda: gluon_attention(q, k, v, table, stages=stages, split=split), rep=500)
+                row[f"{impl}_of_cudnn"] = cudnn_ms * kept / row[f"{impl}_ms"]
+                text.append(f"{impl} {row[f'{impl}_of_cudnn']:.3f} (rel L1 {row[f'{impl}_rel_l1_vs_ours']:.1e})")
+            rows.append(row)
+            print(", ".join(text), flush=True)
+            (args.out / "gluon-probe.json").write_text(json.dumps(dict(  # after every row: a timeout keeps the rest
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, rows=rows),
+                indent=1))
+
+
+if __name__ == "__main__":
+    main()
