@@ -2,8 +2,9 @@
 FlashAttention-3 schedule that Triton's compiler does not produce from `block_sparse_attn`'s kernel.
 
 - One program per 128-row query block, one CTA an SM: eight consumer warps (two warpgroups of 64
-  rows) and one producer warp that streams the row's kept K and V tiles by TMA into a ring of
-  STAGES buffers (mbarriers: ready / empty per buffer).
+  rows; one partition, or one partition each, optionally taking turns: SCHEDULE) and one producer
+  warp that streams the row's kept K and V tiles by TMA into a ring of STAGES buffers (mbarriers:
+  ready / empty per buffer).
 - In the consumers, the Q·K product of the next kept block and the P·V product of the current one
   are in flight on the tensor cores while the warps compute the next block's softmax: the
   intra-warpgroup overlap of FlashAttention-3 (arXiv 2407.08608, section 3.2).
@@ -54,8 +55,23 @@ def _producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_
 
 
 @gluon.jit
-def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, count, qk_scale,
-              STAGES: gl.constexpr, WARPS: gl.constexpr):
+def _take_turn(turns, j, ORDER: gl.constexpr, PINGPONG: gl.constexpr):
+    # Ping-pong (FlashAttention-3, section 3.1): the two warpgroups issue their products in turn, so that
+    # one's softmax runs while the other's products hold the tensor cores. Warpgroup ORDER's j-th
+    # turn waits for the other's j-th (ORDER 1) or (j-1)-th (ORDER 0; its first passes at once).
+    if PINGPONG:
+        mbarrier.wait(turns.index(ORDER), (j & 1) ^ (1 - ORDER))
+
+
+@gluon.jit
+def _pass_turn(turns, ORDER: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - ORDER), count=1)
+
+
+@gluon.jit
+def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turns, q_row, count,
+              qk_scale, STAGES: gl.constexpr, WARPS: gl.constexpr, ORDER: gl.constexpr, PINGPONG: gl.constexpr):
     # q_tile: the rows of the query block these WARPS warps own (all of it, or one warpgroup's half).
     BLOCK_M: gl.constexpr = q_tile.type.shape[0]
     D: gl.constexpr = q_tile.type.shape[1]
@@ -73,7 +89,9 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
 
     # The first kept block's scores and softmax, outside the loop.
     mbarrier.wait(k_ready.index(0), 0)
+    _take_turn(turns, 0, ORDER, PINGPONG)
     s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _pass_turn(turns, ORDER, PINGPONG)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
     m_i = gl.max(s, axis=1) * qk_scale
@@ -85,9 +103,12 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
         nxt = (i + 1) % STAGES
         # Next block's Q·K, then this block's P·V: both in flight during the next softmax.
         mbarrier.wait(k_ready.index(nxt), ((i + 1) // STAGES) & 1)
-        s = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(stage), (i // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(stage), acc, is_async=True)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        _take_turn(turns, i + 1, ORDER, PINGPONG)
+        s = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+        _pass_turn(turns, ORDER, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(nxt), count=1)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -101,7 +122,10 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
 
     last = (count - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((count - 1) // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_smem.index(last), acc, is_async=True)
+    p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    _take_turn(turns, count, ORDER, PINGPONG)
+    acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    _pass_turn(turns, ORDER, PINGPONG)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -114,9 +138,12 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
 
 @gluon.jit
 def _gluon_attention_kernel(q_desc, k_desc, v_desc, o_desc, lut_ptr, counts_ptr, N, max_kept, qk_scale,
-                            STAGES: gl.constexpr, SPLIT: gl.constexpr):
-    # SPLIT: each warpgroup is its own partition, owning half the query rows, so that the two
-    # synchronise only through the K / V buffers (an 8-warp partition syncs all 8 at every arrive).
+                            STAGES: gl.constexpr, SCHEDULE: gl.constexpr):
+    # SCHEDULE 0: one 8-warp consumer partition. 1: each warpgroup its own partition, owning half the
+    # query rows, so that the two synchronise only through the K / V buffers (an 8-warp partition
+    # syncs all 8 warps at every arrive). 2: as 1, the warpgroups taking turns (ping-pong).
+    SPLIT: gl.constexpr = SCHEDULE > 0
+    PINGPONG: gl.constexpr = SCHEDULE == 2
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HALF: gl.constexpr = BLOCK_M // 2
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
@@ -127,7 +154,10 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, o_desc, lut_ptr, counts_ptr,
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turns.index(0), count=1)
+    mbarrier.init(turns.index(1), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2 if SPLIT else 1)
@@ -143,16 +173,16 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, o_desc, lut_ptr, counts_ptr,
     if SPLIT:
         gl.warp_specialize([
             (_consumer, (o_desc, q_smem.slice(0, HALF), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         q_row, count, qk_scale, STAGES, 4)),
+                         turns, q_row, count, qk_scale, STAGES, 4, 0, PINGPONG)),
             (_consumer, (o_desc, q_smem.slice(HALF, HALF), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         q_row + HALF, count, qk_scale, STAGES, 4)),
+                         turns, q_row + HALF, count, qk_scale, STAGES, 4, 1, PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                          v_empty, lut_row, q_row, kv_base, count, max_kept, STAGES)),
         ], [4, 1], [SPLIT_CONSUMER_REGISTERS, PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, q_row, count,
-                         qk_scale, STAGES, CONSUMER_WARPS)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turns, q_row,
+                         count, qk_scale, STAGES, CONSUMER_WARPS, 0, False)),
             (_producer, (q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                          v_empty, lut_row, q_row, kv_base, count, max_kept, STAGES)),
         ], [1], [PRODUCER_REGISTERS])
@@ -179,7 +209,7 @@ def descriptors(q, k, v, o, split: bool) -> list[TensorDescriptor]:
 
 
 def gluon_attention(q, k, v, table: tuple[torch.Tensor, torch.Tensor], scale: float | None = None,
-                    stages: int = 2, split: bool = False) -> torch.Tensor:
+                    stages: int = 2, schedule: int = 0) -> torch.Tensor:
     """Block-sparse attention of contiguous bf16 (B, H, N, D) q, k, v over `kept_block_table`'s table."""
     b, h, n, d = q.shape
     if n % BLOCK or q.dtype != torch.bfloat16 or not all(x.is_contiguous() for x in (q, k, v)):
@@ -187,27 +217,28 @@ def gluon_attention(q, k, v, table: tuple[torch.Tensor, torch.Tensor], scale: fl
     lut, counts = table
     o = torch.empty_like(q)
     scale = d**-0.5 if scale is None else scale
-    _gluon_attention_kernel[(n // BLOCK, b * h)](*descriptors(q, k, v, o, split), lut, counts, n, lut.shape[1],
-                                                  scale * LOG2E, STAGES=stages, SPLIT=split,
-                                                  num_warps=4 if split else CONSUMER_WARPS.value,
+    _gluon_attention_kernel[(n // BLOCK, b * h)](*descriptors(q, k, v, o, schedule > 0), lut, counts, n,
+                                                  lut.shape[1], scale * LOG2E, STAGES=stages, SCHEDULE=schedule,
+                                                  num_warps=4 if schedule else CONSUMER_WARPS.value,
                                                   maxnreg=MAX_REGISTERS)
     return o
 
 
-def compile_for_sm90(d: int, stages: int, split: bool):
+def compile_for_sm90(d: int, stages: int, schedule: int):
     """Compile ahead of time for sm90 (no GPU needed): the resources, and a check that it builds."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     x = torch.zeros(2, 1, 2 * BLOCK, d, dtype=torch.bfloat16)
-    descs = [mangle_type(desc) for desc in descriptors(x, x, x, x, split)]
+    descs = [mangle_type(desc) for desc in descriptors(x, x, x, x, schedule > 0)]
     signature = dict(zip(("q_desc", "k_desc", "v_desc", "o_desc"), descs))
     signature.update(lut_ptr="*i32", counts_ptr="*i32", N="i32", max_kept="i32", qk_scale="fp32", STAGES="constexpr",
-                     SPLIT="constexpr")
-    src = GluonASTSource(fn=_gluon_attention_kernel, signature=signature, constexprs={"STAGES": stages, "SPLIT": split})
+                     SCHEDULE="constexpr")
+    src = GluonASTSource(fn=_gluon_attention_kernel, signature=signature,
+                         constexprs={"STAGES": stages, "SCHEDULE": schedule})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4 if split else CONSUMER_WARPS.value, "maxnreg": MAX_REGISTERS})
+                          options={"num_warps": 4 if schedule else CONSUMER_WARPS.value, "maxnreg": MAX_REGISTERS})
 
 
 if __name__ == "__main__":
@@ -217,13 +248,13 @@ if __name__ == "__main__":
 
     from triton.backends.nvidia.compiler import get_ptxas
 
-    for d, stages, split in ((128, 2, False), (128, 3, False), (64, 2, False), (128, 2, True), (128, 3, True),
-                             (64, 2, True)):
-        compiled = compile_for_sm90(d, stages, split)
+    for d, stages, schedule in ((128, 2, 0), (128, 3, 0), (64, 2, 0), (128, 2, 1), (128, 3, 1), (64, 2, 1),
+                                (128, 2, 2), (128, 3, 2), (64, 2, 2)):
+        compiled = compile_for_sm90(d, stages, schedule)
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(compiled.asm["ptx"])
             f.flush()
             report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
                                     capture_output=True, text=True).stderr
-        print(f"D={d} stages={stages} split={split}: shared {compiled.metadata.shared} B;",
+        print(f"D={d} stages={stages} schedule={schedule}: shared {compiled.metadata.shared} B;",
               "; ".join(re.findall(r"Used \d+ registers[^\n]*|\d+ bytes spill stores", report)))

@@ -27,15 +27,15 @@ from sparsediff.bench.kernel import SHAPES, random_mask
 from sparsediff.kernels.block_sparse_attn import block_sparse_attention, build_block_lut
 
 
-VARIANTS = "2,0;3,0;2,1;3,1"  # stages,split;...
+VARIANTS = "2,0;3,0;2,1;3,1;2,2;3,2"  # stages,schedule;... (schedules: `_gluon_attention_kernel`)
 
 
-def parse_variants(text: str) -> list[tuple[int, bool]]:
-    return [(int(stages), bool(int(split))) for stages, split in (v.split(",") for v in text.split(";"))]
+def parse_variants(text: str) -> list[tuple[int, int]]:
+    return [(int(stages), int(schedule)) for stages, schedule in (v.split(",") for v in text.split(";"))]
 
 
-def variant_name(stages: int, split: bool) -> str:
-    return f"gluon{stages}{'split' if split else ''}"
+def variant_name(stages: int, schedule: int) -> str:
+    return f"gluon{stages}{('', 'split', 'pingpong')[schedule]}"
 
 
 def rel_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def masked_reference(q, k, v, block_mask):
     return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=dense)
 
 
-def smoke(variants: list[tuple[int, bool]]) -> None:
+def smoke(variants: list[tuple[int, int]]) -> None:
     torch.manual_seed(0)
     for b, h, n, d, keep in ((1, 2, 1024, 128, 0.5), (2, 3, 768, 64, 0.34), (1, 1, 512, 128, 1.0),
                              (1, 2, 2048, 128, 0.07)):
@@ -55,11 +55,11 @@ def smoke(variants: list[tuple[int, bool]]) -> None:
         k = k + 1.5  # rows whose maximum grows along the keys: the rescale matters
         qb = n // BLOCK
         mask = torch.rand(b, h, qb, qb, device="cuda").argsort(-1) < max(1, round(keep * qb))
-        for stages, split in variants:
-            out = gluon_attention(q, k, v, kept_block_table(mask), stages=stages, split=split)
+        for stages, schedule in variants:
+            out = gluon_attention(q, k, v, kept_block_table(mask), stages=stages, schedule=schedule)
             torch.cuda.synchronize()
             err = rel_l1(out, masked_reference(q, k, v, mask))
-            print(f"smoke b={b} h={h} n={n} d={d} keep={keep} stages={stages} split={split}: rel L1 {err:.2e}",
+            print(f"smoke b={b} h={h} n={n} d={d} keep={keep} stages={stages} schedule={schedule}: rel L1 {err:.2e}",
                   flush=True)
             assert err < 1e-2, err
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--shapes", default="flux,cogvideox,wan,hunyuan")
     parser.add_argument("--keeps", default="1,0.25,0.1")
-    parser.add_argument("--variants", default=VARIANTS, help="stages,split pairs joined by ';'")
+    parser.add_argument("--variants", default=VARIANTS, help="stages,schedule pairs joined by ';'")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     variants = parse_variants(args.variants)
@@ -100,12 +100,12 @@ def main() -> None:
             row["ours_of_cudnn"] = cudnn_ms * kept / row["ours_ms"]
             text = [f"{name} N={shape.tokens} keep {keep}: cuDNN {cudnn_ms:.4f} ms; of cuDNN: ours "
                     f"{row['ours_of_cudnn']:.3f}"]
-            for stages, split in variants:
-                impl = variant_name(stages, split)
-                probe = gluon_attention(q, k, v, table, stages=stages, split=split)
+            for stages, schedule in variants:
+                impl = variant_name(stages, schedule)
+                probe = gluon_attention(q, k, v, table, stages=stages, schedule=schedule)
                 row[f"{impl}_rel_l1_vs_ours"] = rel_l1(probe, ours)
                 row[f"{impl}_ms"] = triton.testing.do_bench_cudagraph(
-                    lambda: gluon_attention(q, k, v, table, stages=stages, split=split), rep=500)
+                    lambda: gluon_attention(q, k, v, table, stages=stages, schedule=schedule), rep=500)
                 row[f"{impl}_of_cudnn"] = cudnn_ms * kept / row[f"{impl}_ms"]
                 text.append(f"{impl} {row[f'{impl}_of_cudnn']:.3f} (rel L1 {row[f'{impl}_rel_l1_vs_ours']:.1e})")
             rows.append(row)
