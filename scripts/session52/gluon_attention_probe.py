@@ -48,6 +48,9 @@ def masked_reference(q, k, v, block_mask):
 
 
 def smoke(variants: list[tuple[int, int]]) -> None:
+    """Each variant on small cases against the fp32 reference; prints `variant S,X ok` for those that
+    pass all (a variant that hangs stops the run: the device call's timeout ends it)."""
+    cases = []
     torch.manual_seed(0)
     for b, h, n, d, keep in ((1, 2, 1024, 128, 0.5), (2, 3, 768, 64, 0.34), (1, 1, 512, 128, 1.0),
                              (1, 2, 2048, 128, 0.07)):
@@ -55,13 +58,14 @@ def smoke(variants: list[tuple[int, int]]) -> None:
         k = k + 1.5  # rows whose maximum grows along the keys: the rescale matters
         qb = n // BLOCK
         mask = torch.rand(b, h, qb, qb, device="cuda").argsort(-1) < max(1, round(keep * qb))
-        for stages, schedule in variants:
-            out = gluon_attention(q, k, v, kept_block_table(mask), stages=stages, schedule=schedule)
-            torch.cuda.synchronize()
-            err = rel_l1(out, masked_reference(q, k, v, mask))
-            print(f"smoke b={b} h={h} n={n} d={d} keep={keep} stages={stages} schedule={schedule}: rel L1 {err:.2e}",
-                  flush=True)
-            assert err < 1e-2, err
+        cases.append((q, k, v, mask, masked_reference(q, k, v, mask)))
+    for stages, schedule in variants:
+        errors = []
+        for q, k, v, mask, ref in cases:
+            errors.append(rel_l1(gluon_attention(q, k, v, kept_block_table(mask), stages=stages, schedule=schedule),
+                                 ref))
+        verdict = "ok" if max(errors) < 1e-2 else "WRONG"
+        print(f"variant {stages},{schedule} {verdict}: rel L1 " + " ".join(f"{e:.1e}" for e in errors), flush=True)
 
 
 def main() -> None:
