@@ -4,6 +4,7 @@
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
 #   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8; fp8: FP8 rows, no search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
+#   scripts/gpu_session.sh gluon                       # the Gluon probe kernel (scripts/session52)
 #   FINETUNE_MINUTES=6.5 FINETUNE_FLAGS="--batch-size 16" scripts/gpu_session.sh finetune   # the toy fine-tune
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -47,6 +48,11 @@ for stage in "$@"; do
                   --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
     pdl)      python3 scripts/session50/pdl_ab.py --out "$res/pdl" ;;  # programmatic dependent launch off / on
+    # The Gluon probe kernel (scripts/session52): its variants on small cases against the fp32 reference
+    # (one that hangs is cut off at 150 s), then those that passed against the product kernel and cuDNN.
+    gluon)    smoke=$(timeout 150 python3 scripts/session52/gluon_attention_probe.py --smoke 2>&1); echo "$smoke"
+              ok=$(echo "$smoke" | grep -o "variant [0-9],[0-9] ok" | awk '{print $2}' | paste -sd';')
+              [ -n "$ok" ] && python3 scripts/session52/gluon_attention_probe.py --variants "$ok" --out "$res/gluon" ;;
     # The graphed prediction of another tree (AB_BASE: a folder holding its sparsediff package) and of
     # this one, in turn.
     predict-ab) for round in 1 2; do

@@ -2,8 +2,8 @@
 kernel and cuDNN SDPA on the H100, random masks, the four model shapes with N rounded up to a
 multiple of 128 (the probe takes no ragged length; all three run at that N).
 
-    PYTHONPATH=.:scripts/session52 python scripts/session52/gluon_attention_probe.py --smoke
-    PYTHONPATH=.:scripts/session52 python scripts/session52/gluon_attention_probe.py --out DIR
+    python scripts/session52/gluon_attention_probe.py --smoke      # sparsediff installed; a Hopper GPU
+    python scripts/session52/gluon_attention_probe.py --out DIR    # (or scripts/gpu_session.sh gluon)
 
 --smoke checks small shapes against the fp32 masked-attention reference and exits. The full run
 checks each mask against the product kernel (relative L1) and times the three CUDA-graphed
