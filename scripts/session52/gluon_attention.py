@@ -5,9 +5,18 @@ FlashAttention-3 schedule that Triton's compiler does not produce from `block_sp
   rows; one partition, or one partition each, optionally taking turns: SCHEDULE) and one producer
   warp that streams the row's kept K and V tiles by TMA into a ring of STAGES buffers (mbarriers:
   ready / empty per buffer).
-- In the consumers, the Q·K product of the next kept block and the P·V product of the current one
-  are in flight on the tensor cores while the warps compute the next block's softmax: the
-  intra-warpgroup overlap of FlashAttention-3 (arXiv 2407.08608, section 3.2).
+- In the consumers, the loop issues the Q·K product of the next kept block and the P·V product of
+  the current one, then waits for Q·K, computes the softmax, and waits for P·V: FlashAttention-3's
+  intra-warpgroup order (arXiv 2407.08608, algorithm 2), as in TLX's Hopper ping-pong tutorial.
+
+What the SASS shows (compiled for sm_90a on the CPU by Triton 3.6's ptxas 12.8; `gluon_attention.py`
+run as a script prints the resources): ptxas moves the 64 exponentials of each block's softmax below
+the wait for P·V, whatever the PTX order (also with the next P passed through that wait as a
+dependency, or with a barrier arrive between them), so within one warpgroup the softmax does not
+overlap P·V; what overlaps it is the other warpgroup's products (SCHEDULE 2 makes them take turns)
+and Q·K's row maxima. An order that keeps P·V in flight across the loop's back edge (wait for block
+i-1's P·V after issuing block i+1's Q·K) makes ptxas serialise every wgmma (C7514: non-wgmma
+instructions read an accumulator within the pipeline stage).
 
 A probe, not a product kernel: no ragged lengths (N a multiple of 128), no kv_lens, no P·V skip,
 contiguous (B, H, N, D) bf16 inputs, at least one kept block a row. `gluon_attention_probe.py`
