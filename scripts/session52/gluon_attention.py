@@ -10,8 +10,8 @@ FlashAttention-3 schedule that Triton's compiler does not produce from `block_sp
   intra-warpgroup order (arXiv 2407.08608, algorithm 2), as in TLX's Hopper ping-pong tutorial.
 
 What the SASS shows (compiled for sm_90a on the CPU by Triton 3.6's ptxas 12.8; `gluon_attention.py`
-run as a script prints the resources): ptxas moves the 64 exponentials of each block's softmax below
-the wait for P·V, whatever the PTX order (also with the next P passed through that wait as a
+run as a script prints the resources and an outline of the SASS): ptxas moves the 64 exponentials
+of each block's softmax below the wait for P·V, whatever the PTX order (also with the next P passed through that wait as a
 dependency, or with a barrier arrive between them), so within one warpgroup the softmax does not
 overlap P·V; what overlaps it is the other warpgroup's products (SCHEDULE 2 makes them take turns)
 and Q·K's row maxima. An order that keeps P·V in flight across the loop's back edge (wait for block
@@ -250,6 +250,30 @@ def compile_for_sm90(d: int, stages: int, schedule: int):
                           options={"num_warps": 4 if schedule else CONSUMER_WARPS.value, "maxnreg": MAX_REGISTERS})
 
 
+def sass_outline(compiled) -> str:
+    """The kernel's SASS reduced to the instructions that show the schedule (MMAs, their waits, the
+    exponentials, barrier arrivals), runs of one kind counted: where the softmax sits against the waits."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    runs: list[list] = []
+    for op in re.findall(r"\b(HGMMA|WARPGROUP\.[\w.]+|MUFU\.EX2|SYNCS\.ARRIVE[\w.]*|EXIT)\b", sass):
+        if runs and runs[-1][0] == op:
+            runs[-1][1] += 1
+        else:
+            runs.append([op, 1])
+    return " ".join(op if n == 1 else f"{op} x{n}" for op, n in runs)
+
+
 if __name__ == "__main__":
     import re
     import subprocess
@@ -266,4 +290,7 @@ if __name__ == "__main__":
             report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
                                     capture_output=True, text=True).stderr
         print(f"D={d} stages={stages} schedule={schedule}: shared {compiled.metadata.shared} B;",
-              "; ".join(re.findall(r"Used \d+ registers[^\n]*|\d+ bytes spill stores", report)))
+              "; ".join(re.findall(r"Used \d+ registers[^\n]*|\d+ bytes spill stores|.*Potential Performance.*",
+                                   report)))
+        if stages == 2 and d == 128:
+            print("  SASS:", sass_outline(compiled))
