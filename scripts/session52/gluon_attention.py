@@ -11,12 +11,12 @@ FlashAttention-3 schedule that Triton's compiler does not produce from `block_sp
 
 What the SASS shows (compiled for sm_90a on the CPU by Triton 3.6's ptxas 12.8; `gluon_attention.py`
 run as a script prints the resources and an outline of the SASS): ptxas moves the 64 exponentials
-of each block's softmax below the wait for P·V, whatever the PTX order (also with the next P passed through that wait as a
-dependency, or with a barrier arrive between them), so within one warpgroup the softmax does not
-overlap P·V; what overlaps it is the other warpgroup's products (SCHEDULE 2 makes them take turns)
-and Q·K's row maxima. An order that keeps P·V in flight across the loop's back edge (wait for block
-i-1's P·V after issuing block i+1's Q·K) makes ptxas serialise every wgmma (C7514: non-wgmma
-instructions read an accumulator within the pipeline stage).
+of each block's softmax below the wait for P·V, whatever the PTX order (also with the next P passed
+through that wait as a dependency, or with a barrier arrive between them). Within one warpgroup only
+the row maxima overlap P·V; the exponentials can overlap the other warpgroup's products (SCHEDULE 2
+makes the two take turns). An order that keeps P·V in flight across the loop's back edge (block
+i-1's P·V waited for after block i+1's Q·K is issued) makes ptxas serialise every wgmma (C7514:
+non-wgmma instructions read an accumulator within the pipeline stage).
 
 A probe, not a product kernel: no ragged lengths (N a multiple of 128), no kv_lens, no P·V skip,
 contiguous (B, H, N, D) bf16 inputs, at least one kept block a row. `gluon_attention_probe.py`
