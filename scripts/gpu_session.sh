@@ -48,7 +48,7 @@ for stage in "$@"; do
                   --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
     pdl)      python3 scripts/session50/pdl_ab.py --out "$res/pdl" ;;  # programmatic dependent launch off / on
-    # The Gluon probe kernel (scripts/session52): its variants on small cases against the fp32 reference
+    # The Gluon probe kernel (scripts/session52): its variants on small cases against the torch reference
     # (one that hangs is cut off at 150 s), then those that passed against the product kernel and cuDNN.
     gluon)    smoke=$(timeout 150 python3 scripts/session52/gluon_attention_probe.py --smoke 2>&1); echo "$smoke"
               ok=$(echo "$smoke" | grep -o "variant [0-9],[0-9] ok" | awk '{print $2}' | paste -sd';')

@@ -79,6 +79,15 @@ def _pass_turn(turns, ORDER: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _online_softmax(s, m_i, l_i, qk_scale):
+    """Block scores s -> (P, the rescale of what came before, the new row maxima and sums), base 2."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
 def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turns, q_row, count,
               qk_scale, STAGES: gl.constexpr, WARPS: gl.constexpr, ORDER: gl.constexpr, PINGPONG: gl.constexpr):
     # q_tile: the rows of the query block these WARPS warps own (all of it, or one warpgroup's half).
@@ -94,6 +103,8 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
 
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     mbarrier.wait(q_bar, 0)
 
     # The first kept block's scores and softmax, outside the loop.
@@ -103,14 +114,13 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
     _pass_turn(turns, ORDER, PINGPONG)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
-    m_i = gl.max(s, axis=1) * qk_scale
-    p = gl.exp2(s * qk_scale - m_i[:, None])
-    l_i = gl.sum(p, axis=1)
+    p, _, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)  # acc is still zero: nothing to rescale
 
     for i in range(count - 1):
         stage = i % STAGES
         nxt = (i + 1) % STAGES
-        # Next block's Q·K, then this block's P·V: both in flight during the next softmax.
+        # Next block's Q·K, then this block's P·V; ptxas lets only the next row maxima run while P·V
+        # is in flight (the module doc).
         mbarrier.wait(k_ready.index(nxt), ((i + 1) // STAGES) & 1)
         mbarrier.wait(v_ready.index(stage), (i // STAGES) & 1)
         p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
@@ -120,11 +130,7 @@ def _consumer(o_desc, q_tile, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, 
         _pass_turn(turns, ORDER, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         mbarrier.arrive(k_empty.index(nxt), count=1)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(v_empty.index(stage), count=1)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
@@ -179,6 +185,8 @@ def _gluon_attention_kernel(q_desc, k_desc, v_desc, o_desc, lut_ptr, counts_ptr,
     q_row = bh * N + qb * BLOCK_M
     count = gl.load(counts_ptr + lut_row)
     kv_base = bh * N
+    # Each branch spells out the producer's entry: a (function, arguments) pair cannot be built
+    # outside the warp_specialize call.
     if SPLIT:
         gl.warp_specialize([
             (_consumer, (o_desc, q_smem.slice(0, HALF), k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
@@ -250,21 +258,29 @@ def compile_for_sm90(d: int, stages: int, schedule: int):
                           options={"num_warps": 4 if schedule else CONSUMER_WARPS.value, "maxnreg": MAX_REGISTERS})
 
 
-def sass_outline(compiled) -> str:
-    """The kernel's SASS reduced to the instructions that show the schedule (MMAs, their waits, the
-    exponentials, barrier arrivals), runs of one kind counted: where the softmax sits against the waits."""
+def _cuda_tool(tool: str, data: bytes, suffix: str, *args: str) -> str:
+    """Output (stdout and stderr) of one of Triton's bundled CUDA tools (ptxas, nvdisasm) run on
+    `data` written to a temporary file."""
     import os
-    import re
     import subprocess
     import tempfile
 
     from triton.backends.nvidia.compiler import get_ptxas
 
-    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
+    path = os.path.join(os.path.dirname(get_ptxas(90).path), tool)
+    with tempfile.NamedTemporaryFile("wb", suffix=suffix) as f:
+        f.write(data)
         f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        done = subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr
+
+
+def sass_outline(compiled) -> str:
+    """The kernel's SASS reduced to the instructions that show the schedule (MMAs, their waits, the
+    exponentials, barrier arrivals), runs of one kind counted: where the softmax sits against the waits."""
+    import re
+
+    sass = _cuda_tool("nvdisasm", compiled.asm["cubin"], ".cubin", "-c")
     runs: list[list] = []
     for op in re.findall(r"\b(HGMMA|WARPGROUP\.[\w.]+|MUFU\.EX2|SYNCS\.ARRIVE[\w.]*|EXIT)\b", sass):
         if runs and runs[-1][0] == op:
@@ -276,19 +292,11 @@ def sass_outline(compiled) -> str:
 
 if __name__ == "__main__":
     import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
 
     for d, stages, schedule in ((128, 2, 0), (128, 3, 0), (64, 2, 0), (128, 2, 1), (128, 3, 1), (64, 2, 1),
                                 (128, 2, 2), (128, 3, 2), (64, 2, 2)):
         compiled = compile_for_sm90(d, stages, schedule)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(compiled.asm["ptx"])
-            f.flush()
-            report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
-                                    capture_output=True, text=True).stderr
+        report = _cuda_tool("ptxas", compiled.asm["ptx"].encode(), ".ptx", "-arch=sm_90a", "-v", "-o", "/dev/null")
         print(f"D={d} stages={stages} schedule={schedule}: shared {compiled.metadata.shared} B;",
               "; ".join(re.findall(r"Used \d+ registers[^\n]*|\d+ bytes spill stores|.*Potential Performance.*",
                                    report)))

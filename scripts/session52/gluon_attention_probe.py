@@ -5,7 +5,7 @@ multiple of 128 (the probe takes no ragged length; all three run at that N).
     python scripts/session52/gluon_attention_probe.py --smoke      # sparsediff installed; a Hopper GPU
     python scripts/session52/gluon_attention_probe.py --out DIR    # (or scripts/gpu_session.sh gluon)
 
---smoke checks small shapes against the fp32 masked-attention reference and exits. The full run
+--smoke checks small shapes against the product's torch reference (fp32 arithmetic) and exits. The full run
 checks each mask against the product kernel (relative L1) and times the three CUDA-graphed
 (`triton.testing.do_bench_cudagraph`, median): ours with its lookup table built beforehand, the
 probe with its table, cuDNN dense. Dense-equivalent throughput of cuDNN: cuDNN time x keep / time.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparsediff.bench.kernel import SHAPES, random_mask
 from sparsediff.kernels.block_sparse_attn import block_sparse_attention, build_block_lut
+from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
+from sparsediff.metrics import relative_l1
 
 
 VARIANTS = "2,0;3,0;2,1;3,1;2,2;3,2"  # stages,schedule;... (schedules: `_gluon_attention_kernel`)
@@ -38,17 +41,8 @@ def variant_name(stages: int, schedule: int) -> str:
     return f"gluon{stages}{('', 'split', 'pingpong')[schedule]}"
 
 
-def rel_l1(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.float() - ref.float()).abs().sum() / ref.float().abs().sum())
-
-
-def masked_reference(q, k, v, block_mask):
-    dense = block_mask.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)[..., :q.shape[2], :k.shape[2]]
-    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=dense)
-
-
 def smoke(variants: list[tuple[int, int]]) -> None:
-    """Each variant on small cases against the fp32 reference; prints `variant S,X ok` for those that
+    """Each variant on small cases against the torch reference; prints `variant S,X ok` for those that
     pass all (a variant that hangs stops the run: the device call's timeout ends it)."""
     cases = []
     torch.manual_seed(0)
@@ -58,12 +52,12 @@ def smoke(variants: list[tuple[int, int]]) -> None:
         k = k + 1.5  # rows whose maximum grows along the keys: the rescale matters
         qb = n // BLOCK
         mask = torch.rand(b, h, qb, qb, device="cuda").argsort(-1) < max(1, round(keep * qb))
-        cases.append((q, k, v, mask, masked_reference(q, k, v, mask)))
+        cases.append((q, k, v, mask, block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK, block_n=BLOCK)))
     for stages, schedule in variants:
         errors = []
         for q, k, v, mask, ref in cases:
-            errors.append(rel_l1(gluon_attention(q, k, v, kept_block_table(mask), stages=stages, schedule=schedule),
-                                 ref))
+            out = gluon_attention(q, k, v, kept_block_table(mask), stages=stages, schedule=schedule)
+            errors.append(float(relative_l1(out, ref)))
         verdict = "ok" if max(errors) < 1e-2 else "WRONG"
         print(f"variant {stages},{schedule} {verdict}: rel L1 " + " ".join(f"{e:.1e}" for e in errors), flush=True)
 
@@ -99,21 +93,20 @@ def main() -> None:
             ours = block_sparse_attention(q, k, v, mask, lut=lut)
             row = dict(shape=name, tokens=shape.tokens, heads=shape.heads, head_dim=shape.head_dim, keep=keep,
                        kept=kept, cudnn_ms=cudnn_ms)
-            row["ours_ms"] = triton.testing.do_bench_cudagraph(
-                lambda: block_sparse_attention(q, k, v, mask, lut=lut), rep=500)
-            row["ours_of_cudnn"] = cudnn_ms * kept / row["ours_ms"]
-            text = [f"{name} N={shape.tokens} keep {keep}: cuDNN {cudnn_ms:.4f} ms; of cuDNN: ours "
-                    f"{row['ours_of_cudnn']:.3f}"]
-            for stages, schedule in variants:
-                impl = variant_name(stages, schedule)
-                probe = gluon_attention(q, k, v, table, stages=stages, schedule=schedule)
-                row[f"{impl}_rel_l1_vs_ours"] = rel_l1(probe, ours)
-                row[f"{impl}_ms"] = triton.testing.do_bench_cudagraph(
-                    lambda: gluon_attention(q, k, v, table, stages=stages, schedule=schedule), rep=500)
+            calls = {"ours": lambda: block_sparse_attention(q, k, v, mask, lut=lut)}
+            calls.update({variant_name(stages, schedule): functools.partial(
+                gluon_attention, q, k, v, table, stages=stages, schedule=schedule) for stages, schedule in variants})
+            text = []
+            for impl, call in calls.items():
+                if impl != "ours":
+                    row[f"{impl}_rel_l1_vs_ours"] = float(relative_l1(call(), ours))
+                row[f"{impl}_ms"] = triton.testing.do_bench_cudagraph(call, rep=500)
                 row[f"{impl}_of_cudnn"] = cudnn_ms * kept / row[f"{impl}_ms"]
-                text.append(f"{impl} {row[f'{impl}_of_cudnn']:.3f} (rel L1 {row[f'{impl}_rel_l1_vs_ours']:.1e})")
+                error = f" (rel L1 {row[f'{impl}_rel_l1_vs_ours']:.1e})" if impl != "ours" else ""
+                text.append(f"{impl} {row[f'{impl}_of_cudnn']:.3f}{error}")
             rows.append(row)
-            print(", ".join(text), flush=True)
+            print(f"{name} N={shape.tokens} keep {keep}: cuDNN {cudnn_ms:.4f} ms; of cuDNN:", ", ".join(text),
+                  flush=True)
             (args.out / "gluon-probe.json").write_text(json.dumps(dict(  # after every row: a timeout keeps the rest
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, rows=rows),
                 indent=1))
