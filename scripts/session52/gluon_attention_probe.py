@@ -1,6 +1,8 @@
 """Experiment (fifty-second session): the Gluon probe kernel (`gluon_attention.py`) against the product
 kernel and cuDNN SDPA on the H100, random masks, the four model shapes with N rounded up to a
-multiple of 128 (the probe takes no ragged length; all three run at that N).
+multiple of 128 (the probe takes no ragged length; all three run at that N). The probe's key blocks
+are 128 keys, the product's BLOCK_N (64): the masks are drawn over 128-key blocks and given to the
+product kernel with each block split in two, so that both compute the same attention.
 
     python scripts/session52/gluon_attention_probe.py --smoke      # sparsediff installed; a Hopper GPU
     python scripts/session52/gluon_attention_probe.py --out DIR    # (or scripts/gpu_session.sh gluon)
@@ -24,8 +26,8 @@ import triton
 from gluon_attention import BLOCK, gluon_attention, kept_block_table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sparsediff.bench.kernel import SHAPES, random_mask
-from sparsediff.kernels.block_sparse_attn import block_sparse_attention, build_block_lut
+from sparsediff.bench.kernel import SHAPES
+from sparsediff.kernels.block_sparse_attn import BLOCK_N, block_sparse_attention, build_block_lut
 from sparsediff.kernels.block_sparse_attn_reference import block_sparse_attention_reference
 from sparsediff.metrics import relative_l1
 
@@ -41,6 +43,19 @@ def variant_name(stages: int, schedule: int) -> str:
     return f"gluon{stages}{('', 'split', 'pingpong')[schedule]}"
 
 
+def random_block_mask(b: int, h: int, n: int, keep: float, device: str) -> torch.Tensor:
+    """Bool (B, H, N/128, N/128) mask over the probe's 128-key blocks, round(keep * blocks) (at least 1)
+    kept in every row, as `bench kernel`'s random masks."""
+    qb = n // BLOCK
+    return torch.rand(b, h, qb, qb, device=device).argsort(-1) < max(1, round(keep * qb))
+
+
+def product_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The same mask over the product kernel's BLOCK_N-key blocks (each 128-key block is BLOCK // BLOCK_N
+    of them), so that both kernels compute the same attention."""
+    return mask.repeat_interleave(BLOCK // BLOCK_N, dim=-1)
+
+
 def smoke(variants: list[tuple[int, int]]) -> None:
     """Each variant on small cases against the torch reference; prints `variant S,X ok` for those that
     pass all (a variant that hangs stops the run: the device call's timeout ends it)."""
@@ -50,8 +65,7 @@ def smoke(variants: list[tuple[int, int]]) -> None:
                              (1, 2, 2048, 128, 0.07)):
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         k = k + 1.5  # rows whose maximum grows along the keys: the rescale matters
-        qb = n // BLOCK
-        mask = torch.rand(b, h, qb, qb, device="cuda").argsort(-1) < max(1, round(keep * qb))
+        mask = random_block_mask(b, h, n, keep, "cuda")
         cases.append((q, k, v, mask, block_sparse_attention_reference(q, k, v, mask, block_m=BLOCK, block_n=BLOCK)))
     for stages, schedule in variants:
         errors = []
@@ -86,10 +100,11 @@ def main() -> None:
             cudnn_ms = triton.testing.do_bench_cudagraph(
                 lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), rep=500)
         for keep in (float(x) for x in args.keeps.split(",")):
-            mask = random_mask(shape, keep, "cuda")
-            kept = float(mask.float().mean())
+            coarse = random_block_mask(shape.batch, shape.heads, shape.tokens, keep, "cuda")
+            kept = float(coarse.float().mean())
+            table = kept_block_table(coarse)
+            mask = product_mask(coarse)
             lut = build_block_lut(mask, shape.tokens)
-            table = kept_block_table(mask)
             ours = block_sparse_attention(q, k, v, mask, lut=lut)
             row = dict(shape=name, tokens=shape.tokens, heads=shape.heads, head_dim=shape.head_dim, keep=keep,
                        kept=kept, cudnn_ms=cudnn_ms)
