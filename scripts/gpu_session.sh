@@ -4,7 +4,7 @@
 # every result into $OUT/results.tgz (the device tool returns at most 8 files).
 #   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8; fp8: FP8 rows, no search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
-#   scripts/gpu_session.sh gluon                       # the Gluon probe kernel (scripts/session52)
+#   scripts/gpu_session.sh hopper                      # the Gluon Hopper kernel's tests (pytest carried in .whl)
 #   FINETUNE_MINUTES=6.5 FINETUNE_FLAGS="--batch-size 16" scripts/gpu_session.sh finetune   # the toy fine-tune
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -23,6 +23,7 @@ for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
     smoke)    python3 scripts/gpu_smoke.py ;;
+    hopper)   python3 -m pytest -q -rsP tests/test_block_sparse_attn_hopper.py ${HOPPER_TESTS:+-k "$HOPPER_TESTS"} ;;
     demotime) python3 scripts/demo_timing.py --repeats 4 ;;
     profile)  python3 scripts/profile_predict.py flux cogvideox wan ;;
     kernel)   python3 -m sparsediff bench kernel --out "$res/kernel" ;;
@@ -48,11 +49,6 @@ for stage in "$@"; do
                   --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
     pdl)      python3 scripts/session50/pdl_ab.py --out "$res/pdl" ;;  # programmatic dependent launch off / on
-    # The Gluon probe kernel (scripts/session52): its variants on small cases against the torch reference
-    # (one that hangs is cut off at 150 s), then those that passed against the product kernel and cuDNN.
-    gluon)    smoke=$(timeout 150 python3 scripts/session52/gluon_attention_probe.py --smoke 2>&1); echo "$smoke"
-              ok=$(echo "$smoke" | grep -o "variant [0-9],[0-9] ok" | awk '{print $2}' | paste -sd';')
-              [ -n "$ok" ] && python3 scripts/session52/gluon_attention_probe.py --variants "$ok" --out "$res/gluon" ;;
     # The graphed prediction of another tree (AB_BASE: a folder holding its sparsediff package) and of
     # this one, in turn.
     predict-ab) for round in 1 2; do

@@ -1,5 +1,6 @@
 """Block-sparse attention kernel and LUT builder (Triton interpreter) against plain torch."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -418,4 +419,4 @@ def test_tune_candidates_are_distinct_tile_configs():
     configs = [TileConfig(**candidate) for candidate in TUNE_CANDIDATES]
     assert len(set(configs)) == len(configs) == 20
     for head_dim in (64, 128):  # the search includes the declared bf16 tiles it is measured against
-        assert TILE_CONFIGS[("sm90", head_dim, torch.bfloat16)] in configs
+        assert replace(TILE_CONFIGS[("sm90", head_dim, torch.bfloat16)], hopper=False) in configs

@@ -1,7 +1,10 @@
 """Experiment (fifty-second session): the Gluon probe kernel's synchronisation checked on the CPU.
 
+The probe (`gluon_attention.py`, removed after it was measured; git d0804d9) became
+`sparsediff/kernels/block_sparse_attn_hopper.py`, which keeps its schedule 1 with the same barriers,
+arrival counts and parities (its TMA loads come two to a barrier, which one expected byte count covers).
 Gluon has no interpreter, and a wrong barrier parity on the GPU hangs the device call or reads a
-buffer the producer has refilled. This replays `gluon_attention.py`'s producer and consumers as
+buffer the producer has refilled. This replays the probe's producer and consumers as
 Python generators, step for step in the order the kernel issues them, over a model of mbarriers
 (arrival count, phase parity, TMA transaction completion at any later moment) under random
 interleavings, and checks that no run deadlocks, that every product reads the K or V block it

@@ -13,6 +13,7 @@ against dense SDPA (keep 1) and against the bf16 kernel at the same mask (quanti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -395,6 +396,7 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
         attention_from_lut,
         block_sparse_attention,
         build_block_lut,
+        uses_hopper_kernel,
     )
     from sparsediff.kernels.quantize_fp8 import quantize_fp8
 
@@ -451,7 +453,17 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
             lut = build_block_lut(mask, shape.tokens) if with_kernels else None
             if with_kernels:  # else block_sparse_attention ran the torch reference: no LUT, no kernel
                 row["lut_ms"] = timer(lambda: build_block_lut(mask, shape.tokens))
-                row["kernel_ms"] = timer(lambda: attention_from_lut(q, k, v, lut, scale, config=config))
+                kernels = {"kernel": config}
+                if uses_hopper_kernel(config, q, k, v, q, False, None):  # the Triton kernel beside the Gluon one
+                    kernels["triton_kernel"] = replace(config, hopper=False)
+                    row["triton_rel_l1_vs_dense"] = recorded_rel_l1(
+                        attention_from_lut(q, k, v, lut, scale, config=kernels["triton_kernel"]), reference)
+                for key, kernel_config in kernels.items():  # the kernel alone, its LUT built
+                    call = functools.partial(attention_from_lut, q, k, v, lut, scale, config=kernel_config)
+                    row[f"{key}_ms"] = timer(call)
+                    if graphed_baseline is not None:
+                        row[f"{key}_graph_ms"] = timer(cuda_graphed(call))
+                        row[f"{key}_vs_dense_graphed"] = graphed_baseline * kept / row[f"{key}_graph_ms"]
                 time_graphed(row, lambda: block_sparse_attention(q, k, v, mask))
             if keep == 1.0:
                 row["max_abs_err_vs_dense"] = finite(dense_err)
@@ -472,7 +484,9 @@ def _bench_shape(shape, keeps, mask_kinds, dtype, device, timer, flex, config, l
                 f"lut {row.get('lut_ms', 0):.3f}) {row['tflops']:.3g} TFLOP/s, x{row['vs_dense_baseline']:.2f} dense"
                 + (f", x{row['vs_flex']:.2f} flex (err {row['max_abs_err_vs_flex']})" if "vs_flex" in row else "")
                 + (f"; graphed {row['graph_ms']:.3f} ms, x{row['vs_dense_graphed']:.2f} dense" if "graph_ms" in row else "")
-                + (f", x{row['vs_flex_graphed']:.2f} flex" if "vs_flex_graphed" in row else ""))
+                + (f", x{row['vs_flex_graphed']:.2f} flex" if "vs_flex_graphed" in row else "")
+                + "".join(f"; {key.replace('_', ' ')} graphed x{row[f'{key}_vs_dense_graphed']:.3f} dense"
+                          for key in ("kernel", "triton_kernel") if f"{key}_vs_dense_graphed" in row))
             if fp8_config is not None:
                 fp8_ms = timer(lambda: block_sparse_attention(q, k, v, mask, fp8=True))
                 fp8_out = block_sparse_attention(q, k, v, mask, fp8=True)
@@ -625,7 +639,10 @@ def run(args: argparse.Namespace) -> int:
                              key=lambda s: (s.tokens <= 40_000, s.tokens))
             for kernel_dtype in kernel_dtypes:
                 fp8 = kernel_dtype == torch.float8_e4m3fn
-                chosen[head_dim, kernel_dtype], tune_rows = _tune(tune_shape, dtype, timer, log, fp8=fp8)
+                best, tune_rows = _tune(tune_shape, dtype, timer, log, fp8=fp8)
+                # The search covers the Triton kernel's tiles; the calls the Gluon kernel takes stay its.
+                declared = block_sparse_attn.tile_config(head_dim, kernel_dtype, torch.device(device), tune_shape.pairs)
+                chosen[head_dim, kernel_dtype] = replace(best, hopper=declared.hopper)
                 tuning += tune_rows
                 log(f"best tile config at D={head_dim}{' fp8' if fp8 else ''}: {chosen[head_dim, kernel_dtype]}")
     rows: list[dict] = []

@@ -68,6 +68,11 @@ from sparsediff.kernels.quantize_fp8 import quantize_fp8, to_e4m3
 from sparsediff.kernels.quantize_fp8_reference import E4M3_MAX, Fp8Operands
 from sparsediff.kernels.row_order import heavy_rows_first
 
+try:  # Gluon's Hopper language (Triton 3.5 on); without it every call runs the Triton kernel
+    from sparsediff.kernels import block_sparse_attn_hopper
+except ImportError:
+    block_sparse_attn_hopper = None
+
 BLOCK_M = 128  # query rows per mask block (and per program)
 BLOCK_N = 64  # key rows per mask block
 
@@ -101,6 +106,9 @@ class TileConfig:
     tma: the unmasked steps load their key and value tiles through TMA tensor descriptors (one
     instruction a tile, no per-thread addresses) instead of per-thread pointers; one block a step,
     bf16/fp16 only, and only where the layouts suit TMA (16-byte aligned base and strides).
+    hopper: run the Gluon kernel (`block_sparse_attn_hopper`: FlashAttention-3's warp-specialised
+    schedule) where it takes the call (`hopper_unsupported`; never with FP8 or pv_threshold); the
+    other fields then apply to the calls it does not take.
     """
 
     step_blocks: int
@@ -111,6 +119,7 @@ class TileConfig:
     fixed_max: bool = True
     max_registers: int | None = None
     tma: bool = False
+    hopper: bool = False
 
 
 # Keyed by (GPU architecture, padded head dim, dtype); measured with `sparsediff bench kernel --tune`.
@@ -149,10 +158,17 @@ class TileConfig:
 # every row overflowed: the fixed maximum took 24.3 ms against the running maximum's 13.0 at keep 1,
 # 1.99 against 1.11 ms at a predicted keep of 0.076. On random inputs (no overflow) the fixed maximum
 # is faster: 0.979 / 1.005 / 0.950 of cuDNN at keep 1 / 0.25 / 0.1 against 0.904 / 0.843 / 0.849.
+# The Gluon kernel (`hopper`) at D=128 (H100, 2026-12-07, bench-results/h100-2026-12-07-session53/,
+# kernel alone CUDA-graphed on random masks with its LUT built, of cuDNN's graphed call, keep 1 / 0.25 /
+# 0.1, Triton kernel -> Gluon): in `bench kernel` (kernel-bf16-four-shapes-gluon.json) FLUX 0.803 ->
+# 0.994, 0.699 -> 0.802, 0.488 -> 0.496; Wan 0.975 -> 1.067, 0.990 -> 1.047, 0.917 -> 0.958; HunyuanVideo
+# 0.976 -> 1.086, 0.948 -> 1.127, 0.892 -> 0.999. Its probe (gluon-probe.json; N rounded up to 128) at D=64
+# lost, CogVideoX 1.077 -> 0.978 at keep 1, so that tile stays Triton's.
 TILE_CONFIGS: dict[tuple[str, int, torch.dtype], TileConfig] = {
-    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128, tma=True),
+    ("sm90", 128, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128, tma=True,
+                                              hopper=True),
     ("sm90", 128, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=2, max_registers=128, tma=True,
-                                             fixed_max=False),
+                                             fixed_max=False, hopper=True),
     ("sm90", 64, torch.bfloat16): TileConfig(step_blocks=1, num_warps=8, num_stages=3),
     ("sm90", 64, torch.float16): TileConfig(step_blocks=1, num_warps=8, num_stages=3, fixed_max=False),
 }
@@ -215,6 +231,14 @@ def uses_tma(config: TileConfig, fp8: bool) -> bool:
     one key block a step (a descriptor tile is contiguous keys), and not the FP8 path (its V is read
     transposed). The launcher also needs layouts that suit TMA (`tma_compatible`)."""
     return config.tma and not fp8 and config.step_blocks == 1
+
+
+def uses_hopper_kernel(config: TileConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       fp8: bool, pv_threshold: float | None) -> bool:
+    """Whether the Gluon kernel runs this call: the config asks for it, Gluon is there, the call is
+    neither FP8 nor skips P·V (it implements neither), and its GPU, head dim, dtype and layouts suit it."""
+    return (config.hopper and block_sparse_attn_hopper is not None and not fp8 and pv_threshold is None
+            and block_sparse_attn_hopper.hopper_unsupported(q, k, v, out) is None)
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, pairs: int) -> TileConfig:
@@ -722,6 +746,10 @@ def attention_from_lut(
         config = tile_config(head_dim, q_in.dtype, q.device, B * H * n_q * n_k)
     out = torch.empty_like(q)  # keeps q's memory layout, e.g. (B, N, H, D) viewed as (B, H, N, D)
     skips = torch.zeros((B, H, QB), dtype=torch.int32, device=q.device) if return_pv_skips else counts
+    if uses_hopper_kernel(config, q, k, v, out, fp8, pv_threshold):
+        block_sparse_attn_hopper.block_sparse_attention_hopper(
+            q, k, v, out, counts, indices, lut.order if config.heavy_rows_first else None, scale, kv_lens)
+        return (out, skips) if return_pv_skips else out
     interpreting = q.device.type == "cpu"
     tma = uses_tma(config, fp8) and tma_compatible(k) and tma_compatible(v)
     # The descriptors' tiles are one key block, the head dim padded: columns past D read as 0.
