@@ -105,6 +105,8 @@ def test_attention_from_lut_routes_to_the_hopper_kernel(monkeypatch, heavy_rows_
 def test_declared_hopper_tiles_are_d128_sm90_bf16_and_fp16():
     hoppers = {key for key, config in bsa.TILE_CONFIGS.items() if config.hopper}
     assert hoppers == {("sm90", 128, torch.bfloat16), ("sm90", 128, torch.float16)}
+    # It reads the Triton kernel's LUT: its blocks must be the LUT's.
+    assert (2 * hopper.HALF, hopper.KEY_BLOCK) == (bsa.BLOCK_M, bsa.BLOCK_N)
 
 
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -138,8 +140,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
         spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", text))
         registers = int(re.search(r"Used (\\d+) registers", text).group(1))
         ptx = compiled.asm["ptx"]
+        setmaxnreg = sorted(set(re.findall(r"setmaxnreg\\.\\w+\\.sync\\.aligned\\.u32\\s+(\\d+)", ptx)))
         rows.append({"dtype": str(dtype), "shared": compiled.metadata.shared, "spill_bytes": spills,
-                     "registers": registers, "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\\.\\w+\\.sync\\.aligned\\.u32\\s+(\\d+)", ptx))),
+                     "registers": registers, "setmaxnreg": setmaxnreg,
                      "wgmma": sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", ptx)))})
     print(json.dumps(rows))
 """)
@@ -155,7 +158,8 @@ def test_hopper_kernel_builds_for_sm90_within_an_sms_resources():
         assert 160 * 1024 <= row["shared"] <= HOPPER_SHARED_BYTES, row
         # Launched at LAUNCH_REGISTERS; the partitions then trade registers (producer down, consumers up).
         assert row["registers"] <= hopper.LAUNCH_REGISTERS, row
-        assert {str(hopper.PRODUCER_REGISTERS.value), str(hopper.CONSUMER_REGISTERS.value)} <= set(row["setmaxnreg"]), row
+        traded = {str(hopper.PRODUCER_REGISTERS.value), str(hopper.CONSUMER_REGISTERS.value)}
+        assert traded <= set(row["setmaxnreg"]), row
         assert row["spill_bytes"] <= 16, row  # Triton 3.6's build spills a word; none on the loop's path
         dtype = "bf16" if "bfloat16" in row["dtype"] else "f16"
         assert any(f"m64n128k16.f32.{dtype}.{dtype}" in m for m in row["wgmma"]), row
