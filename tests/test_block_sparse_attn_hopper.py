@@ -148,12 +148,18 @@ COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_compiled(script: str) -> list:
+    """The JSON that `script` prints last, run in a subprocess with Triton compiling (the test session
+    runs its interpreter, and Gluon has none)."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_hopper_kernel_builds_for_sm90_within_an_sms_resources():
     pytest.importorskip("triton.backends.nvidia")
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for row in json.loads(done.stdout.strip().splitlines()[-1]):
+    for row in _run_compiled(COMPILE_SCRIPT):
         # Two stages of two 128 x 128 tiles (K and V) and the query block: 160 KiB and the barriers.
         assert 160 * 1024 <= row["shared"] <= HOPPER_SHARED_BYTES, row
         # Launched at LAUNCH_REGISTERS; the partitions then trade registers (producer down, consumers up).
@@ -210,10 +216,7 @@ GPU_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper (sm90) GPU")
 def test_hopper_kernel_matches_the_reference_on_the_gpu():
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", GPU_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = _run_compiled(GPU_SCRIPT)
     assert len(results) == 64
     print(f"{len(results)} cases: worst rel L1 {max(r['rel_l1'] for r in results):.2e}, "
           f"worst max abs {max(r['max_abs'] for r in results):.2e}")

@@ -48,6 +48,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from sparsediff.kernels import tma_compatible
+
 HEAD_DIM = 128  # the one head dim it takes: at D=64 it was slower than the Triton kernel (module notes)
 KEY_BLOCK = 64  # keys of a LUT block (BLOCK_N); a tile is two
 HALF = 64  # query rows a consumer warpgroup: a program takes 128 (the LUT's BLOCK_M)
@@ -282,7 +284,7 @@ def hopper_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     if q.dtype not in _GL_DTYPES:
         return f"dtype {q.dtype}"
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+        if not tma_compatible(t):
             return f"{name}: base or strides not 16-byte aligned (TMA)"
         if _row_geometry(t) is None:
             return f"{name}: strides {tuple(t.stride())} have no row view (`_row_geometry`)"
