@@ -20,6 +20,18 @@ def valid_length(lens_ptr, b, n, HAS_LENS: tl.constexpr):
     return n
 
 
+@triton.jit
+def program_row(program, order_ptr, counts_ptr, QB, H, HEAVY_FIRST: tl.constexpr):
+    """The `BlockLut` row a program takes (heavy rows first through order_ptr, else in row order), and
+    that row's query block, (batch entry, head) slice, batch entry, head and kept-block count. Shared by the Triton attention
+    kernel and the Gluon one (Gluon calls `triton.jit` functions too)."""
+    row = program
+    if HEAVY_FIRST:
+        row = tl.load(order_ptr + program)
+    bh = row // QB
+    return row, row % QB, bh, bh // H, bh % H, tl.load(counts_ptr + row)
+
+
 def tma_compatible(t: torch.Tensor) -> bool:
     """Whether a TMA tensor descriptor can cover `t` as it is: a contiguous last dimension, and a
     16-byte aligned base and other strides."""

@@ -58,7 +58,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsediff._runtime import kernels_available, on_tensor_device, triton_interpreting
-from sparsediff.kernels import dependent_launch, padded_head_dim, tma_compatible, valid_length, wait_for_prior_kernel
+from sparsediff.kernels import (
+    dependent_launch,
+    padded_head_dim,
+    program_row,
+    tma_compatible,
+    valid_length,
+    wait_for_prior_kernel,
+)
 from sparsediff.kernels.block_sparse_attn_reference import (
     block_lut_reference,
     block_sparse_attention_reference,
@@ -650,14 +657,7 @@ def _block_sparse_attn_kernel(
 ):
     wait_for_prior_kernel(PDL)
     # One program per LUT row (b, h, query block): heavy rows first (order_ptr), or in row order.
-    row = tl.program_id(0)
-    if HEAVY_FIRST:
-        row = tl.load(order_ptr + row)
-    qb = row % QB
-    bh = row // QB
-    b = bh // H
-    h = bh % H
-    count = tl.load(counts_ptr + row)
+    row, qb, bh, b, h, count = program_row(tl.program_id(0), order_ptr, counts_ptr, QB, H, HEAVY_FIRST)
     lut_row = lut_ptr + row.to(tl.int64) * KB
     n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_D

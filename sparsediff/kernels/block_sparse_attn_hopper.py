@@ -48,7 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from sparsediff.kernels import tma_compatible
+from sparsediff.kernels import program_row, tma_compatible, valid_length
 
 HEAD_DIM = 128  # the one head dim it takes: at D=64 it was slower than the Triton kernel (module notes)
 KEY_BLOCK = 64  # keys of a LUT block (BLOCK_N); a tile is two
@@ -229,19 +229,10 @@ def _block_sparse_attn_hopper_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
 
-    row = gl.program_id(0)
-    if HEAVY_FIRST:
-        row = gl.load(order_ptr + row)
-    qb = row % QB
-    bh = row // QB
-    b = bh // H
-    h = bh % H
-    count = gl.load(counts_ptr + row)
+    row, qb, _, b, h, count = program_row(gl.program_id(0), order_ptr, counts_ptr, QB, H, HEAVY_FIRST)
     n_tiles = gl.maximum((count + 1) // 2, 1)
     lut_row = row.to(gl.int64) * KB
-    n_valid = n_k
-    if HAS_KV_LENS:
-        n_valid = gl.minimum(gl.load(kv_lens_ptr + b), n_k)
+    n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
     q_row, q_col = _slice_origin(b, h, stride_qb, stride_qh, q_row_len)
     kv_row, kv_col = _slice_origin(b, h, stride_kb, stride_kh, kv_row_len)
     o_row, o_col = _slice_origin(b, h, stride_ob, stride_oh, o_row_len)
