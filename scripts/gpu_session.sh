@@ -49,6 +49,7 @@ for stage in "$@"; do
                   --families hunyuan_video --out "$res/steps" ;;
     order)    python3 scripts/tune_row_order.py ;;
     pdl)      python3 scripts/session50/pdl_ab.py --out "$res/pdl" ;;  # programmatic dependent launch off / on
+    persistent) python3 scripts/session55/persistent_ab.py --out "$res/persistent" ;;  # the Gluon kernel's grids
     # The graphed prediction of another tree (AB_BASE: a folder holding its sparsediff package) and of
     # this one, in turn.
     predict-ab) for round in 1 2; do

@@ -1,12 +1,15 @@
 """The Gluon Hopper kernel (`block_sparse_attn_hopper`): which calls it takes, how `attention_from_lut`
-routes to it, that it builds for sm90 within an SM's resources (on the CPU, Triton's own ptxas), and on
-a Hopper GPU its output against the torch reference over layouts, dtypes, ragged lengths, kv_lens,
-rows that keep nothing and both row orders. Gluon has no interpreter: the CPU cannot run it."""
+routes to it, that both its grids (one program a row, persistent) build for sm90 within an SM's resources
+(on the CPU, Triton's own ptxas), that their barrier protocol holds (a CPU model of it), and on a Hopper
+GPU their output against the torch reference over layouts, dtypes, ragged lengths, kv_lens, rows that
+keep nothing and both row orders. Gluon has no interpreter: the CPU cannot run it."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,16 +122,20 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from sparsediff.kernels import block_sparse_attn_hopper as hk
 
     rows = []
-    for dtype, kv_lens, heavy in ((torch.bfloat16, True, True), (torch.float16, False, False)):
+    builds = ((hk._block_sparse_attn_hopper_kernel, torch.bfloat16, True, True, {}),
+              (hk._block_sparse_attn_hopper_kernel, torch.float16, False, False, {}),
+              (hk._block_sparse_attn_hopper_persistent_kernel, torch.bfloat16, True, True, {"DYNAMIC": True}),
+              (hk._block_sparse_attn_hopper_persistent_kernel, torch.float16, False, False, {"DYNAMIC": False}))
+    for kernel, dtype, kv_lens, heavy, grid in builds:
         x = torch.zeros(2, 3, 256, 128, dtype=dtype)
         signature = {name: mangle_type(hk._descriptor(x, rows_)) for name, rows_ in
                      (("q_desc", hk.HALF), ("k_desc", hk.KEY_BLOCK), ("v_desc", hk.KEY_BLOCK), ("o_desc", hk.HALF))}
         signature.update(o_ptr="*bf16" if dtype == torch.bfloat16 else "*fp16", counts_ptr="*i32", lut_ptr="*i16",
-                         order_ptr="*i32", kv_lens_ptr="*i32", qk_scale="fp32")
-        constexprs = {"HAS_KV_LENS": kv_lens, "HEAVY_FIRST": heavy, "STAGES": hk.STAGES}
-        for name in hk._block_sparse_attn_hopper_kernel.arg_names:
-            signature.setdefault(name, "constexpr" if name in constexprs else "i32")
-        src = GluonASTSource(fn=hk._block_sparse_attn_hopper_kernel, signature=signature, constexprs=constexprs)
+                         order_ptr="*i32", kv_lens_ptr="*i32", work_ptr="*i32", qk_scale="fp32")
+        constexprs = {"HAS_KV_LENS": kv_lens, "HEAVY_FIRST": heavy, "STAGES": hk.STAGES, **grid}
+        signature = {name: signature.get(name, "constexpr" if name in constexprs else "i32")
+                     for name in kernel.arg_names}
+        src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 4, "maxnreg": hk.LAUNCH_REGISTERS})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -141,9 +148,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
         registers = int(re.search(r"Used (\\d+) registers", text).group(1))
         ptx = compiled.asm["ptx"]
         setmaxnreg = sorted(set(re.findall(r"setmaxnreg\\.\\w+\\.sync\\.aligned\\.u32\\s+(\\d+)", ptx)))
-        rows.append({"dtype": str(dtype), "shared": compiled.metadata.shared, "spill_bytes": spills,
-                     "registers": registers, "setmaxnreg": setmaxnreg,
-                     "wgmma": sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", ptx)))})
+        rows.append({"kernel": kernel.__name__, "grid": grid, "dtype": str(dtype), "shared": compiled.metadata.shared,
+                     "spill_bytes": spills, "registers": registers, "setmaxnreg": setmaxnreg,
+                     "wgmma": sorted(set(re.findall(r"wgmma\\.mma_async[\\w.]*", ptx))),
+                     "atomics": re.findall(r"atom\\.global\\.[\\w.]+", ptx)})
     print(json.dumps(rows))
 """)
 
@@ -159,9 +167,13 @@ def _run_compiled(script: str) -> list:
 
 def test_hopper_kernel_builds_for_sm90_within_an_sms_resources():
     pytest.importorskip("triton.backends.nvidia")
-    for row in _run_compiled(COMPILE_SCRIPT):
-        # Two stages of two 128 x 128 tiles (K and V) and the query block: 160 KiB and the barriers.
-        assert 160 * 1024 <= row["shared"] <= HOPPER_SHARED_BYTES, row
+    rows = _run_compiled(COMPILE_SCRIPT)
+    assert len(rows) == 4
+    for row in rows:
+        persistent = "persistent" in row["kernel"]
+        # Two stages of two 128 x 128 tiles (K and V) and the query block (two with the persistent grid:
+        # the next row's Q loads while this row finishes): 160 or 192 KiB, and the barriers.
+        assert (192 if persistent else 160) * 1024 <= row["shared"] <= HOPPER_SHARED_BYTES, row
         # Launched at LAUNCH_REGISTERS; the partitions then trade registers (producer down, consumers up).
         assert row["registers"] <= hopper.LAUNCH_REGISTERS, row
         traded = {str(hopper.PRODUCER_REGISTERS.value), str(hopper.CONSUMER_REGISTERS.value)}
@@ -169,6 +181,24 @@ def test_hopper_kernel_builds_for_sm90_within_an_sms_resources():
         assert row["spill_bytes"] <= 16, row  # Triton 3.6's build spills a word; none on the loop's path
         dtype = "bf16" if "bfloat16" in row["dtype"] else "f16"
         assert any(f"m64n128k16.f32.{dtype}.{dtype}" in m for m in row["wgmma"]), row
+        # The dynamic grid's counter: one relaxed fetch-and-add a row, the finishing count, the reset.
+        want = (["atom.global.gpu.relaxed.add.u32", "atom.global.gpu.acq_rel.add.u32"]
+                + ["atom.global.gpu.relaxed.exch.b32"] * 2) if row["grid"].get("DYNAMIC") else []
+        assert row["atomics"] == want, row
+
+
+def test_barrier_protocol_holds_and_its_check_catches_each_mutation():
+    # The CPU model of both grids' barriers (scripts/hopper_protocol_check.py): it asserts the kernel's
+    # protocol passes every case and that each deliberate error in MUTATIONS fails one.
+    check = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "hopper_protocol_check.py"))
+    check["main"](interleavings=60)
+
+
+def test_persistent_launch_rejects_a_grid_of_no_programs():
+    q = _bhnd(N=256)
+    counts, indices = torch.ones(2, 3, 2, dtype=torch.int32), torch.zeros(2, 3, 2, 4, dtype=torch.int16)
+    with pytest.raises(ValueError, match="programs must be None or at least 1, got 0"):
+        hopper.block_sparse_attention_hopper(q, q, q, torch.empty_like(q), counts, indices, None, 1.0, programs=0)
 
 
 GPU_SCRIPT = textwrap.dedent("""
@@ -179,6 +209,7 @@ GPU_SCRIPT = textwrap.dedent("""
     from sparsediff.metrics import relative_l1
 
     torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = []
     for dtype, layout, (n_q, n_k), lens, heavy in itertools.product(
             (torch.bfloat16, torch.float16), ("bhnd", "bnhd"), ((1024, 1024), (1000, 1000), (300, 777), (128, 64)),
@@ -204,11 +235,21 @@ GPU_SCRIPT = textwrap.dedent("""
         got = bsa.attention_from_lut(q, k, v, lut, 128 ** -0.5, kv_lens=kv_lens, config=config)
         want = block_sparse_attention_reference(q, k, v, mask, 128 ** -0.5, block_m=bsa.BLOCK_M, block_n=bsa.BLOCK_N,
                                                 kv_lens=kv_lens)
+        # The persistent grids compute each row as one program a row does: bit for bit the same output,
+        # one program taking every row (its buffers wrap many times), or a few taking rows from the counter.
+        persistent_equal = []
+        for programs, dynamic in ((1, False), (5, True), (sms, True)):
+            other = torch.empty_like(q)
+            hk.block_sparse_attention_hopper(q, k, v, other, lut.counts, lut.indices, lut.order if heavy else None,
+                                             128 ** -0.5, kv_lens, programs=programs, dynamic=dynamic)
+            persistent_equal.append(torch.equal(other, got))
         torch.cuda.synchronize()
         results.append({"case": [str(dtype), layout, n_q, n_k, lens, heavy],
                         "rel_l1": float(relative_l1(got.float(), want.float())),
                         "max_abs": (got.float() - want.float()).abs().max().item(),
-                        "finite": bool(got.isfinite().all()), "strides_kept": got.stride() == q.stride()})
+                        "finite": bool(got.isfinite().all()), "strides_kept": got.stride() == q.stride(),
+                        "persistent_equal": all(persistent_equal),
+                        "counters_zero": all(not c.any() for c in hk._WORK_COUNTERS.values())})
     print(json.dumps(results))
 """)
 
@@ -220,5 +261,6 @@ def test_hopper_kernel_matches_the_reference_on_the_gpu():
     assert len(results) == 64
     print(f"{len(results)} cases: worst rel L1 {max(r['rel_l1'] for r in results):.2e}, "
           f"worst max abs {max(r['max_abs'] for r in results):.2e}")
-    bad = [r for r in results if not (r["finite"] and r["strides_kept"] and r["rel_l1"] < 1e-2 and r["max_abs"] < 3e-2)]
+    bad = [r for r in results if not (r["finite"] and r["strides_kept"] and r["rel_l1"] < 1e-2 and r["max_abs"] < 3e-2
+                                      and r["persistent_equal"] and r["counters_zero"])]
     assert not bad, bad

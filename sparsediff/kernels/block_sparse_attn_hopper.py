@@ -28,6 +28,20 @@ dense the same as the Triton kernel's (bench-results/h100-2026-12-07-session53/)
   contiguous, or (B, N, H, D) viewed as (B, H, N, D) (heads side by side in a row), or strides like
   them (`_row_geometry`). Rows past a slice's N are the next slice's: read, masked, never written.
 
+A persistent grid (`block_sparse_attention_hopper(..., programs=N)`; built and checked on the CPU, not
+yet run on a GPU, 2026-12-08): N programs, one an SM, each taking rows of the work order in turn, from
+an atomic counter as its producer frees up (`dynamic`) or every N-th. It is meant for FLUX at keep 0.25
+/ 0.1 (0.80 / 0.50 of cuDNN above), whose rows keep nine or four 128-key tiles: with one program a row,
+each program loads its Q and first K / V tiles before its tensor cores start and stores its output after
+they stop. Here two Q buffers let the next row's Q load while the consumers finish a row; each row's
+work position reaches the consumers in shared memory, published by the barrier of that row's Q load (an
+end mark, n_rows, stops them); the K / V ring's position runs on across rows. The last program to finish
+zeroes the counters for the next launch. Its sm90 build (Triton 3.8 and 3.6): 197,040 B of shared memory
+(164,160 one program a row), 168 registers, no spills. `scripts/hopper_protocol_check.py`
+replays the barrier protocol of both grids under random interleavings. A static persistent grid of the
+Triton kernel lost by up to 1.24x at FLUX keep 0.1 (the fifty-first session): a fixed share of rows a
+program, whatever they cost.
+
 What the SASS shows (ptxas 12.8, the fifty-second session): ptxas moves a tile's exponentials below
 the wait for P·V, so within a warpgroup only the row maxima overlap P·V; the two warpgroups' partitions
 overlap each other's. Taking turns at the tensor cores (FlashAttention-3's ping-pong) measured no better
@@ -99,13 +113,14 @@ def _load_pair(desc, row_a, row_b, col, ready, buffer):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-              lut_row, count, n_tiles, q_row, q_col, kv_row, kv_col, STAGES: gl.constexpr):
+def _load_row_tiles(k_desc, v_desc, lut_ptr, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lut_row, count,
+                    n_tiles, kv_row, kv_col, first, STAGES: gl.constexpr):
+    """Stream a row's kept K and V blocks into the ring, two a tile; its first tile goes to ring position
+    `first` (a persistent program's ring runs on across its rows)."""
     KEY_BLOCK: gl.constexpr = k_desc.block_type.shape[0]
-    _load_pair(q_desc, q_row, q_row + q_desc.block_type.shape[0], q_col, q_bar, q_smem)
     for t in range(n_tiles):
-        stage = t % STAGES
-        phase = (t // STAGES) & 1
+        stage = (first + t) % STAGES
+        phase = ((first + t) // STAGES) & 1
         hi, lo = _tile_entries(count, t)
         row_hi = kv_row + _kept_block(lut_ptr, lut_row, hi) * KEY_BLOCK
         row_lo = kv_row + _kept_block(lut_ptr, lut_row, lo) * KEY_BLOCK
@@ -113,6 +128,14 @@ def _producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_
         _load_pair(k_desc, row_hi, row_lo, kv_col, k_ready.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         _load_pair(v_desc, row_hi, row_lo, kv_col, v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+              lut_row, count, n_tiles, q_row, q_col, kv_row, kv_col, STAGES: gl.constexpr):
+    _load_pair(q_desc, q_row, q_row + q_desc.block_type.shape[0], q_col, q_bar, q_smem)
+    _load_row_tiles(k_desc, v_desc, lut_ptr, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lut_row, count,
+                    n_tiles, kv_row, kv_col, 0, STAGES)
 
 
 @gluon.jit
@@ -125,16 +148,15 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, lut_ptr, lut_row, count, n_tiles,
-              n_valid, o_desc, o_ptr, o_row, o_col, o_row_len, rows_left, qk_scale,
-              STAGES: gl.constexpr, ORDER: gl.constexpr):
-    # ORDER: which half of the query block (64 rows) this warpgroup owns.
-    HALF: gl.constexpr = q_smem.type.shape[0] // 2
-    D: gl.constexpr = q_smem.type.shape[1]
+def _attend_row(q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lut_ptr, lut_row, count, n_tiles,
+                n_valid, first, qk_scale, STAGES: gl.constexpr):
+    """One warpgroup's 64 query rows (`q_tile`, loaded) against a row's kept blocks, its first tile at
+    ring position `first`: the output, normalised, in the accumulator's layout."""
+    HALF: gl.constexpr = q_tile.type.shape[0]
+    D: gl.constexpr = q_tile.type.shape[1]
     TILE: gl.constexpr = k_smem.type.shape[1]
     KEY_BLOCK: gl.constexpr = TILE // 2
-    q_tile = q_smem.slice(ORDER * HALF, HALF)
-    dtype: gl.constexpr = q_smem.dtype
+    dtype: gl.constexpr = q_tile.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, TILE, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -144,14 +166,14 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
 
     s_zero = gl.zeros([HALF, TILE], gl.float32, s_layout)
     acc = gl.zeros([HALF, D], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
 
     # The first tile, outside the loop and masked: its key columns past the valid keys, and its repeated
     # half (odd counts) or both halves (a row that keeps nothing).
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    stage = first % STAGES
+    mbarrier.wait(k_ready.index(stage), (first // STAGES) & 1)
+    s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    mbarrier.arrive(k_empty.index(0), count=1)
+    mbarrier.arrive(k_empty.index(stage), count=1)
     hi, lo = _tile_entries(count, 0)
     cols = gl.arange(0, TILE, layout=gl.SliceLayout(0, s_layout))
     in_hi = cols < KEY_BLOCK
@@ -164,7 +186,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, axis=1)
 
-    for t in range(n_tiles - 1):
+    for t in range(first, first + n_tiles - 1):
         stage = t % STAGES
         nxt = (t + 1) % STAGES
         # The next tile's Q·K, then this tile's P·V; the softmax runs while P·V is in flight (only its
@@ -181,25 +203,79 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
         mbarrier.arrive(v_empty.index(stage), count=1)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
 
-    last = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    last = first + n_tiles - 1
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(v_empty.index(last), count=1)
+    mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
     l_o = gl.convert_layout(l_i, o_rows)
-    o = (acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]).to(dtype)
+    return (acc / gl.where(l_o > 0.0, l_o, 1.0)[:, None]).to(dtype)
+
+
+@gluon.jit
+def _store_output(o, q_tile, o_desc, o_ptr, o_row, o_col, o_row_len, rows_left):
+    """Write a warpgroup's 64 output rows, of which `rows_left` lie in the slice."""
+    HALF: gl.constexpr = q_tile.type.shape[0]
+    D: gl.constexpr = q_tile.type.shape[1]
     if rows_left >= HALF:
         q_tile.store(o)  # Q is no longer read: its buffer stages the output for one TMA store
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [o_row, o_col], q_tile)
         tma.store_wait(pendings=0)
     else:  # the slice's last, partial query block: a TMA store would write into the next slice's rows
-        rows = gl.arange(0, HALF, layout=o_rows)
-        dims = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, o.type.layout))
+        dims = gl.arange(0, D, layout=gl.SliceLayout(0, o.type.layout))
         offsets = (o_row + rows).to(gl.int64)[:, None] * o_row_len + (o_col + dims)[None, :]
         gl.store(o_ptr + offsets, o, mask=(rows < rows_left)[:, None])
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, lut_ptr, lut_row, count, n_tiles,
+              n_valid, o_desc, o_ptr, o_row, o_col, o_row_len, rows_left, qk_scale,
+              STAGES: gl.constexpr, ORDER: gl.constexpr):
+    # ORDER: which half of the query block (64 rows) this warpgroup owns.
+    HALF: gl.constexpr = q_smem.type.shape[0] // 2
+    q_tile = q_smem.slice(ORDER * HALF, HALF)
+    mbarrier.wait(q_bar, 0)
+    o = _attend_row(q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lut_ptr, lut_row, count, n_tiles,
+                    n_valid, 0, qk_scale, STAGES)
+    _store_output(o, q_tile, o_desc, o_ptr, o_row, o_col, o_row_len, rows_left)
+
+
+@gluon.jit
+def _row_task(work, lut_meta, geometry, BLOCK_M: gl.constexpr, HAS_KV_LENS: gl.constexpr,
+              HEAVY_FIRST: gl.constexpr):
+    """What a program needs of the row at position `work` of the work order: its LUT offset, kept-block
+    count and tiles, valid keys, and where its Q, K / V and output slices start in their row views
+    (rows_left: the slice's query rows from this block on)."""
+    counts_ptr, order_ptr, kv_lens_ptr, H, n_q, n_k, QB, KB = lut_meta
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ob, stride_oh, q_row_len, kv_row_len, o_row_len = geometry
+    row, qb, _, b, h, count = program_row(work, order_ptr, counts_ptr, QB, H, HEAVY_FIRST)
+    n_tiles = gl.maximum((count + 1) // 2, 1)
+    lut_row = row.to(gl.int64) * KB
+    n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
+    q_row, q_col = _slice_origin(b, h, stride_qb, stride_qh, q_row_len)
+    kv_row, kv_col = _slice_origin(b, h, stride_kb, stride_kh, kv_row_len)
+    o_row, o_col = _slice_origin(b, h, stride_ob, stride_oh, o_row_len)
+    return (lut_row, count, n_tiles, n_valid, q_row + qb * BLOCK_M, q_col, kv_row, kv_col, o_row + qb * BLOCK_M,
+            o_col, n_q - qb * BLOCK_M)
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The K / V ring's barriers, a ready and an empty one for each buffer of K and of V."""
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a buffer
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    return k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
@@ -209,8 +285,8 @@ def _block_sparse_attn_hopper_kernel(
     H, n_q, n_k, QB, KB, qk_scale,
     HAS_KV_LENS: gl.constexpr, HEAVY_FIRST: gl.constexpr, STAGES: gl.constexpr,
 ):
-    # The descriptors' tiles: half a query block (HALF rows), one key block; K and V share one row
-    # geometry (the launcher's condition).
+    # One program a row. The descriptors' tiles: half a query block (HALF rows), one key block; K and V
+    # share one row geometry (the launcher's condition).
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     TILE: gl.constexpr = 2 * k_desc.block_type.shape[0]
@@ -218,27 +294,13 @@ def _block_sparse_attn_hopper_kernel(
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, TILE, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, TILE, D], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release a buffer
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=2)
+    k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES)
 
-    row, qb, _, b, h, count = program_row(gl.program_id(0), order_ptr, counts_ptr, QB, H, HEAVY_FIRST)
-    n_tiles = gl.maximum((count + 1) // 2, 1)
-    lut_row = row.to(gl.int64) * KB
-    n_valid = valid_length(kv_lens_ptr, b, n_k, HAS_KV_LENS)
-    q_row, q_col = _slice_origin(b, h, stride_qb, stride_qh, q_row_len)
-    kv_row, kv_col = _slice_origin(b, h, stride_kb, stride_kh, kv_row_len)
-    o_row, o_col = _slice_origin(b, h, stride_ob, stride_oh, o_row_len)
-    q_row += qb * 2 * HALF
-    o_row += qb * 2 * HALF
-    rows_left = n_q - qb * 2 * HALF  # of the slice, from this block on
+    lut_row, count, n_tiles, n_valid, q_row, q_col, kv_row, kv_col, o_row, o_col, rows_left = _row_task(
+        gl.program_id(0), (counts_ptr, order_ptr, kv_lens_ptr, H, n_q, n_k, QB, KB),
+        (stride_qb, stride_qh, stride_kb, stride_kh, stride_ob, stride_oh, q_row_len, kv_row_len, o_row_len),
+        2 * HALF, HAS_KV_LENS, HEAVY_FIRST)
     # Each consumer entry is spelt out: a (function, arguments) pair cannot be built outside this call.
     gl.warp_specialize([
         (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, lut_ptr, lut_row, count,
@@ -248,6 +310,120 @@ def _block_sparse_attn_hopper_kernel(
                      STAGES, 1)),
         (_producer, (q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                      v_empty, lut_row, count, n_tiles, q_row, q_col, kv_row, kv_col, STAGES)),
+    ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
+
+
+@gluon.jit
+def _publish_work(slot, work):
+    """Write a row's work-order position into `slot` (one int32 of shared memory) for the consumers; the
+    barrier the producer arrives on next (the row's Q, or the end mark) publishes it."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    slot.store(gl.full([1], work, gl.int32, layout))
+
+
+@gluon.jit
+def _published_work(slot):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    return gl.max(slot.load(layout), axis=0)
+
+
+@gluon.jit
+def _persistent_producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                         v_ready, v_empty, work_smem, work_ptr, n_rows, lut_meta, geometry,
+                         HEAVY_FIRST: gl.constexpr, DYNAMIC: gl.constexpr, STAGES: gl.constexpr):
+    """Load each row this program takes: its work position into `work_smem` and its Q into one of two
+    buffers (the next row's Q loads while the consumers finish this one), its K / V blocks into the ring,
+    whose position runs on across rows. Then an end mark, n_rows, in the next Q buffer's slot."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    programs = gl.num_programs(0)
+    work = gl.program_id(0)
+    first = 0  # ring position of the row's first tile
+    taken = 0  # rows this program has taken
+    while work < n_rows:
+        buf = taken % 2
+        mbarrier.wait(q_empty.index(buf), ((taken // 2) & 1) ^ 1)
+        _publish_work(work_smem.index(buf), work)
+        lut_row, count, n_tiles, _, q_row, q_col, kv_row, kv_col, _, _, _ = _row_task(
+            work, lut_meta, geometry, 2 * HALF, False, HEAVY_FIRST)
+        _load_pair(q_desc, q_row, q_row + HALF, q_col, q_ready.index(buf), q_smem.index(buf))
+        _load_row_tiles(k_desc, v_desc, lut_ptr, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lut_row, count,
+                        n_tiles, kv_row, kv_col, first, STAGES)
+        first += n_tiles
+        taken += 1
+        if DYNAMIC:  # the work order's next untaken row (the first `programs` went one to each program)
+            work = programs + gl.atomic_add(work_ptr, 1, sem="relaxed")
+        else:
+            work += programs
+    buf = taken % 2
+    mbarrier.wait(q_empty.index(buf), ((taken // 2) & 1) ^ 1)
+    _publish_work(work_smem.index(buf), n_rows)
+    mbarrier.arrive(q_ready.index(buf), count=1)
+    if DYNAMIC:  # the last program to finish sets the counters back to zero for the next launch
+        if gl.atomic_add(work_ptr + 1, 1, sem="acq_rel") == programs - 1:
+            gl.atomic_xchg(work_ptr, 0, sem="relaxed")
+            gl.atomic_xchg(work_ptr + 1, 0, sem="relaxed")
+
+
+@gluon.jit
+def _persistent_consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem,
+                         lut_ptr, n_rows, lut_meta, geometry, o_desc, o_ptr, qk_scale, HAS_KV_LENS: gl.constexpr,
+                         HEAVY_FIRST: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr):
+    # ORDER: which half of each query block (64 rows) this warpgroup owns.
+    HALF: gl.constexpr = q_smem.type.shape[1] // 2
+    o_row_len = geometry[8]
+    first = 0
+    taken = 0
+    mbarrier.wait(q_ready.index(0), 0)
+    work = _published_work(work_smem.index(0))
+    while work < n_rows:
+        buf = taken % 2
+        lut_row, count, n_tiles, n_valid, _, _, _, _, o_row, o_col, rows_left = _row_task(
+            work, lut_meta, geometry, 2 * HALF, HAS_KV_LENS, HEAVY_FIRST)
+        q_tile = q_smem.index(buf).slice(ORDER * HALF, HALF)
+        o = _attend_row(q_tile, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lut_ptr, lut_row, count, n_tiles,
+                        n_valid, first, qk_scale, STAGES)
+        _store_output(o, q_tile, o_desc, o_ptr, o_row + ORDER * HALF, o_col, o_row_len, rows_left - ORDER * HALF)
+        mbarrier.arrive(q_empty.index(buf), count=1)  # its output is stored: the buffer may take a later Q
+        first += n_tiles
+        taken += 1
+        mbarrier.wait(q_ready.index(taken % 2), (taken // 2) & 1)
+        work = _published_work(work_smem.index(taken % 2))
+
+
+@gluon.jit
+def _block_sparse_attn_hopper_persistent_kernel(
+    q_desc, k_desc, v_desc, o_desc, o_ptr, counts_ptr, lut_ptr, order_ptr, kv_lens_ptr, work_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_ob, stride_oh, q_row_len, kv_row_len, o_row_len,
+    H, n_q, n_k, QB, KB, n_rows, qk_scale,
+    HAS_KV_LENS: gl.constexpr, HEAVY_FIRST: gl.constexpr, DYNAMIC: gl.constexpr, STAGES: gl.constexpr,
+):
+    # Fewer programs than rows, each taking rows in turn (`block_sparse_attention_hopper`'s `programs`).
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    TILE: gl.constexpr = 2 * k_desc.block_type.shape[0]
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, 2 * HALF, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, TILE, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, TILE, D], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups store their output from it
+    k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES)
+    work_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+
+    lut_meta = (counts_ptr, order_ptr, kv_lens_ptr, H, n_q, n_k, QB, KB)
+    geometry = (stride_qb, stride_qh, stride_kb, stride_kh, stride_ob, stride_oh, q_row_len, kv_row_len, o_row_len)
+    gl.warp_specialize([
+        (_persistent_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem,
+                                lut_ptr, n_rows, lut_meta, geometry, o_desc, o_ptr, qk_scale, HAS_KV_LENS, HEAVY_FIRST,
+                                STAGES, 0)),
+        (_persistent_consumer, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, work_smem,
+                                lut_ptr, n_rows, lut_meta, geometry, o_desc, o_ptr, qk_scale, HAS_KV_LENS, HEAVY_FIRST,
+                                STAGES, 1)),
+        (_persistent_producer, (q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                                k_empty, v_ready, v_empty, work_smem, work_ptr, n_rows, lut_meta, geometry, HEAVY_FIRST,
+                                DYNAMIC, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, PRODUCER_REGISTERS])
 
 
@@ -293,6 +469,24 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, [n_rows, width], [t.stride(2), 1], [rows, HEAD_DIM], layout)
 
 
+# The dynamic grid's counters, one pair per (device index, stream): launches on one stream run in turn.
+_WORK_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _work_counter(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters (rows handed out, programs finished) for a dynamic persistent launch on the
+    current stream. Every launch leaves them at zero: its last program resets them. While a CUDA graph
+    is captured, a fresh pair, zeroed by a node of the graph, so that its replays share nothing with
+    launches on other streams."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(2, dtype=torch.int32, device=device)
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).stream_id)
+    if key not in _WORK_COUNTERS:
+        _WORK_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _WORK_COUNTERS[key]
+
+
 def block_sparse_attention_hopper(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -303,19 +497,37 @@ def block_sparse_attention_hopper(
     order: torch.Tensor | None,
     scale: float,
     kv_lens: torch.Tensor | None = None,
+    programs: int | None = None,
+    dynamic: bool = True,
 ) -> None:
     """Write into `out` the attention of q (B, H, Nq, 128), k, v (B, H, Nk, 128) over a `BlockLut`'s
     counts and indices (blocks of 128 queries x 64 keys), its rows in `order` (None: row order);
-    kv_lens: int32 (B,) or None. `hopper_unsupported(q, k, v, out)` must be None."""
+    kv_lens: int32 (B,) or None. `hopper_unsupported(q, k, v, out)` must be None.
+
+    programs: None launches one program a row (what `attention_from_lut` runs, and what is measured);
+    a number launches that many persistent programs (at most one a row), each taking rows of the work
+    order in turn: with `dynamic`, the next untaken row from a counter whenever its producer finishes
+    loading a row, else every programs-th row. Not yet measured on a GPU (module notes)."""
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be None or at least 1, got {programs}")
     B, H, n_q, _ = q.shape
     n_k = k.shape[2]
     QB, KB = counts.shape[2], indices.shape[3]
-    _block_sparse_attn_hopper_kernel[(B * H * QB,)](
-        _descriptor(q, HALF), _descriptor(k, KEY_BLOCK), _descriptor(v, KEY_BLOCK), _descriptor(out, HALF), out,
-        counts, indices, order if order is not None else counts, kv_lens if kv_lens is not None else counts,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-        q.stride(2), k.stride(2), out.stride(2),
-        H, n_q, n_k, QB, KB, scale * LOG2E,
-        HAS_KV_LENS=kv_lens is not None, HEAVY_FIRST=order is not None, STAGES=STAGES,
-        num_warps=4, maxnreg=LAUNCH_REGISTERS,
-    )
+    n_rows = B * H * QB
+    descriptors = (_descriptor(q, HALF), _descriptor(k, KEY_BLOCK), _descriptor(v, KEY_BLOCK), _descriptor(out, HALF))
+    pointers = (out, counts, indices, order if order is not None else counts,
+                kv_lens if kv_lens is not None else counts)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+               q.stride(2), k.stride(2), out.stride(2))
+    options = dict(HAS_KV_LENS=kv_lens is not None, HEAVY_FIRST=order is not None, STAGES=STAGES,
+                   num_warps=4, maxnreg=LAUNCH_REGISTERS)
+    if programs is None:
+        _block_sparse_attn_hopper_kernel[(n_rows,)](
+            *descriptors, *pointers, *strides, H, n_q, n_k, QB, KB, scale * LOG2E, **options)
+        return
+    if n_rows == 0:
+        return
+    work = _work_counter(q.device) if dynamic else counts
+    _block_sparse_attn_hopper_persistent_kernel[(min(programs, n_rows),)](
+        *descriptors, *pointers, work, *strides, H, n_q, n_k, QB, KB, n_rows, scale * LOG2E, DYNAMIC=dynamic,
+        **options)
