@@ -5,6 +5,7 @@
 #   scripts/gpu_session.sh kernel predict e2e steps    # benchmarks (tune: tile-config search; kernel8: with FP8; fp8: FP8 rows, no search)
 #   scripts/gpu_session.sh toy overhead render         # model-level measurements
 #   scripts/gpu_session.sh hopper                      # the Gluon Hopper kernel's tests (pytest carried in .whl)
+#   HOPPER_TESTS=gpu scripts/gpu_session.sh hopper persistent   # its GPU test alone, then its grids timed side by side
 #   FINETUNE_MINUTES=6.5 FINETUNE_FLAGS="--batch-size 16" scripts/gpu_session.sh finetune   # the toy fine-tune
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
