@@ -24,7 +24,7 @@ import torch
 import triton
 
 from sparsediff.attention import DEFAULT_SIM_THRESHOLD, block_sparse_attention, head_thresholds, predict_with
-from sparsediff.bench.kernel import SHAPES, _make_qkv, random_mask
+from sparsediff.bench.kernel import SHAPES, _make_qkv, _Timer, random_mask
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.kernels.block_sparse_attn import BlockLut
 
@@ -41,8 +41,7 @@ def with_pdl(on: bool, fn):
         os.environ.pop("SPARSEDIFF_PDL")
 
 
-def bench(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+bench = _Timer("cuda", warmup_ms=25, rep_ms=100)  # median of triton's do_bench, as `bench kernel` times
 
 
 def graphed_pair(call):

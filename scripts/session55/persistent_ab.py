@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import triton
 
-from sparsediff.bench.kernel import SHAPES, _make_qkv, local_mask, random_mask
+from sparsediff.bench.kernel import SHAPES, _make_qkv, _Timer, local_mask, random_mask
 from sparsediff.bench.timing import cuda_graphed, cudnn_dense
 from sparsediff.kernels import block_sparse_attn_hopper as hk
 from sparsediff.kernels.block_sparse_attn import build_block_lut
@@ -28,8 +28,7 @@ ROUNDS = 3
 KEEPS = (1.0, 0.25, 0.1)
 
 
-def bench(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+bench = _Timer("cuda", warmup_ms=25, rep_ms=100)  # median of triton's do_bench, as `bench kernel` times
 
 
 def run_shape(shape_name: str, sms: int) -> list[dict]:

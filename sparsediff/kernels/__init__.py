@@ -23,8 +23,8 @@ def valid_length(lens_ptr, b, n, HAS_LENS: tl.constexpr):
 @triton.jit
 def program_row(program, order_ptr, counts_ptr, QB, H, HEAVY_FIRST: tl.constexpr):
     """The `BlockLut` row a program takes (heavy rows first through order_ptr, else in row order), and
-    that row's query block, (batch entry, head) slice, batch entry, head and kept-block count. Shared by the Triton attention
-    kernel and the Gluon one (Gluon calls `triton.jit` functions too)."""
+    that row's query block, (batch entry, head) slice, batch entry, head and kept-block count. Shared by
+    the Triton attention kernel and the Gluon one (Gluon calls `triton.jit` functions too)."""
     row = program
     if HEAVY_FIRST:
         row = tl.load(order_ptr + program)

@@ -343,6 +343,7 @@ def _persistent_producer(q_desc, k_desc, v_desc, lut_ptr, q_smem, k_smem, v_smem
         buf = taken % 2
         mbarrier.wait(q_empty.index(buf), ((taken // 2) & 1) ^ 1)
         _publish_work(work_smem.index(buf), work)
+        # HAS_KV_LENS off: only the consumers use the valid length (to mask keys); no kv_lens load here.
         lut_row, count, n_tiles, _, q_row, q_col, kv_row, kv_col, _, _, _ = _row_task(
             work, lut_meta, geometry, 2 * HALF, False, HEAVY_FIRST)
         _load_pair(q_desc, q_row, q_row + HALF, q_col, q_ready.index(buf), q_smem.index(buf))
